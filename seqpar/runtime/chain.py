@@ -1,0 +1,219 @@
+"""``solve_chain``: the runtime's public entry point.
+
+Solves ``s_l = step(s_{l-1}, x_l, *shared)``, ``l = 1..L``, in O(log L) depth
+per iteration and returns all states stacked. Differentiable w.r.t. ``s0``,
+``xs`` and ``shared`` by exact implicit differentiation.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Callable
+
+import torch
+import torch.utils._pytree as pytree
+
+from . import ops
+from .newton import DEFAULT_MAX_ITERS, Tolerance
+from .pcr import JACOBIAN_KINDS
+from .program import ChainProgram, StateLayout
+
+JACOBIAN_CHOICES = ("auto", *JACOBIAN_KINDS)
+ADJOINT_CHOICES = ("auto", "parallel", "sequential")
+# Widest state for which "auto" takes dense Jacobian blocks (w^2 values per block).
+DENSE_WIDTH_LIMIT = 64
+
+_program_cache: "weakref.WeakKeyDictionary[Callable, dict]" = weakref.WeakKeyDictionary()
+
+
+def solve_chain(
+    step: Callable,
+    s0: Any,
+    xs: Any = (),
+    shared=(),
+    *,
+    jacobian: str = "auto",
+    tol=None,
+    max_iters: int | None = None,
+    damping: float | None = None,
+    length: int | None = None,
+    batch_ndim: int | None = None,
+    adjoint: str = "auto",
+    return_stats: bool = False,
+):
+    """All states of the chain ``s_l = step(s_{l-1}, x_l, *shared)``, ``l = 1..L``.
+
+    Args:
+        step: pure function ``(s_prev, x_l, *shared) -> s_l``; ``s_l`` has the
+            structure, shapes and dtype of ``s_prev``. Its leading ``batch_ndim``
+            dims are batch dims that the step treats independently.
+        s0: initial state, a tensor or a tuple of tensors of shape ``(*batch, *state)``.
+        xs: per-step inputs, a pytree of tensors stacked on dim 0 (length ``L``);
+            ``step`` receives slice ``l``.
+        shared: tensors every step reads (weights of an RNN cell or a denoiser).
+        jacobian: ``"full"`` (Newton), ``"diag"`` (quasi-Newton with the true
+            diagonal of J), ``"identity"`` (Picard) or ``"auto"``: full up to
+            64 state values per batch element, identity above.
+        tol: ``|ds| <= atol + rtol |s|``; a float sets both, a pair is
+            ``(atol, rtol)``; default by dtype: 1e-10 (float64), 1e-5 (float32),
+            1e-3 (float16), 8e-3 (bfloat16).
+        max_iters: parallel iterations before the rest of the chain is evaluated
+            sequentially (default 40, at most ``L``).
+        damping: ``lambda >= 0``: updates after the first active state are
+            scaled by ``1 / (1 + lambda)`` (damped Newton) for oscillating chains.
+        length: ``L`` when ``xs`` is empty.
+        batch_ndim: number of leading batch dims of the state (default: all but
+            the last dim of the first state tensor).
+        adjoint: backward solve, ``"parallel"`` (PCR on full Jacobians),
+            ``"sequential"`` (one VJP per step) or ``"auto"`` (parallel up to 64
+            state values). Both are exact.
+        return_stats: also return the :class:`~seqpar.runtime.SolveStats`.
+
+    Returns:
+        The states ``s_1 .. s_L`` stacked on a new dim 0 (a tuple of such
+        tensors for a tuple state), and the stats if ``return_stats``.
+    """
+    layout, xs_leaves, xs_spec, shared, length = _validate(step, s0, xs, shared, length, batch_ndim)
+    jacobian = _choose(jacobian, JACOBIAN_CHOICES, "jacobian", "full" if layout.width <= DENSE_WIDTH_LIMIT else "identity")
+    adjoint = _choose(adjoint, ADJOINT_CHOICES, "adjoint", "parallel" if layout.width <= DENSE_WIDTH_LIMIT else "sequential")
+    solver_options = _solver_options(tol, max_iters, damping, layout.dtype, length)
+    program = build_program(step, layout, length, xs_spec, xs_leaves, shared, jacobian, adjoint, solver_options)
+    packed = torch.ops.seqpar.chain_solve(program.id, layout.pack(s0).contiguous(), xs_leaves, shared)
+    states = layout.unpack(packed)
+    return (states, program.last_stats) if return_stats else states
+
+
+def build_program(step, layout, length, xs_spec, xs_leaves, shared, jacobian, adjoint, solver_options) -> ChainProgram:
+    """A registered :class:`ChainProgram`, reused while step, shapes and options are the same."""
+    key = (
+        layout,
+        length,
+        xs_spec,
+        tuple((leaf.shape, leaf.dtype) for leaf in xs_leaves),
+        tuple((tensor.shape, tensor.dtype) for tensor in shared),
+        jacobian,
+        adjoint,
+        tuple(sorted(solver_options.items())),
+    )
+    try:
+        per_step = _program_cache.setdefault(step, {})
+    except TypeError:  # not weak-referenceable: build every time
+        per_step = {}
+    program = per_step.get(key)
+    if program is None:
+        program = ChainProgram(step, layout, length, xs_spec, xs_leaves, shared, jacobian, adjoint)
+        program.solver_options = solver_options
+        ops.register_program(program)
+        per_step[key] = program
+    return program
+
+
+def _solver_options(tol, max_iters, damping, dtype, length):
+    if max_iters is None:
+        max_iters = DEFAULT_MAX_ITERS
+    if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1:
+        raise ValueError(f"max_iters must be a positive int, got {max_iters!r}")
+    if damping is None:
+        damping = 0.0
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping >= 0:
+        raise ValueError(f"damping must be a float >= 0, got {damping!r}")
+    try:
+        tolerance = Tolerance.resolve(tol, dtype)
+    except (TypeError, ValueError):
+        raise ValueError(f"tol must be a float or an (atol, rtol) pair, got {tol!r}") from None
+    if not (tolerance.atol >= 0 and tolerance.rtol >= 0 and tolerance.atol + tolerance.rtol > 0):
+        raise ValueError(f"tol must be non-negative and not both zero, got {tol!r}")
+    return {"tol": tolerance, "max_iters": min(max_iters, length), "damping": float(damping)}
+
+
+def _choose(value, choices, name, auto):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return auto if value == "auto" else value
+
+
+def _validate(step, s0, xs, shared, length, batch_ndim):
+    """Check the arguments; return the state layout, flattened inputs and ``L``."""
+    if not callable(step):
+        raise ValueError(f"step must be callable, got {type(step).__name__}")
+    s0_leaves, s0_spec = pytree.tree_flatten(s0)
+    if not s0_leaves or not all(isinstance(leaf, torch.Tensor) for leaf in s0_leaves):
+        raise ValueError("s0 must be a tensor or a tuple of tensors")
+    first = s0_leaves[0]
+    if not first.is_floating_point():
+        raise ValueError(f"s0 must be floating point, got {first.dtype}")
+    if batch_ndim is None:
+        batch_ndim = max(first.ndim - 1, 0)
+    if not 0 <= batch_ndim <= min(leaf.ndim for leaf in s0_leaves):
+        raise ValueError(f"batch_ndim={batch_ndim} does not fit s0's shapes {[tuple(l.shape) for l in s0_leaves]}")
+    batch_shape = first.shape[:batch_ndim]
+    for leaf in s0_leaves:
+        _check_like(leaf, first, "s0")
+        if leaf.shape[:batch_ndim] != batch_shape:
+            raise ValueError(f"s0 tensors must share the batch shape {tuple(batch_shape)}, got {tuple(leaf.shape)}")
+
+    xs_leaves, xs_spec = pytree.tree_flatten(xs)
+    for path, leaf in pytree.tree_flatten_with_path(xs)[0]:
+        name = "xs" + pytree.keystr(path)
+        if not isinstance(leaf, torch.Tensor):
+            raise ValueError(f"{name} must be a tensor, got {type(leaf).__name__}")
+        if leaf.ndim == 0:
+            raise ValueError(f"{name} must be stacked on dim 0 (one slice per step), got a 0-d tensor")
+        _check_like(leaf, first, name)
+    lengths = {leaf.shape[0] for leaf in xs_leaves}
+    if len(lengths) > 1:
+        raise ValueError(f"xs tensors must have the same length along dim 0, got lengths {sorted(lengths)}")
+    if lengths:
+        (xs_length,) = lengths
+        if length is not None and length != xs_length:
+            raise ValueError(f"length={length} differs from the length of xs ({xs_length})")
+        length = xs_length
+    if length is None:
+        raise ValueError("length must be given when xs is empty")
+    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+        raise ValueError(f"length must be a positive int, got {length!r}")
+
+    if isinstance(shared, torch.Tensor):
+        shared = (shared,)
+    shared = list(shared)
+    for index, tensor in enumerate(shared):
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"shared[{index}] must be a tensor, got {type(tensor).__name__}")
+        _check_like(tensor, first, f"shared[{index}]")
+
+    layout = StateLayout(
+        spec=s0_spec,
+        batch_shape=batch_shape,
+        leaf_shapes=tuple(leaf.shape[batch_ndim:] for leaf in s0_leaves),
+        dtype=first.dtype,
+        device=first.device,
+    )
+    _check_step(step, s0, xs_leaves, xs_spec, shared)
+    return layout, xs_leaves, xs_spec, shared, length
+
+
+def _check_like(tensor, reference, name):
+    if tensor.device != reference.device:
+        raise ValueError(f"{name} is on {tensor.device}, but s0 is on {reference.device}")
+    if tensor.is_floating_point() and tensor.dtype != reference.dtype:
+        raise ValueError(f"{name} has dtype {tensor.dtype}, but s0 has {reference.dtype}")
+
+
+def _check_step(step, s0, xs_leaves, xs_spec, shared):
+    """Run the first step once: it must keep the state's structure, shapes and dtype."""
+    x0 = pytree.tree_unflatten([leaf[0] for leaf in xs_leaves], xs_spec)
+    try:
+        with torch.no_grad():
+            s1 = step(s0, x0, *shared)
+    except Exception as error:
+        raise ValueError(f"step failed on (s0, xs[0]): {type(error).__name__}: {error}") from error
+    s0_leaves, s0_spec = pytree.tree_flatten(s0)
+    s1_leaves, s1_spec = pytree.tree_flatten(s1)
+    if s1_spec != s0_spec or not all(isinstance(leaf, torch.Tensor) for leaf in s1_leaves):
+        raise ValueError(f"step must return a state structured like s0 ({s0_spec}), got {s1_spec}")
+    for before, after in zip(s0_leaves, s1_leaves):
+        if after.shape != before.shape or after.dtype != before.dtype:
+            raise ValueError(
+                f"step changes the state from {tuple(before.shape)} {before.dtype} "
+                f"to {tuple(after.shape)} {after.dtype}; a chain step must keep it"
+            )

@@ -78,7 +78,7 @@ def solve_chain(
     adjoint = _choose(adjoint, ADJOINT_CHOICES, "adjoint", "parallel" if layout.width <= DENSE_WIDTH_LIMIT else "sequential")
     solver_options = _solver_options(tol, max_iters, damping, layout.dtype, length)
     program = build_program(step, layout, length, xs_spec, xs_leaves, shared, jacobian, adjoint, solver_options)
-    packed = torch.ops.seqpar.chain_solve(program.id, layout.pack(s0).contiguous(), xs_leaves, shared)
+    packed = torch.ops.seqpar.chain_solve(program.id, layout.pack(s0).contiguous(), xs_leaves, shared, [])
     states = layout.unpack(packed)
     return (states, program.last_stats) if return_stats else states
 

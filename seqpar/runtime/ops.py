@@ -99,7 +99,7 @@ def chain_adjoint(
     grad_s0, grad_leaves, grad_shared = adjoint_solve(chain, s0, leaves, shared, states, grad_states)
     slots = set(getattr(chain, "param_slots", ()))
     grad_xs = [grad for index, grad in enumerate(grad_leaves) if index not in slots]
-    grad_layers = [part for index in sorted(slots) for part in grad_leaves[index].unbind(0)]
+    grad_layers = [part.clone() for index in sorted(slots) for part in grad_leaves[index].unbind(0)]
     inputs = [*xs, *shared, *layer_params]
     grads = [*grad_xs, *grad_shared, *grad_layers]
     return [grad_s0.contiguous()] + [

@@ -1,0 +1,226 @@
+"""The ``seqpar`` torch.compile backend: options -> passes -> inner backend.
+
+For every graph Dynamo hands over: copy it, find chains (``passes.detect``),
+decide per chain (``passes.policy``, with the runtime's predictability probe),
+replace the chosen chains by the runtime's chain op (``passes.rewrite``), and
+compile the result with the inner backend (inductor by default). The backend
+object records what it did (:class:`GraphRecord`) for ``seqpar.explain``, the
+debug dump and tests. Registered through the ``torch_dynamo_backends`` entry
+point as ``seqpar_backend``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch._dynamo import lookup_backend
+from torch._subclasses.fake_tensor import FakeTensor
+
+from .debug import log, write_dump
+from .options import Options, parse_options
+from .passes.chain import Candidate, Chain
+from .passes.detect import find_chains
+from .passes.policy import Decision, decide
+from .passes.rewrite import StepAdapter, build_chain_program, constant_stack, rewrite_chain
+from .report import ChainReport, format_table
+from .runtime.lyapunov import largest_lyapunov_exponent
+from .verify import compare_outputs
+
+_graph_counter = itertools.count()
+
+
+@dataclass
+class GraphRecord:
+    """One compiled graph: its code before and after, its chains, verification results."""
+
+    index: int
+    original_code: str
+    rewritten_code: str = ""
+    chains: list[ChainReport] = field(default_factory=list)
+    programs: list = field(default_factory=list)  # (ChainReport, ChainProgram) of rewritten chains
+    calls: int = 0
+    verification: list[str] = field(default_factory=list)
+    fell_back: bool = False
+
+    def table(self) -> str:
+        return format_table(self.chains)
+
+    def refresh_stats(self) -> None:
+        for report, program in self.programs:
+            if program.last_stats is not None:
+                report.stats = dataclasses.asdict(program.last_stats)
+
+
+class SeqparBackend:
+    """A torch.compile backend object; ``graphs`` lists what each call compiled."""
+
+    def __init__(self, options: Options | dict | None = None):
+        self.options = options if isinstance(options, Options) else parse_options(options)
+        self.graphs: list[GraphRecord] = []
+
+    def __call__(self, gm: fx.GraphModule, example_inputs):
+        gm.recompile()
+        record = GraphRecord(index=next(_graph_counter), original_code=gm.code)
+        self.graphs.append(record)
+        work = _copy_graph_module(gm)
+        try:
+            chains, candidates = find_chains(work, min_chain=self.options.min_chain)
+        except Exception as error:  # detection must never break compilation
+            log.warning("seqpar: chain detection failed on graph %d (%s); compiled unchanged", record.index, error)
+            chains, candidates = [], []
+        record.chains += [_candidate_report(candidate) for candidate in candidates]
+        if chains:
+            values = _probe_values(gm, example_inputs, chains) if self.options.policy == "auto" else {}
+            for index, chain in enumerate(chains):
+                self._handle_chain(work, chain, index, values, record)
+        record.rewritten_code = work.code
+        for report in record.chains:
+            log.info("seqpar graph %d: %s chain of %d (%s): %s", record.index, report.kind, report.length,
+                     report.decision, report.reason)
+        write_dump(self.options.debug_dir, record)
+        compiled = lookup_backend(self.options.inner)(work, example_inputs)
+        return self._wrap(gm, compiled, record)
+
+    def _handle_chain(self, work, chain: Chain, index: int, values: dict, record: GraphRecord) -> None:
+        device_type = chain.start.meta["example_value"].device.type
+        lyapunov = _lyapunov(chain, values)
+        decision = decide(chain, self.options, device_type, lyapunov)
+        report = _chain_report(chain, decision, lyapunov)
+        record.chains.append(report)
+        if decision.form == "unrolled":
+            return
+        try:
+            program = build_chain_program(chain, decision, self.options.tol, self.options.max_iters)
+            rewrite_chain(work, chain, program, index)
+        except Exception as error:
+            report.decision, report.form = "rejected", ""
+            report.reason = f"rewrite failed ({type(error).__name__}: {str(error).splitlines()[0][:200]}); left unchanged"
+            log.warning("seqpar: chain at %s: %s", _span(chain.modules), report.reason)
+            return
+        record.programs.append((report, program))
+        work.recompile()
+
+    def _wrap(self, original: fx.GraphModule, compiled, record: GraphRecord):
+        every = self.options.verify
+        debug_dir = self.options.debug_dir
+
+        def run(*args):
+            record.calls += 1
+            due = every and (record.calls == 1 or (every > 1 and record.calls % every == 0))
+            if record.fell_back:
+                return original(*args)
+            out = compiled(*args)
+            record.refresh_stats()
+            if due and record.programs:
+                with torch.no_grad():
+                    expected = original(*args)
+                ok, _, detail = compare_outputs(expected, out)
+                record.verification.append(f"call {record.calls}: {'ok' if ok else 'MISMATCH'}: {detail}")
+                if not ok:
+                    log.warning("seqpar graph %d: verification failed (%s); running the original graph from now on",
+                                record.index, detail)
+                    record.fell_back = True
+                    for report, _ in record.programs:
+                        report.reason += f"; verification mismatch at call {record.calls}, original graph used"
+                    out = original(*args)
+            if debug_dir:
+                write_dump(debug_dir, record)
+            return out
+
+        run.seqpar_record = record
+        return run
+
+
+def seqpar_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None):
+    """The ``torch_dynamo_backends`` entry point: ``torch.compile(m, backend="seqpar", options=...)``."""
+    return SeqparBackend(options)(gm, example_inputs)
+
+
+def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule with a copy of ``gm``'s graph (same node names and meta), sharing its attributes."""
+    graph = fx.Graph()
+    output = graph.graph_copy(gm.graph, {})
+    graph.output(output)
+    copy = fx.GraphModule(gm, graph)
+    copy.meta.update(gm.meta)
+    return copy
+
+
+def _probe_values(gm, example_inputs, chains: list[Chain]) -> dict:
+    """Real values of the nodes the predictability probe needs, from one run of the original graph."""
+    if any(isinstance(value, FakeTensor) for value in example_inputs):
+        return {}
+    wanted = {node.name for chain in chains for node in [chain.start, *chain.shared]}
+    wanted |= {node.name for chain in chains for item in chain.per_step for node in item.nodes}
+    values = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, node):
+            result = super().run_node(node)
+            if node.name in wanted:
+                values[node.name] = result.detach() if isinstance(result, torch.Tensor) else result
+            return result
+
+    try:
+        with torch.no_grad():
+            Recorder(gm).run(*example_inputs)
+    except Exception as error:
+        log.info("seqpar: predictability probe skipped (%s)", error)
+        return {}
+    return values
+
+
+def _lyapunov(chain: Chain, values: dict) -> float | None:
+    """The probe's estimate for ``chain``, or None without values or for wide states."""
+    if not values or chain.start.name not in values:
+        return None
+    state = values[chain.start.name]
+    xs = []
+    for item in chain.per_step:
+        if item.kind == "constant":
+            xs.append(constant_stack(item, chain.state_dtype, state.device))
+        else:
+            xs.append(torch.stack([values[node.name] for node in item.nodes]))
+    shared = [values[node.name] for node in chain.shared]
+    adapter = StepAdapter(chain.step)
+    try:
+        return largest_lyapunov_exponent(lambda s, x, sh: adapter(s, x, *sh), chain.length, state, xs, shared)
+    except Exception as error:
+        log.info("seqpar: predictability probe failed for chain at %s (%s)", _span(chain.modules), error)
+        return None
+
+
+def _span(modules: list[str]) -> str:
+    return f"{modules[0]}..{modules[-1]}" if modules else "<unnamed>"
+
+
+def _chain_report(chain: Chain, decision: Decision, lyapunov) -> ChainReport:
+    return ChainReport(
+        kind=chain.kind,
+        length=chain.length,
+        state_shape=tuple(chain.state_shape),
+        modules=list(chain.modules),
+        decision=decision.label,
+        reason=decision.reason,
+        jacobian=decision.jacobian if decision.method == "parallel" else "",
+        method=decision.method,
+        adjoint=decision.adjoint,
+        form=decision.form,
+        lyapunov=None if lyapunov is None or not math.isfinite(lyapunov) else lyapunov,
+    )
+
+
+def _candidate_report(candidate: Candidate) -> ChainReport:
+    return ChainReport(
+        kind=candidate.kind,
+        length=candidate.length,
+        state_shape=None if candidate.state_shape is None else tuple(candidate.state_shape),
+        modules=list(candidate.modules),
+        decision="rejected",
+        reason=candidate.reason,
+    )

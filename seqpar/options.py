@@ -1,0 +1,110 @@
+"""The backend's options: names, defaults, validation, environment overrides.
+
+``torch.compile(model, backend="seqpar", options={...})`` accepts exactly the
+fields of :class:`Options`. ``SEQPAR_VERIFY=1`` (or ``=N``: every N-th call)
+and ``SEQPAR_DEBUG_DIR=path`` override ``verify`` and ``debug_dir``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+JACOBIANS = ("auto", "full", "diag", "identity")
+POLICIES = ("auto", "parallel", "sequential")
+SEQUENTIAL_FORMS = ("auto", "unrolled", "rolled")
+INNER_BACKENDS = ("inductor", "eager", "aot_eager")
+ADJOINTS = ("auto", "parallel", "sequential")
+
+
+@dataclass(frozen=True)
+class Options:
+    """Validated backend options.
+
+    jacobian:   blocks of the Newton linearisation: "full" (Newton), "diag"
+                (quasi-Newton), "identity" (Picard), "auto" (by state width).
+    tol:        convergence tolerance ``|ds| <= tol (1 + |s|)``; None: by dtype.
+    max_iters:  parallel iterations before the rest is evaluated sequentially.
+    min_chain:  shortest chain worth rewriting (segments).
+    policy:     "auto" (cost model + predictability probe), "parallel" or
+                "sequential" for every chain.
+    sequential_form: how a chain kept sequential is compiled: "unrolled" (left
+                in the graph for the inner backend: its run speed and compile
+                time), "rolled" (one op looping over stacked parameters: fast
+                to compile, eager run speed), "auto": rolled from 64 steps up.
+    adjoint:    backward solve: "auto" (cost model), "parallel", "sequential".
+    inner:      backend for the rest of the graph.
+    verify:     0/False: off; True/1: compare with the original graph on the
+                first call; N > 1: on the first and every N-th call.
+    debug_dir:  directory for the debug dump (None: no dump).
+    """
+
+    jacobian: str = "auto"
+    tol: float | None = None
+    max_iters: int | None = None
+    min_chain: int = 8
+    policy: str = "auto"
+    sequential_form: str = "auto"
+    adjoint: str = "auto"
+    inner: str = "inductor"
+    verify: int = 0
+    debug_dir: str | None = None
+
+
+def _valid_names() -> str:
+    return ", ".join(field.name for field in dataclasses.fields(Options))
+
+
+def parse_options(options: dict | None, environ=os.environ) -> Options:
+    """Validate ``options`` (unknown keys and bad values raise ValueError) and apply the environment."""
+    options = dict(options or {})
+    unknown = sorted(set(options) - {field.name for field in dataclasses.fields(Options)})
+    if unknown:
+        raise ValueError(f"unknown seqpar option(s) {unknown}; valid options: {_valid_names()}")
+    if environ.get("SEQPAR_VERIFY"):
+        options["verify"] = environ["SEQPAR_VERIFY"]
+    if environ.get("SEQPAR_DEBUG_DIR"):
+        options["debug_dir"] = environ["SEQPAR_DEBUG_DIR"]
+    for name, choices in (
+        ("jacobian", JACOBIANS),
+        ("policy", POLICIES),
+        ("sequential_form", SEQUENTIAL_FORMS),
+        ("inner", INNER_BACKENDS),
+        ("adjoint", ADJOINTS),
+    ):
+        if name in options and options[name] not in choices:
+            raise ValueError(f"seqpar option {name}={options[name]!r} is not one of {choices}")
+    if options.get("tol") is not None:
+        tol = options["tol"]
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
+            raise ValueError(f"seqpar option tol={tol!r} must be a positive number")
+        options["tol"] = float(tol)
+    for name, lowest in (("max_iters", 1), ("min_chain", 2)):
+        value = options.get(name)
+        if value is None and name == "max_iters":
+            continue
+        if name in options and (isinstance(value, bool) or not isinstance(value, int) or value < lowest):
+            raise ValueError(f"seqpar option {name}={value!r} must be an int >= {lowest}")
+    if "verify" in options:
+        options["verify"] = _parse_verify(options["verify"])
+    if options.get("debug_dir") is not None and not isinstance(options["debug_dir"], (str, os.PathLike)):
+        raise ValueError(f"seqpar option debug_dir={options['debug_dir']!r} must be a path")
+    if options.get("debug_dir") is not None:
+        options["debug_dir"] = os.fspath(options["debug_dir"])
+    return Options(**options)
+
+
+def _parse_verify(value) -> int:
+    if isinstance(value, str):
+        lowered = value.strip().lower()
+        value = {"true": 1, "yes": 1, "on": 1, "false": 0, "no": 0, "off": 0}.get(lowered, lowered)
+        try:
+            value = int(value)
+        except ValueError:
+            raise ValueError(f"seqpar option verify={value!r} must be a bool or a positive int") from None
+    if isinstance(value, bool):
+        return int(value)
+    if not isinstance(value, int) or value < 0:
+        raise ValueError(f"seqpar option verify={value!r} must be a bool or an int >= 0")
+    return value

@@ -1,0 +1,63 @@
+"""Plain records of what the backend did: per chain, per graph, per compile."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ChainReport:
+    """One chain as ``seqpar.explain`` and the debug dump show it.
+
+    ``kind``: "layers", "residual", "denoise", "recurrent" or "transformer";
+    ``decision``: "parallel" (a direction solved in parallel), "sequential" or
+    "rejected"; ``method``/``adjoint``: forward and backward solves;
+    ``form``: "solver", "rolled", "unrolled" or "" for rejected ones.
+    """
+
+    kind: str
+    length: int
+    state_shape: tuple | None
+    modules: list[str]
+    decision: str
+    reason: str
+    jacobian: str = ""
+    method: str = ""
+    adjoint: str = ""
+    form: str = ""
+    lyapunov: float | None = None
+    stats: dict | None = None
+
+
+def format_table(chains: list[ChainReport]) -> str:
+    """A fixed-width table of chains, one line each, reasons last."""
+    if not chains:
+        return "no chains found"
+    header = ("#", "kind", "L", "state", "modules", "decision", "fwd", "bwd", "form", "jacobian")
+    rows = []
+    for index, chain in enumerate(chains):
+        modules = chain.modules[0] + (f" .. {chain.modules[-1]}" if len(chain.modules) > 1 else "") if chain.modules else "-"
+        rows.append((
+            str(index), chain.kind, str(chain.length), "x".join(map(str, chain.state_shape or ())) or "-",
+            modules, chain.decision, chain.method or "-", chain.adjoint or "-", chain.form or "-", chain.jacobian or "-",
+        ))
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
+    lines.append("")
+    lines += [f"[{index}] {chain.reason}" for index, chain in enumerate(chains)]
+    return "\n".join(lines)
+
+
+@dataclass
+class Report:
+    """What ``seqpar.explain`` found: ``chains`` over all compiled graphs, and hints."""
+
+    chains: list[ChainReport] = field(default_factory=list)
+    graph_count: int = 0
+    hints: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        text = f"seqpar: {self.graph_count} graph(s), {len(self.chains)} chain(s)\n" + format_table(self.chains)
+        if self.hints:
+            text += "\n" + "\n".join(f"hint: {hint}" for hint in self.hints)
+        return text

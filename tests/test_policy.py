@@ -1,0 +1,59 @@
+"""Per-chain decisions: forward and backward separately, always with a reason."""
+
+import pytest
+import torch
+
+from seqpar.options import Options
+from seqpar.passes.chain import Chain
+from seqpar.passes.policy import decide
+
+
+def make_chain(length, state_shape, batch_ndim=1, kind="layers"):
+    """A Chain record with only the fields the policy reads filled in."""
+    return Chain(
+        kind=kind, start=None, outputs=[None] * length, nodes=[], step=None, per_step=[], shared=[],
+        modules=[], state_shape=state_shape, state_dtype=torch.float32, batch_ndim=batch_ndim,
+    )
+
+
+def test_cpu_long_narrow_chain_is_parallel_both_ways():
+    decision = decide(make_chain(4096, (1, 2)), Options(), "cpu", lyapunov=-0.3)
+    assert (decision.method, decision.adjoint, decision.form, decision.jacobian) == ("parallel", "parallel", "solver", "full")
+    assert "CPU cost model" in decision.reason and "Lyapunov exponent -0.3" in decision.reason
+
+
+def test_cpu_parallel_adjoint_where_parallel_forward_loses():
+    decision = decide(make_chain(1024, (1, 8)), Options(), "cpu", lyapunov=None)
+    assert (decision.method, decision.adjoint, decision.form) == ("sequential", "parallel", "rolled")
+    assert decision.label == "parallel"
+
+
+def test_chaotic_chain_stays_sequential_with_the_exponent_in_the_reason():
+    decision = decide(make_chain(4096, (1, 2)), Options(), "cpu", lyapunov=0.25)
+    assert (decision.method, decision.adjoint) == ("sequential", "sequential")
+    assert "Lyapunov exponent 0.25 > 0" in decision.reason
+
+
+def test_wide_state_gets_no_dense_jacobian():
+    decision = decide(make_chain(256, (4, 16, 8, 8)), Options(), "cpu", lyapunov=None)
+    assert (decision.method, decision.adjoint) == ("sequential", "sequential")
+    assert "w=1024 > 64" in decision.reason
+
+
+@pytest.mark.parametrize("length, form", [(16, "unrolled"), (64, "rolled")])
+def test_sequential_form_auto_rolls_long_chains(length, form):
+    decision = decide(make_chain(length, (16, 64)), Options(), "cpu", lyapunov=None)
+    assert decision.form == form
+
+
+def test_forced_policies():
+    chain = make_chain(32, (16, 32))
+    assert decide(chain, Options(policy="parallel"), "cpu", None).method == "parallel"
+    sequential = decide(make_chain(4096, (1, 2)), Options(policy="sequential", sequential_form="unrolled"), "cpu", None)
+    assert (sequential.method, sequential.adjoint, sequential.form) == ("sequential", "sequential", "unrolled")
+
+
+def test_gpu_cost_model_parallelises_moderate_widths():
+    decision = decide(make_chain(256, (16, 32)), Options(), "cuda", lyapunov=-1.0)
+    assert (decision.method, decision.adjoint) == ("parallel", "parallel")
+    assert "GPU cost model" in decision.reason

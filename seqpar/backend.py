@@ -26,7 +26,7 @@ from .options import Options, parse_options
 from .passes.chain import Candidate, Chain
 from .passes.detect import find_chains
 from .passes.policy import Decision, decide
-from .passes.rewrite import StepAdapter, build_chain_program, constant_stack, rewrite_chain
+from .passes.rewrite import StepAdapter, build_chain_program, constant_stack, remap_chain, rewrite_chain
 from .report import ChainReport, format_table
 from .runtime.lyapunov import largest_lyapunov_exponent
 from .verify import compare_outputs
@@ -76,8 +76,11 @@ class SeqparBackend:
         record.chains += [_candidate_report(candidate) for candidate in candidates]
         if chains:
             values = _probe_values(gm, example_inputs, chains) if self.options.policy == "auto" else {}
-            for index, chain in enumerate(chains):
-                self._handle_chain(work, chain, index, values, record)
+            probes = [_lyapunov(chain, values) for chain in chains]  # before any rewrite renames nodes
+            replacements = {}
+            for index, (chain, lyapunov) in enumerate(zip(chains, probes)):
+                remap_chain(chain, replacements)
+                replacements.update(self._handle_chain(work, chain, index, lyapunov, record))
         record.rewritten_code = work.code
         for report in record.chains:
             log.info("seqpar graph %d: %s chain of %d (%s): %s", record.index, report.kind, report.length,
@@ -86,24 +89,25 @@ class SeqparBackend:
         compiled = lookup_backend(self.options.inner)(work, example_inputs)
         return self._wrap(gm, compiled, record)
 
-    def _handle_chain(self, work, chain: Chain, index: int, values: dict, record: GraphRecord) -> None:
+    def _handle_chain(self, work, chain: Chain, index: int, lyapunov, record: GraphRecord) -> dict:
+        """Decide and, where chosen, rewrite ``chain``; returns the rewrite's node replacements."""
         device_type = chain.start.meta["example_value"].device.type
-        lyapunov = _lyapunov(chain, values)
         decision = decide(chain, self.options, device_type, lyapunov)
         report = _chain_report(chain, decision, lyapunov)
         record.chains.append(report)
         if decision.form == "unrolled":
-            return
+            return {}
         try:
             program = build_chain_program(chain, decision, self.options.tol, self.options.max_iters)
-            rewrite_chain(work, chain, program, index)
+            replacements = rewrite_chain(work, chain, program, index)
         except Exception as error:
             report.decision, report.form = "rejected", ""
             report.reason = f"rewrite failed ({type(error).__name__}: {str(error).splitlines()[0][:200]}); left unchanged"
             log.warning("seqpar: chain at %s: %s", _span(chain.modules), report.reason)
-            return
+            return {}
         record.programs.append((report, program))
         work.recompile()
+        return replacements
 
     def _wrap(self, original: fx.GraphModule, compiled, record: GraphRecord):
         every = self.options.verify

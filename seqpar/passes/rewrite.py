@@ -15,7 +15,6 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import unset_fake_temporarily
-from torch.fx.passes.utils.fuser_utils import legalize_graph
 
 from ..runtime.chain import build_program
 from ..runtime.newton import Tolerance
@@ -99,8 +98,12 @@ def build_chain_program(chain: Chain, decision: Decision, tol, max_iters) -> Cha
     return program
 
 
-def rewrite_chain(gm: fx.GraphModule, chain: Chain, program: ChainProgram, index: int) -> None:
-    """Replace ``chain``'s nodes in ``gm`` by ``seqpar::chain_solve`` (in place; caller recompiles)."""
+def rewrite_chain(gm: fx.GraphModule, chain: Chain, program: ChainProgram, index: int) -> dict:
+    """Replace ``chain``'s nodes in ``gm`` by ``seqpar::chain_solve`` (in place; caller recompiles).
+
+    Returns ``{old node: new node}`` for the chain's states that stay visible,
+    so records of later chains that read them can be updated (:func:`remap_chain`).
+    """
     graph = gm.graph
     chain_nodes = [node for segment in chain.nodes for node in segment]
     served = {chain.outputs[position] for position in chain.used_outside} | {chain.outputs[-1]}
@@ -138,5 +141,40 @@ def rewrite_chain(gm: fx.GraphModule, chain: Chain, program: ChainProgram, index
     for node in reversed(chain_nodes):
         if not node.users:
             graph.erase_node(node)
-    legalize_graph(gm)
+    restore_topological_order(graph)
     graph.lint()
+    return replacements
+
+
+def remap_chain(chain: Chain, replacements: dict) -> None:
+    """Point ``chain``'s inputs at the nodes that replaced them in an earlier rewrite."""
+    chain.start = replacements.get(chain.start, chain.start)
+    chain.shared = [replacements.get(node, node) for node in chain.shared]
+    for item in chain.per_step:
+        item.nodes = [replacements.get(node, node) for node in item.nodes]
+
+
+def restore_topological_order(graph: fx.Graph) -> None:
+    """Move nodes (in place, keeping their identity) so every node follows its inputs.
+
+    A depth-first order that visits inputs first and otherwise keeps the
+    current order; the rewrite may have read an intermediate state before the
+    chain call that now produces it.
+    """
+    order, placed = [], set()
+    for root in graph.nodes:
+        stack = [(root, False)]
+        while stack:
+            node, inputs_done = stack.pop()
+            if node in placed:
+                continue
+            if inputs_done:
+                placed.add(node)
+                order.append(node)
+                continue
+            stack.append((node, True))
+            stack.extend((parent, False) for parent in reversed(node.all_input_nodes) if parent not in placed)
+    if order == list(graph.nodes):
+        return
+    for previous, node in zip(order, order[1:]):
+        previous.append(node)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 from torch._dynamo import lookup_backend
+from torch._dynamo.exc import ShortenTraceback
 from torch._subclasses.fake_tensor import FakeTensor
 
 from .debug import log, write_dump
@@ -140,9 +141,21 @@ class SeqparBackend:
         return run
 
 
+class InvalidOptions(ShortenTraceback, ValueError):
+    """Bad backend options. A ValueError that Dynamo re-raises as it is (it wraps
+    other exceptions from a backend in BackendCompilerFailed)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, first_useful_frame=None)
+
+
 def seqpar_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None):
     """The ``torch_dynamo_backends`` entry point: ``torch.compile(m, backend="seqpar", options=...)``."""
-    return SeqparBackend(options)(gm, example_inputs)
+    try:
+        parsed = parse_options(options)
+    except ValueError as error:
+        raise InvalidOptions(str(error)) from None
+    return SeqparBackend(parsed)(gm, example_inputs)
 
 
 def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:

@@ -101,7 +101,19 @@ def build_program(step, layout, length, xs_spec, xs_leaves, shared, jacobian, ad
         per_step = {}
     program = per_step.get(key)
     if program is None:
-        program = ChainProgram(step, layout, length, xs_spec, xs_leaves, shared, jacobian, adjoint)
+        try:
+            program = ChainProgram(step, layout, length, xs_spec, xs_leaves, shared, jacobian, adjoint)
+        except AssertionError as error:
+            # Every argument is fake while the step is traced; a real tensor (printed
+            # as ``tensor(...)`` in the message) can only be one the step closes over
+            # (a global, a closure cell, a module attribute).
+            message = str(error)
+            if "convert all Tensors to FakeTensors" not in message or "tensor(" not in message:
+                raise
+            raise ValueError(
+                "step reads tensors that are not its arguments (closed-over tensors); "
+                "pass them through xs (per step) or shared"
+            ) from error
         program.solver_options = solver_options
         ops.register_program(program)
         per_step[key] = program

@@ -21,6 +21,7 @@ sequentially: the result always equals the sequential loop.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -88,8 +89,12 @@ def newton_solve(program, s0, xs_leaves, shared, *, tol: Tolerance, max_iters: i
     kind = program.jacobian
     length = program.length
     work = accumulation_dtype(s0.dtype)
+    in_place = work == s0.dtype
     stats = SolveStats(length=length, jacobian=kind)
-    states = s0.unsqueeze(0).expand(length, *s0.shape).clone()
+    # One buffer for s_0 .. s_L: the states are rows 1.., the previous states
+    # (the steps' inputs) rows 0..L-1, both views, updated in place.
+    buffer = s0.unsqueeze(0).expand(length + 1, *s0.shape).clone()
+    states, prev = buffer[1:], buffer[:-1]
     start = 0
     while start < length:
         if stats.iterations == max_iters:
@@ -99,26 +104,37 @@ def newton_solve(program, s0, xs_leaves, shared, *, tol: Tolerance, max_iters: i
             )
             break
         stats.iterations += 1
-        prev = torch.cat([s0.unsqueeze(0), states[:-1]], dim=0)
         if kind == "identity":
             values, A = program.steps_at(prev, xs_leaves, shared), None
         else:
             values, A = program.steps_and_jacobians(prev, xs_leaves, shared)
             A = A[start:]
-        window = states[start:].to(work)
-        update = solve_affine_recurrence(A, values[start:].to(work) - window, kind)
-        if not bool(torch.isfinite(update).all()):
-            stats.fallback = f"non-finite values at iteration {stats.iterations}"
-            break
+        window = states[start:]
+        if in_place:
+            update = solve_affine_recurrence(A, values[start:] - window, kind)
+        else:
+            window = window.to(work)
+            update = solve_affine_recurrence(A, values[start:].to(work) - window, kind)
         if damping:
             update[1:] /= 1.0 + damping
-        new_window = window + update
-        scaled = update.abs() / (tol.atol + tol.rtol * new_window.abs())
+        if in_place:
+            window += update  # the new states
+            new_window = window
+        else:
+            new_window = window + update
+            states[start:] = new_window.to(states.dtype)
+        scaled = update.abs().div_(new_window.abs().mul_(tol.rtol).add_(tol.atol))
         per_step = scaled.flatten(1).amax(dim=1)
-        states[start:] = new_window.to(states.dtype)
         stats.residual = float(per_step.max())
+        # A non-finite update makes the residual non-finite (the check costs nothing otherwise).
+        if not math.isfinite(stats.residual) and not bool(torch.isfinite(update).all()):
+            stats.fallback = f"non-finite values at iteration {stats.iterations}"
+            break
+        if stats.residual <= 1.0:
+            start = length
+            continue
         above = torch.nonzero(per_step > 1.0)
-        if above.numel() == 0:
+        if above.numel() == 0:  # NaN ratios (0 / 0 with atol = 0) count as converged
             start = length
         else:
             start += max(1, int(above[0]))  # the first active state is exact now

@@ -72,6 +72,10 @@ def chain_solve(
     else:
         states, stats = newton_solve(chain, s0, leaves, shared, **chain.solver_options)
     chain.last_stats = stats
+    if states.storage_offset() or not states.is_contiguous():
+        # The solver may return a view into its work buffer; the op's (fake) contract
+        # is a fresh contiguous tensor at offset 0.
+        states = states.clone(memory_format=torch.contiguous_format)
     return states
 
 

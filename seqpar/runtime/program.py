@@ -12,6 +12,18 @@ leading ``batch_ndim`` dims are batch dims) becomes a matrix of shape ``(N, w)``
   independently, so column ``k`` of every block comes out at once);
 * the vector-Jacobian products of all steps at once for the adjoint.
 
+When the step is ``s -> h(s @ B, s)`` with one matrix product ``B`` (a
+per-step or shared weight, not a function of ``s``) followed only by pointwise
+operations ``h`` (an affine layer and an activation, optionally a residual
+``s + ...``), the Jacobian is built from the exact formula
+
+    J = diag(dh/dz) B^T + diag(dh/ds),     z = s @ B,
+
+where the diagonals ``dh/dz``, ``dh/ds`` are forward-mode products with a
+tangent of ones (exact, because ``h`` acts elementwise): one pass instead of
+``w`` (:func:`find_affine_pointwise` recognises the pattern on the traced step
+graph; every other step keeps the generic path).
+
 ``torch.func`` transforms cannot run inside a custom op under aot_autograd's
 first-call analysis (torch 2.13), so these functions are traced with
 ``make_fx`` when the program is built and the runtime calls plain aten graphs.
@@ -73,6 +85,9 @@ class ChainProgram:
     ``step(s_prev, x_l, *shared) -> s_l`` must be pure: every tensor it reads
     is its state, its per-step input or a shared tensor. ``xs_leaves`` are the
     per-step inputs flattened (each stacked on dim 0, length ``L``).
+    ``structure`` is the :class:`AffinePointwise` form of the step when one was
+    found, and ``jacobian_method`` says which Jacobian is used:
+    ``"affine-pointwise"`` (the exact formula) or ``"generic"`` (``w`` JVPs).
     """
 
     _ids = itertools.count()
@@ -98,6 +113,10 @@ class ChainProgram:
         self.last_stats = None
         prev = torch.empty(length, layout.batch_size, layout.width, dtype=layout.dtype, device=layout.device)
         examples = (prev, list(xs_leaves), list(shared))
+        self.structure = None
+        if jacobian != "identity" or adjoint == "parallel":
+            self.structure = find_affine_pointwise(self.step_packed, prev[0], [leaf[0] for leaf in xs_leaves], list(shared))
+        self.jacobian_method = "generic" if self.structure is None else "affine-pointwise"
         self.steps_at = _trace(self._steps, *examples)
         self.steps_and_jacobians = (
             None if jacobian == "identity" else _trace(self._make_steps_and_jacobians(jacobian), *examples)
@@ -127,7 +146,17 @@ class ChainProgram:
         return vmap(self.step_packed, in_dims=(0, 0, None))(prev, xs_leaves, shared)
 
     def _make_steps_and_jacobians(self, kind: str):
+        """``(F, J)`` of all steps; the affine-pointwise formula where :attr:`structure` was found."""
         width = self.layout.width
+        if self.structure is not None:
+            structure = self.structure
+
+            def fast(prev, xs_leaves, shared):
+                return vmap(lambda s, x, sh: structure.value_and_jacobian(s, x, sh, kind), in_dims=(0, 0, None))(
+                    prev, xs_leaves, shared
+                )
+
+            return fast
 
         def per_step(s, x_leaves, shared):
             def step_of_state(s_):
@@ -192,6 +221,8 @@ def _trace(fn, *example_args):
     only one-element literals (``torch.tensor(0.5)``) may be closed over.
     """
     graph_module = make_fx(lambda *args: fn(*args), tracing_mode="fake")(*example_args)
+    graph_module.graph.eliminate_dead_code()
+    graph_module.recompile()
     constants = [
         node.target
         for node in graph_module.graph.nodes
@@ -203,3 +234,163 @@ def _trace(fn, *example_args):
             f"{', '.join(map(str, constants))}); pass them through xs (per step) or shared"
         )
     return graph_module
+
+
+_aten = torch.ops.aten
+_LINEAR_OPS = (_aten.mm.default, _aten.addmm.default)
+# Reshapes that keep the elements' flat order: element i of the input is element i of the output.
+_FLAT_VIEWS = (
+    _aten.view.default,
+    _aten._unsafe_view.default,
+    _aten.reshape.default,
+    _aten.alias.default,
+    _aten.unsqueeze.default,
+    _aten.squeeze.dim,
+    _aten.squeeze.dims,
+    _aten.squeeze.default,
+    _aten.clone.default,
+)
+
+
+def _is_pointwise(target) -> bool:
+    return isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags
+
+
+@dataclass
+class AffinePointwise:
+    """A step of the form ``f(s) = h(s @ B, s)`` with ``h`` elementwise in both arguments.
+
+    ``graph`` is the step traced on one packed state ``(N, w)``; ``linear`` the
+    ``mm``/``addmm`` node ``z = s @ B (+ bias)``; ``weight`` its ``B`` operand
+    ``(w, w)``; ``direct``: whether ``h`` also reads ``s`` itself (a residual).
+    """
+
+    graph: torch.fx.GraphModule
+    linear: torch.fx.Node
+    weight: torch.fx.Node
+    output: torch.fx.Node
+    direct: bool
+
+    def _run(self, flat_args, replace=None):
+        """Evaluate the traced step; ``replace`` maps nodes to given values (their inputs are not used)."""
+        env = {}
+        args = iter(flat_args)
+        for node in self.graph.graph.nodes:
+            if node.op == "placeholder":
+                env[node] = next(args)
+            elif node.op == "output":
+                break
+            elif replace is not None and node in replace:
+                env[node] = replace[node]
+            elif node.op == "get_attr":
+                env[node] = getattr(self.graph, node.target)
+            else:
+                call_args = torch.fx.node.map_arg(node.args, env.__getitem__)
+                call_kwargs = torch.fx.node.map_arg(node.kwargs, env.__getitem__)
+                env[node] = node.target(*call_args, **call_kwargs)
+        return env
+
+    def value_and_jacobian(self, s, x_leaves, shared, kind: str):
+        """``(f(s), J)`` for one step: ``J`` is ``(N, w, w)`` (``"full"``) or its diagonal ``(N, w)``.
+
+        ``J = diag(g_z) B^T + diag(g_s)`` with ``g_z = dh/dz . 1`` and ``g_s = dh/ds . 1``.
+        """
+        rest = [*x_leaves, *shared]
+        env = self._run([s, *rest])
+        z, weight = env[self.linear], env[self.weight]
+
+        def tail(z_, s_):
+            return self._run([s_, *rest], replace={self.linear: z_})[self.output]
+
+        value, grad_z = jvp(lambda z_: tail(z_, s), (z,), (torch.ones_like(z),))
+        grad_z = grad_z.reshape(s.shape)
+        grad_s = jvp(lambda s_: tail(z, s_), (s,), (torch.ones_like(s),))[1].reshape(s.shape) if self.direct else None
+        value = value.reshape(s.shape)
+        if kind == "diag":
+            diagonal = grad_z * torch.diagonal(weight)
+            return value, diagonal if grad_s is None else diagonal + grad_s
+        jacobian = grad_z.unsqueeze(-1) * weight.transpose(0, 1)
+        if grad_s is not None:
+            jacobian = jacobian + torch.diag_embed(grad_s)
+        return value, jacobian
+
+
+def find_affine_pointwise(step_packed, s, x_leaves, shared) -> AffinePointwise | None:
+    """Recognise ``f(s) = h(s @ B, s)`` (one matrix product, then elementwise ops) on the traced step.
+
+    ``step_packed(s, x_leaves, shared)`` maps a packed state ``(N, w)`` to the
+    next. Returns ``None`` (use the generic Jacobian) unless: the state reaches
+    exactly one ``mm``/``addmm`` node, as its first operand, through reshapes
+    that keep the flat order, with shape ``(N, w)``; the other operand ``B``
+    (``(w, w)``) and any bias do not depend on the state; and every other node
+    that depends on the state is a flat-order reshape or a pointwise op whose
+    state-dependent inputs have as many elements as its output, ending in the
+    single ``(N, w)`` output.
+    """
+    try:
+        graph_module = make_fx(lambda *args: step_packed(*args), tracing_mode="fake")(s, list(x_leaves), list(shared))
+    except Exception:
+        return None
+    graph_module.graph.eliminate_dead_code()
+    nodes = list(graph_module.graph.nodes)
+    placeholders = [node for node in nodes if node.op == "placeholder"]
+    (output_node,) = [node for node in nodes if node.op == "output"]
+    outputs = pytree.tree_leaves(output_node.args[0])
+    if not placeholders or len(outputs) != 1 or not isinstance(outputs[0], torch.fx.Node):
+        return None
+    state = placeholders[0]
+    (result,) = outputs
+    dependent = {state}
+    for node in nodes:
+        if node.op == "call_function" and any(arg in dependent for arg in node.all_input_nodes):
+            dependent.add(node)
+    linear = [node for node in dependent if node.target in _LINEAR_OPS]
+    if len(linear) != 1 or result not in dependent:
+        return None
+    (linear,) = linear
+    if linear.kwargs:  # addmm's beta / alpha
+        return None
+    *bias, operand, weight = linear.args
+    if operand not in dependent or weight in dependent or any(b in dependent for b in bias):
+        return None
+
+    def shape(node):
+        value = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+        return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+    rows, width = s.shape
+    if shape(operand) != (rows, width) or shape(weight) != (width, width) or shape(linear) != (rows, width):
+        return None
+    head = set()  # the state and its reshapes leading to the product
+    frontier = [operand]
+    while frontier:
+        node = frontier.pop()
+        if node in head:
+            continue
+        if node is not state and node.target not in _FLAT_VIEWS:
+            return None
+        head.add(node)
+        frontier.extend(arg for arg in node.all_input_nodes if arg in dependent)
+    if state not in head:
+        return None
+    numel = rows * width
+    direct = False
+    for node in dependent - head - {linear}:
+        if node.target not in _FLAT_VIEWS and not _is_pointwise(node.target):
+            return None
+        node_shape = shape(node)
+        if node_shape is None or math.prod(node_shape) != numel:
+            return None
+        for arg in node.all_input_nodes:
+            if arg in dependent:
+                arg_shape = shape(arg)
+                if arg_shape is None or math.prod(arg_shape) != numel:
+                    return None
+                direct = direct or arg in head
+        if node.target in _FLAT_VIEWS and any(arg in dependent for arg in node.args[1:] if isinstance(arg, torch.fx.Node)):
+            return None
+    if shape(result) is None or math.prod(shape(result)) != numel:
+        return None
+    if result in head:  # the output is the state itself plus nothing through the product
+        return None
+    return AffinePointwise(graph_module, linear, weight, result, direct)

@@ -1,0 +1,134 @@
+"""Gradients of ``solve_chain`` equal autograd through the sequential loop.
+
+The backward is implicit differentiation at the solution, so it is exact up to
+the forward's own error: a float64 forward converged to 1e-10 (Newton: far
+below) and a linear adjoint solve give gradients within ~1e-9 of autograd on
+these contracting chains (the adjoint recursion contracts as the forward does).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seqpar.runtime import solve_chain
+
+from conftest import lstm_chain, lstm_step, rnn_chain, rnn_step, sequential_loop
+
+GRAD_TOL = 1e-9
+
+
+def loss_weights(shape, seed=5):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def gradients(solver, step, s0, xs, shared, **options):
+    """Gradients of ``sum(weights * states)`` w.r.t. ``s0``, ``xs`` and every shared tensor."""
+    inputs = [s0.clone().requires_grad_(), xs.clone().requires_grad_(), *[t.clone().requires_grad_() for t in shared]]
+    states = solver(step, inputs[0], inputs[1], tuple(inputs[2:]), **options)
+    loss = (loss_weights(states.shape) * states).sum()
+    return torch.autograd.grad(loss, inputs)
+
+
+def by_loop(step, s0, xs, shared):
+    return sequential_loop(step, s0, xs, shared)
+
+
+def assert_grads_match(actual, expected, tol=GRAD_TOL):
+    for got, want in zip(actual, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("adjoint", ["parallel", "sequential"])
+@pytest.mark.parametrize("jacobian", ["full", "diag", "identity"])
+def test_gradients_equal_autograd_of_the_loop(jacobian, adjoint):
+    # The backward uses full Jacobians at the solution (or exact VJPs), so a
+    # diag or identity forward still gives exact gradients.
+    s0, xs, shared = rnn_chain(37, width=4)
+    expected = gradients(by_loop, rnn_step, s0, xs, shared)
+    actual = gradients(solve_chain, rnn_step, s0, xs, shared, jacobian=jacobian, adjoint=adjoint)
+    assert_grads_match(actual, expected)
+
+
+@pytest.mark.parametrize("adjoint", ["parallel", "sequential"])
+def test_shared_tensor_gradient_is_summed_over_steps(adjoint):
+    # s_l = s_{l-1} + b: s_l = s0 + l b, so d/db sum_l s_l = sum_l l = L (L + 1) / 2 per element.
+    length = 10
+    s0 = torch.zeros(2, 3, dtype=torch.float64)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    states = solve_chain(bias_step, s0, (), (b,), length=length, adjoint=adjoint)
+    (grad,) = torch.autograd.grad(states.sum(), b)
+    torch.testing.assert_close(grad, torch.full((3,), 2 * length * (length + 1) / 2, dtype=torch.float64))
+
+
+def bias_step(s, x, b):
+    return s + b
+
+
+@pytest.mark.parametrize("adjoint", ["parallel", "sequential"])
+def test_tuple_state_gradients(adjoint):
+    s0, xs, shared = lstm_chain(20, hidden=3)
+    h0, c0 = (t.clone().requires_grad_() for t in s0)
+    W, U, b = (t.clone().requires_grad_() for t in shared)
+    xs = xs.clone().requires_grad_()
+
+    def loss(states):
+        h, c = states
+        return (loss_weights(h.shape) * h).sum() + (loss_weights(c.shape, seed=6) * c).sum()
+
+    inputs = (h0, c0, xs, W, U, b)
+    expected = torch.autograd.grad(loss(sequential_loop(lstm_step, (h0, c0), xs, (W, U, b))), inputs)
+    actual = torch.autograd.grad(loss(solve_chain(lstm_step, (h0, c0), xs, (W, U, b), adjoint=adjoint)), inputs)
+    assert_grads_match(actual, expected)
+
+
+def test_gradients_with_multi_dim_batch():
+    s0, xs, shared = rnn_chain(12, width=3, batch=(2, 2))
+    expected = gradients(by_loop, rnn_step, s0, xs, shared)
+    actual = gradients(solve_chain, rnn_step, s0, xs, shared)
+    assert_grads_match(actual, expected)
+
+
+def timestep_step(s, x, W, table):
+    t, noise = x
+    return torch.tanh(s @ W.T) * table.index_select(0, t.reshape(1)) + noise
+
+
+@pytest.mark.parametrize("adjoint", ["parallel", "sequential"])
+def test_integer_inputs_get_no_gradient_and_float_inputs_do(adjoint):
+    length = 12
+    ts = torch.arange(length - 1, -1, -1)
+    noise = (0.1 * torch.randn(length, 2, 3, dtype=torch.float64)).requires_grad_()
+    W = (0.5 * torch.randn(3, 3, dtype=torch.float64)).requires_grad_()
+    table = torch.linspace(0.5, 0.9, length, dtype=torch.float64).requires_grad_()
+    s0 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    inputs = (s0, noise, W, table)
+    expected = torch.autograd.grad(sequential_loop(timestep_step, s0, (ts, noise), (W, table)).sum(), inputs)
+    states = solve_chain(timestep_step, s0, (ts, noise), (W, table), adjoint=adjoint)
+    actual = torch.autograd.grad(states.sum(), inputs)
+    assert_grads_match(actual, expected)
+    assert ts.grad is None and not ts.requires_grad
+
+
+@pytest.mark.parametrize("adjoint", ["parallel", "sequential"])
+def test_gradients_after_a_fallback_are_exact(adjoint):
+    # Two diag iterations cannot finish 30 steps: the loop finishes the chain and the
+    # adjoint differentiates the states it returns.
+    s0, xs, shared = rnn_chain(30, width=4)
+    _, stats = solve_chain(rnn_step, s0, xs, shared, jacobian="diag", max_iters=2, return_stats=True)
+    assert stats.fallback is not None
+    expected = gradients(by_loop, rnn_step, s0, xs, shared)
+    actual = gradients(solve_chain, rnn_step, s0, xs, shared, jacobian="diag", max_iters=2, adjoint=adjoint)
+    assert_grads_match(actual, expected)
+
+
+@pytest.mark.parametrize("adjoint", ["parallel", "sequential"])
+def test_gradcheck_on_a_small_chain(adjoint):
+    s0, xs, (W, U, b) = rnn_chain(5, width=2, batch=(1,), gain=0.8)
+    inputs = tuple(t.clone().requires_grad_() for t in (s0, xs, W, U, b))
+
+    def solve(s0, xs, W, U, b):
+        # tol far below gradcheck's eps^2 so the finite differences see an exact forward.
+        return solve_chain(rnn_step, s0, xs, (W, U, b), adjoint=adjoint, tol=1e-14)
+
+    assert torch.autograd.gradcheck(solve, inputs, eps=1e-6, atol=1e-7)

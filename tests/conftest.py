@@ -1,4 +1,8 @@
-"""Shared helpers for the runtime tests: reference loops and small chains.
+"""Shared test setup: the Triton interpreter, reference loops and small chains.
+
+Without a GPU the Triton kernels run under the interpreter. Triton reads
+``TRITON_INTERPRET`` when it is first imported (inductor may import it before
+any Triton test module runs), so it is set here, before anything else.
 
 The reference for every solve is the plain Python loop ``s_l = step(s_{l-1}, x_l, *shared)``.
 Step functions live at module level so that ``solve_chain`` reuses its traced
@@ -6,6 +10,12 @@ programs across tests (programs are cached per step function and shape).
 """
 
 from __future__ import annotations
+
+import os
+import shutil
+
+if not shutil.which("nvidia-smi"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch
 import torch.utils._pytree as pytree

@@ -40,6 +40,10 @@ def example_value(node: fx.Node) -> torch.Tensor:
     return value
 
 
+def _requires_grad(node: fx.Node) -> bool:
+    return bool(example_value(node).requires_grad)
+
+
 def _empty_like(value: torch.Tensor, lead: tuple[int, ...] = ()) -> torch.Tensor:
     """A real, uninitialised tensor shaped like a (fake) example value, for tracing."""
     return torch.empty(*lead, *value.shape, dtype=value.dtype, device=value.device)
@@ -74,6 +78,11 @@ def build_chain_program(chain: Chain, decision: Decision, tol, max_iters) -> Cha
             if chain_input.kind == "parameter":
                 param_slots.append(index)
     shared_examples = [_empty_like(example_value(node)) for node in chain.shared]
+    # Buffers (running statistics, masks) get no gradient; some ops do not differentiate them.
+    frozen = frozenset(
+        [("xs", i) for i, item in enumerate(chain.per_step) if item.kind == "parameter" and not _requires_grad(item.nodes[0])]
+        + [("shared", i) for i, node in enumerate(chain.shared) if node.op == "placeholder" and not _requires_grad(node)]
+    )
     solver_options = {
         "tol": Tolerance.resolve(tol, chain.state_dtype),
         "max_iters": min(max_iters or 40, chain.length),
@@ -91,6 +100,7 @@ def build_chain_program(chain: Chain, decision: Decision, tol, max_iters) -> Cha
             decision.jacobian,
             decision.adjoint,
             solver_options,
+            frozen,
         )
     program.param_slots = tuple(param_slots)
     program.method = decision.method

@@ -83,8 +83,13 @@ def solve_chain(
     return (states, program.last_stats) if return_stats else states
 
 
-def build_program(step, layout, length, xs_spec, xs_leaves, shared, jacobian, adjoint, solver_options) -> ChainProgram:
-    """A registered :class:`ChainProgram`, reused while step, shapes and options are the same."""
+def build_program(
+    step, layout, length, xs_spec, xs_leaves, shared, jacobian, adjoint, solver_options, frozen=frozenset()
+) -> ChainProgram:
+    """A registered :class:`ChainProgram`, reused while step, shapes and options are the same.
+
+    ``frozen`` names inputs without gradients (``("xs", i)`` / ``("shared", i)``).
+    """
     key = (
         layout,
         length,
@@ -94,6 +99,7 @@ def build_program(step, layout, length, xs_spec, xs_leaves, shared, jacobian, ad
         jacobian,
         adjoint,
         tuple(sorted(solver_options.items())),
+        frozen,
     )
     try:
         per_step = _program_cache.setdefault(step, {})
@@ -102,7 +108,7 @@ def build_program(step, layout, length, xs_spec, xs_leaves, shared, jacobian, ad
     program = per_step.get(key)
     if program is None:
         try:
-            program = ChainProgram(step, layout, length, xs_spec, xs_leaves, shared, jacobian, adjoint)
+            program = ChainProgram(step, layout, length, xs_spec, xs_leaves, shared, jacobian, adjoint, frozen)
         except AssertionError as error:
             # Every argument is fake while the step is traced; a real tensor (printed
             # as ``tensor(...)`` in the message) can only be one the step closes over

@@ -7,9 +7,9 @@ leading ``batch_ndim`` dims are batch dims) becomes a matrix of shape ``(N, w)``
 
 * ``F = f(prev, x)``                 all steps, ``prev`` of shape ``(L, N, w)``;
 * ``J_l = d f(s_{l-1}, x_l) / d s``  per batch element, ``(L, N, w, w)``, or its
-  true diagonal ``(L, N, w)``: ``w`` forward-mode products ``J e_k`` whose
-  tangent ``e_k`` is broadcast over the batch (the step acts on batch elements
-  independently, so column ``k`` of every block comes out at once);
+  true diagonal ``(L, N, w)``: ``w`` reverse-mode products ``e_k^T J`` whose
+  cotangent ``e_k`` is broadcast over the batch (the step acts on batch
+  elements independently, so row ``k`` of every block comes out at once);
 * the vector-Jacobian products of all steps at once for the adjoint.
 
 When the step is ``s -> h(s @ B, s)`` with one matrix product ``B`` (a
@@ -19,8 +19,8 @@ operations ``h`` (an affine layer and an activation, optionally a residual
 
     J = diag(dh/dz) B^T + diag(dh/ds),     z = s @ B,
 
-where the diagonals ``dh/dz``, ``dh/ds`` are forward-mode products with a
-tangent of ones (exact, because ``h`` acts elementwise): one pass instead of
+where the diagonals ``dh/dz``, ``dh/ds`` are vector-Jacobian products with a
+cotangent of ones (exact, because ``h`` acts elementwise): one pass instead of
 ``w`` (:func:`find_affine_pointwise` recognises the pattern on the traced step
 graph; every other step keeps the generic path).
 
@@ -39,7 +39,7 @@ from typing import Any, Callable
 import torch
 import torch.utils._pytree as pytree
 from torch.fx.experimental.proxy_tensor import make_fx
-from torch.func import jvp, vjp, vmap
+from torch.func import vjp, vmap
 
 
 @dataclass(frozen=True)
@@ -85,9 +85,13 @@ class ChainProgram:
     ``step(s_prev, x_l, *shared) -> s_l`` must be pure: every tensor it reads
     is its state, its per-step input or a shared tensor. ``xs_leaves`` are the
     per-step inputs flattened (each stacked on dim 0, length ``L``).
+    ``frozen`` names inputs that get no gradient (see :func:`_pullback`).
     ``structure`` is the :class:`AffinePointwise` form of the step when one was
     found, and ``jacobian_method`` says which Jacobian is used:
-    ``"affine-pointwise"`` (the exact formula) or ``"generic"`` (``w`` JVPs).
+    ``"affine-pointwise"`` (the exact formula) or ``"generic"`` (``w`` VJPs,
+    one per row of every block: reverse mode works for every op with a
+    backward, where forward mode under ``make_fx`` fails for some, e.g.
+    ``layer_norm`` or a state scaled by a Python float).
     """
 
     _ids = itertools.count()
@@ -102,8 +106,10 @@ class ChainProgram:
         shared: list[torch.Tensor],
         jacobian: str,
         adjoint: str,
+        frozen: frozenset = frozenset(),
     ):
         self.id = next(self._ids)
+        self.frozen = frozen
         self.step = step
         self.layout = layout
         self.length = length
@@ -159,18 +165,12 @@ class ChainProgram:
             return fast
 
         def per_step(s, x_leaves, shared):
-            def step_of_state(s_):
-                return self.step_packed(s_, x_leaves, shared)
-
-            def directional(tangent):
-                return jvp(step_of_state, (s,), (tangent,))[1]
-
+            value, pullback = vjp(lambda s_: self.step_packed(s_, x_leaves, shared), s)
             basis = torch.eye(width, dtype=s.dtype, device=s.device).unsqueeze(1).expand(width, *s.shape)
-            value = step_of_state(s)
-            columns = vmap(directional)(basis)  # columns[k, n, i] = J[n, i, k]
+            rows = vmap(lambda cotangent: pullback(cotangent)[0])(basis)  # rows[k, n, j] = J[n, k, j]
             if kind == "diag":
-                return value, torch.diagonal(columns, dim1=0, dim2=2).contiguous()  # (N, w)
-            return value, columns.permute(1, 2, 0).contiguous()  # (N, w_out, w_in)
+                return value, torch.diagonal(rows, dim1=0, dim2=2).contiguous()  # (N, w)
+            return value, rows.transpose(0, 1).contiguous()  # (N, w_out, w_in)
 
         def steps_and_jacobians(prev, xs_leaves, shared):
             return vmap(per_step, in_dims=(0, 0, None))(prev, xs_leaves, shared)
@@ -179,22 +179,24 @@ class ChainProgram:
 
     def _step_vjp(self, s, x_leaves, shared, cotangent):
         """Cotangents of one step: ``(J^T lam, d<lam, f>/dx, d<lam, f>/dshared)``."""
-        return _pullback(self.step_packed, s, x_leaves, shared, cotangent)
+        return _pullback(self.step_packed, s, x_leaves, shared, cotangent, self.frozen)
 
     def _steps_vjp(self, prev, xs_leaves, shared, cotangent):
         """Cotangents of all steps at once: ``(J_l^T lam_l, d<lam_l, f_l>/dx_l, sum_l d<lam_l, f_l>/dshared)``."""
-        return _pullback(self._steps, prev, xs_leaves, shared, cotangent)
+        return _pullback(self._steps, prev, xs_leaves, shared, cotangent, self.frozen)
 
 
-def _pullback(fn, s, x_leaves, shared, cotangent):
+def _pullback(fn, s, x_leaves, shared, cotangent, frozen=frozenset()):
     """VJP of ``fn(s, x_leaves, shared)`` w.r.t. ``s`` and every floating-point leaf.
 
-    Integer leaves (timestep indices) get ``None``.
+    Integer leaves (timestep indices) and the leaves named in ``frozen``
+    (``("xs", i)`` or ``("shared", i)``: buffers such as BatchNorm's running
+    statistics, which some ops do not differentiate) get ``None``.
     """
-    def differentiable(tensors):
-        return [index for index, tensor in enumerate(tensors) if tensor.is_floating_point()]
+    def differentiable(tensors, group):
+        return [i for i, tensor in enumerate(tensors) if tensor.is_floating_point() and (group, i) not in frozen]
 
-    x_float, shared_float = differentiable(x_leaves), differentiable(shared)
+    x_float, shared_float = differentiable(x_leaves, "xs"), differentiable(shared, "shared")
 
     def of_floats(s_, x_part, shared_part):
         x_all, shared_all = list(x_leaves), list(shared)
@@ -293,7 +295,8 @@ class AffinePointwise:
     def value_and_jacobian(self, s, x_leaves, shared, kind: str):
         """``(f(s), J)`` for one step: ``J`` is ``(N, w, w)`` (``"full"``) or its diagonal ``(N, w)``.
 
-        ``J = diag(g_z) B^T + diag(g_s)`` with ``g_z = dh/dz . 1`` and ``g_s = dh/ds . 1``.
+        ``J = diag(g_z) B^T + diag(g_s)`` with ``g_z = (dh/dz)^T 1`` and ``g_s = (dh/ds)^T 1``
+        (exact: both are diagonal).
         """
         rest = [*x_leaves, *shared]
         env = self._run([s, *rest])
@@ -302,9 +305,13 @@ class AffinePointwise:
         def tail(z_, s_):
             return self._run([s_, *rest], replace={self.linear: z_})[self.output]
 
-        value, grad_z = jvp(lambda z_: tail(z_, s), (z,), (torch.ones_like(z),))
-        grad_z = grad_z.reshape(s.shape)
-        grad_s = jvp(lambda s_: tail(z, s_), (s,), (torch.ones_like(s),))[1].reshape(s.shape) if self.direct else None
+        # h is elementwise, so its Jacobians are diagonal: a VJP with ones reads the diagonal.
+        value, pull_z = vjp(lambda z_: tail(z_, s), z)
+        grad_z = pull_z(torch.ones_like(value))[0].reshape(s.shape)
+        grad_s = None
+        if self.direct:
+            _, pull_s = vjp(lambda s_: tail(z, s_), s)
+            grad_s = pull_s(torch.ones_like(value))[0].reshape(s.shape)
         value = value.reshape(s.shape)
         if kind == "diag":
             diagonal = grad_z * torch.diagonal(weight)

@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from seqpar.runtime import solve_chain  # noqa: E402
 
-MODES = ("forward", "backward", "train")
+MODES = ("forward", "backward", "train", "train-hybrid")
 OUT = Path(__file__).resolve().parent / "out"
 
 
@@ -156,6 +156,9 @@ def run_config(problem: Problem, modes, args, reference):
     jacobian = args.jacobian
     for mode in modes:
         grad = mode != "forward"
+        # "train-hybrid": the sequential loop forward (inside the op) and the parallel
+        # adjoint backward, as the backend's CPU policy runs a training step.
+        forward = "sequential" if mode == "train-hybrid" else "parallel"
         s0, W, b, Ws, bs = problem.leaves(dtype, grad)
 
         if mode == "forward":
@@ -183,7 +186,7 @@ def run_config(problem: Problem, modes, args, reference):
                 sequential(s0, Ws, bs).square().sum().backward()
 
             def par_call():
-                solve_chain(step, s0, (W, b), jacobian=jacobian)[-1].square().sum().backward()
+                solve_chain(step, s0, (W, b), jacobian=jacobian, forward=forward)[-1].square().sum().backward()
 
         t_par = median_time(par_call, args.repeats, warmup=2)
         t_seq = median_time(seq_call, args.repeats, warmup=1)
@@ -196,7 +199,9 @@ def run_config(problem: Problem, modes, args, reference):
         else:
             for t in (s0, W, b):
                 t.grad = None
-            states, stats = solve_chain(step, s0, (W, b), jacobian=jacobian, return_stats=True)
+            states, stats = solve_chain(
+                step, s0, (W, b), jacobian=jacobian, forward=forward, return_stats=True
+            )
             states[-1].square().sum().backward()
             error = max(
                 float((mine.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
@@ -226,7 +231,7 @@ def run_config(problem: Problem, modes, args, reference):
             row.compile_s = time.perf_counter() - start
             row.t_ind = median_time(ind_call, args.repeats, warmup=1)
 
-        if mode == "train" and not args.no_memory:  # the training step's peak bounds the other modes'
+        if mode.startswith("train") and not args.no_memory:  # the training step's peak bounds the other modes'
             row.mem_seq = peak_memory(seq_call)
             row.mem_par = peak_memory(par_call)
         rows.append(row)

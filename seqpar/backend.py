@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +34,8 @@ from .runtime.lyapunov import largest_lyapunov_exponent
 from .verify import compare_outputs
 
 _graph_counter = itertools.count()
+# The predictability probe averages over at most this many steps (one JVP each, at compile time).
+PROBE_STEPS = 256
 
 
 @dataclass
@@ -87,7 +90,10 @@ class SeqparBackend:
             log.info("seqpar graph %d: %s chain of %d (%s): %s", record.index, report.kind, report.length,
                      report.decision, report.reason)
         write_dump(self.options.debug_dir, record)
-        compiled = lookup_backend(self.options.inner)(work, example_inputs)
+        if record.programs and not _has_other_compute(work):
+            compiled = work  # nothing left for the inner backend to compile: run the rewritten graph
+        else:
+            compiled = lookup_backend(self.options.inner)(work, example_inputs)
         return self._wrap(gm, compiled, record)
 
     def _handle_chain(self, work, chain: Chain, index: int, lyapunov, record: GraphRecord) -> dict:
@@ -158,6 +164,23 @@ def seqpar_backend(gm: fx.GraphModule, example_inputs, options: dict | None = No
     return SeqparBackend(parsed)(gm, example_inputs)
 
 
+_VIEW_METHODS = {"reshape", "view", "flatten", "contiguous", "size"}
+
+
+def _has_other_compute(gm: fx.GraphModule) -> bool:
+    """Whether ``gm`` computes anything besides the chain ops and reshapes around them."""
+    for node in gm.graph.nodes:
+        if node.op == "call_method" and node.target in _VIEW_METHODS:
+            continue
+        if node.op == "call_function" and (
+            node.target in (torch.ops.seqpar.chain_solve.default, torch.ops.aten.select.int, operator.getitem)
+        ):
+            continue
+        if node.op in ("call_function", "call_method", "call_module"):
+            return True
+    return False
+
+
 def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     """A GraphModule with a copy of ``gm``'s graph (same node names and meta), sharing its attributes."""
     graph = fx.Graph()
@@ -206,7 +229,9 @@ def _lyapunov(chain: Chain, values: dict) -> float | None:
     shared = [values[node.name] for node in chain.shared]
     adapter = StepAdapter(chain.step)
     try:
-        return largest_lyapunov_exponent(lambda s, x, sh: adapter(s, x, *sh), chain.length, state, xs, shared)
+        return largest_lyapunov_exponent(
+            lambda s, x, sh: adapter(s, x, *sh), chain.length, state, xs, shared, max_steps=PROBE_STEPS
+        )
     except Exception as error:
         log.info("seqpar: predictability probe failed for chain at %s (%s)", _span(chain.modules), error)
         return None

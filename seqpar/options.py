@@ -25,7 +25,11 @@ class Options:
     jacobian:   blocks of the Newton linearisation: "full" (Newton), "diag"
                 (quasi-Newton), "identity" (Picard), "auto" (by state width).
     tol:        convergence tolerance ``|ds| <= tol (1 + |s|)``; None: by dtype.
-    max_iters:  parallel iterations before the rest is evaluated sequentially.
+    max_iters:  parallel iterations before the rest is evaluated sequentially;
+                None: 40, or for a windowed solve ``4 * ceil(L / window) + 40``.
+    window:     active positions per parallel iteration (sliding-window
+                Picard, ParaDiGMS): an int >= 1, None (the whole chain) or
+                "auto": 32 for denoising chains, the whole chain otherwise.
     min_chain:  shortest chain worth rewriting (segments).
     policy:     "auto" (cost model + predictability probe), "parallel" or
                 "sequential" for every chain.
@@ -43,6 +47,7 @@ class Options:
     jacobian: str = "auto"
     tol: float | None = None
     max_iters: int | None = None
+    window: int | str | None = "auto"
     min_chain: int = 8
     policy: str = "auto"
     sequential_form: str = "auto"
@@ -86,6 +91,9 @@ def parse_options(options: dict | None, environ=os.environ) -> Options:
             continue
         if name in options and (isinstance(value, bool) or not isinstance(value, int) or value < lowest):
             raise ValueError(f"seqpar option {name}={value!r} must be an int >= {lowest}")
+    window = options.get("window", "auto")
+    if window not in ("auto", None) and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"seqpar option window={window!r} must be None, 'auto' or an int >= 1")
     if "verify" in options:
         options["verify"] = _parse_verify(options["verify"])
     if options.get("debug_dir") is not None and not isinstance(options["debug_dir"], (str, os.PathLike)):

@@ -186,3 +186,22 @@ def test_backend_is_registered_through_the_entry_point_without_import():
     env = {key: value for key, value in os.environ.items() if key != "TORCH_LOGS"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: zoo.deep_mlp(depth=1024, width=2, act="tanh", batch=1),
+        lambda: zoo.deep_mlp(depth=256, width=64, act="gelu"),
+        lambda: zoo.conv_resnet(blocks=32),
+    ],
+    ids=["tanh-mlp-1024x2", "gelu-mlp-256x64", "conv-resnet-32-blocks"],
+)
+def test_deep_zoo_models_equal_eager_in_float64(make):
+    model, inputs = to_double(*make())
+    compiled, backend = compile_with(model, policy="parallel")
+    torch.testing.assert_close(compiled(*inputs), model(*inputs), atol=F64_ATOL, rtol=0)
+    for got, want in zip(gradients(compiled, inputs), gradients(model, inputs)):
+        torch.testing.assert_close(got, want, atol=F64_ATOL, rtol=0)
+    assert any(chain.form == "solver" for chain in chain_reports(backend))

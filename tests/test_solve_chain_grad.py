@@ -132,3 +132,19 @@ def test_gradcheck_on_a_small_chain(adjoint):
         return solve_chain(rnn_step, s0, xs, (W, U, b), adjoint=adjoint, tol=1e-14)
 
     assert torch.autograd.gradcheck(solve, inputs, eps=1e-6, atol=1e-7)
+
+
+def test_sequential_forward_with_parallel_adjoint_gives_the_loop_and_exact_gradients():
+    # The backend's CPU training configuration: plain loop forward, PCR adjoint backward.
+    s0 = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    W = (torch.randn(20, 4, 4, dtype=torch.float64) / 2).requires_grad_()
+    b = torch.randn(20, 4, dtype=torch.float64, requires_grad=True)
+    step = lambda s, x: torch.tanh(s @ x[0].T + x[1])  # noqa: E731
+    states, stats = solve_chain(step, s0, (W, b), forward="sequential", adjoint="parallel", return_stats=True)
+    expected = sequential_loop(step, s0, (W, b))
+    assert torch.equal(states, expected)
+    assert stats.fallback == "forward='sequential'" and stats.sequential_steps == 20
+    got = torch.autograd.grad(states.square().sum(), (s0, W, b))
+    want = torch.autograd.grad(expected.square().sum(), (s0, W, b))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-12, rtol=0)

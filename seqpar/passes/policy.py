@@ -27,6 +27,8 @@ CPU_ADJOINT_MIN_LENGTH = 32
 GPU_MAX_WIDTH = 32
 GPU_MIN_LENGTH = 64
 ROLLED_FROM_LENGTH = 64
+# Denoising chains: sliding-window Picard (ParaDiGMS); see _denoise_solver.
+DENOISE_WINDOW = 32
 
 
 @dataclass
@@ -44,6 +46,7 @@ class Decision:
     form: str
     jacobian: str
     reason: str
+    window: int | None = None
 
     @property
     def label(self) -> str:
@@ -64,7 +67,12 @@ def decide(chain: Chain, options: Options, device_type: str, lyapunov: float | N
     length = chain.length
     jacobian = options.jacobian
     if jacobian == "auto":
-        jacobian = "full" if width <= DENSE_WIDTH else "identity"
+        jacobian = "full" if width <= DENSE_WIDTH and chain.kind != "denoise" else "identity"
+    window = options.window
+    if window == "auto":
+        window = DENOISE_WINDOW if chain.kind == "denoise" and jacobian == "identity" else None
+    if window is not None and window >= length:
+        window = None
     dense_ok = width <= DENSE_WIDTH
     shape = f"L={length}, N={batch}, w={width}"
 
@@ -95,15 +103,20 @@ def decide(chain: Chain, options: Options, device_type: str, lyapunov: float | N
         form = options.sequential_form
         if form == "auto":
             form = "rolled" if length >= ROLLED_FROM_LENGTH else "unrolled"
-    return Decision(method=method, adjoint=adjoint, form=form, jacobian=jacobian, reason=why)
+    if method == "parallel" and chain.kind == "denoise":
+        why += f"; {_denoise_solver(jacobian, window)}"
+    return Decision(method=method, adjoint=adjoint, form=form, jacobian=jacobian, reason=why,
+                    window=window if method == "parallel" else None)
 
 
 def _cost_model(device_type, batch, width, length, jacobian, kind):
     """(forward method, adjoint method, reason) from the measured crossover points."""
     dense_ok = width <= DENSE_WIDTH
+    if kind == "denoise":
+        return _denoise_cost_model(device_type, batch, width, length)
     if device_type == "cuda":
         forward = dense_ok and width <= GPU_MAX_WIDTH and length >= GPU_MIN_LENGTH
-        if not dense_ok and kind in ("residual", "denoise") and length >= GPU_MIN_LENGTH:
+        if not dense_ok and kind == "residual" and length >= GPU_MIN_LENGTH:
             forward = True  # Picard suits near-identity updates
         adjoint = dense_ok and width <= GPU_MAX_WIDTH
         reason = "GPU cost model"
@@ -117,3 +130,39 @@ def _cost_model(device_type, batch, width, length, jacobian, kind):
     if not dense_ok:
         reason += f"; w={width} > {DENSE_WIDTH}: no dense Jacobian blocks"
     return ("parallel" if forward else "sequential"), ("parallel" if adjoint else "sequential"), reason
+
+
+def _denoise_cost_model(device_type, batch, width, length):
+    """(forward, adjoint, reason) for a denoising loop: Picard over a window, or the plain loop.
+
+    Windowed Picard does ``iterations * W`` denoiser evaluations where the loop
+    does ``L``; on the measured chains (benchmarks/diffusion_sampling.py) the
+    window advances about 2 to 5 steps per iteration, so the parallel forward
+    pays only where one batched call over ``W`` steps costs less than about
+    2 to 5 single calls. That holds on a GPU below saturation (ParaDiGMS: 1.8
+    to 3.1x on A100s), not on a CPU: a batched call costs about ``W`` single
+    ones once the denoiser does real work, and no less than about 3 for a tiny
+    one (per-op overhead), plus the solver's own work per iteration.
+    """
+    if device_type == "cuda" and length >= GPU_MIN_LENGTH:
+        return "parallel", "sequential", (
+            f"GPU cost model: a batched denoiser call over the window costs about one call (L >= {GPU_MIN_LENGTH})"
+        )
+    if device_type == "cuda":
+        return "sequential", "sequential", f"GPU cost model: denoising loop shorter than {GPU_MIN_LENGTH} steps"
+    return "sequential", "sequential", (
+        f"CPU cost model: a denoising loop stays sequential (a batched denoiser call over {DENOISE_WINDOW} steps "
+        "costs several single calls on a CPU while Picard advances 2 to 5 steps per iteration; "
+        "policy='parallel' forces the parallel solve)"
+    )
+
+
+def _denoise_solver(jacobian: str, window) -> str:
+    """Why a denoising chain is solved the way it is."""
+    span = "the whole chain" if window is None else f"a sliding window of {window} steps"
+    if jacobian == "identity":
+        return (
+            f"Picard iteration (identity Jacobian) over {span}: each iteration costs one batched denoiser "
+            "call; a Jacobian would cost w extra VJPs per step"
+        )
+    return f"{jacobian} Jacobians over {span} (jacobian={jacobian!r} was asked for)"

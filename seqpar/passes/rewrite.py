@@ -83,10 +83,14 @@ def build_chain_program(chain: Chain, decision: Decision, tol, max_iters) -> Cha
         [("xs", i) for i, item in enumerate(chain.per_step) if item.kind == "parameter" and not _requires_grad(item.nodes[0])]
         + [("shared", i) for i, node in enumerate(chain.shared) if node.op == "placeholder" and not _requires_grad(node)]
     )
+    window = decision.window if decision.window is not None and decision.window < chain.length else None
+    if max_iters is None:  # a windowed solve needs at least L / W iterations
+        max_iters = 40 if window is None else 4 * -(-chain.length // window) + 40
     solver_options = {
         "tol": Tolerance.resolve(tol, chain.state_dtype),
-        "max_iters": min(max_iters or 40, chain.length),
+        "max_iters": min(max_iters, chain.length),
         "damping": 0.0,
+        "window": window,
     }
     # Trace outside Dynamo's tracing context: its fake mode would make the sizes symbolic.
     with torch._guards.tracing(None), unset_fake_temporarily():
@@ -97,14 +101,14 @@ def build_chain_program(chain: Chain, decision: Decision, tol, max_iters) -> Cha
             pytree.tree_structure(list(xs_examples)),
             xs_examples,
             shared_examples,
-            decision.jacobian,
+            decision.jacobian if decision.method == "parallel" else "identity",
             decision.adjoint,
             solver_options,
             frozen,
+            method=decision.method,
+            sequential_reason=f"kept sequential: {decision.reason}",
         )
     program.param_slots = tuple(param_slots)
-    program.method = decision.method
-    program.sequential_reason = f"kept sequential: {decision.reason}"
     return program
 
 

@@ -14,12 +14,13 @@ import torch
 import torch.utils._pytree as pytree
 
 from . import ops
-from .newton import DEFAULT_MAX_ITERS, Tolerance
+from .newton import DEFAULT_MAX_ITERS, Tolerance, windowed_steps
 from .pcr import JACOBIAN_KINDS
 from .program import ChainProgram, StateLayout
 
 JACOBIAN_CHOICES = ("auto", *JACOBIAN_KINDS)
 ADJOINT_CHOICES = ("auto", "parallel", "sequential")
+FORWARD_CHOICES = ("parallel", "sequential")
 # Widest state for which "auto" takes dense Jacobian blocks (w^2 values per block).
 DENSE_WIDTH_LIMIT = 64
 
@@ -36,9 +37,11 @@ def solve_chain(
     tol=None,
     max_iters: int | None = None,
     damping: float | None = None,
+    window: int | None = None,
     length: int | None = None,
     batch_ndim: int | None = None,
     adjoint: str = "auto",
+    forward: str = "parallel",
     return_stats: bool = False,
 ):
     """All states of the chain ``s_l = step(s_{l-1}, x_l, *shared)``, ``l = 1..L``.
@@ -61,12 +64,17 @@ def solve_chain(
             sequentially (default 40, at most ``L``).
         damping: ``lambda >= 0``: updates after the first active state are
             scaled by ``1 / (1 + lambda)`` (damped Newton) for oscillating chains.
+        window: at most this many active positions per iteration (sliding
+            window, ParaDiGMS); ``None``: the whole chain.
         length: ``L`` when ``xs`` is empty.
         batch_ndim: number of leading batch dims of the state (default: all but
             the last dim of the first state tensor).
         adjoint: backward solve, ``"parallel"`` (PCR on full Jacobians),
             ``"sequential"`` (one VJP per step) or ``"auto"`` (parallel up to 64
             state values). Both are exact.
+        forward: ``"parallel"`` (the iterative solve) or ``"sequential"`` (the
+            plain loop inside the op; with ``adjoint="parallel"`` the fastest
+            training step on a CPU, where the parallel forward loses).
         return_stats: also return the :class:`~seqpar.runtime.SolveStats`.
 
     Returns:
@@ -77,18 +85,39 @@ def solve_chain(
     jacobian = _choose(jacobian, JACOBIAN_CHOICES, "jacobian", "full" if layout.width <= DENSE_WIDTH_LIMIT else "identity")
     adjoint = _choose(adjoint, ADJOINT_CHOICES, "adjoint", "parallel" if layout.width <= DENSE_WIDTH_LIMIT else "sequential")
     solver_options = _solver_options(tol, max_iters, damping, layout.dtype, length)
-    program = build_program(step, layout, length, xs_spec, xs_leaves, shared, jacobian, adjoint, solver_options)
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be None or an int >= 1, got {window!r}")
+    solver_options["window"] = window if window is not None and window < length else None
+    forward = _choose(forward, FORWARD_CHOICES, "forward", "parallel")
+    if forward == "sequential":
+        jacobian = "identity"  # the forward needs no Jacobians
+    program = build_program(
+        step, layout, length, xs_spec, xs_leaves, shared, jacobian, adjoint, solver_options, method=forward
+    )
     packed = torch.ops.seqpar.chain_solve(program.id, layout.pack(s0).contiguous(), xs_leaves, shared, [])
     states = layout.unpack(packed)
     return (states, program.last_stats) if return_stats else states
 
 
 def build_program(
-    step, layout, length, xs_spec, xs_leaves, shared, jacobian, adjoint, solver_options, frozen=frozenset()
+    step,
+    layout,
+    length,
+    xs_spec,
+    xs_leaves,
+    shared,
+    jacobian,
+    adjoint,
+    solver_options,
+    frozen=frozenset(),
+    method="parallel",
+    sequential_reason="forward='sequential'",
 ) -> ChainProgram:
     """A registered :class:`ChainProgram`, reused while step, shapes and options are the same.
 
-    ``frozen`` names inputs without gradients (``("xs", i)`` / ``("shared", i)``).
+    ``frozen`` names inputs without gradients (``("xs", i)`` / ``("shared", i)``);
+    ``method`` is the forward solve, "parallel" or "sequential" (the plain loop,
+    recorded in the stats with ``sequential_reason``).
     """
     key = (
         layout,
@@ -100,6 +129,7 @@ def build_program(
         adjoint,
         tuple(sorted(solver_options.items())),
         frozen,
+        method,
     )
     try:
         per_step = _program_cache.setdefault(step, {})
@@ -121,6 +151,11 @@ def build_program(
                 "pass them through xs (per step) or shared"
             ) from error
         program.solver_options = solver_options
+        window = solver_options.get("window")
+        if method == "parallel" and window is not None and window < length:
+            windowed_steps(program, window, xs_leaves, shared)  # trace now, not inside the op
+        program.method = method
+        program.sequential_reason = sequential_reason
         ops.register_program(program)
         per_step[key] = program
     return program

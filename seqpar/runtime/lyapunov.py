@@ -18,12 +18,17 @@ import torch
 from torch.func import jvp
 
 
-def largest_lyapunov_exponent(step, length: int, s0, xs_leaves, shared, *, seed: int = 0) -> float:
+def largest_lyapunov_exponent(
+    step, length: int, s0, xs_leaves, shared, *, seed: int = 0, max_steps: int | None = None
+) -> float:
     """Estimate ``lambda`` for ``s_l = step(s_{l-1}, x_leaves_l, shared)``, ``l = 1..length``.
 
     ``xs_leaves`` are stacked on dim 0; the state ``s0`` may have any shape.
-    Returns ``inf`` when the trajectory or the tangent stops being finite.
+    ``max_steps`` bounds the cost (one JVP per step): the average is then taken
+    over the first ``max_steps`` steps. Returns ``inf`` when the trajectory or
+    the tangent stops being finite.
     """
+    length = length if max_steps is None else min(length, max_steps)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     work = torch.float64 if s0.dtype == torch.float64 else torch.float32
     tangent = torch.randn(s0.shape, generator=generator, dtype=work).to(device=s0.device, dtype=s0.dtype)

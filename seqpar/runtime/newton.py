@@ -16,12 +16,35 @@ position whose update is above tolerance stays active. Convergence is declared
 when every update satisfies ``|ds| <= atol + rtol |s|`` elementwise. On
 non-finite values or at the iteration cap the remaining suffix is evaluated
 sequentially: the result always equals the sequential loop.
+
+Sliding window (ParaDiGMS, Shih et al. 2023). With ``window = W`` only the
+positions ``[start, start + W)`` are active: one iteration evaluates ``f`` at
+``W`` positions in one batched call (a step graph traced at length ``W``; the
+last windows evaluate ``[L - W, L)`` and update only their active part),
+updates the window, and ``start`` slides to the first position still above
+tolerance. For ``A = I`` the update is a cumulative sum of the drifts
+``e_k = F_k - s_k``: ``s_l <- s_l + sum_{k=start..l} e_k``. Positions that
+enter the window start from the latest state of the previous window.
+
+Exactness. The first active state's update is ``F_start - s_start`` with an
+exact ``s_{start-1}``: it is set to ``F_start`` itself (not ``s + (F - s)``,
+which rounds), so every iteration finishes one state bit for bit, and with
+``W = 1`` the iteration evaluates ``f`` at exactly the states the sequential
+loop sees: the result equals the loop (as far as the batched evaluation of one
+step equals the step; it does for the traced graphs tested).
+
+Tolerance. The per-element test ``|ds| <= atol + rtol |s|`` is kept for every
+kind (not ParaDiGMS' ``||ds||^2 / (D sigma^2) <= tol^2``): it is the stricter
+(max, not mean) test, scales with the state through ``rtol``, and needs no
+noise level the runtime does not know. ParaDiGMS' tolerance of 0.1 (relative
+rms) corresponds to a much larger ``tol`` here.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -65,7 +88,12 @@ class SolveStats:
     ``iterations``: parallel iterations run; ``residual``: largest update at the
     last iteration in units of the tolerance (<= 1 means converged);
     ``fallback``: why the sequential loop finished the chain, ``None`` if it did
-    not; ``sequential_steps``: how many steps that loop evaluated.
+    not; ``sequential_steps``: how many steps that loop evaluated;
+    ``evaluations``: step evaluations in all (batched positions, counted one
+    per position whether or not its result is used, plus the sequential
+    steps; a sequential loop makes ``L``; with ``jacobian != "identity"``
+    each parallel evaluation also computes that position's Jacobian);
+    ``window``: active positions per iteration (``None``: the whole chain).
     """
 
     length: int
@@ -76,26 +104,37 @@ class SolveStats:
     fallback: str | None = None
     sequential_steps: int = 0
     direction: str = "forward"
+    evaluations: int = 0
+    window: int | None = None
 
 
-def newton_solve(program, s0, xs_leaves, shared, *, tol: Tolerance, max_iters: int, damping: float = 0.0):
+def newton_solve(
+    program, s0, xs_leaves, shared, *, tol: Tolerance, max_iters: int, damping: float = 0.0, window: int | None = None
+):
     """Solve the chain of ``program`` from the packed ``s0`` of shape ``(N, w)``.
 
     Returns the packed states ``(L, N, w)`` (``s_1 .. s_L``) and a :class:`SolveStats`.
     ``damping`` (>= 0) shortens every update but the first active one by
     ``1 / (1 + damping)`` (a damped Newton step); the first active state still
     becomes exact, so each iteration keeps finishing at least one state.
+    ``window`` (``None`` or ``W >= 1``): at most ``W`` active positions per
+    iteration, evaluated in one batched call of a step graph traced at length
+    ``W`` (:func:`windowed_steps`); ``None`` or ``W >= L``: the whole chain.
     """
     kind = program.jacobian
     length = program.length
+    if window is not None and window >= length:
+        window = None
     work = accumulation_dtype(s0.dtype)
     in_place = work == s0.dtype
-    stats = SolveStats(length=length, jacobian=kind)
+    stats = SolveStats(length=length, jacobian=kind, window=window)
+    evaluate = windowed_steps(program, window, xs_leaves, shared) if window is not None else None
     # One buffer for s_0 .. s_L: the states are rows 1.., the previous states
     # (the steps' inputs) rows 0..L-1, both views, updated in place.
     buffer = s0.unsqueeze(0).expand(length + 1, *s0.shape).clone()
     states, prev = buffer[1:], buffer[:-1]
     start = 0
+    guessed = 0  # windowed: positions [0, guessed) have been given a guess
     while start < length:
         if stats.iterations == max_iters:
             stats.fallback = (
@@ -104,26 +143,39 @@ def newton_solve(program, s0, xs_leaves, shared, *, tol: Tolerance, max_iters: i
             )
             break
         stats.iterations += 1
-        if kind == "identity":
-            values, A = program.steps_at(prev, xs_leaves, shared), None
+        if window is None:
+            stop, first = length, 0
+            values = _evaluate_all(program, kind, prev, xs_leaves, shared)
         else:
-            values, A = program.steps_and_jacobians(prev, xs_leaves, shared)
-            A = A[start:]
-        window = states[start:]
+            stop = min(start + window, length)
+            first = min(start, length - window)  # the evaluated positions [first, first + window)
+            if stop > guessed:  # positions entering the window start from the latest state
+                if guessed:
+                    states[guessed:stop] = states[guessed - 1]
+                guessed = stop
+            values = evaluate(prev[first : first + window], [leaf[first : first + window] for leaf in xs_leaves], shared)
+        stats.evaluations += length if window is None else window
+        values, A = (values, None) if kind == "identity" else values
+        offset = start - first
+        values = values[offset : offset + stop - start]
+        A = None if A is None else A[offset : offset + stop - start]
+        active = states[start:stop]
         if in_place:
-            update = solve_affine_recurrence(A, values[start:] - window, kind)
+            update = solve_affine_recurrence(A, values - active, kind)
         else:
-            window = window.to(work)
-            update = solve_affine_recurrence(A, values[start:].to(work) - window, kind)
+            active = active.to(work)
+            update = solve_affine_recurrence(A, values.to(work) - active, kind)
         if damping:
             update[1:] /= 1.0 + damping
         if in_place:
-            window += update  # the new states
-            new_window = window
+            active += update  # the new states
+            new_active = active
         else:
-            new_window = window + update
-            states[start:] = new_window.to(states.dtype)
-        scaled = update.abs().div_(new_window.abs().mul_(tol.rtol).add_(tol.atol))
+            new_active = active + update
+            states[start:stop] = new_active.to(states.dtype)
+        # The first active state is exact: f of an exact previous state, not s + (f - s).
+        states[start] = values[0]
+        scaled = update.abs().div_(new_active.abs().mul_(tol.rtol).add_(tol.atol))
         per_step = scaled.flatten(1).amax(dim=1)
         stats.residual = float(per_step.max())
         # A non-finite update makes the residual non-finite (the check costs nothing otherwise).
@@ -131,11 +183,11 @@ def newton_solve(program, s0, xs_leaves, shared, *, tol: Tolerance, max_iters: i
             stats.fallback = f"non-finite values at iteration {stats.iterations}"
             break
         if stats.residual <= 1.0:
-            start = length
+            start = stop
             continue
         above = torch.nonzero(per_step > 1.0)
         if above.numel() == 0:  # NaN ratios (0 / 0 with atol = 0) count as converged
-            start = length
+            start = stop
         else:
             start += max(1, int(above[0]))  # the first active state is exact now
     stats.converged = stats.fallback is None
@@ -143,7 +195,40 @@ def newton_solve(program, s0, xs_leaves, shared, *, tol: Tolerance, max_iters: i
         log.info("chain of %d steps: %s; finishing sequentially from step %d", length, stats.fallback, start + 1)
         _finish_sequentially(program, s0, xs_leaves, shared, states, start)
         stats.sequential_steps = length - start
+        stats.evaluations += length - start
     return states, stats
+
+
+def _evaluate_all(program, kind, prev, xs_leaves, shared):
+    """``F`` (identity) or ``(F, A)`` at all ``L`` positions."""
+    if kind == "identity":
+        return program.steps_at(prev, xs_leaves, shared)
+    return program.steps_and_jacobians(prev, xs_leaves, shared)
+
+
+_windowed: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def windowed_steps(program, window: int, xs_leaves, shared):
+    """The batched step (with Jacobians unless ``"identity"``) traced for ``window`` positions.
+
+    ``F_j = f(prev_j, x_j)`` for ``prev (W, N, w)`` and per-step inputs sliced to
+    ``W`` rows. The program's own graphs are traced at the full length ``L``
+    with static shapes, so a window gets its own trace (made once per program
+    and window; :func:`seqpar.runtime.chain.build_program` makes it up front).
+    """
+    per_program = _windowed.setdefault(program, {})
+    traced = per_program.get(window)
+    if traced is None:
+        from .program import _trace  # runtime-internal; imported here to keep newton's imports light
+
+        layout = program.layout
+        prev = torch.empty(window, layout.batch_size, layout.width, dtype=layout.dtype, device=layout.device)
+        xs = [torch.empty(window, *leaf.shape[1:], dtype=leaf.dtype, device=leaf.device) for leaf in xs_leaves]
+        shared = [torch.empty_like(tensor) for tensor in shared]
+        fn = program._steps if program.jacobian == "identity" else program._make_steps_and_jacobians(program.jacobian)
+        traced = per_program[window] = _trace(fn, prev, xs, shared)
+    return traced
 
 
 def _finish_sequentially(program, s0, xs_leaves, shared, states, start):

@@ -67,7 +67,7 @@ def chain_solve(
     """States ``s_1 .. s_L`` of the chain ``program`` started at ``s0``."""
     chain = _PROGRAMS[program]
     leaves = per_step_inputs(chain, xs, layer_params)
-    if getattr(chain, "method", "parallel") == "sequential":
+    if chain.method == "sequential":
         states, stats = solve_sequentially(chain, s0, leaves, shared, chain.sequential_reason)
     else:
         states, stats = newton_solve(chain, s0, leaves, shared, **chain.solver_options)

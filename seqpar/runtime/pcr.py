@@ -116,9 +116,9 @@ def solve_affine_recurrence(
     if kind == "full" and width <= SMALL_WIDTH:
         y = _solve_homogeneous(A, c, work, reverse)
     elif kind == "full":
-        y = _solve_dense(A, c, work, reverse)
+        y = _solve_blocks(A, c, work, reverse, "dense")
     else:
-        y = _solve_diagonal(A, c, work, reverse)
+        y = _solve_blocks(A, c, work, reverse, "diag")
     return y.to(out_dtype)
 
 
@@ -138,17 +138,19 @@ def _reversed_blocks(A: torch.Tensor, kind: str) -> torch.Tensor:
 # ---------------------------------------------------------------- diagonal blocks
 
 
-def _solve_diagonal(a, c, work, reverse):
-    """Elementwise recursion ``y_l = a_l * y_l-1 + c_l`` on ``(L, N, w)`` tensors."""
+def _solve_blocks(A, c, work, reverse, layout):
+    """Diagonal (``(L, N, w)``) or wide dense (``(L, N, w, w)``) blocks: the two-level
+    scan for long systems, recursive doubling otherwise; reversed on flipped copies."""
+    kind = "diag" if layout == "diag" else "full"
     if reverse:
-        a, c = _reversed_blocks(a.to(work), "diag"), c.to(work).flip(0)
+        A, c = _reversed_blocks(A.to(work), kind), c.to(work).flip(0)
     else:
-        a, c = a.to(work, copy=True), c.to(work, copy=True)
-    length = c.shape[0]
-    if _use_chunks(length, c.shape[1], "diag"):
-        y = _chunked_diagonal(a, c)
+        A, c = A.to(work, copy=True), c.to(work, copy=True)
+    chunked, doubling = _BLOCK_SOLVERS[layout]
+    if _use_chunks(c.shape[0], c.shape[1], layout):
+        y = chunked(A, c)
     else:
-        _doubling_diagonal(a, c)
+        doubling(A, c)
         y = c
     return y.flip(0) if reverse else y
 
@@ -277,21 +279,6 @@ def _chunked_homogeneous(A, c, work):
 # ------------------------------------------------------------ wide dense blocks
 
 
-def _solve_dense(A, c, work, reverse):
-    """Dense blocks with batched ``matmul`` in ``(L, N, w, w)`` layout."""
-    if reverse:
-        A, c = _reversed_blocks(A.to(work), "full"), c.to(work).flip(0)
-    else:
-        A, c = A.to(work, copy=True), c.to(work, copy=True)
-    length = c.shape[0]
-    if _use_chunks(length, c.shape[1], "dense"):
-        y = _chunked_dense(A, c)
-    else:
-        _doubling_dense(A, c)
-        y = c
-    return y.flip(0) if reverse else y
-
-
 def _doubling_dense(A, c):
     """Recursive doubling in place on dim 0: afterwards ``c`` holds ``y``."""
     length = c.shape[0]
@@ -321,3 +308,6 @@ def _chunked_dense(A, c):
     _doubling_dense(carry_A, carry_c)
     c4[1:] += torch.matmul(A5[1:], carry_c[:-1].unsqueeze(1).unsqueeze(-1)).squeeze(-1)
     return c[:length]
+
+
+_BLOCK_SOLVERS = {"diag": (_chunked_diagonal, _doubling_diagonal), "dense": (_chunked_dense, _doubling_dense)}

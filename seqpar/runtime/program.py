@@ -147,6 +147,17 @@ class ChainProgram:
         """Step ``index`` (0-based) of the chain, evaluated on its own."""
         return self.step_packed(s, [leaf[index] for leaf in xs_leaves], shared)
 
+    def per_step_inputs(self, xs_leaves, start: int = 0) -> list:
+        """``[x_start, ..., x_{L-1}]``: the step's input trees, sliced once (for the sequential loop)."""
+        columns = [leaf[start:].unbind(0) for leaf in xs_leaves]
+        rows = zip(*columns) if columns else [()] * (self.length - start)
+        spec = self.xs_spec
+        if spec.is_leaf():
+            return [row[0] for row in rows]
+        if spec.type in (tuple, list) and all(child.is_leaf() for child in spec.children()):
+            return [spec.type(row) for row in rows]
+        return [pytree.tree_unflatten(list(row), spec) for row in rows]
+
     def _steps(self, prev, xs_leaves, shared):
         """``F_l = f(prev_l, x_l)`` for all ``l``: ``(L, N, w) -> (L, N, w)``."""
         return vmap(self.step_packed, in_dims=(0, 0, None))(prev, xs_leaves, shared)

@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import torch
+import torch.utils._pytree as pytree
 
 from .newton import SolveStats
 
 
 def continue_sequentially(program, s0, xs_leaves, shared, states, start: int) -> None:
-    """``s_l = f(s_{l-1}, x_l)`` for ``l > start`` (0-based ``states[start:]``), in place."""
-    current = s0 if start == 0 else states[start - 1]
-    for index in range(start, program.length):
-        current = program.step_sequential(index, current, xs_leaves, shared)
-        states[index] = current
+    """``s_l = f(s_{l-1}, x_l)`` for ``l > start`` (0-based ``states[start:]``), in place.
+
+    The user's step runs on unpacked states exactly as in the original loop;
+    the states are packed once at the end.
+    """
+    layout = program.layout
+    state = layout.unpack(s0 if start == 0 else states[start - 1])
+    trajectory = []
+    for x in program.per_step_inputs(xs_leaves, start):
+        state = program.step(state, x, *shared)
+        trajectory.append(state)
+    if trajectory:
+        stacked = pytree.tree_map(lambda *parts: torch.stack(parts), *trajectory)
+        states[start:] = layout.pack(stacked)
 
 
 def solve_sequentially(program, s0, xs_leaves, shared, reason: str):

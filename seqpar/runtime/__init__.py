@@ -5,7 +5,8 @@ Knows nothing of FX. ``solve_chain(step, s0, xs, shared)`` solves
 """
 
 from .chain import solve_chain
-from .newton import SolveStats, Tolerance
+from .newton import Tolerance
+from .stats import SolveStats
 from .pcr import solve_affine_recurrence
 
 __all__ = ["solve_chain", "solve_affine_recurrence", "SolveStats", "Tolerance"]

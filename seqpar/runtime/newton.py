@@ -50,6 +50,8 @@ from dataclasses import dataclass
 import torch
 
 from .pcr import accumulation_dtype, solve_affine_recurrence
+from .sequential import continue_sequentially
+from .stats import SolveStats
 
 log = logging.getLogger("seqpar.runtime")
 
@@ -79,33 +81,6 @@ class Tolerance:
             return cls(float(tol), float(tol))
         atol, rtol = tol
         return cls(float(atol), float(rtol))
-
-
-@dataclass
-class SolveStats:
-    """What one chain solve did.
-
-    ``iterations``: parallel iterations run; ``residual``: largest update at the
-    last iteration in units of the tolerance (<= 1 means converged);
-    ``fallback``: why the sequential loop finished the chain, ``None`` if it did
-    not; ``sequential_steps``: how many steps that loop evaluated;
-    ``evaluations``: step evaluations in all (batched positions, counted one
-    per position whether or not its result is used, plus the sequential
-    steps; a sequential loop makes ``L``; with ``jacobian != "identity"``
-    each parallel evaluation also computes that position's Jacobian);
-    ``window``: active positions per iteration (``None``: the whole chain).
-    """
-
-    length: int
-    jacobian: str
-    iterations: int = 0
-    converged: bool = False
-    residual: float = float("inf")
-    fallback: str | None = None
-    sequential_steps: int = 0
-    direction: str = "forward"
-    evaluations: int = 0
-    window: int | None = None
 
 
 def newton_solve(
@@ -193,7 +168,7 @@ def newton_solve(
     stats.converged = stats.fallback is None
     if not stats.converged:
         log.info("chain of %d steps: %s; finishing sequentially from step %d", length, stats.fallback, start + 1)
-        _finish_sequentially(program, s0, xs_leaves, shared, states, start)
+        continue_sequentially(program, s0, xs_leaves, shared, states, start)
         stats.sequential_steps = length - start
         stats.evaluations += length - start
     return states, stats
@@ -229,11 +204,3 @@ def windowed_steps(program, window: int, xs_leaves, shared):
         fn = program._steps if program.jacobian == "identity" else program._make_steps_and_jacobians(program.jacobian)
         traced = per_program[window] = _trace(fn, prev, xs, shared)
     return traced
-
-
-def _finish_sequentially(program, s0, xs_leaves, shared, states, start):
-    """``s_l = f(s_{l-1}, x_l)`` for ``l >= start``, in place, exactly as the sequential loop."""
-    current = s0 if start == 0 else states[start - 1]
-    for index in range(start, program.length):
-        current = program.step_sequential(index, current, xs_leaves, shared)
-        states[index] = current

@@ -143,10 +143,6 @@ class ChainProgram:
         x = pytree.tree_unflatten(list(x_leaves), self.xs_spec)
         return self.layout.pack(self.step(self.layout.unpack(s), x, *shared))
 
-    def step_sequential(self, index: int, s: torch.Tensor, xs_leaves, shared) -> torch.Tensor:
-        """Step ``index`` (0-based) of the chain, evaluated on its own."""
-        return self.step_packed(s, [leaf[index] for leaf in xs_leaves], shared)
-
     def per_step_inputs(self, xs_leaves, start: int = 0) -> list:
         """``[x_start, ..., x_{L-1}]``: the step's input trees, sliced once (for the sequential loop)."""
         columns = [leaf[start:].unbind(0) for leaf in xs_leaves]

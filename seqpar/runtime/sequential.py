@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.utils._pytree as pytree
 
-from .newton import SolveStats
+from .stats import SolveStats
 
 
 def continue_sequentially(program, s0, xs_leaves, shared, states, start: int) -> None:
@@ -30,5 +30,5 @@ def solve_sequentially(program, s0, xs_leaves, shared, reason: str):
     states = s0.new_empty(program.length, *s0.shape)
     continue_sequentially(program, s0, xs_leaves, shared, states, 0)
     stats = SolveStats(length=program.length, jacobian="none", converged=True, fallback=reason,
-                       sequential_steps=program.length)
+                       sequential_steps=program.length, evaluations=program.length)
     return states, stats

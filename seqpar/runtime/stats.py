@@ -1,0 +1,32 @@
+"""What one chain solve reports."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class SolveStats:
+    """What one chain solve did.
+
+    ``iterations``: parallel iterations run; ``residual``: largest update at the
+    last iteration in units of the tolerance (<= 1 means converged);
+    ``fallback``: why the sequential loop finished the chain, ``None`` if it did
+    not; ``sequential_steps``: how many steps that loop evaluated;
+    ``evaluations``: step evaluations in all (batched positions, counted one
+    per position whether or not its result is used, plus the sequential
+    steps; a sequential loop makes ``L``; with ``jacobian != "identity"``
+    each parallel evaluation also computes that position's Jacobian);
+    ``window``: active positions per iteration (``None``: the whole chain).
+    """
+
+    length: int
+    jacobian: str
+    iterations: int = 0
+    converged: bool = False
+    residual: float = float("inf")
+    fallback: str | None = None
+    sequential_steps: int = 0
+    direction: str = "forward"
+    evaluations: int = 0
+    window: int | None = None

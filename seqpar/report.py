@@ -17,7 +17,7 @@ class ChainReport:
 
     kind: str
     length: int
-    state_shape: tuple | None
+    state_shape: tuple | None  # the state's shape, or a tuple of shapes for a tuple state
     modules: list[str]
     decision: str
     reason: str
@@ -29,6 +29,15 @@ class ChainReport:
     stats: dict | None = None
 
 
+def shape_text(state_shape: tuple | None) -> str:
+    """``4x8`` for one tensor, ``(4x8, 4x8)`` for a tuple state, ``-`` when unknown."""
+    if not state_shape:
+        return "-"
+    if all(isinstance(shape, tuple) for shape in state_shape):
+        return "(" + ", ".join("x".join(map(str, shape)) or "scalar" for shape in state_shape) + ")"
+    return "x".join(map(str, state_shape))
+
+
 def format_table(chains: list[ChainReport]) -> str:
     """A fixed-width table of chains, one line each, reasons last."""
     if not chains:
@@ -38,7 +47,7 @@ def format_table(chains: list[ChainReport]) -> str:
     for index, chain in enumerate(chains):
         modules = chain.modules[0] + (f" .. {chain.modules[-1]}" if len(chain.modules) > 1 else "") if chain.modules else "-"
         rows.append((
-            str(index), chain.kind, str(chain.length), "x".join(map(str, chain.state_shape or ())) or "-",
+            str(index), chain.kind, str(chain.length), shape_text(chain.state_shape),
             modules, chain.decision, chain.method or "-", chain.adjoint or "-", chain.form or "-", chain.jacobian or "-",
         ))
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]

@@ -4,6 +4,7 @@ that each chain's ``step`` reproduces its segments exactly."""
 from __future__ import annotations
 
 import functools
+import operator
 import time
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 import torch.fx as fx
 from torch.func import jvp, vmap
 
+from seqpar.passes.chain import map_state, state_leaves
 from seqpar.passes.detect import BATCHNORM_TRAINING, find_chains
 from tests.zoo import models as zoo
 
@@ -62,11 +64,13 @@ def node_values(gm, inputs):
 
 def step_inputs(chain, values, l):
     """``(state, *per_step, *shared)`` of step ``l`` taken from a run of the original graph."""
-    state = values[chain.start] if l == 0 else values[chain.outputs[l - 1]]
+    state = map_state(values.__getitem__, chain.start if l == 0 else chain.outputs[l - 1])
     per_step = []
     for inp in chain.per_step:
         if inp.kind == "constant":
-            per_step.append(torch.tensor(inp.values[l], dtype=state.dtype))
+            per_step.append(torch.tensor(inp.values[l], dtype=chain.state_dtype))
+        elif inp.kind == "slice":
+            per_step.append(values[inp.nodes[0]][inp.start + l])
         else:
             per_step.append(values[inp.nodes[l]])
     return state, per_step, [values[n] for n in chain.shared]
@@ -78,7 +82,10 @@ def assert_step_reproduces(chain, values, steps=None):
         state, per_step, shared = step_inputs(chain, values, l)
         with torch.no_grad():
             out = chain.step(state, *per_step, *shared)
-        torch.testing.assert_close(out, values[chain.outputs[l]], rtol=0, atol=0,
+        # a leaf the graph does not compute (None in the last output) is not compared
+        present = [i for i, leaf in enumerate(state_leaves(chain.outputs[l])) if leaf is not None]
+        expected = [values[state_leaves(chain.outputs[l])[i]] for i in present]
+        torch.testing.assert_close([state_leaves(out)[i] for i in present], expected, rtol=0, atol=0,
                                    msg=lambda m: f"step {l} of {chain.modules[l]!r}: {m}")
 
 
@@ -127,13 +134,22 @@ CHAIN_CASES = [
     ("preln-transformer", lambda: zoo.preln_transformer(6), {}, "transformer", 6, ("layers.0", "layers.5"), 1,
      ["parameter"] * 12),
     # Dynamo inlines the first call of a nested_compile_region: the invoke_subgraph chain starts at layer 1
-    ("nested-compile-region", lambda: zoo.nested_region_stack(8), {}, "residual", 7, ("layers.1", "layers.7"), 1,
+    # and the inlined layer 0 joins it by extension
+    ("nested-compile-region", lambda: zoo.nested_region_stack(8), {}, "residual", 8, ("layers.0", "layers.7"), 1,
      ["parameter", "parameter"]),
     ("graph-deduplication", lambda: zoo.deep_mlp(10, 8), {"dedup": True}, "layers", 9, ("layers.1", "layers.9"), 1,
      ["parameter", "parameter"]),
+    ("stacked-parameters", lambda: zoo.stacked_mlp(8, 4), {}, "layers", 8, ("", ""), 1, ["slice", "slice"]),
+    ("stacked-parameters-reversed", lambda: zoo.stacked_mlp(8, 4, order="reverse"), {}, "layers", 8, ("", ""), 1,
+     ["computed", "computed"]),
+    ("stacked-parameters-strided", lambda: zoo.stacked_mlp(8, 4, order="strided"), {}, "layers", 8, ("", ""), 1,
+     ["computed", "computed"]),
     ("unrolled-rnn", lambda: zoo.unrolled_rnn(16), {}, "recurrent", 16, ("", ""), 1, ["computed"]),
+    ("gru-cell", lambda: zoo.gru_cell_loop(16), {}, "recurrent", 16, ("", ""), 1, ["computed"]),
     ("weight-tied-loop", lambda: zoo.weight_tied_loop(10), {}, "recurrent", 10, ("", ""), 1, []),
-    ("denoising-loop", lambda: zoo.toy_denoiser_loop(12), {}, "denoise", 12, ("", ""), 1, ["computed"] * 3),
+    # t[i] * time is computed; the coefficient tables a[i], b[i] are read row by row: slices
+    ("denoising-loop", lambda: zoo.toy_denoiser_loop(12), {}, "denoise", 12, ("", ""), 1,
+     ["computed", "slice", "slice"]),
 ]
 
 
@@ -160,7 +176,12 @@ def test_zoo_model_yields_one_chain_with_the_expected_shape(case):
     assert [inp.kind for inp in chain.per_step] == kinds
     assert chain.used_outside == []
     for inp in chain.per_step:
-        assert len(inp.values if inp.kind == "constant" else inp.nodes) == length
+        if inp.kind == "constant":
+            assert len(inp.values) == length
+        elif inp.kind == "slice":
+            assert len(inp.nodes) == 1 and inp.nodes[0].meta["example_value"].shape[0] >= inp.start + length
+        else:
+            assert len(inp.nodes) == length
     example = chain.start.meta["example_value"]
     assert chain.state_shape == tuple(example.shape) and chain.state_dtype == torch.float64
     assert_step_reproduces(chain, node_values(gm, example_inputs))
@@ -180,7 +201,8 @@ def test_step_graph_has_state_per_step_shared_placeholders_and_only_function_cal
 # TransformerEncoderLayer steps run under vmap but not jvp: forward AD is not
 # implemented for CPU flash attention nor for _transformer_encoder_layer_fwd.
 VMAP_CASES = ["mlp-tanh", "mlp-layernorm", "scaled-mlp", "residual-mlp", "conv-resnet", "preln-transformer",
-              "nested-compile-region", "graph-deduplication", "unrolled-rnn", "weight-tied-loop", "denoising-loop"]
+              "nested-compile-region", "graph-deduplication", "stacked-parameters", "unrolled-rnn", "gru-cell",
+              "weight-tied-loop", "denoising-loop"]
 
 
 @pytest.mark.parametrize("case", [c for c in CHAIN_CASES if c[0] in VMAP_CASES], ids=VMAP_CASES)
@@ -207,6 +229,164 @@ def test_step_runs_under_vmap_over_steps_and_jvp(case):
     finite = (chain.step(per[0][0] + eps * tangent, *per[0][1], *shared)
               - chain.step(per[0][0] - eps * tangent, *per[0][1], *shared)) / (2 * eps)
     torch.testing.assert_close(derivative, finite, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- #
+# tuple states: an LSTM carries (h, c)
+# --------------------------------------------------------------------------- #
+
+# id, constructor, length, state shapes. nn.LSTMCell: Dynamo drops the last step's
+# unused c; the last step joins the chain by extension, its c is None.
+TUPLE_CASES = [
+    ("lstm-cell-16", lambda: zoo.lstm_cell_loop(16), 16, ((4, 8), (4, 8))),
+    ("lstm-cell-64", lambda: zoo.lstm_cell_loop(64, hidden=5, batch=2), 64, ((2, 5), (2, 5))),
+    ("hand-lstm-16", lambda: zoo.hand_lstm(16), 16, ((4, 8), (4, 8))),
+    ("hand-lstm-64", lambda: zoo.hand_lstm(64, hidden=5, batch=2), 64, ((2, 5), (2, 5))),
+]
+
+
+@functools.lru_cache(maxsize=None)
+def tuple_chain_of(case_id):
+    (make,) = [case[1] for case in TUPLE_CASES if case[0] == case_id]
+    return only_chain(*make())
+
+
+@pytest.mark.parametrize("case", TUPLE_CASES, ids=[c[0] for c in TUPLE_CASES])
+def test_lstm_over_time_is_a_recurrent_chain_carrying_the_tuple_h_c(case):
+    case_id, _, length, shapes = case
+    gm, example_inputs, chain = tuple_chain_of(case_id)
+    assert (chain.kind, chain.length, chain.state_shape, chain.batch_ndim) == ("recurrent", length, shapes, 1)
+    assert chain.leaf_shapes == list(shapes)
+    assert isinstance(chain.start, tuple) and len(chain.start) == 2
+    assert [tuple(node.meta["example_value"].shape) for node in chain.start] == list(shapes)
+    assert all(isinstance(out, tuple) and len(out) == 2 for out in chain.outputs)
+    assert [inp.kind for inp in chain.per_step] == ["computed"]
+    assert chain.used_outside == []
+    assert all(nodes[-1] in state_leaves(out) for nodes, out in zip(chain.nodes, chain.outputs))
+    assert_step_reproduces(chain, node_values(gm, example_inputs))
+
+
+@pytest.mark.parametrize("case_id", ["lstm-cell-16", "hand-lstm-16"])
+def test_tuple_state_step_takes_and_returns_the_tuple(case_id):
+    _, _, chain = tuple_chain_of(case_id)
+    (state, *_) = [n for n in chain.step.graph.nodes if n.op == "placeholder"]
+    assert [user.target for user in state.users] == [operator.getitem, operator.getitem]
+    (output,) = [n for n in chain.step.graph.nodes if n.op == "output"]
+    assert isinstance(output.args[0], tuple) and len(output.args[0]) == 2
+
+
+def test_lstm_cell_chain_shares_the_cell_parameters_and_starts_at_the_zero_states():
+    _, _, chain = tuple_chain_of("lstm-cell-16")
+    assert [n.name.rsplit("_parameters_", 1)[-1] for n in chain.shared] == [
+        "weight_ih_", "weight_hh_", "bias_ih_", "bias_hh_"]
+    assert [n.target for n in chain.start] == [torch.zeros, torch.zeros_like]
+
+
+def test_lstm_states_read_after_the_chain_are_listed_for_either_tensor():
+    model, inputs = zoo.hand_lstm(16, outputs="all")
+    gm, example_inputs, chain = only_chain(model, inputs)
+    assert chain.length == 16 and chain.used_outside == list(range(15))
+    members = {n for nodes in chain.nodes for n in nodes}
+    h_read = [l for l in range(15) if any(u not in members for u in chain.outputs[l][0].users)]
+    c_read = [l for l in range(15) if any(u not in members for u in chain.outputs[l][1].users)]
+    assert h_read == list(range(15)) and c_read == [8]
+    assert_step_reproduces(chain, node_values(gm, example_inputs))
+
+
+def test_a_tuple_state_whose_tensors_have_different_batch_dims_is_a_candidate_with_the_reason():
+    model, inputs = zoo.mismatched_batch_pair(8)
+    (gm, _), = capture(model, inputs)
+    chains, candidates = find_chains(gm)
+    assert chains == []
+    (candidate,) = candidates
+    assert (candidate.length, candidate.state_shape) == (8, ((4, 8), (8, 4)))
+    assert "tuple state with different batch dims" in candidate.reason
+
+
+def test_the_last_lstm_cell_step_joins_the_chain_without_the_c_dynamo_dropped():
+    gm, _, chain = tuple_chain_of("lstm-cell-16")
+    (output,) = [n for n in gm.graph.nodes if n.op == "output"]
+    h, c = chain.outputs[-1]
+    assert c is None and output.args[0] == (h,)
+    assert [n.target for n in chain.nodes[-1]] == [torch.lstm_cell, operator.getitem]
+
+
+# --------------------------------------------------------------------------- #
+# rows of stacked parameters: slice inputs
+# --------------------------------------------------------------------------- #
+
+
+def test_rows_of_a_stacked_parameter_are_one_slice_input_of_the_whole_parameter():
+    gm, _, chain = chain_of("stacked-parameters")
+    placeholders = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
+    assert [(inp.nodes, inp.start) for inp in chain.per_step] == [
+        ([placeholders["l_self_parameters_w_"]], 0), ([placeholders["l_self_parameters_b_"]], 0)]
+    selects = [n for n in gm.graph.nodes if n.target is operator.getitem]
+    assert not any(n in nodes for n in selects for nodes in chain.nodes)
+
+
+def test_views_of_a_slice_are_taken_by_the_step():
+    _, _, chain = chain_of("stacked-parameters")
+    w, _b = [n for n in chain.step.graph.nodes if n.op == "placeholder"][1:]
+    assert tuple(w.meta["example_value"].shape) == (4, 4)
+    assert [(user.target, user.args[1:]) for user in w.users] == [(getattr, ("T",))]
+
+
+def test_rows_from_an_offset_are_a_slice_that_starts_there():
+    model, inputs = zoo.stacked_mlp(8, 4, rows=12, offset=3)
+    gm, example_inputs, chain = only_chain(model, inputs)
+    assert (chain.kind, chain.length) == ("layers", 8)
+    assert [(inp.kind, inp.start) for inp in chain.per_step] == [("slice", 3), ("slice", 3)]
+    assert_step_reproduces(chain, node_values(gm, example_inputs))
+
+
+class _ScaledByTable(torch.nn.Module):
+    """``x = tanh(A x) * table[l]`` with one shared ``A`` and a buffer of per-step scalars: a denoiser's shape."""
+
+    def __init__(self, steps=8, width=4):
+        super().__init__()
+        self.A = torch.nn.Linear(width, width)
+        self.register_buffer("table", torch.linspace(0.5, 1.0, steps))
+
+    def forward(self, x):
+        for l in range(self.table.shape[0]):
+            x = torch.tanh(self.A(x)) * self.table[l]
+        return x
+
+
+def test_a_slice_of_a_buffer_of_scalars_is_a_per_step_coefficient_not_a_layer_parameter():
+    torch.manual_seed(0)
+    gm, example_inputs, chain = only_chain(_ScaledByTable(), (torch.randn(2, 4),))
+    assert chain.kind == "denoise"
+    assert [(inp.kind, inp.nodes[0].name) for inp in chain.per_step] == [("slice", "l_self_buffers_table_")]
+    assert_step_reproduces(chain, node_values(gm, example_inputs))
+
+
+# --------------------------------------------------------------------------- #
+# extension: segments that compute the step with other nodes
+# --------------------------------------------------------------------------- #
+
+
+def test_the_inlined_first_call_of_a_nested_compile_region_joins_the_chain():
+    gm, _, chain = chain_of("nested-compile-region")
+    assert chain.start.op == "placeholder" and chain.start.name == "l_x_"
+    assert [n.target for n in chain.nodes[0]] == [torch._C._nn.linear, torch.tanh, operator.add]
+    assert all(n.target is torch.ops.higher_order.invoke_subgraph for n in (nodes[0] for nodes in chain.nodes[1:]))
+    assert chain.used_outside == []
+
+
+def test_a_segment_whose_inner_value_is_read_elsewhere_does_not_join_the_chain():
+    model, inputs = zoo.nested_region_stack(8)
+    (gm, _), = capture(model, inputs)
+    (tanh,) = [n for n in gm.graph.nodes if n.target is torch.tanh]
+    (output,) = [n for n in gm.graph.nodes if n.op == "output"]
+    with gm.graph.inserting_before(output):
+        doubled = gm.graph.call_function(operator.mul, (tanh, 2.0))
+    doubled.meta = dict(tanh.meta)
+    output.args = ((*output.args[0], doubled),)
+    gm.recompile()
+    (chain,), _ = find_chains(gm)
+    assert (chain.length, chain.modules[0]) == (7, "layers.1")
 
 
 # --------------------------------------------------------------------------- #

@@ -3,20 +3,47 @@
 A :class:`Chain` is a maximal run of ``L`` isomorphic segments of a graph where
 segment ``l`` computes ``s_l = f(s_{l-1}, x_l, *shared)``: it reads the graph
 only through the carried state ``s_{l-1}``, its per-step inputs ``x_l`` (the
-parameters of layer ``l``, per-step literals, hoisted state-independent
-values) and inputs shared by every segment.
+parameters of layer ``l``, slices ``P[a + l]`` of one stacked tensor,
+per-step literals, hoisted state-independent values) and inputs shared by
+every segment.
+
+The state is one tensor or a fixed tuple of tensors (an LSTM's ``(h, c)``); in
+a record it is one node, or a tuple with one node per tensor (a "leaf"):
+:func:`state_leaves` and :func:`map_state` treat both alike.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Union
 
 import torch
 import torch.fx as fx
 
 CHAIN_KINDS = ("layers", "residual", "denoise", "recurrent", "transformer")
-INPUT_KINDS = ("parameter", "computed", "constant")
+INPUT_KINDS = ("parameter", "slice", "computed", "constant")
+
+# A state in a record: one node, or one node per tensor of a tuple state.
+State = Union[fx.Node, tuple[fx.Node, ...]]
+
+
+def state_leaves(state) -> list:
+    """The leaves of a state, in order: ``[state]`` for one tensor, its items for a tuple."""
+    return list(state) if isinstance(state, tuple) else [state]
+
+
+def map_state(fn: Callable, state):
+    """``state`` with every leaf ``x`` replaced by ``fn(x)``, keeping its structure (``None`` leaves stay)."""
+    if isinstance(state, tuple):
+        return tuple(None if leaf is None else fn(leaf) for leaf in state)
+    return fn(state)
+
+
+def leaf_shapes(state_shape: tuple) -> list[tuple[int, ...]]:
+    """The shape of every leaf: ``state_shape`` is one shape, or a tuple of shapes for a tuple state."""
+    if state_shape and all(isinstance(shape, tuple) for shape in state_shape):
+        return list(state_shape)
+    return [tuple(state_shape)]
 
 
 @dataclass
@@ -26,6 +53,12 @@ class ChainInput:
     ``kind``:
       * ``"parameter"``: ``nodes[l]`` are graph placeholders (Dynamo lifts
         parameters and buffers to placeholders); stacked once and cached.
+      * ``"slice"``: step ``l`` reads ``P[start + l]`` of one tensor ``P``
+        (``nodes == [P]``: a placeholder, such as a parameter that holds every
+        layer's weights, or a state-independent value): the ``L`` steps read
+        ``P[start : start + L]``, handed over as it is, never stacked. The
+        step takes the slice ``P[start + l]`` (views of it such as ``.T`` are
+        part of the step).
       * ``"computed"``: ``nodes[l]`` are graph values that do not depend on the
         state (hoisted out of the step); stacked on every call.
       * ``"constant"``: ``values[l]`` are Python numbers or tensors that differ
@@ -35,6 +68,7 @@ class ChainInput:
     kind: str
     nodes: list[fx.Node] = field(default_factory=list)
     values: list[Any] = field(default_factory=list)
+    start: int = 0  # "slice": the index of step 0's slice
 
 
 @dataclass
@@ -42,24 +76,32 @@ class Chain:
     """A chain found in a graph, ready for the rewrite.
 
     ``step`` is an ``fx.GraphModule`` built from segment 0 whose placeholders
-    are, in order, the state, one per entry of ``per_step`` (the slice of step
-    ``l``; a ``"constant"`` input arrives as a 0-d or stacked-slice tensor), and
-    one per entry of ``shared``; it returns the next state. ``nodes[l]`` are
-    the graph nodes of segment ``l`` (the rewrite erases them); ``outputs[l]``
-    is ``s_{l+1}``; ``used_outside`` lists the indexes ``l < L-1`` of states
-    read by nodes after the chain. ``batch_ndim`` is the number of leading
-    state dims the step treats independently (per-element Jacobian blocks).
+    are, in order, the state (a tensor, or a tuple for a tuple state), one per
+    entry of ``per_step`` (the slice of step ``l``; a ``"constant"`` input
+    arrives as a 0-d or stacked-slice tensor), and one per entry of ``shared``;
+    it returns the next state, structured like the state. ``start`` is the
+    state ``s_0`` (a node, or a tuple of nodes); ``nodes[l]`` are the graph
+    nodes of segment ``l`` (the rewrite erases them); ``outputs[l]`` is
+    ``s_{l+1}``, structured like ``start``; a leaf of the last output is
+    ``None`` where the graph does not compute it (Dynamo dropped a value the
+    last step does not need; the op computes it, nothing reads it);
+    ``used_outside`` lists the indexes ``l < L-1`` of states some leaf of
+    which is read by nodes after the chain.
+    ``state_shape`` is the state's shape, or a tuple of shapes (one per leaf)
+    for a tuple state. ``batch_ndim`` is the number of leading state dims the
+    step treats independently (per-element Jacobian blocks); every leaf of a
+    tuple state has these same leading dims.
     """
 
     kind: str
-    start: fx.Node
-    outputs: list[fx.Node]
+    start: State
+    outputs: list[State]
     nodes: list[list[fx.Node]]
     step: fx.GraphModule
     per_step: list[ChainInput]
     shared: list[fx.Node]
     modules: list[str]
-    state_shape: tuple[int, ...]
+    state_shape: tuple
     state_dtype: torch.dtype
     batch_ndim: int
     used_outside: list[int] = field(default_factory=list)
@@ -67,6 +109,11 @@ class Chain:
     @property
     def length(self) -> int:
         return len(self.outputs)
+
+    @property
+    def leaf_shapes(self) -> list[tuple[int, ...]]:
+        """The shape of every tensor of the state (one for a single-tensor state)."""
+        return leaf_shapes(self.state_shape)
 
 
 @dataclass
@@ -79,5 +126,5 @@ class Candidate:
     kind: str
     length: int
     modules: list[str]
-    state_shape: tuple[int, ...] | None
+    state_shape: tuple | None  # like Chain.state_shape
     reason: str

@@ -1,25 +1,31 @@
 """Replace a chain in an FX graph by one call of the runtime's chain op.
 
 Guarantees: the rewritten graph computes the chain's final state (and every
-intermediate state read after the chain) with ``seqpar::chain_solve``; per-layer
-parameters are handed over unstacked (the op caches their stack); per-step
-values computed in the graph are stacked in the graph; per-step literals become
-a constant buffer. Nothing else in the graph changes; ``graph.lint()`` passes.
+intermediate state read after the chain) with ``seqpar::chain_solve``, on the
+state packed to ``(N, w)`` by the program's :class:`StateLayout` (a tuple
+state's tensors side by side per batch element); per-layer
+parameters are handed over unstacked (the op caches their stack) or stacked in
+the graph (:func:`stacks_parameters_in_graph`); a slice input ``P[a + l]`` is
+handed over as ``P`` (or ``P.narrow(0, a, L)``), and the selects and views of
+``P`` only the chain read are erased; per-step values computed in the graph are
+stacked in the graph; per-step literals become a constant buffer. Nothing else
+in the graph changes; ``graph.lint()`` passes.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from ..runtime.chain import build_program
-from ..runtime.newton import Tolerance
+from ..runtime.chain import _solver_options, build_program
+from ..runtime.newton import DEFAULT_MAX_ITERS
 from ..runtime.program import ChainProgram, StateLayout
-from .chain import Chain
+from .chain import Chain, map_state, state_leaves
 from .policy import Decision
 
 
@@ -59,39 +65,64 @@ def constant_stack(chain_input, dtype: torch.dtype, device) -> torch.Tensor:
     return torch.tensor([float(value) for value in values], dtype=dtype, device=device)
 
 
-def build_chain_program(chain: Chain, decision: Decision, tol, max_iters) -> ChainProgram:
-    """Trace the chain's step for the solver, with the decision's methods attached."""
-    state = example_value(chain.start)
-    layout = StateLayout(
+def stacks_parameters_in_graph(chain: Chain, standalone: bool) -> bool:
+    """Whether the rewrite stacks the chain's layer parameters in the graph or the op caches their stack.
+
+    In the graph when autograd records the chain (its output and some layer
+    parameter require grad) and the rewritten graph runs without an inner
+    compiler (``standalone``): ``torch.stack`` of each parameter group is one
+    C++ op forward and one ``unbind`` backward, while handing ``L * P``
+    separate tensors to the custom op costs Python work per tensor in its
+    autograd wrapper on every call. Otherwise (inference, or a graph the inner
+    compiler takes, which compiles a stack of a thousand inputs slowly) the op
+    stacks once and caches.
+    """
+    trained = any(_requires_grad(item.nodes[0]) for item in chain.per_step if item.kind == "parameter")
+    final = [node for node in state_leaves(chain.outputs[-1]) if node is not None]
+    return standalone and trained and any(example_value(node).requires_grad for node in final)
+
+
+def state_layout(chain: Chain) -> StateLayout:
+    """How the chain's state (a tensor or a tuple of tensors) packs into ``(N, w)``: ``batch_ndim`` batch dims."""
+    state = map_state(example_value, chain.start)
+    shapes = chain.leaf_shapes
+    return StateLayout(
         spec=pytree.tree_structure(state),
-        batch_shape=torch.Size(chain.state_shape[: chain.batch_ndim]),
-        leaf_shapes=(torch.Size(chain.state_shape[chain.batch_ndim :]),),
+        batch_shape=torch.Size(shapes[0][: chain.batch_ndim]),
+        leaf_shapes=tuple(torch.Size(shape[chain.batch_ndim :]) for shape in shapes),
         dtype=chain.state_dtype,
-        device=state.device,
+        device=state_leaves(state)[0].device,
     )
+
+
+def build_chain_program(
+    chain: Chain, decision: Decision, tol, max_iters, *, standalone: bool = False
+) -> ChainProgram:
+    """Trace the chain's step for the solver, with the decision's methods attached."""
+    layout = state_layout(chain)
     xs_examples, param_slots = [], []
     for index, chain_input in enumerate(chain.per_step):
         if chain_input.kind == "constant":
-            xs_examples.append(constant_stack(chain_input, chain.state_dtype, state.device))
+            xs_examples.append(constant_stack(chain_input, chain.state_dtype, layout.device))
+        elif chain_input.kind == "slice":
+            source = example_value(chain_input.nodes[0])  # (rows, ...): the L steps read rows start..start+L-1
+            xs_examples.append(torch.empty(chain.length, *source.shape[1:], dtype=source.dtype, device=source.device))
         else:
             xs_examples.append(_empty_like(example_value(chain_input.nodes[0]), (chain.length,)))
-            if chain_input.kind == "parameter":
+            if chain_input.kind == "parameter" and not stacks_parameters_in_graph(chain, standalone):
                 param_slots.append(index)
     shared_examples = [_empty_like(example_value(node)) for node in chain.shared]
     # Buffers (running statistics, masks) get no gradient; some ops do not differentiate them.
     frozen = frozenset(
-        [("xs", i) for i, item in enumerate(chain.per_step) if item.kind == "parameter" and not _requires_grad(item.nodes[0])]
+        [("xs", i) for i, item in enumerate(chain.per_step)
+         if item.kind in ("parameter", "slice") and not _requires_grad(item.nodes[0])]
         + [("shared", i) for i, node in enumerate(chain.shared) if node.op == "placeholder" and not _requires_grad(node)]
     )
     window = decision.window if decision.window is not None and decision.window < chain.length else None
-    if max_iters is None:  # a windowed solve needs at least L / W iterations
-        max_iters = 40 if window is None else 4 * -(-chain.length // window) + 40
-    solver_options = {
-        "tol": Tolerance.resolve(tol, chain.state_dtype),
-        "max_iters": min(max_iters, chain.length),
-        "damping": 0.0,
-        "window": window,
-    }
+    if max_iters is None and window is not None:  # a windowed solve needs at least L / W iterations more
+        max_iters = 4 * -(-chain.length // window) + DEFAULT_MAX_ITERS
+    solver_options = _solver_options(tol, max_iters, None, chain.state_dtype, chain.length)  # default damping
+    solver_options["window"] = window
     # Trace outside Dynamo's tracing context: its fake mode would make the sizes symbolic.
     with torch._guards.tracing(None), unset_fake_temporarily():
         program = build_program(
@@ -112,7 +143,9 @@ def build_chain_program(chain: Chain, decision: Decision, tol, max_iters) -> Cha
     return program
 
 
-def rewrite_chain(gm: fx.GraphModule, chain: Chain, program: ChainProgram, index: int) -> dict:
+def rewrite_chain(
+    gm: fx.GraphModule, chain: Chain, program: ChainProgram, index: int, *, standalone: bool = False
+) -> dict:
     """Replace ``chain``'s nodes in ``gm`` by ``seqpar::chain_solve`` (in place; caller recompiles).
 
     Returns ``{old node: new node}`` for the chain's states that stay visible,
@@ -120,7 +153,8 @@ def rewrite_chain(gm: fx.GraphModule, chain: Chain, program: ChainProgram, index
     """
     graph = gm.graph
     chain_nodes = [node for segment in chain.nodes for node in segment]
-    served = {chain.outputs[position] for position in chain.used_outside} | {chain.outputs[-1]}
+    positions = sorted(set(chain.used_outside) | {chain.length - 1})
+    served = {node for position in positions for node in state_leaves(chain.outputs[position]) if node is not None}
     members = set(chain_nodes)
     for node in chain_nodes:
         if node in served:
@@ -129,40 +163,91 @@ def rewrite_chain(gm: fx.GraphModule, chain: Chain, program: ChainProgram, index
         if outside:
             raise ValueError(f"{node.name} inside the chain is read by {outside[0].name} outside it")
 
-    layer_params = [node for item in chain.per_step if item.kind == "parameter" for node in item.nodes]
-    batch = math.prod(chain.state_shape[: chain.batch_ndim])
-    with graph.inserting_before(chain.outputs[-1]):
+    in_graph = stacks_parameters_in_graph(chain, standalone)
+    layer_params = [] if in_graph else [node for item in chain.per_step if item.kind == "parameter" for node in item.nodes]
+    last = next(node for node in reversed(chain.nodes[-1]) if node in served)  # the final state's last leaf
+    existing = set(graph.nodes)
+    with graph.inserting_before(last):
         xs_nodes = []
         for position, item in enumerate(chain.per_step):
-            if item.kind == "computed":
+            if item.kind == "computed" or (item.kind == "parameter" and in_graph):
                 xs_nodes.append(graph.call_function(torch.stack, (list(item.nodes),)))
+            elif item.kind == "slice":
+                xs_nodes.append(_slice(graph, item, chain.length))
             elif item.kind == "constant":
                 name = f"_seqpar_chain{index}_step_input{position}"
-                gm.register_buffer(name, constant_stack(item, chain.state_dtype, example_value(chain.start).device))
+                gm.register_buffer(name, constant_stack(item, chain.state_dtype, program.layout.device))
                 xs_nodes.append(graph.get_attr(name))
-        packed = graph.call_method("reshape", (chain.start, (batch, -1)))
         states = graph.call_function(
             torch.ops.seqpar.chain_solve.default,
-            (program.id, packed, xs_nodes, list(chain.shared), layer_params),
+            (program.id, _pack(graph, chain.start, program.layout), xs_nodes, list(chain.shared), layer_params),
         )
         replacements = {}
-        for position in sorted(set(chain.used_outside) | {chain.length - 1}):
+        for position in positions:
             picked = graph.call_function(torch.ops.aten.select.int, (states, 0, position))
-            replacements[chain.outputs[position]] = graph.call_method("reshape", (picked, tuple(chain.state_shape)))
+            unpacked = zip(state_leaves(chain.outputs[position]), _unpack(graph, picked, program.layout))
+            replacements.update((old, new) for old, new in unpacked if old is not None)
     for old, new in replacements.items():
         new.meta.update({key: value for key, value in old.meta.items() if key in ("example_value", "val")})
         old.replace_all_uses_with(new, delete_user_cb=lambda user: user not in members)
+    inputs = {parent for node in chain_nodes for parent in node.all_input_nodes} - members
     for node in reversed(chain_nodes):
         if not node.users:
             graph.erase_node(node)
+    _erase_dead(graph, inputs)
+    for node in reversed(list(graph.nodes)):  # unpacked leaves of a tuple state that nothing reads
+        if node not in existing and not node.users:
+            graph.erase_node(node)
+    replacements = {old: new for old, new in replacements.items() if new.users}
     restore_topological_order(graph)
     graph.lint()
     return replacements
 
 
+def _slice(graph: fx.Graph, item, length: int) -> fx.Node:
+    """A slice input's ``P[a : a + L]`` as a graph value: ``P`` itself when that is all of it."""
+    source = item.nodes[0]
+    if item.start == 0 and example_value(source).shape[0] == length:
+        return source
+    return graph.call_method("narrow", (source, 0, item.start, length))
+
+
+def _erase_dead(graph: fx.Graph, candidates: set) -> None:
+    """Erase the nodes of ``candidates`` nothing reads any more (pure calls and attributes), then their inputs.
+
+    What the chain alone read: the per-step selects ``P[a + l]`` of a slice
+    input, the views the step now takes itself, ``invoke_subgraph`` bodies.
+    """
+    todo, erased = list(candidates), set()
+    while todo:
+        node = todo.pop()
+        if node in erased or node.users or node.op not in ("call_function", "call_method", "get_attr") \
+                or node.is_impure():
+            continue
+        todo.extend(node.all_input_nodes)
+        graph.erase_node(node)
+        erased.add(node)
+
+
+def _pack(graph: fx.Graph, start, layout: StateLayout) -> fx.Node:
+    """``layout.pack(start)`` as graph nodes: every leaf reshaped to ``(N, -1)``, side by side: ``(N, w)``."""
+    flat = [graph.call_method("reshape", (leaf, (layout.batch_size, -1))) for leaf in state_leaves(start)]
+    return flat[0] if len(flat) == 1 else graph.call_function(torch.cat, (flat, -1))
+
+
+def _unpack(graph: fx.Graph, packed: fx.Node, layout: StateLayout) -> list[fx.Node]:
+    """``layout.unpack(packed)`` as graph nodes: ``(N, w)`` -> the state's leaves, ``(*batch, *leaf shape)`` each."""
+    shapes = [(*layout.batch_shape, *shape) for shape in layout.leaf_shapes]
+    if len(shapes) == 1:
+        return [graph.call_method("reshape", (packed, shapes[0]))]
+    parts = graph.call_method("split", (packed, [math.prod(shape) for shape in layout.leaf_shapes], -1))
+    return [graph.call_method("reshape", (graph.call_function(operator.getitem, (parts, index)), shape))
+            for index, shape in enumerate(shapes)]
+
+
 def remap_chain(chain: Chain, replacements: dict) -> None:
     """Point ``chain``'s inputs at the nodes that replaced them in an earlier rewrite."""
-    chain.start = replacements.get(chain.start, chain.start)
+    chain.start = map_state(lambda node: replacements.get(node, node), chain.start)
     chain.shared = [replacements.get(node, node) for node in chain.shared]
     for item in chain.per_step:
         item.nodes = [replacements.get(node, node) for node in item.nodes]

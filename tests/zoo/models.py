@@ -21,12 +21,17 @@ __all__ = [
     "expansive_mlp",
     "mlp_layernorm",
     "modulelist_mlp",
+    "stacked_mlp",
     "residual_mlp",
     "conv_resnet",
     "transformer_stack",
     "preln_transformer",
     "nested_region_stack",
     "unrolled_rnn",
+    "gru_cell_loop",
+    "lstm_cell_loop",
+    "hand_lstm",
+    "mismatched_batch_pair",
     "single_linear",
     "short_mlp",
     "unet_like",
@@ -128,6 +133,36 @@ def modulelist_mlp(depth: int = 12, width: int = 6, act: str = "silu", batch: in
     """A Python loop over an ``nn.ModuleList``: kind "layers", modules ``blocks.<l>``."""
     torch.manual_seed(seed)
     return ModuleListMLP(depth, width, act).eval(), (torch.randn(batch, width),)
+
+
+class StackedMLP(nn.Module):
+    """``x = tanh(x W[i]^T + b[i])`` for rows ``i`` of one stacked weight ``W: (rows, w, w)`` and bias ``b: (rows, w)``.
+
+    ``order``: "forward" reads rows ``offset, offset + 1, ..``; "reverse" the
+    same rows last to first; "strided" rows ``offset, offset + 2, ..``.
+    """
+
+    def __init__(self, depth: int, width: int, rows: int, order: str, offset: int):
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(rows, width, width) / math.sqrt(width))
+        self.b = nn.Parameter(0.1 * torch.randn(rows, width))
+        steps = {"forward": range(depth), "reverse": range(depth - 1, -1, -1), "strided": range(0, 2 * depth, 2)}
+        self.rows = [offset + i for i in steps[order]]
+
+    def forward(self, x):
+        for i in self.rows:
+            x = torch.tanh(x @ self.W[i].T + self.b[i])
+        return x
+
+
+def stacked_mlp(depth: int = 8, width: int = 4, batch: int = 3, *, order: str = "forward", rows: int | None = None,
+                offset: int = 0, seed: int = 0):
+    """An MLP whose layers are rows of stacked parameters ``W[i]``, ``b[i]`` (``rows`` of them, default
+    ``depth``; 2 ``depth`` for "strided"): kind "layers", length ``depth``; the per-step inputs are
+    "slice" inputs for order "forward", "computed" for the others (rows not consecutive)."""
+    torch.manual_seed(seed)
+    rows = rows or offset + (2 * depth if order == "strided" else depth)
+    return StackedMLP(depth, width, rows, order, offset).eval(), (torch.randn(batch, width),)
 
 
 class ResidualBlock(nn.Module):
@@ -244,7 +279,8 @@ class RegionBlock(nn.Module):
 
 def nested_region_stack(depth: int = 8, width: int = 8, batch: int = 4, seed: int = 0):
     """Residual blocks whose forward is a ``nested_compile_region``: Dynamo emits
-    ``invoke_subgraph`` calls (it inlines the first call); kind "residual"."""
+    ``invoke_subgraph`` calls for all but the first call, which it inlines; kind "residual",
+    length ``depth`` (the inlined block joins the chain by extension), modules ``layers.<l>``."""
     torch.manual_seed(seed)
     model = Stack(nn.Sequential(*[RegionBlock(width) for _ in range(depth)]))
     return model.eval(), (torch.randn(batch, width),)
@@ -270,6 +306,102 @@ def unrolled_rnn(steps: int = 16, inputs: int = 3, hidden: int = 8, batch: int =
     """Kind "recurrent", length ``steps``; the per-step input ``W x_t + b`` is hoisted ("computed")."""
     torch.manual_seed(seed)
     return UnrolledRNN(inputs, hidden).eval(), (torch.randn(batch, steps, inputs),)
+
+
+class CellLoop(nn.Module):
+    """``nn.GRUCell`` (state ``h``) or ``nn.LSTMCell`` (state ``(h, c)``) applied to ``x[:, t]`` for every ``t``.
+
+    Dynamo lowers each call to one ``torch.gru_cell`` / ``torch.lstm_cell`` op.
+    ``sequence``: return every ``h_t`` stacked on dim 1 instead of the last.
+    """
+
+    def __init__(self, cell: nn.Module, sequence: bool):
+        super().__init__()
+        self.cell = cell
+        self.sequence = sequence
+
+    def forward(self, x):
+        h = torch.zeros(x.shape[0], self.cell.hidden_size, dtype=x.dtype)
+        state = (h, torch.zeros_like(h)) if isinstance(self.cell, nn.LSTMCell) else h
+        hs = []
+        for t in range(x.shape[1]):
+            state = self.cell(x[:, t], state)
+            hs.append(state[0] if isinstance(state, tuple) else state)
+        return torch.stack(hs, 1) if self.sequence else hs[-1]
+
+
+def gru_cell_loop(steps: int = 16, inputs: int = 3, hidden: int = 8, batch: int = 4, seed: int = 0):
+    """An ``nn.GRUCell`` unrolled over ``steps``: kind "recurrent", length ``steps``, batch_ndim 1."""
+    torch.manual_seed(seed)
+    return CellLoop(nn.GRUCell(inputs, hidden), False).eval(), (torch.randn(batch, steps, inputs),)
+
+
+def lstm_cell_loop(steps: int = 16, inputs: int = 3, hidden: int = 8, batch: int = 4, *, sequence: bool = False,
+                   seed: int = 0):
+    """An ``nn.LSTMCell`` unrolled over ``steps``: kind "recurrent" with the tuple state ``(h, c)``
+    (both ``(batch, hidden)``), batch_ndim 1, length ``steps``. Dynamo drops the last step's unused
+    ``c``: the last segment is not a full one and joins the chain by extension (its ``c`` is ``None``
+    in the chain's last output). With ``sequence`` every ``h_t`` is read after the chain
+    (``used_outside``)."""
+    torch.manual_seed(seed)
+    return CellLoop(nn.LSTMCell(inputs, hidden), sequence).eval(), (torch.randn(batch, steps, inputs),)
+
+
+class HandLSTM(nn.Module):
+    """``i, f, g, o = W x_t + U h + b``; ``c = s(f) c + s(i) tanh(g)``; ``h = s(o) tanh(c)``, ``s``: sigmoid."""
+
+    def __init__(self, inputs: int, hidden: int, outputs: str):
+        super().__init__()
+        self.hidden = hidden
+        self.outputs = outputs
+        self.W = nn.Linear(inputs, 4 * hidden)
+        self.U = nn.Linear(hidden, 4 * hidden, bias=False)
+
+    def forward(self, x):
+        h = torch.zeros(x.shape[0], self.hidden, dtype=x.dtype)
+        c = torch.zeros(x.shape[0], self.hidden, dtype=x.dtype)
+        hs, cs = [], []
+        for t in range(x.shape[1]):
+            i, f, g, o = (self.W(x[:, t]) + self.U(h)).chunk(4, dim=-1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            hs.append(h)
+            cs.append(c)
+        if self.outputs == "all":
+            return torch.stack(hs, 1), cs[len(cs) // 2]
+        return h
+
+
+def hand_lstm(steps: int = 16, inputs: int = 3, hidden: int = 8, batch: int = 4, *, outputs: str = "last",
+              seed: int = 0):
+    """A hand-written LSTM: kind "recurrent", length ``steps``, tuple state ``(h, c)``, batch_ndim 1;
+    ``W x_t + b`` is hoisted ("computed"), ``U`` shared. ``outputs="all"`` returns every ``h_t``
+    and ``c`` after step ``steps // 2`` (``used_outside``: every position)."""
+    torch.manual_seed(seed)
+    return HandLSTM(inputs, hidden, outputs).eval(), (torch.randn(batch, steps, inputs),)
+
+
+class MismatchedPair(nn.Module):
+    """State ``(a, b)``, ``a``: ``(batch, width)``, ``b``: ``(width, batch)``:
+    ``a <- tanh(W a + x_t) + mean_n b[:, n]``, ``b <- tanh(a)^T``."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.W = nn.Linear(width, width)
+
+    def forward(self, x):
+        a = torch.zeros(x.shape[0], x.shape[2], dtype=x.dtype)
+        b = torch.zeros(x.shape[2], x.shape[0], dtype=x.dtype)
+        for t in range(x.shape[1]):
+            a, b = torch.tanh(self.W(a) + x[:, t]) + b.mean(1), torch.tanh(a).transpose(0, 1)
+        return a
+
+
+def mismatched_batch_pair(steps: int = 8, width: int = 8, batch: int = 4, seed: int = 0):
+    """A tuple state whose tensors do not share their batch dims: the step keeps ``a``'s dim 0
+    independent, ``b`` has no such dim. Not a chain: a Candidate with that reason."""
+    torch.manual_seed(seed)
+    return MismatchedPair(width).eval(), (torch.randn(batch, steps, width),)
 
 
 def single_linear(width: int = 8, batch: int = 4, seed: int = 0):

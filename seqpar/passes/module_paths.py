@@ -1,0 +1,52 @@
+"""Module paths of graph nodes, for naming the segments of a chain (``layers.3``).
+
+Dynamo records the module a node was traced in as ``nn_module_stack`` with
+paths such as ``L['self'].layers[3]`` or ``getattr(L['self'].layers, '3')``;
+:func:`module_path` normalises them to ``["layers", "3"]`` and
+:func:`varying_path` names the module that differs between two segments.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+from torch.fx.node import Node
+
+_GETATTR = re.compile(r"getattr\(([^()]*?), '([^']*)'\)")
+
+
+@functools.lru_cache(maxsize=4096)
+def _normalise_path(path: str) -> str:
+    while True:
+        new = _GETATTR.sub(r"\1.\2", path)
+        if new == path:
+            break
+        path = new
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    path = re.sub(r"\['([^']*)'\]", r".\1", path)
+    path = path.replace("._modules.", ".")
+    path = re.sub(r"^L\.[A-Za-z_]\w*", "", path)  # L['self'] after the rewrites above
+    return path.strip(".")
+
+
+def module_path(node: Node) -> list[str] | None:
+    """The components of the innermost module ``node`` was traced in, or ``None`` without a record."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    entry = list(stack.values())[-1]
+    path = entry[0] if isinstance(entry, tuple) else str(entry)
+    path = _normalise_path(path)
+    return path.split(".") if path else []
+
+
+def varying_path(a: Node, b: Node) -> str | None:
+    """``a``'s module path cut after the first component where ``b``'s differs."""
+    pa, pb = module_path(a), module_path(b)
+    if pa is None or pb is None:
+        return None
+    for i, (x, y) in enumerate(zip(pa, pb)):
+        if x != y:
+            return ".".join(pa[: i + 1])
+    return None

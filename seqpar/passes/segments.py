@@ -1,0 +1,537 @@
+"""Cut a graph into repeated segments: candidate periods, repeated regions, validated plans.
+
+``Detector(gm, min_chain).find()`` returns :class:`Plan` records: runs of
+``L >= min_chain`` consecutive segments ``seq[begin + l p : begin + (l+1) p]``
+(``seq``: the graph's nodes without placeholders and output) such that
+segment ``l``'s state-dependent nodes compute ``s_{l+1} = f(s_l, x_l, *shared)``
+with the same ``f``:
+  * they read values of earlier segments only through the carried state
+    ``s_l``: one tensor, or a fixed tuple of tensors ("leaves"), each made by
+    segment ``l-1`` at the same offset (``state_offsets``; ``starts`` for
+    segment 0) with the same shape and dtype in every segment;
+  * they sit at the same offsets (``dep_offsets``) in every segment, with the
+    same argument structure, the same literals (or arithmetic operands listed
+    as a per-step ``"constant"`` input) and no side effects (:mod:`.effects`);
+  * every other value they read is a classified :class:`PlanInput` (a
+    placeholder per segment, a slice ``P[a + l]`` of one tensor
+    (:mod:`.slices`), a state-independent value, a literal, or one value all
+    segments share); only the state of a segment is read after the run
+    (``used_outside``).
+Plans never overlap. Repeats rejected by a check come back as
+:class:`Rejection` with the reason.
+
+How: each node gets a token (:func:`~seqpar.passes.tokens.node_token`).
+Candidate periods ``p`` are the most frequent distances between equal tokens;
+for each, runs of positions ``i`` with ``token[i] == token[i+p]`` and
+arguments that correspond (same node, both placeholders, or shifted by ``p``)
+give repeated regions. Each region is cut into segments of ``p`` nodes at the
+phases where the fewest values cross the boundary, then checked segment by
+segment, splitting it where a check fails. The carried state is what the
+next segment reads of a segment where the segment reads earlier values: each
+such value alone, or all of them that depend on the state as one tuple. Overlapping plans are resolved by
+covered nodes. All of it is linear in the graph size per candidate period.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.fx.node import Node
+
+from .effects import BATCHNORM_TRAINING, is_random, may_vary, side_effect
+from .module_paths import varying_path
+from .slices import as_slice
+from .tokens import example, flatten_args, is_invoke_subgraph, is_number, node_token, value_signature
+
+# Candidate periods examined per graph (the most frequent token distances).
+MAX_PERIODS = 48
+# Segment phases validated per repeated region (those with the fewest live values).
+MAX_PHASES = 4
+
+
+@dataclass
+class PlanInput:
+    """A value the step reads besides the state, seen across the segments (slots: where segment 0 reads it)."""
+
+    kind: str  # "parameter" | "slice" | "computed" | "constant" | "shared"
+    slots: list[tuple[int, int]]  # (offset in segment, leaf index)
+    nodes: list[Node] = field(default_factory=list)  # per segment (or [node] when shared, [P] for a slice)
+    values: list[Any] = field(default_factory=list)
+    start: int = 0  # "slice": segment 0 reads views(P[start])
+    views: list[Node] = field(default_factory=list)  # "slice": segment 0's [P[start], *views] (slices.Slice.chain)
+
+
+@dataclass
+class Plan:
+    """A validated run of ``length`` segments of ``period`` nodes from ``seq[begin]``, before the step is built.
+
+    The carried state has one leaf per entry of ``starts`` (one for a tensor
+    state, ``k`` for a tuple state): leaf ``i`` starts as ``starts[i]`` and
+    segment ``l``'s node at offset ``state_offsets[i]`` is its next value;
+    ``state_slots`` maps the argument slots where segment 0 reads a leaf to it.
+    """
+
+    period: int
+    begin: int  # index in the node sequence of segment 0's first node
+    length: int
+    starts: list[Node]
+    state_offsets: list[int]
+    state_slots: dict[tuple[int, int], int]
+    dep_offsets: list[int]  # offsets of the state-dependent nodes (same in every segment)
+    inputs: list[PlanInput]
+    used_outside: list[int]
+
+    @property
+    def end(self) -> int:
+        return self.begin + self.length * self.period
+
+
+@dataclass
+class Rejection:
+    """A repeat of ``count`` segments of ``period`` nodes from ``seq[begin]`` that is no chain, and why.
+
+    ``starts``: the carried state's start nodes as far as validation got (may be empty).
+    """
+
+    begin: int
+    end: int
+    period: int
+    count: int
+    reason: str
+    starts: list[Node]
+
+
+@dataclass
+class Attempt:
+    """The result of validating segments from one phase: the longest valid prefix, and why it ends."""
+
+    plan: Plan | None
+    valid: int  # segments that passed
+    fail_at: int | None = None
+    reason: str | None = None
+    starts: list[Node] = field(default_factory=list)
+
+
+class Detector:
+    """The repeated segments of one graph; :meth:`find` returns them as plans."""
+
+    def __init__(self, gm: fx.GraphModule, min_chain: int):
+        self.min_chain = min_chain
+        self.seq: list[Node] = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+        self.pos: dict[Node, int] = {n: i for i, n in enumerate(self.seq)}
+        self.leaves: dict[Node, list] = {n: flatten_args((n.args, n.kwargs), []) for n in self.seq}
+        tokens: dict[Any, int] = {}
+        self.tok: list[int] = [tokens.setdefault(node_token(n), len(tokens)) for n in self.seq]
+        self.crossing = self._crossing()
+
+    # ---- structure ------------------------------------------------------- #
+
+    def _crossing(self) -> list[int]:
+        """``crossing[k]``: tensors made before position ``k`` and still read at or after it.
+
+        A value that is a tuple of tensors (an LSTM cell's ``(h, c)``) counts as
+        its tensors, as it does once its items are taken.
+        """
+        n = len(self.seq)
+        diff = [0] * (n + 2)
+        for i, u in enumerate(self.seq):
+            if u.op == "get_attr":
+                continue
+            last = max((self.pos.get(w, n) for w in u.users), default=i)
+            if last > i:
+                value = example(u)
+                tensors = sum(isinstance(v, torch.Tensor) for v in value) if isinstance(value, (tuple, list)) else 1
+                weight = max(tensors, 1)
+                diff[i + 1] += weight
+                diff[min(last, n) + 1] -= weight
+        out, running = [], 0
+        for k in range(n + 1):
+            running += diff[k]
+            out.append(running)
+        return out
+
+    def _periods(self) -> list[int]:
+        last_seen: dict[int, int] = {}
+        counts: Counter = Counter()
+        for i, t in enumerate(self.tok):
+            j = last_seen.get(t)
+            if j is not None:
+                counts[i - j] += 1
+            last_seen[t] = i
+        n = len(self.seq)
+        periods = [p for p, c in counts.most_common() if c >= self.min_chain - 1 and p * self.min_chain <= n]
+        return sorted(periods[:MAX_PERIODS])
+
+    def _pair_ok(self, i: int, p: int) -> bool:
+        """Whether node ``i + p`` reads what node ``i`` reads, one period later."""
+        pos = self.pos
+        for a, b in zip(self.leaves[self.seq[i]], self.leaves[self.seq[i + p]]):
+            if a.__class__ is not Node or a is b:
+                continue
+            pa, pb = pos.get(a), pos.get(b)
+            if pa is None and pb is None:  # two placeholders
+                continue
+            before_a = pa is None or pa < i
+            if pb is not None and (pa is not None and pb - pa == p or pb >= i and before_a):
+                continue  # shifted by one period, or the first read of the carried value
+            if before_a and (pb is None or pb < i):
+                continue  # values from before: shared or per-step (validation decides)
+            return False
+        return True
+
+    def _runs(self, p: int) -> list[tuple[int, int]]:
+        tok, n = self.tok, len(self.tok)
+        need = (self.min_chain - 1) * p
+        runs, i = [], 0
+        while i < n - p:
+            if tok[i] != tok[i + p] or not self._pair_ok(i, p):
+                i += 1
+                continue
+            start = i
+            while i < n - p and tok[i] == tok[i + p] and self._pair_ok(i, p):
+                i += 1
+            if i - start >= need:
+                runs.append((start, i + p))
+        return runs
+
+    # ---- validation ------------------------------------------------------ #
+
+    def _analyse(self, p: int, b: int, count: int) -> Attempt:
+        """The longest valid prefix of the segments ``seq[b + k p : b + (k+1) p]``, ``k < count``.
+
+        The carried state is found from what segment 1 reads of segment 0
+        where segment 0 reads a value made before it: each such value alone
+        (a tensor state), then all of them that depend on the state as one
+        tuple state; the candidate with the most valid segments wins.
+        """
+        seq, pos, leaves = self.seq, self.pos, self.leaves
+        carried: list[tuple[Node, int]] = []  # (start, offset of its next value in a segment)
+        slot_leaf: dict[tuple[int, int], tuple[Node, int]] = {}  # segment 0's slots that read a start
+        for o in range(p):
+            for j, (a0, a1) in enumerate(zip(leaves[seq[b + o]], leaves[seq[b + p + o]])):
+                if a1.__class__ is Node and b <= pos.get(a1, -1) < b + p and a0.__class__ is Node:
+                    q = pos.get(a0)
+                    if q is None or q < b:
+                        leaf = (a0, pos[a1] - b)
+                        if leaf not in carried:
+                            carried.append(leaf)
+                        slot_leaf[(o, j)] = leaf
+        if not carried:
+            return Attempt(None, 1, 1, "the segments do not read each other: no carried state")
+        candidates = [[leaf] for leaf in carried]
+        joint = self._state_dependent(p, b, carried)
+        if len(joint) > 1 and len({q for _, q in joint}) == len(joint):
+            candidates.append(joint)
+        best = None
+        for state in candidates:
+            attempt = self._analyse_from(p, b, count, state, slot_leaf)
+            if best is None or attempt.valid > best.valid:
+                best = attempt
+        return best
+
+    def _state_dependent(self, p: int, b: int, carried: list[tuple[Node, int]]) -> list[tuple[Node, int]]:
+        """The leaves of ``carried`` whose next value in segment 0 depends on the carried starts (a fixpoint)."""
+        seq, pos, leaves = self.seq, self.pos, self.leaves
+        while carried:
+            dep = {a0 for a0, _ in carried}
+            for i in range(min(pos.get(a0, -1) for a0 in dep) + 1, b + p):
+                if any(a.__class__ is Node and a in dep for a in leaves[seq[i]]):
+                    dep.add(seq[i])
+            kept = [(a0, q) for a0, q in carried if seq[b + q] in dep]
+            if len(kept) == len(carried):
+                return kept
+            carried = kept
+        return carried
+
+    def _analyse_from(self, p: int, b: int, count: int, state: list[tuple[Node, int]],
+                      slot_leaf: dict[tuple[int, int], tuple[Node, int]]) -> Attempt:
+        """Validate segments carrying ``state`` (leaf ``i``: start node, offset of its next value)."""
+        seq, pos, leaves = self.seq, self.pos, self.leaves
+        starts = [a0 for a0, _ in state]
+        offsets = [q for _, q in state]
+
+        def fail(k: int, reason: str) -> Attempt:
+            valid = k
+            plan = self._plan(p, b, valid, starts, offsets, sslots0, dep0, slots, literals) if valid >= 2 else None
+            if plan is not None:
+                valid = plan.length
+            return Attempt(plan, valid, k, reason, starts)
+
+        dep0, sslots0 = [], {}
+        slots: dict[tuple[int, int], list[Node]] = {}
+        literals: dict[tuple[int, int], list] = {}
+        for s0 in starts:
+            if not isinstance(example(s0), torch.Tensor):
+                return fail(0, f"the carried value {s0.name} is not a tensor")
+        dep = set(starts)
+        for i in range(min(pos.get(s0, -1) for s0 in starts) + 1, b):
+            n = seq[i]
+            if any(a.__class__ is Node and a in dep for a in leaves[n]):
+                dep.add(n)
+        # which leaf a slot reads: in segment 0 by the slot (two leaves may start as one node),
+        # later by the node (the previous segment's outputs are distinct nodes)
+        leaf_of_slot = {slot: state.index(leaf) for slot, leaf in slot_leaf.items() if leaf in state}
+        leaf_of_start = {s0: i for i, s0 in reversed(list(enumerate(starts)))}
+        state_in: dict[Node, int] = {}
+        internal0: dict = {}
+        for k in range(count):
+            base = b + k * p
+            # side effects anywhere in the segment (the BatchNorm reason wins)
+            reasons = [r for r in (side_effect(seq[base + o], False) for o in range(p)) if r]
+            if reasons:
+                return fail(k, BATCHNORM_TRAINING if BATCHNORM_TRAINING in reasons else reasons[0])
+            dep_offsets, sslots, internal = [], {}, {}
+            local_slots, local_lits = {}, {}
+            for o in range(p):
+                n = seq[base + o]
+                lv = leaves[n]
+                if not any(a.__class__ is Node and a in dep for a in lv):
+                    continue
+                reason = side_effect(n, True)
+                if reason:
+                    return fail(k, reason)
+                dep.add(n)
+                dep_offsets.append(o)
+                invoke = is_invoke_subgraph(n)
+                for j, a in enumerate(lv):
+                    if a.__class__ is Node:
+                        if a in dep:
+                            if k == 0 and a in leaf_of_start:
+                                sslots[(o, j)] = leaf_of_slot.get((o, j), leaf_of_start[a])
+                            elif k > 0 and a in state_in:
+                                sslots[(o, j)] = state_in[a]
+                            else:
+                                q = pos.get(a, -1)
+                                if not base <= q < base + o:
+                                    return fail(k, f"{n.name} in segment {k} reads {a.name}, a value from an "
+                                                   f"earlier segment, not through the carried state")
+                                internal[(o, j)] = q - base
+                        elif not (invoke and j == 0):
+                            local_slots[(o, j)] = a
+                    elif is_number(a):
+                        local_lits[(o, j)] = a
+            if k == 0:
+                if not sslots:
+                    return fail(0, "the first segment does not read the carried value")
+                dep0, sslots0, internal0 = dep_offsets, sslots, internal
+                for key, a in local_slots.items():
+                    if a.op != "get_attr" and not isinstance(example(a), torch.Tensor):
+                        return fail(0, f"{seq[base + key[0]].name} reads {a.name}, which is not a tensor")
+                if count > 1:
+                    reason = self._carried_reason(p, base, dep_offsets, offsets)
+                    if reason:
+                        return fail(1, reason)
+                for s0, q in zip(starts, offsets):
+                    before, after = value_signature(example(s0)), value_signature(example(seq[base + q]))
+                    if before != after:
+                        return fail(0, f"the carried value changes from {before} to {after} in the first segment")
+            else:
+                if dep_offsets != dep0 or sslots != sslots0 or internal != internal0 \
+                        or local_slots.keys() != slots.keys():
+                    return fail(k, f"segment {k} is not isomorphic to segment 0 on the state path")
+                for key, a in local_slots.items():
+                    a0 = slots[key][0]
+                    if a is not a0 and value_signature(example(a)) != value_signature(example(a0)):
+                        return fail(k, f"per-step input {a.name} of segment {k} has shape "
+                                       f"{value_signature(example(a))}, segment 0 has {value_signature(example(a0))}")
+                for key, v in local_lits.items():
+                    v0 = literals[key][0]
+                    if (v != v0 or type(v) is not type(v0)) and not may_vary(seq[b + key[0]], key[1]):
+                        return fail(k, f"{seq[base + key[0]].name}: the literal {v0!r} of segment 0 is {v!r} "
+                                       f"in segment {k}; only arithmetic operands may differ per step")
+            for key, a in local_slots.items():
+                slots.setdefault(key, []).append(a)
+            for key, v in local_lits.items():
+                literals.setdefault(key, []).append(v)
+            state_in = {seq[base + q]: i for i, q in enumerate(offsets)}
+        return fail(count, None) if count >= 2 else Attempt(None, count, None, None, starts)
+
+    def _carried_reason(self, p: int, base: int, dep_offsets: list[int], offsets: list[int]) -> str | None:
+        """Why the segment at ``base`` does not hand exactly the carried state to the next one, or ``None``."""
+        seq, pos = self.seq, self.pos
+        nxt = base + p
+        outs = [o for o in dep_offsets if any(nxt <= pos.get(u, -1) < nxt + p for u in seq[base + o].users)]
+        if not outs:
+            return "segment 1 does not read segment 0"
+        if sorted(outs) == sorted(offsets):
+            return None
+        names = ", ".join(seq[base + o].name for o in outs)
+        carried = ", ".join(seq[base + q].name for q in offsets)
+        return (f"segment 1 reads {len(outs)} values of segment 0 ({names}); a chain carries one state from "
+                f"segment to segment (here {carried})")
+
+    def _plan(self, p, b, length, starts, state_offsets, state_slots, dep_offsets, slots, literals) -> Plan | None:
+        """Classify the inputs of ``length`` valid segments; trim at non-state values used later."""
+        seq = self.seq
+        while length >= 2:
+            end = b + length * p
+            used_outside, bad = [], None
+            for k in range(length):
+                base = b + k * p
+                for o in dep_offsets:
+                    n = seq[base + o]
+                    if any(self.pos.get(u, len(seq)) >= end for u in n.users):
+                        if o not in state_offsets:
+                            bad = k
+                            break
+                        if k < length - 1 and used_outside[-1:] != [k]:
+                            used_outside.append(k)
+                if bad is not None:
+                    break
+            if bad is None:
+                break
+            length = bad
+        if length < 2:
+            return None
+        inputs: list[PlanInput] = []
+        by_nodes: dict[tuple, PlanInput] = {}
+        memo: dict[int, bool] = {}
+        keys = sorted(set(slots) | {key for key, vals in literals.items()
+                                    if any(v != vals[0] or type(v) is not type(vals[0]) for v in vals[:length])})
+        for key in keys:
+            if key in literals:
+                inputs.append(PlanInput("constant", [key], values=literals[key][:length]))
+                continue
+            nodes = slots[key][:length]
+            first = nodes[0]
+            if all(x is first for x in nodes) or self._invariant(p, b, length, nodes, memo):
+                ident: tuple = ("shared", first)
+                kind, nodes = "shared", [first]
+            else:
+                ident = tuple(nodes)
+                kind = "parameter" if all(x.op == "placeholder" for x in nodes) else "computed"
+            found = as_slice(nodes) if kind == "computed" else None
+            if found is not None:
+                ident = ("slice", found.source, found.start, tuple(found.chain))
+            existing = by_nodes.get(ident)
+            if existing is not None:
+                existing.slots.append(key)
+            elif found is not None:
+                by_nodes[ident] = entry = PlanInput("slice", [key], nodes=[found.source], start=found.start,
+                                                    views=found.chain)
+                inputs.append(entry)
+            else:
+                by_nodes[ident] = entry = PlanInput(kind, [key], nodes=nodes)
+                inputs.append(entry)
+        return Plan(p, b, length, list(starts), list(state_offsets), dict(state_slots), dep_offsets, inputs,
+                    used_outside)
+
+    def _invariant(self, p: int, b: int, length: int, nodes: list[Node], memo: dict[int, bool]) -> bool:
+        """Whether ``nodes`` (one per segment) are the same computation on the same values."""
+        q = self.pos.get(nodes[0], -1) - b
+        if not 0 <= q < p:
+            return False
+        if any(self.pos.get(x, -1) != b + k * p + q for k, x in enumerate(nodes)):
+            return False
+        if q in memo:
+            return memo[q]
+        memo[q] = False  # cycles cannot happen; this guards recursion on odd input
+        first = nodes[0]
+        ok = not is_random(first) and first.op != "call_module"
+        columns = list(zip(*(self.leaves[x] for x in nodes)))
+        for column in columns:
+            if not ok:
+                break
+            a0 = column[0]
+            if a0.__class__ is Node:
+                if all(a is a0 for a in column):
+                    ok = self.pos.get(a0, -1) < b  # a value made before the run
+                else:
+                    ok = all(a.__class__ is Node for a in column) and self._invariant(p, b, length, list(column), memo)
+            else:
+                ok = all(a == a0 and type(a) is type(a0) for a in column)
+        memo[q] = ok
+        return ok
+
+    # ---- regions, phases, cover ----------------------------------------- #
+
+    def _cover(self, p: int, b: int, count: int):
+        plans, failures = [], []
+        k0 = 0
+        while count - k0 >= self.min_chain:
+            attempt = self._analyse(p, b + k0 * p, count - k0)
+            if attempt.plan is not None and attempt.plan.length >= self.min_chain:
+                plans.append(attempt.plan)
+            if attempt.fail_at is None or attempt.reason is None:
+                break
+            failures.append((k0 + attempt.fail_at, attempt.reason, attempt.starts))
+            k0 += max(attempt.fail_at, 1)
+        return plans, failures
+
+    def _module_score(self, p: int, b: int, count: int) -> int:
+        if count < 3:
+            return 0
+        seg = b + p
+        paths = {varying_path(self.seq[seg + o], self.seq[seg + p + o]) for o in range(p)}
+        paths.discard(None)
+        return len(paths)
+
+    def _region(self, p: int, r0: int, r1: int):
+        """The best segmentation of the repeated region ``seq[r0:r1]`` with period ``p``."""
+        phases = [f for f in range(p) if r0 + f + self.min_chain * p <= r1]
+        if not phases:
+            return None
+        lowest = min(self.crossing[r0 + f + p] for f in phases)
+        phases = [f for f in phases if self.crossing[r0 + f + p] == lowest][:MAX_PHASES]
+        best = None
+        for f in phases:
+            b = r0 + f
+            count = (r1 - b) // p
+            plans, failures = self._cover(p, b, count)
+            covered = sum(plan.length for plan in plans)
+            state_last = all(max(plan.state_offsets) == plan.dep_offsets[-1] for plan in plans)
+            leaves = max((len(plan.starts) for plan in plans), default=0)  # the smaller state wins a tie
+            score = (covered, -leaves, -self._module_score(p, b, count), b + count * p - r1, state_last, -f)
+            if best is None or score > best[0]:
+                best = (score, p, b, count, plans, failures)
+        return best
+
+    def find(self) -> tuple[list[Plan], list[Rejection]]:
+        """Non-overlapping plans in graph order, and the repeats no plan came of (with reasons)."""
+        queue: list[tuple[Plan, tuple[int, int, int]]] = []
+        rejected: list[Rejection] = []
+        for p in self._periods():
+            for r0, r1 in self._runs(p):
+                result = self._region(p, r0, r1)
+                if result is None:
+                    continue
+                _, p_, b, count, plans, failures = result
+                queue.extend((plan, (p, r0, r1)) for plan in plans)
+                if not plans and failures:
+                    _, reason, starts = failures[0]
+                    rejected.append(Rejection(b, b + count * p_, p_, count, reason, starts))
+        # resolve overlaps: most covered nodes first, then the shorter period; a plan
+        # that overlaps a taken one is re-segmented in what is left of its region
+        taken: list[Plan] = []
+        while queue:
+            queue.sort(key=lambda item: (-(item[0].end - item[0].begin), item[0].period, item[0].begin))
+            plan, (p, r0, r1) = queue.pop(0)
+            if all(plan.end <= t.begin or t.end <= plan.begin for t in taken):
+                taken.append(plan)
+                continue
+            for s, e in _free_intervals(r0, r1, [(t.begin, t.end) for t in taken]):
+                if (s, e) != (r0, r1) and e - s >= self.min_chain * p:
+                    result = self._region(p, s, e)
+                    if result is not None:
+                        queue.extend((pl, (p, s, e)) for pl in result[4])
+        taken.sort(key=lambda pl: pl.begin)
+        return taken, rejected
+
+
+def _free_intervals(r0: int, r1: int, used: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The parts of ``[r0, r1)`` outside every interval of ``used``."""
+    out, start = [], r0
+    for b, e in sorted(used):
+        if e <= start or b >= r1:
+            continue
+        if b > start:
+            out.append((start, b))
+        start = max(start, e)
+    if start < r1:
+        out.append((start, r1))
+    return out
+

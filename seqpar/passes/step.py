@@ -1,0 +1,127 @@
+"""Build a chain's step function: segment 0 of a :class:`~seqpar.passes.segments.Plan` as a GraphModule.
+
+``build_step(plan, seq, root)`` returns ``step(state, *per_step, *shared) ->
+next state``. Guarantees: the step computes exactly what segment 0's
+state-dependent nodes compute (same targets, arguments and meta); its
+placeholders are the state, one per per-step input of the plan and one per
+shared input, in the plan's order (a ``"slice"`` input's placeholder is the
+slice ``P[start + l]``; the views segment 0 takes of it are copied into the
+step); a tuple state arrives as one tuple (the
+step takes its leaves with ``getitem``) and the step returns a tuple of the
+same length; ``call_method`` nodes become calls of the ``torch.Tensor``
+function and ``invoke_subgraph`` calls are inlined, so the graph holds
+``call_function`` nodes only and runs under ``vmap``/``make_fx``.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.fx.node import Node
+
+from .segments import Plan
+from .tokens import example, is_invoke_subgraph, rebuild_args
+
+
+def build_step(plan: Plan, seq: list[Node], root: torch.nn.Module) -> fx.GraphModule:
+    """``step(state, *per_step, *shared) -> next state``, copied from segment 0 of ``plan``.
+
+    ``seq`` is the node sequence the plan indexes; ``root`` the graph's module
+    (it holds the bodies of ``invoke_subgraph`` calls).
+    """
+    b = plan.begin
+    graph = fx.Graph()
+    state = graph.placeholder("state")
+    state.meta = dict(plan.starts[0].meta) if len(plan.starts) == 1 else {
+        "example_value": tuple(example(s0) for s0 in plan.starts)}
+    slot_map: dict[tuple[int, int], Node] = {}
+    per_step = [inp for inp in plan.inputs if inp.kind != "shared"]
+    shared = [inp for inp in plan.inputs if inp.kind == "shared"]
+    for index, inp in enumerate(per_step):
+        source = inp.nodes[0] if inp.nodes else None
+        ph = graph.placeholder(f"x{index}_{source.name}" if source is not None else f"x{index}_constant")
+        if inp.kind == "slice":  # the slice P[start + l]; the views segment 0 takes of it are the step's
+            ph.meta = dict(inp.views[0].meta)
+            value = ph
+            for view in inp.views[1:]:
+                args, kwargs = fx.node.map_arg((view.args, view.kwargs), lambda _, value=value: value)
+                value = _emit(graph, view, args, kwargs, root)
+        elif source is not None:
+            ph.meta = dict(source.meta)
+            value = ph
+        else:
+            ph.meta["example_value"] = torch.tensor(inp.values[0])
+            value = ph
+        for key in inp.slots:
+            slot_map[key] = value
+    for index, inp in enumerate(shared):
+        ph = graph.placeholder(f"shared{index}_{inp.nodes[0].name}")
+        ph.meta = dict(inp.nodes[0].meta)
+        for key in inp.slots:
+            slot_map[key] = ph
+    if len(plan.starts) == 1:
+        leaves = [state]
+    else:  # a tuple state: its tensors taken from the tuple
+        leaves = [graph.call_function(operator.getitem, (state, index)) for index in range(len(plan.starts))]
+        for leaf, s0 in zip(leaves, plan.starts):
+            leaf.meta = dict(s0.meta)
+    slot_map.update((key, leaves[index]) for key, index in plan.state_slots.items())
+    env: dict[Node, Any] = {}
+    for o in plan.dep_offsets:
+        n = seq[b + o]
+
+        def leaf(j, a, o=o):
+            mapped = slot_map.get((o, j))
+            if mapped is not None:
+                return mapped
+            if a.__class__ is Node:
+                return a if a.op == "get_attr" else env[a]
+            return a
+
+        args, kwargs = rebuild_args((n.args, n.kwargs), leaf, [0])
+        env[n] = _emit(graph, n, args, kwargs, root)
+    outputs = [env[seq[b + q]] for q in plan.state_offsets]
+    graph.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
+    graph.lint()
+    step = fx.GraphModule(torch.nn.Module(), graph, class_name="SeqparStep")
+    step.recompile()
+    return step
+
+
+def _emit(graph: fx.Graph, n: Node, args, kwargs, root: torch.nn.Module):
+    """Copy ``n`` into ``graph`` with mapped arguments; returns a node or a tuple of nodes."""
+    if is_invoke_subgraph(n):
+        body = root.get_submodule(n.args[0].target)
+        return _inline(graph, body, list(args[2:]))
+    if n.op == "call_function" and n.target is operator.getitem and isinstance(args[0], tuple):
+        return args[0][args[1]]
+    if n.op == "call_method":
+        function = getattr(torch.Tensor, n.target, None)
+        new = (graph.call_function(function, args, kwargs) if callable(function)
+               else graph.call_method(n.target, args, kwargs))
+    else:
+        new = graph.create_node(n.op, n.target, args, kwargs, name=n.name)
+    new.meta = dict(n.meta)
+    return new
+
+
+def _inline(graph: fx.Graph, body: fx.GraphModule, operands: list):
+    """Copy ``body``'s nodes into ``graph``; returns the tuple of its outputs."""
+    env: dict[Node, Any] = {}
+    operands = iter(operands)
+    for n in body.graph.nodes:
+        if n.op == "placeholder":
+            env[n] = next(operands)
+        elif n.op == "output":
+            out = n.args[0]
+            return tuple(env[x] if x.__class__ is Node else x for x in out) if isinstance(out, (tuple, list)) \
+                else (env[out],)
+        elif n.op == "get_attr":
+            env[n] = n
+        else:
+            args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda x: env[x] if x.op != "get_attr" else x)
+            env[n] = _emit(graph, n, args, kwargs, body)
+    raise ValueError("invoke_subgraph body has no output")

@@ -1,0 +1,130 @@
+"""Node tokens and argument structure: what makes two FX nodes the same operation.
+
+``node_token(n)`` is a hashable ``(op, target, argument structure, kwargs
+structure, output shape and dtype)`` in which argument nodes and Python
+numbers are abstracted away. Guarantees:
+  * equal tokens mean the same op and target, the same nesting of arguments
+    (nodes and numbers at the same places) and the same output shape and dtype;
+  * :func:`flatten_args` and :func:`rebuild_args` visit the leaves of an
+    argument structure in one fixed order, so leaf ``j`` of two nodes with
+    equal tokens is the same argument position ("slot" ``(offset, j)`` in
+    detection).
+Pure functions of a node and its meta; nothing here looks at other nodes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch.fx.node import Node
+
+_NODE = "<node>"
+
+
+def is_number(value) -> bool:
+    """A Python int or float (not a bool): a literal that may become a per-step input."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def hashable(value) -> bool:
+    try:
+        hash(value)
+        return True
+    except TypeError:
+        return False
+
+
+def arg_signature(arg):
+    """Hashable structure of an argument: nodes and numbers abstracted."""
+    if isinstance(arg, Node):
+        return _NODE
+    if isinstance(arg, (tuple, list)):
+        return ("seq", tuple(arg_signature(a) for a in arg))
+    if isinstance(arg, dict):
+        return ("dict", tuple((k, arg_signature(v)) for k, v in arg.items()))
+    if isinstance(arg, slice):
+        return ("slice", arg_signature(arg.start), arg_signature(arg.stop), arg_signature(arg.step))
+    if is_number(arg):
+        return type(arg).__name__
+    return arg if hashable(arg) else repr(arg)
+
+
+def flatten_args(arg, out: list) -> list:
+    """Leaves of an argument structure, in a fixed order (matches :func:`rebuild_args`)."""
+    if isinstance(arg, (tuple, list)):
+        for a in arg:
+            flatten_args(a, out)
+    elif isinstance(arg, dict):
+        for a in arg.values():
+            flatten_args(a, out)
+    elif isinstance(arg, slice):
+        flatten_args(arg.start, out)
+        flatten_args(arg.stop, out)
+        flatten_args(arg.step, out)
+    else:
+        out.append(arg)
+    return out
+
+
+def rebuild_args(arg, leaf: Callable[[int, Any], Any], counter: list[int]):
+    """``arg`` with leaf ``j`` (in :func:`flatten_args` order) replaced by ``leaf(j, value)``."""
+    if isinstance(arg, (tuple, list)):
+        items = [rebuild_args(a, leaf, counter) for a in arg]
+        return tuple(items) if isinstance(arg, tuple) else items
+    if isinstance(arg, dict):
+        return {k: rebuild_args(v, leaf, counter) for k, v in arg.items()}
+    if isinstance(arg, slice):
+        return slice(rebuild_args(arg.start, leaf, counter), rebuild_args(arg.stop, leaf, counter),
+                     rebuild_args(arg.step, leaf, counter))
+    index = counter[0]
+    counter[0] += 1
+    return leaf(index, arg)
+
+
+def value_signature(value):
+    """Shape and dtype of an ``example_value`` (hashable)."""
+    if isinstance(value, torch.Tensor):
+        return (tuple(d if isinstance(d, int) else str(d) for d in value.shape), value.dtype)
+    if isinstance(value, (tuple, list)):
+        return tuple(value_signature(v) for v in value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value if not is_number(value) else type(value).__name__
+    return type(value).__name__
+
+
+def example(node: Node):
+    """The node's example value (Dynamo's ``example_value``, or ``val``), or ``None``."""
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
+def node_token(n: Node):
+    """The hashable token of ``n``: equal for nodes that do the same operation (see the module docstring)."""
+    target = n.target if n.op != "call_function" or hashable(n.target) else repr(n.target)
+    return (n.op, target, arg_signature(n.args), arg_signature(n.kwargs), value_signature(example(n)))
+
+
+def target_name(node: Node) -> str:
+    """The short name of what ``node`` calls: ``"linear"``, ``"add"``, ``"__add__"``, ``"invoke_subgraph"``."""
+    if node.op == "call_method":
+        return node.target
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.name.split("::")[-1]
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return target._qualified_op_name.split("::")[-1]
+    if isinstance(target, str):
+        return target
+    return getattr(target, "__name__", str(target))
+
+
+def is_invoke_subgraph(node: Node) -> bool:
+    return (node.op == "call_function" and isinstance(node.target, torch._ops.HigherOrderOperator)
+            and target_name(node) == "invoke_subgraph")
+
+
+def call_arg(node: Node, index: int, name: str, default=None):
+    """Argument ``index`` of ``node``'s call, given positionally or as keyword ``name``."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)

@@ -2,7 +2,11 @@
 
 A user's sampling loop over ``seqpar.diffusion.traceable(scheduler)`` is one
 Dynamo graph whose steps form a chain of kind "denoise"; with
-``policy="parallel"`` it is solved by Picard iterations over a sliding window.
+``policy="parallel"`` it is solved by Picard iterations over a sliding window,
+or with ``jacobian="estimate"`` by quasi-Newton iterations whose Jacobians are
+estimated as ``c_l I`` from one VJP per position. Denoisers: a small MLP and a
+tiny diffusers ``UNet2DModel`` (its step batched over the window after being
+lowered to aten ops: see ``seqpar.runtime.program.lower_step``).
 
 Tolerances. The tests run in float64 with ``tol = 1e-10`` (the solver stops
 when every update satisfies ``|ds| <= 1e-10 (1 + |s|)``). The error left in a
@@ -16,7 +20,6 @@ and the sequential form, are exact: ``torch.equal``.
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -214,19 +217,39 @@ def test_bad_window_raises_value_error(window):
         SeqparBackend({"window": window})
 
 
-@pytest.mark.parametrize(
-    "scheduler", ["ddim", pytest.param("ddpm", marks=pytest.mark.slow), pytest.param("euler_ancestral", marks=pytest.mark.slow)]
-)
-def test_unet_denoiser_loop_is_found_and_exact(scheduler):
-    """A diffusers UNet's step is found as one denoise chain; its batched (vmap) trace
-    fails in torch 2.13 (GroupNorm: ``is_contiguous`` with a memory format inside
-    vmap under make_fx), so the rewrite is rejected and the loop runs as it is."""
-    got, want, backend = run_case(scheduler, "unet", 6, window=4)
-    chains = [c for graph in backend.graphs for c in graph.chains if c.kind == "denoise"]
-    assert len(chains) == 1
-    if chains[0].form != "solver":
-        assert "rewrite failed" in chains[0].reason
-    torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+# UNet loops. The tiny UNet has random weights: its noise prediction is not a
+# denoiser's, the samples grow to |x| ~ 500 over 50 steps and each step scales
+# its input by c_l ~ 1.0..2.1. float64 throughout (the UNet runs in float64).
+# DDIM / DDPM stop at |ds| <= 1e-10 (1 + |s|): the loop is matched at 1e-7
+# relative (measured: 1e-12). Euler ancestral computes each step in float32
+# (as diffusers does), so it stops at float32's 1e-6 (1 + |s|), ~5e-4 at
+# |s| = 500, and is matched at 1e-5 relative (measured: 5e-7).
+UNET_CLOSE = {"ddim": 1e-7, "ddpm": 1e-7, "euler_ancestral": 1e-5}
+
+
+def assert_unet_loop_solved_in_parallel(scheduler, steps, **options):
+    got, want, backend = run_case(scheduler, "unet", steps, tol=TOL_BY_SCHEDULER[scheduler], **options)
+    (chain,) = solved_denoise_chains(backend)
+    assert chain.length >= steps - 1
+    assert chain.stats["converged"] and chain.stats["fallback"] is None and chain.stats["sequential_steps"] == 0
+    assert chain.adjoint == "sequential"  # a UNet step's dense Jacobian would cost w VJPs
+    close = UNET_CLOSE[scheduler]
+    torch.testing.assert_close(got, want, atol=close, rtol=close)
+    return chain
+
+
+def test_unet_denoiser_loop_is_solved_in_parallel_and_equals_the_loop():
+    """The UNet's step (GroupNorm on the channels-last-strided output of its
+    attention block) is batched over the window: it is lowered to aten ops before vmap."""
+    chain = assert_unet_loop_solved_in_parallel("ddim", 8, window=4)
+    assert chain.stats["window"] == 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheduler", sorted(SCHEDULERS))
+def test_unet_denoiser_loops_of_50_steps_are_solved_in_parallel(scheduler):
+    chain = assert_unet_loop_solved_in_parallel(scheduler, 50)
+    assert chain.stats["window"] == 32 and chain.stats["iterations"] < chain.length
 
 
 def test_raw_diffusers_scheduler_loop_compiles_exactly_and_explain_hints_at_traceable():
@@ -249,3 +272,122 @@ def test_raw_diffusers_scheduler_loop_compiles_exactly_and_explain_hints_at_trac
         report = seqpar.explain(sample, x, policy="parallel", min_chain=4)
     assert report.graph_count >= 8
     assert any("seqpar.diffusion.traceable" in hint for hint in report.hints)
+
+
+# -- the runtime on UNet building blocks ------------------------------------------------
+
+from seqpar.runtime import solve_chain  # noqa: E402
+from seqpar.runtime.program import rayleigh_estimate, sign_probe  # noqa: E402
+
+
+def attention_block_step(s, x, norm_weight, proj):
+    """``s + x tanh(group_norm(attention(s)))`` on ``(B, C, H, W)``, as diffusers' mid block:
+    the attention output ``transpose(-1, -2).reshape(B, C, H, W)`` is channels-last strided."""
+    batch, channels, height, width = s.shape
+    tokens = s.reshape(batch, channels, height * width).transpose(1, 2)  # (B, HW, C)
+    query = (tokens @ proj).unsqueeze(1)
+    attended = torch.nn.functional.scaled_dot_product_attention(query, query, query).squeeze(1)
+    mixed = attended.transpose(-1, -2).reshape(batch, channels, height, width)
+    return s + x * torch.tanh(torch.nn.functional.group_norm(mixed, 2, norm_weight))
+
+
+def attention_chain(length=12, requires_grad=False):
+    generator = torch.Generator().manual_seed(3)
+    s0 = torch.randn(2, 4, 2, 2, generator=generator, dtype=torch.float64)
+    xs = 0.3 * torch.rand(length, generator=generator, dtype=torch.float64)
+    weight = torch.randn(4, generator=generator, dtype=torch.float64)
+    proj = 0.5 * torch.randn(4, 4, generator=generator, dtype=torch.float64)
+    return [t.requires_grad_(requires_grad) for t in (s0, xs, weight, proj)]
+
+
+def attention_loop(s0, xs, weight, proj):
+    states, s = [], s0
+    for x in xs:
+        s = attention_block_step(s, x, weight, proj)
+        states.append(s)
+    return torch.stack(states)
+
+
+@pytest.mark.parametrize("jacobian, window", [("identity", None), ("identity", 1), ("full", None), ("estimate", 4)])
+def test_group_norm_on_an_attention_output_batches_over_positions(jacobian, window):
+    s0, xs, weight, proj = attention_chain()
+    states, stats = solve_chain(attention_block_step, s0, xs, (weight, proj), jacobian=jacobian, window=window,
+                                batch_ndim=1, return_stats=True)
+    assert stats.converged and stats.fallback is None
+    torch.testing.assert_close(states, attention_loop(s0, xs, weight, proj), atol=1e-9, rtol=1e-9)
+
+
+def test_attention_step_gradients_through_dense_jacobians_equal_the_loop():
+    """The parallel adjoint multiplies the steps' dense Jacobians: wrong Jacobian rows
+    (e.g. a decomposed attention forward differentiated by the fused kernel's formula)
+    would show here, where a forward solve still converges to the right states."""
+    s0, xs, weight, proj = attention_chain(requires_grad=True)
+    states = solve_chain(attention_block_step, s0, xs, (weight, proj), jacobian="full", adjoint="parallel",
+                         batch_ndim=1)
+    got = torch.autograd.grad(states.square().sum(), (s0, xs, weight, proj))
+    want = torch.autograd.grad(attention_loop(s0, xs, weight, proj).square().sum(), (s0, xs, weight, proj))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-9, rtol=1e-9)
+
+
+# -- the Jacobian estimate --------------------------------------------------------------
+
+
+def test_estimate_is_the_rayleigh_quotient_along_the_sign_probe():
+    generator = torch.Generator().manual_seed(0)
+    matrix = torch.randn(6, 6, generator=generator, dtype=torch.float64)
+    s = torch.randn(3, 6, generator=generator, dtype=torch.float64)
+    value, A = rayleigh_estimate(lambda v: (s @ matrix.T, v @ matrix), s)  # f(s) = s M^T, J = M
+    probe = sign_probe(6, torch.float64, "cpu")
+    assert set(probe.tolist()) == {-1.0, 1.0}
+    assert A.shape == s.shape and torch.equal(A, A[:1, :1].expand_as(A))
+    torch.testing.assert_close(A[0, 0], probe @ matrix @ probe / 6)
+
+
+def test_estimate_is_newton_for_steps_that_scale_the_state():
+    """``s_l = a_l s_{l-1} + b_l``: ``J_l = a_l I``, which the estimate finds exactly,
+    so one iteration solves the chain and the next confirms it (Picard needs more)."""
+    generator = torch.Generator().manual_seed(1)
+    a = 0.5 + torch.rand(64, generator=generator, dtype=torch.float64)
+    b = torch.randn(64, 2, 5, generator=generator, dtype=torch.float64)
+    s0 = torch.randn(2, 5, generator=generator, dtype=torch.float64)
+
+    def step(s, x):
+        scale, shift = x
+        return scale * s + shift
+
+    states, stats = solve_chain(step, s0, (a, b), jacobian="estimate", return_stats=True)
+    _, picard = solve_chain(step, s0, (a, b), jacobian="identity", return_stats=True)
+    assert stats.jacobian == "estimate" and stats.iterations == 2 and picard.iterations > 2
+    want, s = [], s0
+    for scale, shift in zip(a, b):
+        s = scale * s + shift
+        want.append(s)
+    torch.testing.assert_close(states, torch.stack(want), atol=1e-12, rtol=1e-12)
+
+
+def backend_with_jacobian(jacobian, **options):
+    """A parallel backend whose chains use ``jacobian``."""
+    return SeqparBackend({"policy": "parallel", "inner": "eager", "min_chain": 4, "tol": TOL, "jacobian": jacobian,
+                          **options})
+
+
+@pytest.mark.parametrize("scheduler", ["ddpm", "euler_ancestral"])
+def test_estimated_jacobians_solve_contracting_samplers_in_fewer_iterations(scheduler):
+    """DDPM and Euler ancestral steps contract (c_l < 1), which Picard (A = I) does not model."""
+    sched = make_scheduler(scheduler, 50)
+    model, shape = make_denoiser("mlp", sched)
+    sample = make_sample(sched, model)
+    x, noise = inputs(sched, shape)
+    iterations = {}
+    for jacobian in ("identity", "estimate"):
+        torch._dynamo.reset()
+        backend = backend_with_jacobian(jacobian, tol=TOL_BY_SCHEDULER[scheduler])
+        with torch.no_grad():
+            got, want = torch.compile(sample, backend=backend)(x, noise), sample(x, noise)
+        (chain,) = solved_denoise_chains(backend)
+        assert chain.jacobian == jacobian and chain.stats["jacobian"] == jacobian and chain.stats["converged"]
+        close = CLOSE_BY_SCHEDULER[scheduler]
+        torch.testing.assert_close(got, want, atol=close, rtol=close)
+        iterations[jacobian] = chain.stats["iterations"]
+    assert iterations["estimate"] < iterations["identity"]

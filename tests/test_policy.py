@@ -57,3 +57,26 @@ def test_gpu_cost_model_parallelises_moderate_widths():
     decision = decide(make_chain(256, (16, 32)), Options(), "cuda", lyapunov=-1.0)
     assert (decision.method, decision.adjoint) == ("parallel", "parallel")
     assert "GPU cost model" in decision.reason
+
+
+def test_denoise_chain_takes_the_jacobian_estimate_where_steps_scale_far_from_one():
+    decision = decide(make_chain(100, (2, 8), kind="denoise"), Options(), "cuda", lyapunov=-0.2)
+    assert (decision.method, decision.jacobian, decision.window) == ("parallel", "estimate", 32)
+    assert "window 32 x |lambda| 0.2 = 6.4 >= 4" in decision.reason
+
+
+def test_denoise_chain_near_the_identity_keeps_picard_and_says_why():
+    decision = decide(make_chain(250, (2, 8), kind="denoise"), Options(), "cuda", lyapunov=-0.02)
+    assert (decision.method, decision.jacobian, decision.window) == ("parallel", "identity", 32)
+    assert "window 32 x |lambda| 0.02 = 0.64 < 4" in decision.reason
+
+
+def test_forced_parallel_denoise_chain_has_no_probe_keeps_picard_and_a_sequential_adjoint():
+    decision = decide(make_chain(50, (1, 64), kind="denoise"), Options(policy="parallel"), "cpu", lyapunov=None)
+    assert (decision.method, decision.adjoint, decision.jacobian) == ("parallel", "sequential", "identity")
+    assert "no Lyapunov probe" in decision.reason and "adjoint sequential" in decision.reason
+
+
+def test_asked_for_jacobian_is_kept_for_denoise_chains():
+    decision = decide(make_chain(50, (2, 8), kind="denoise"), Options(policy="parallel", jacobian="diag"), "cpu", None)
+    assert decision.jacobian == "diag" and "jacobian='diag' was asked for" in decision.reason

@@ -29,6 +29,17 @@ GPU_MIN_LENGTH = 64
 ROLLED_FROM_LENGTH = 64
 # Denoising chains: sliding-window Picard (ParaDiGMS); see _denoise_solver.
 DENOISE_WINDOW = 32
+# Denoising chains: Picard (A = I) or the Jacobian estimate (A = c_l I from one VJP per
+# position, jacobian="estimate"); see _denoise_jacobian. Measured on the MLP denoiser and a
+# tiny UNet, DDIM / DDPM / Euler ancestral, T = 50 and 250, W = 8..64 (benchmarks/RESULTS.md,
+# "Denoising: Picard vs JVP-estimated quasi-Newton"): an estimate evaluation (forward + VJP)
+# costs ESTIMATE_COST forward evaluations (1.9 to 2.1), and the estimate divides Picard's
+# iterations by a factor that grows with W |lambda| (the window times the Lyapunov exponent,
+# for these steps the mean log c_l): 1.0 at 0, 1.2-1.4 up to 0.35, 1.4-1.5 at 0.65-0.8,
+# 1.55-1.7 at 1.3-1.6, 1.8-2.05 at 2.6-3.2 (break-even), 2.9 at 6.5 (1.5x fewer
+# evaluation-equivalents).
+ESTIMATE_COST = 2.0
+ESTIMATE_MIN_SPREAD = 4.0
 
 
 @dataclass
@@ -55,9 +66,10 @@ class Decision:
 
 
 def chain_geometry(chain: Chain) -> tuple[int, int]:
-    """``(N, w)``: batch elements and state values per element."""
-    batch = math.prod(chain.state_shape[: chain.batch_ndim])
-    width = math.prod(chain.state_shape[chain.batch_ndim :])
+    """``(N, w)``: batch elements and state values per element (summed over a tuple state's tensors)."""
+    shapes = chain.leaf_shapes
+    batch = math.prod(shapes[0][: chain.batch_ndim])
+    width = sum(math.prod(shape[chain.batch_ndim :]) for shape in shapes)
     return batch, width
 
 
@@ -66,13 +78,16 @@ def decide(chain: Chain, options: Options, device_type: str, lyapunov: float | N
     batch, width = chain_geometry(chain)
     length = chain.length
     jacobian = options.jacobian
-    if jacobian == "auto":
-        jacobian = "full" if width <= DENSE_WIDTH and chain.kind != "denoise" else "identity"
     window = options.window
     if window == "auto":
-        window = DENOISE_WINDOW if chain.kind == "denoise" and jacobian == "identity" else None
+        window = DENOISE_WINDOW if chain.kind == "denoise" and jacobian in ("auto", "identity", "estimate") else None
     if window is not None and window >= length:
         window = None
+    choice = f"jacobian={jacobian!r} was asked for"
+    if jacobian == "auto" and chain.kind == "denoise":
+        jacobian, choice = _denoise_jacobian(lyapunov, length if window is None else window)
+    elif jacobian == "auto":
+        jacobian = "full" if width <= DENSE_WIDTH else "identity"
     dense_ok = width <= DENSE_WIDTH
     shape = f"L={length}, N={batch}, w={width}"
 
@@ -80,8 +95,12 @@ def decide(chain: Chain, options: Options, device_type: str, lyapunov: float | N
         method, adjoint, why = "sequential", "sequential", "policy='sequential'"
     elif options.policy == "parallel":
         method = "parallel"
-        adjoint = "parallel" if dense_ok else "sequential"
-        why = "policy='parallel'" + ("" if dense_ok else f"; adjoint sequential: w={width} > {DENSE_WIDTH}")
+        adjoint = "parallel" if dense_ok and chain.kind != "denoise" else "sequential"
+        why = "policy='parallel'"
+        if not dense_ok:
+            why += f"; adjoint sequential: w={width} > {DENSE_WIDTH}"
+        elif chain.kind == "denoise":
+            why += "; adjoint sequential: a denoising step's dense Jacobian costs w VJPs, the sequential adjoint one"
     elif lyapunov is not None and lyapunov > 0:
         method, adjoint = "sequential", "sequential"
         why = f"unpredictable chain: largest Lyapunov exponent {lyapunov:.3g} > 0 (errors grow like exp(lambda L))"
@@ -104,7 +123,7 @@ def decide(chain: Chain, options: Options, device_type: str, lyapunov: float | N
         if form == "auto":
             form = "rolled" if length >= ROLLED_FROM_LENGTH else "unrolled"
     if method == "parallel" and chain.kind == "denoise":
-        why += f"; {_denoise_solver(jacobian, window)}"
+        why += f"; {_denoise_solver(jacobian, window, choice)}"
     return Decision(method=method, adjoint=adjoint, form=form, jacobian=jacobian, reason=why,
                     window=window if method == "parallel" else None)
 
@@ -157,12 +176,48 @@ def _denoise_cost_model(device_type, batch, width, length):
     )
 
 
-def _denoise_solver(jacobian: str, window) -> str:
-    """Why a denoising chain is solved the way it is."""
+def _denoise_jacobian(lyapunov: float | None, span: int) -> tuple[str, str]:
+    """("identity" or "estimate", why) for a denoising chain solved over windows of ``span`` steps.
+
+    Picard's linearisation ``A = I`` is off by ``c_l - 1`` where a step scales
+    its input by ``c_l`` (DDPM and Euler ancestral steps contract, a UNet with
+    random weights expands); the estimate ``A = c_l I`` removes that error at
+    one VJP per position (``ESTIMATE_COST`` forward evaluations in all). The
+    Lyapunov probe measures ``lambda ~ mean log c_l``; the estimate is chosen
+    where ``span * |lambda| >= ESTIMATE_MIN_SPREAD``, where the measured
+    saving in iterations exceeds its cost. Without a probe (it runs under
+    policy='auto' only, and fails on ops without forward-mode AD) Picard.
+    """
+    if lyapunov is None or not math.isfinite(lyapunov):
+        return "identity", (
+            f"no Lyapunov probe (it runs under policy='auto'), so Picard: the estimate (jacobian='estimate') "
+            f"costs {ESTIMATE_COST:g} evaluations per position and saves iterations only where the window times "
+            f"|lambda| is >= {ESTIMATE_MIN_SPREAD:g} (measured)"
+        )
+    spread = span * abs(lyapunov)
+    if spread >= ESTIMATE_MIN_SPREAD:
+        return "estimate", (
+            f"window {span} x |lambda| {abs(lyapunov):.3g} = {spread:.3g} >= {ESTIMATE_MIN_SPREAD:g}: the steps scale "
+            f"their input far from 1, and the estimate saves more iterations than its {ESTIMATE_COST:g}x cost "
+            "per evaluation (measured)"
+        )
+    return "identity", (
+        f"window {span} x |lambda| {abs(lyapunov):.3g} = {spread:.3g} < {ESTIMATE_MIN_SPREAD:g}: the steps are "
+        f"close enough to the identity that the estimate (jacobian='estimate', {ESTIMATE_COST:g}x cost per "
+        "evaluation) saves fewer iterations than it costs (measured)"
+    )
+
+
+def _denoise_solver(jacobian: str, window, choice: str) -> str:
+    """Why a denoising chain is solved the way it is; ``choice``: why this Jacobian."""
     span = "the whole chain" if window is None else f"a sliding window of {window} steps"
     if jacobian == "identity":
         return (
             f"Picard iteration (identity Jacobian) over {span}: each iteration costs one batched denoiser "
-            "call; a Jacobian would cost w extra VJPs per step"
+            f"call; {choice}"
         )
-    return f"{jacobian} Jacobians over {span} (jacobian={jacobian!r} was asked for)"
+    if jacobian == "estimate":
+        return (
+            f"quasi-Newton with the Jacobian estimated as c_l I (one VJP per position) over {span}: {choice}"
+        )
+    return f"{jacobian} Jacobians over {span} ({choice})"

@@ -16,9 +16,9 @@ import torch.utils._pytree as pytree
 from . import ops
 from .newton import DEFAULT_MAX_ITERS, Tolerance, windowed_steps
 from .pcr import JACOBIAN_KINDS
-from .program import ChainProgram, StateLayout
+from .program import JACOBIAN_ESTIMATES, ChainProgram, StateLayout
 
-JACOBIAN_CHOICES = ("auto", *JACOBIAN_KINDS)
+JACOBIAN_CHOICES = ("auto", *JACOBIAN_KINDS, *JACOBIAN_ESTIMATES)
 ADJOINT_CHOICES = ("auto", "parallel", "sequential")
 FORWARD_CHOICES = ("parallel", "sequential")
 # Widest state for which "auto" takes dense Jacobian blocks (w^2 values per block).
@@ -55,15 +55,22 @@ def solve_chain(
             ``step`` receives slice ``l``.
         shared: tensors every step reads (weights of an RNN cell or a denoiser).
         jacobian: ``"full"`` (Newton), ``"diag"`` (quasi-Newton with the true
-            diagonal of J), ``"identity"`` (Picard) or ``"auto"``: full up to
-            64 state values per batch element, identity above.
+            diagonal of J), ``"estimate"`` (quasi-Newton with ``J ~ c I`` per
+            step from one VJP, :func:`~seqpar.runtime.program.rayleigh_estimate`),
+            ``"identity"`` (Picard) or ``"auto"``: full up to 64 state values
+            per batch element, identity above.
         tol: ``|ds| <= atol + rtol |s|``; a float sets both, a pair is
             ``(atol, rtol)``; default by dtype: 1e-10 (float64), 1e-5 (float32),
             1e-3 (float16), 8e-3 (bfloat16).
         max_iters: parallel iterations before the rest of the chain is evaluated
             sequentially (default 40, at most ``L``).
-        damping: ``lambda >= 0``: updates after the first active state are
-            scaled by ``1 / (1 + lambda)`` (damped Newton) for oscillating chains.
+        damping: ``lambda >= 0``. ``0`` (or ``None``): plain Newton steps.
+            ``> 0``: Levenberg-Marquardt (ELK) steps ``(J^T J + lambda I) ds =
+            J^T c`` that stay finite where the Newton step overflows (long
+            chains with expanding Jacobians in float32); ``lambda`` starts at
+            ``damping`` and is adapted per iteration within ``[1e-6, 1e3] x damping``.
+            Costs a block-tridiagonal solve per iteration besides the Newton one;
+            on chains Newton already handles it usually needs more iterations.
         window: at most this many active positions per iteration (sliding
             window, ParaDiGMS); ``None``: the whole chain.
         length: ``L`` when ``xs`` is empty.
@@ -168,7 +175,7 @@ def _solver_options(tol, max_iters, damping, dtype, length):
         raise ValueError(f"max_iters must be a positive int, got {max_iters!r}")
     if damping is None:
         damping = 0.0
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping >= 0:
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0 <= damping < float("inf"):
         raise ValueError(f"damping must be a float >= 0, got {damping!r}")
     try:
         tolerance = Tolerance.resolve(tol, dtype)

@@ -33,6 +33,17 @@ which rounds), so every iteration finishes one state bit for bit, and with
 loop sees: the result equals the loop (as far as the batched evaluation of one
 step equals the step; it does for the traced graphs tested).
 
+Damping (Levenberg-Marquardt, ELK: Gonzalez et al. 2024). With ``damping > 0``
+the step on the active positions is ``(J^T J + lambda I) ds = J^T c``, ``J``
+the bidiagonal matrix of the system above (``I`` on the diagonal, ``-A_l``
+below), ``c = F - s``: the minimiser of ``||J ds - c||^2 + lambda ||ds||^2``, a
+step inside a trust region, block tridiagonal and solved by
+:mod:`seqpar.runtime.tridiagonal`. The first active state is fixed at ``F``
+(exact, as above) and the rest solve the LM problem given it. Convergence is
+still measured on the Newton step ``J n = c`` (also solved): the leading
+positions whose Newton step is within tolerance take it, the rest the LM step.
+``lambda`` starts at ``damping`` and is adapted per iteration (:class:`_TrustRegion`).
+
 Tolerance. The per-element test ``|ds| <= atol + rtol |s|`` is kept for every
 kind (not ParaDiGMS' ``||ds||^2 / (D sigma^2) <= tol^2``): it is the stricter
 (max, not mean) test, scales with the state through ``rtol``, and needs no
@@ -52,6 +63,7 @@ import torch
 from .pcr import accumulation_dtype, solve_affine_recurrence
 from .sequential import continue_sequentially
 from .stats import SolveStats
+from .tridiagonal import levenberg_marquardt_step
 
 log = logging.getLogger("seqpar.runtime")
 
@@ -89,26 +101,30 @@ def newton_solve(
     """Solve the chain of ``program`` from the packed ``s0`` of shape ``(N, w)``.
 
     Returns the packed states ``(L, N, w)`` (``s_1 .. s_L``) and a :class:`SolveStats`.
-    ``damping`` (>= 0) shortens every update but the first active one by
-    ``1 / (1 + damping)`` (a damped Newton step); the first active state still
+    ``damping = lambda_0 >= 0``: ``0`` is the plain (quasi-)Newton step above;
+    ``> 0`` replaces it by the Levenberg-Marquardt / ELK step
+    ``(J^T J + lambda I) ds = J^T c`` (:func:`_damped_update`, solved by
+    :mod:`seqpar.runtime.tridiagonal`), with ``lambda`` adapted per iteration
+    from ``lambda_0`` (:class:`_TrustRegion`). The first active state still
     becomes exact, so each iteration keeps finishing at least one state.
     ``window`` (``None`` or ``W >= 1``): at most ``W`` active positions per
     iteration, evaluated in one batched call of a step graph traced at length
     ``W`` (:func:`windowed_steps`); ``None`` or ``W >= L``: the whole chain.
     """
-    kind = program.jacobian
+    kind = program.solve_kind  # the linear solve's blocks ("diag" for jacobian="estimate")
     length = program.length
     if window is not None and window >= length:
         window = None
     work = accumulation_dtype(s0.dtype)
     in_place = work == s0.dtype
-    stats = SolveStats(length=length, jacobian=kind, window=window)
+    stats = SolveStats(length=length, jacobian=program.jacobian, window=window)
     evaluate = windowed_steps(program, window, xs_leaves, shared) if window is not None else None
     # One buffer for s_0 .. s_L: the states are rows 1.., the previous states
     # (the steps' inputs) rows 0..L-1, both views, updated in place.
     buffer = s0.unsqueeze(0).expand(length + 1, *s0.shape).clone()
     states, prev = buffer[1:], buffer[:-1]
     start = 0
+    region = _TrustRegion(damping) if damping else None
     guessed = 0  # windowed: positions [0, guessed) have been given a guess
     while start < length:
         if stats.iterations == max_iters:
@@ -135,28 +151,31 @@ def newton_solve(
         values = values[offset : offset + stop - start]
         A = None if A is None else A[offset : offset + stop - start]
         active = states[start:stop]
-        if in_place:
-            update = solve_affine_recurrence(A, values - active, kind)
+        if region is not None:
+            per_step, finite = _damped_update(states, start, stop, values, A, kind, region, tol, work)
+            stats.residual = float(per_step.max())
+            if not finite:
+                stats.fallback = f"non-finite values at iteration {stats.iterations}"
+                break
         else:
-            active = active.to(work)
-            update = solve_affine_recurrence(A, values.to(work) - active, kind)
-        if damping:
-            update[1:] /= 1.0 + damping
-        if in_place:
-            active += update  # the new states
-            new_active = active
-        else:
-            new_active = active + update
-            states[start:stop] = new_active.to(states.dtype)
-        # The first active state is exact: f of an exact previous state, not s + (f - s).
-        states[start] = values[0]
-        scaled = update.abs().div_(new_active.abs().mul_(tol.rtol).add_(tol.atol))
-        per_step = scaled.flatten(1).amax(dim=1)
-        stats.residual = float(per_step.max())
-        # A non-finite update makes the residual non-finite (the check costs nothing otherwise).
-        if not math.isfinite(stats.residual) and not bool(torch.isfinite(update).all()):
-            stats.fallback = f"non-finite values at iteration {stats.iterations}"
-            break
+            if in_place:
+                update = solve_affine_recurrence(A, values - active, kind)
+                active += update  # the new states
+                new_active = active
+            else:
+                active = active.to(work)
+                update = solve_affine_recurrence(A, values.to(work) - active, kind)
+                new_active = active + update
+                states[start:stop] = new_active.to(states.dtype)
+            # The first active state is exact: f of an exact previous state, not s + (f - s).
+            states[start] = values[0]
+            scaled = update.abs().div_(new_active.abs().mul_(tol.rtol).add_(tol.atol))
+            per_step = scaled.flatten(1).amax(dim=1)
+            stats.residual = float(per_step.max())
+            # A non-finite update makes the residual non-finite (the check costs nothing otherwise).
+            if not math.isfinite(stats.residual) and not bool(torch.isfinite(update).all()):
+                stats.fallback = f"non-finite values at iteration {stats.iterations}"
+                break
         if stats.residual <= 1.0:
             start = stop
             continue
@@ -172,6 +191,94 @@ def newton_solve(
         stats.sequential_steps = length - start
         stats.evaluations += length - start
     return states, stats
+
+
+class _TrustRegion:
+    """The Levenberg-Marquardt parameter ``lambda``, adapted once per iteration.
+
+    The merit is ``Phi = sum_l ||F_l - s_l||^2`` over the positions active both
+    at this iteration and the last one (the same positions before and after the
+    last step). If ``Phi`` fell, ``lambda <- max(lambda / 4, 1e-6 lambda_0)``
+    (trust the linear model more, towards Newton), otherwise
+    ``lambda <- min(2 lambda, 1e3 lambda_0)``; ``lambda_0`` is the ``damping``
+    given. No step is rejected (that would cost an evaluation): the prefix
+    exactness and the Newton-step convergence test keep the result right.
+    """
+
+    SHRINK, GROW, LOWEST, HIGHEST = 0.25, 2.0, 1e-6, 1e3
+
+    def __init__(self, damping: float):
+        self.initial = self.value = damping
+        self.previous = None  # (per-position merit (M,), start, stop) of the last iteration
+
+    def update(self, c: torch.Tensor, start: int, stop: int) -> float:
+        """``lambda`` for this iteration's step from ``c = F - s`` at the active ``[start, stop)``."""
+        merit = c.square().flatten(1).sum(1)
+        if self.previous is not None:
+            before, before_start, before_stop = self.previous
+            if before_stop > start:  # positions [start, before_stop) were active both times
+                if float(merit[: before_stop - start].sum()) < float(before[start - before_start :].sum()):
+                    self.value = max(self.value * self.SHRINK, self.LOWEST * self.initial)
+                else:
+                    self.value = min(self.value * self.GROW, self.HIGHEST * self.initial)
+        self.previous = (merit, start, stop)
+        return self.value
+
+
+def _damped_update(states, start, stop, values, A, kind, region, tol, work):
+    """One Levenberg-Marquardt (ELK) iteration on the active positions ``[start, stop)``, in place.
+
+    With ``c = F - s`` (``(M, N, w)``, in ``work``) and ``lambda`` from ``region``:
+
+    * the Newton step ``n``: ``n_l - A_l n_{l-1} = c_l`` (:func:`solve_affine_recurrence`);
+    * the LM step ``ds``: ``ds_0 = c_0`` (``s_start`` becomes ``F_start``, exact
+      since ``s_{start-1}`` is), and for positions ``1 .. M-1`` the minimiser of
+      ``||J' ds' - c'||^2 + lambda ||ds'||^2`` with ``J'`` the bidiagonal ``(I, -A_l)``
+      on those positions and ``c'_1 = c_1 + A_1 c_0`` (the residual linearised at
+      the new ``s_start``), ``c'_l = c_l`` otherwise: :func:`levenberg_marquardt_step`.
+      With ``lambda = 0``, ``ds = n``.
+
+    The Newton step measures convergence as without damping: the leading ``p``
+    positions with ``|n| <= atol + rtol |s + n|`` (a non-finite ``n`` is above)
+    take ``s + n``, the rest ``s + ds``; then ``s_start = F_start`` exactly. A
+    non-finite ``ds`` below the initial ``lambda`` is solved again at the initial
+    ``lambda``. Returns the per-position ratios ``|n| / (atol + rtol |s + n|)``
+    ``(M,)`` (``inf`` where ``n`` is not finite) and whether ``F`` and ``ds`` are finite.
+    """
+    active = states[start:stop].to(work)
+    c = values.to(work) - active
+    lam = region.update(c, start, stop)
+    newton = solve_affine_recurrence(A, c, kind)
+    step = _lm_step_from_exact_first(A, c, kind, lam)
+    if lam < region.initial and not bool(torch.isfinite(step).all()):
+        region.value = region.initial
+        step = _lm_step_from_exact_first(A, c, kind, region.initial)
+    if not bool(torch.isfinite(step).all()):
+        return c.new_full((c.shape[0],), math.inf), False
+    scaled = newton.abs().div_((active + newton).abs_().mul_(tol.rtol).add_(tol.atol))
+    scaled.masked_fill_(newton == 0, 0.0).nan_to_num_(nan=math.inf)  # 0 / 0 converged, NaN steps not
+    per_step = scaled.flatten(1).amax(dim=1)
+    above = torch.nonzero(per_step > 1.0)
+    converged = int(above[0]) if above.numel() else per_step.shape[0]
+    step[:converged] = newton[:converged]
+    states[start:stop] = (active + step).to(states.dtype)
+    states[start] = values[0]  # exact: f of an exact previous state
+    return per_step, True
+
+
+def _lm_step_from_exact_first(A, c, kind, damping):
+    """``ds`` with ``ds_0 = c_0`` and the LM step for positions ``1..`` (see :func:`_damped_update`)."""
+    step = c.clone()
+    if c.shape[0] > 1:
+        rest = c[1:].clone()
+        if kind == "identity":
+            rest[0] += c[0]
+        elif kind == "diag":
+            rest[0] += A[1].to(c.dtype) * c[0]
+        else:
+            rest[0] += (A[1].to(c.dtype) @ c[0].unsqueeze(-1)).squeeze(-1)
+        step[1:] = levenberg_marquardt_step(None if A is None else A[1:], rest, kind, damping)
+    return step
 
 
 def _evaluate_all(program, kind, prev, xs_leaves, shared):

@@ -10,6 +10,8 @@ leading ``batch_ndim`` dims are batch dims) becomes a matrix of shape ``(N, w)``
   true diagonal ``(L, N, w)``: ``w`` reverse-mode products ``e_k^T J`` whose
   cotangent ``e_k`` is broadcast over the batch (the step acts on batch
   elements independently, so row ``k`` of every block comes out at once);
+* or an estimate of ``J_l`` from one reverse-mode product (``"estimate"``,
+  :func:`rayleigh_estimate`: ``c_l I`` per batch element, solved as a diagonal);
 * the vector-Jacobian products of all steps at once for the adjoint.
 
 When the step is ``s -> h(s @ B, s)`` with one matrix product ``B`` (a
@@ -27,10 +29,15 @@ graph; every other step keeps the generic path).
 ``torch.func`` transforms cannot run inside a custom op under aot_autograd's
 first-call analysis (torch 2.13), so these functions are traced with
 ``make_fx`` when the program is built and the runtime calls plain aten graphs.
+Before any transform sees it the step is lowered to functional aten ops on one
+position (:func:`lower_step`): vmap then batches only aten ops, never a
+composite op's decomposition (some ask questions a batched tensor cannot
+answer, e.g. ``group_norm`` on a channels-last-strided input).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from dataclasses import dataclass
@@ -39,7 +46,17 @@ from typing import Any, Callable
 import torch
 import torch.utils._pytree as pytree
 from torch.fx.experimental.proxy_tensor import make_fx
-from torch.func import vjp, vmap
+from torch.func import functionalize, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+
+# Jacobian kinds that are estimates, and the PCR blocks they are solved with.
+JACOBIAN_ESTIMATES = {"estimate": "diag"}
+
+
+def linear_solve_kind(jacobian: str) -> str:
+    """The PCR block kind of the linear solve for ``jacobian`` (``"estimate"`` -> ``"diag"``)."""
+    return JACOBIAN_ESTIMATES.get(jacobian, jacobian)
 
 
 @dataclass(frozen=True)
@@ -115,14 +132,26 @@ class ChainProgram:
         self.length = length
         self.xs_spec = xs_spec
         self.jacobian = jacobian
+        self.solve_kind = linear_solve_kind(jacobian)
         self.adjoint = adjoint
         self.last_stats = None
+        # A callable ``(sequential states, solver states) -> (ok, detail)`` the next solve is checked with, once.
+        self.check_next = None
+        self.last_check = None
         prev = torch.empty(length, layout.batch_size, layout.width, dtype=layout.dtype, device=layout.device)
         examples = (prev, list(xs_leaves), list(shared))
+        one = (prev[0], [leaf[0] for leaf in xs_leaves], list(shared))
+        self.lowered = lower_step(self.step_packed, *one)
         self.structure = None
-        if jacobian != "identity" or adjoint == "parallel":
-            self.structure = find_affine_pointwise(self.step_packed, prev[0], [leaf[0] for leaf in xs_leaves], list(shared))
+        if jacobian in ("full", "diag") or adjoint == "parallel":
+            self.structure = find_affine_pointwise(self.step_packed, *one)
         self.jacobian_method = "generic" if self.structure is None else "affine-pointwise"
+        if jacobian == "estimate":
+            self.jacobian_method = "estimate"
+        # (f(s), J^T c) at one position, lowered: vmap batches it over cotangents (Jacobian rows, probes).
+        generic_rows = self.structure is None and (jacobian != "identity" or adjoint == "parallel")
+        needs_vjp = jacobian == "estimate" or generic_rows
+        self.lowered_state_vjp = lower_step(self._state_vjp, *one, torch.empty_like(prev[0])) if needs_vjp else None
         self.steps_at = _trace(self._steps, *examples)
         self.steps_and_jacobians = (
             None if jacobian == "identity" else _trace(self._make_steps_and_jacobians(jacobian), *examples)
@@ -135,7 +164,6 @@ class ChainProgram:
             )
             self.steps_vjp = _trace(self._steps_vjp, *examples, torch.empty_like(prev))
         else:
-            one = (prev[0], [leaf[0] for leaf in xs_leaves], list(shared))
             self.step_vjp = _trace(self._step_vjp, *one, torch.empty_like(prev[0]))
 
     def step_packed(self, s: torch.Tensor, x_leaves, shared) -> torch.Tensor:
@@ -156,11 +184,27 @@ class ChainProgram:
 
     def _steps(self, prev, xs_leaves, shared):
         """``F_l = f(prev_l, x_l)`` for all ``l``: ``(L, N, w) -> (L, N, w)``."""
-        return vmap(self.step_packed, in_dims=(0, 0, None))(prev, xs_leaves, shared)
+        return vmap(self.lowered, in_dims=(0, 0, None))(prev, xs_leaves, shared)
+
+    def _state_vjp(self, s, x_leaves, shared, cotangent):
+        """``(f(s), J^T c)`` at one position: ``s`` and ``c`` of shape ``(N, w)``."""
+        value, pullback = vjp(lambda s_: self.step_packed(s_, x_leaves, shared), s)
+        return value, pullback(cotangent)[0]
 
     def _make_steps_and_jacobians(self, kind: str):
-        """``(F, J)`` of all steps; the affine-pointwise formula where :attr:`structure` was found."""
+        """``(F, A)`` of all steps: ``A`` the Jacobian blocks of ``kind`` (see :data:`JACOBIAN_ESTIMATES`).
+
+        ``"full"``: ``J`` ``(L, N, w, w)``; ``"diag"``: its diagonal ``(L, N, w)``,
+        by the affine-pointwise formula where :attr:`structure` was found, else
+        from ``w`` VJPs; ``"estimate"``: :func:`rayleigh_estimate`, one VJP.
+        """
         width = self.layout.width
+        if kind == "estimate":
+
+            def estimated(s, x_leaves, shared):
+                return rayleigh_estimate(lambda c: self.lowered_state_vjp(s, x_leaves, shared, c), s)
+
+            return lambda prev, xs_leaves, shared: vmap(estimated, in_dims=(0, 0, None))(prev, xs_leaves, shared)
         if self.structure is not None:
             structure = self.structure
 
@@ -172,9 +216,10 @@ class ChainProgram:
             return fast
 
         def per_step(s, x_leaves, shared):
-            value, pullback = vjp(lambda s_: self.step_packed(s_, x_leaves, shared), s)
             basis = torch.eye(width, dtype=s.dtype, device=s.device).unsqueeze(1).expand(width, *s.shape)
-            rows = vmap(lambda cotangent: pullback(cotangent)[0])(basis)  # rows[k, n, j] = J[n, k, j]
+            # rows[k, n, j] = J[n, k, j]; the value does not depend on the cotangent (values[k] are views of one).
+            values, rows = vmap(lambda cotangent: self.lowered_state_vjp(s, x_leaves, shared, cotangent))(basis)
+            value = values[0]
             if kind == "diag":
                 return value, torch.diagonal(rows, dim1=0, dim2=2).contiguous()  # (N, w)
             return value, rows.transpose(0, 1).contiguous()  # (N, w_out, w_in)
@@ -191,6 +236,44 @@ class ChainProgram:
     def _steps_vjp(self, prev, xs_leaves, shared, cotangent):
         """Cotangents of all steps at once: ``(J_l^T lam_l, d<lam_l, f_l>/dx_l, sum_l d<lam_l, f_l>/dshared)``."""
         return _pullback(self._steps, prev, xs_leaves, shared, cotangent, self.frozen)
+
+
+def rayleigh_estimate(state_vjp, s):
+    """``(f(s), A)`` with ``A = c 1^T`` ``(N, w)``: the Jacobian estimated as ``c I`` per batch element.
+
+    ``state_vjp(v)`` returns ``(f(s), J^T v)`` for a cotangent ``v`` of shape
+    ``(N, w)``. With one sign probe ``v in {-1, +1}^w`` (the same for every
+    element and step, :func:`sign_probe`)
+
+        c = <v, J v> / <v, v> = <J^T v, v> / w,
+
+    the Rayleigh quotient of ``J`` along ``v``: one reverse-mode product per
+    step, where the true diagonal costs ``w``. Over random signs its mean is
+    ``tr(J) / w`` and its spread ``sqrt(2 sum_{j != k} J_jk^2) / w`` (Hutchinson),
+    so it is exact for ``J = c I`` and close for a step that is a scaling plus
+    a small or incoherent rest: a denoising step ``x -> a x + b eps(x)`` whose
+    noise prediction is near ``sqrt(1 - abar) x``. Used as the diagonal
+    ``A_l`` of the quasi-Newton linearisation (the "diag" PCR solve).
+    """
+    probe = sign_probe(s.shape[-1], s.dtype, s.device).expand(s.shape)
+    value, pulled = state_vjp(probe)
+    scale = (pulled * probe).mean(dim=-1, keepdim=True)  # <J^T v, v> / w: |v_k| = 1
+    return value, scale.expand(s.shape).contiguous()
+
+
+def sign_probe(width: int, dtype, device) -> torch.Tensor:
+    """A fixed pseudo-random sign vector ``(w,)``, computed in the graph (no tensor constant).
+
+    ``v_k`` is a bit of an integer hash of ``k`` (two rounds of
+    ``x -> (x ^ (x >> 16)) * 0x45d9f3b mod 2^32``): signs balanced and
+    uncorrelated with the state's layout (an alternating or blocked pattern
+    would correlate with a convolution's structure).
+    """
+    index = torch.arange(1, width + 1, dtype=torch.int64, device=device)
+    for _ in range(2):
+        index = torch.remainder((index ^ (index >> 16)) * 0x45D9F3B, 2**32)
+    index = index ^ (index >> 16)
+    return (1 - 2 * ((index >> 15) & 1)).to(dtype)
 
 
 def _pullback(fn, s, x_leaves, shared, cotangent, frozen=frozenset()):
@@ -221,6 +304,72 @@ def _pullback(fn, s, x_leaves, shared, cotangent, frozen=frozenset()):
     for index, grad in zip(shared_float, grad_shared_part):
         grad_shared[index] = grad
     return grad_s, grad_x, grad_shared
+
+
+_VIEWS_TO_RESHAPE = (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default)
+# Kernels that check their inputs' layout (torch 2.13: ``TORCH_CHECK(X.is_contiguous(
+# X.suggest_memory_format()))``) -> the positions of the inputs checked.
+_LAYOUT_CHECKED = {
+    torch.ops.aten.native_group_norm.default: (0,),
+    torch.ops.aten.native_group_norm_backward.default: (0, 1),
+}
+
+
+def lower_step(fn, *example_args) -> torch.fx.GraphModule:
+    """``fn`` (the packed step, or its VJP) as a graph of functional aten ops, traced on one position.
+
+    Called like ``fn`` (same pytree arguments: ``lowered(s, x_leaves,
+    shared)`` for the step); the transforms (``vmap`` over positions and
+    cotangents, ``vjp``) then act on aten ops only:
+
+    * Composite ops are decomposed here, on plain tensors. Under ``vmap`` a
+      decomposition runs on batched tensors, and some ask what a batched tensor
+      cannot answer: ``group_norm`` calls ``input.contiguous(
+      input.suggest_memory_format())``, which raises "NYI: querying
+      is_contiguous inside of vmap for memory_format other than
+      torch.contiguous_format" (torch 2.13) when the input is channels-last
+      strided, as diffusers' attention output ``x.transpose(-1, -2).reshape(B,
+      C, H, W)`` is; the lowered graph has ``native_group_norm``, which batches.
+    * ``view`` / ``_unsafe_view`` become ``reshape``: whether a view is possible
+      depends on strides, and a batched tensor's strides are the batching
+      rules' choice, not those of the one position traced here. ``reshape`` is
+      a view where possible and a copy otherwise; the values are the same, and
+      after functionalization (mutations turned into out-of-place ops) no
+      aliasing is observable.
+    * On a CPU ``scaled_dot_product_attention`` takes its math backend
+      (matmul, softmax: ops that batch, differentiated through them), not the
+      fused CPU kernel, which has no batching rule (vmap would loop over the
+      positions). A decomposition table would not do: it replaces the fused
+      forward below autograd, whose backward formula then reads the
+      decomposition's outputs as the kernel's (attention weights for its
+      logsumexp: wrong gradients).
+    * Inputs of kernels that check their layout (``_LAYOUT_CHECKED``:
+      ``native_group_norm`` and its backward) are copied to the contiguous
+      format first: a batching rule hands them a view of the batched tensor
+      whose layout can differ from the traced one (e.g. channels-last strides
+      on size-1 dims at a window of one position), and the kernel would raise.
+    """
+    tensors = [leaf for leaf in pytree.tree_leaves(example_args) if isinstance(leaf, torch.Tensor)]
+    on_cpu = all(tensor.device.type == "cpu" for tensor in tensors)
+    with sdpa_kernel(SDPBackend.MATH) if on_cpu else contextlib.nullcontext():
+        graph_module = make_fx(functionalize(lambda *args: fn(*args), remove="mutations"), tracing_mode="fake")(
+            *example_args
+        )
+    graph = graph_module.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target in _VIEWS_TO_RESHAPE:
+            node.target = torch.ops.aten.reshape.default
+        for index in _LAYOUT_CHECKED.get(node.target, ()):
+            with graph.inserting_before(node):
+                copy = graph.call_function(
+                    torch.ops.aten.clone.default, (node.args[index],), {"memory_format": torch.contiguous_format}
+                )
+            node.update_arg(index, copy)
+    graph_module.graph.eliminate_dead_code()
+    graph_module.recompile()
+    return graph_module
 
 
 def _trace(fn, *example_args):

@@ -2,7 +2,7 @@
 
 Prints what seqpar found and decided, checks outputs and gradients against
 eager PyTorch, and times a training step (forward + backward) against eager
-in the same run.
+in the same run, both with one intra-op thread.
 """
 
 import statistics
@@ -39,6 +39,10 @@ def median_time(fn, repeats=7):
 
 
 def main():
+    # One intra-op thread for both sides: on tensors this small, OpenMP's worker
+    # threads only add barrier waits (milliseconds per op when another process
+    # holds the second core), which would make either timing meaningless.
+    torch.set_num_threads(1)
     model = deep_mlp(DEPTH, WIDTH)
     x = torch.randn(BATCH, WIDTH, generator=torch.Generator().manual_seed(1))
     print(f"model: {DEPTH} x (Linear({WIDTH}, {WIDTH}) + Tanh), batch {BATCH}, float32, CPU\n")

@@ -25,10 +25,11 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from .debug import log, write_dump
 from .options import Options, parse_options
-from .passes.chain import Candidate, Chain
+from .passes.chain import Candidate, Chain, map_state, state_leaves
 from .passes.detect import find_chains
+from .passes.effects import is_random
 from .passes.policy import Decision, decide
-from .passes.rewrite import StepAdapter, build_chain_program, constant_stack, remap_chain, rewrite_chain
+from .passes.rewrite import StepAdapter, build_chain_program, constant_stack, remap_chain, rewrite_chain, state_layout
 from .report import ChainReport, format_table
 from .runtime.lyapunov import largest_lyapunov_exponent
 from .verify import compare_outputs
@@ -81,10 +82,23 @@ class SeqparBackend:
         if chains:
             values = _probe_values(gm, example_inputs, chains) if self.options.policy == "auto" else {}
             probes = [_lyapunov(chain, values) for chain in chains]  # before any rewrite renames nodes
+            device_types = [state_leaves(chain.start)[0].meta["example_value"].device.type for chain in chains]
+            decisions = [
+                decide(chain, self.options, device, lyapunov)
+                for chain, device, lyapunov in zip(chains, device_types, probes)
+            ]
+            replaced = {
+                node
+                for chain, decision in zip(chains, decisions)
+                if decision.form != "unrolled"
+                for segment in chain.nodes
+                for node in segment
+            }
+            standalone = not _has_other_compute(work, ignore=replaced)
             replacements = {}
-            for index, (chain, lyapunov) in enumerate(zip(chains, probes)):
+            for index, (chain, decision, lyapunov) in enumerate(zip(chains, decisions, probes)):
                 remap_chain(chain, replacements)
-                replacements.update(self._handle_chain(work, chain, index, lyapunov, record))
+                replacements.update(self._handle_chain(work, chain, index, decision, lyapunov, record, standalone))
         record.rewritten_code = work.code
         for report in record.chains:
             log.info("seqpar graph %d: %s chain of %d (%s): %s", record.index, report.kind, report.length,
@@ -96,17 +110,23 @@ class SeqparBackend:
             compiled = lookup_backend(self.options.inner)(work, example_inputs)
         return self._wrap(gm, compiled, record)
 
-    def _handle_chain(self, work, chain: Chain, index: int, lyapunov, record: GraphRecord) -> dict:
-        """Decide and, where chosen, rewrite ``chain``; returns the rewrite's node replacements."""
-        device_type = chain.start.meta["example_value"].device.type
-        decision = decide(chain, self.options, device_type, lyapunov)
+    def _handle_chain(
+        self, work, chain: Chain, index: int, decision: Decision, lyapunov, record: GraphRecord, standalone: bool
+    ) -> dict:
+        """Rewrite ``chain`` where ``decision`` says so; returns the rewrite's node replacements.
+
+        ``standalone``: the rewritten graph will hold nothing but chain ops and
+        glue, and runs without the inner compiler.
+        """
         report = _chain_report(chain, decision, lyapunov)
         record.chains.append(report)
         if decision.form == "unrolled":
             return {}
         try:
-            program = build_chain_program(chain, decision, self.options.tol, self.options.max_iters)
-            replacements = rewrite_chain(work, chain, program, index)
+            program = build_chain_program(
+                chain, decision, self.options.tol, self.options.max_iters, standalone=standalone
+            )
+            replacements = rewrite_chain(work, chain, program, index, standalone=standalone)
         except Exception as error:
             report.decision, report.form = "rejected", ""
             report.reason = f"rewrite failed ({type(error).__name__}: {str(error).splitlines()[0][:200]}); left unchanged"
@@ -119,32 +139,68 @@ class SeqparBackend:
     def _wrap(self, original: fx.GraphModule, compiled, record: GraphRecord):
         every = self.options.verify
         debug_dir = self.options.debug_dir
+        # A second run of a graph that draws random numbers differs from the first: its outputs cannot be compared.
+        random_node = next((node for node in original.graph.nodes if is_random(node)), None)
 
         def run(*args):
             record.calls += 1
             due = every and (record.calls == 1 or (every > 1 and record.calls % every == 0))
             if record.fell_back:
                 return original(*args)
+            if due:
+                for _, program in record.programs:
+                    program.check_next = _check_states
             out = compiled(*args)
             record.refresh_stats()
             if due and record.programs:
-                with torch.no_grad():
-                    expected = original(*args)
-                ok, _, detail = compare_outputs(expected, out)
-                record.verification.append(f"call {record.calls}: {'ok' if ok else 'MISMATCH'}: {detail}")
-                if not ok:
-                    log.warning("seqpar graph %d: verification failed (%s); running the original graph from now on",
-                                record.index, detail)
-                    record.fell_back = True
-                    for report, _ in record.programs:
-                        report.reason += f"; verification mismatch at call {record.calls}, original graph used"
-                    out = original(*args)
+                _record_chain_checks(record)
+                out = _check_graph(record, original, args, out, random_node)
             if debug_dir:
                 write_dump(debug_dir, record)
             return out
 
         run.seqpar_record = record
         return run
+
+
+def _check_graph(record: GraphRecord, original: fx.GraphModule, args, out, random_node):
+    """The compiled graph's outputs ``out`` against the original graph's; on a mismatch the original graph's
+    outputs, and ``record.fell_back`` set so the original graph runs from then on."""
+    if random_node is not None:
+        record.verification.append(f"call {record.calls}: graph check skipped: {random_node.name} draws random numbers")
+        return out
+    with torch.no_grad():
+        expected = original(*args)
+    ok, _, detail = compare_outputs(expected, out)
+    record.verification.append(f"call {record.calls}: graph {'ok' if ok else 'MISMATCH'}: {detail}")
+    if ok:
+        return out
+    log.warning("seqpar graph %d: verification failed (%s); running the original graph from now on", record.index, detail)
+    record.fell_back = True
+    for report, _ in record.programs:
+        report.reason += f"; graph verification mismatch at call {record.calls}, original graph used"
+    return original(*args)
+
+
+def _check_states(reference: torch.Tensor, states: torch.Tensor) -> tuple[bool, str]:
+    """A chain's solver states against its sequential loop, with :data:`seqpar.verify.VERIFY_TOLERANCE`."""
+    ok, _, detail = compare_outputs(reference, states)
+    return ok, detail.replace("output 0: ", "")
+
+
+def _record_chain_checks(record: GraphRecord) -> None:
+    """Move the chains' check results into the record; a mismatched chain is reported sequential from now on."""
+    for position, (report, program) in enumerate(record.programs):
+        if program.last_check is None:
+            continue
+        ok, detail = program.last_check
+        program.last_check = None
+        record.verification.append(f"call {record.calls}: chain {position} {'ok' if ok else 'MISMATCH'}: {detail}")
+        if not ok:
+            report.decision, report.method = "sequential", "sequential"
+            report.reason += (
+                f"; verification mismatch at call {record.calls} ({detail}): solved sequentially from then on"
+            )
 
 
 class InvalidOptions(ShortenTraceback, ValueError):
@@ -164,17 +220,19 @@ def seqpar_backend(gm: fx.GraphModule, example_inputs, options: dict | None = No
     return SeqparBackend(parsed)(gm, example_inputs)
 
 
-_VIEW_METHODS = {"reshape", "view", "flatten", "contiguous", "size"}
+_VIEW_METHODS = {"reshape", "view", "flatten", "contiguous", "size", "narrow"}
 
 
-def _has_other_compute(gm: fx.GraphModule) -> bool:
-    """Whether ``gm`` computes anything besides the chain ops and reshapes around them."""
+_GLUE_FUNCTIONS = {torch.ops.seqpar.chain_solve.default, torch.ops.aten.select.int, operator.getitem, torch.stack}
+
+
+def _has_other_compute(gm: fx.GraphModule, ignore: frozenset | set = frozenset()) -> bool:
+    """Whether ``gm`` computes anything besides the nodes in ``ignore``, chain ops and the glue around them
+    (reshapes, selects, parameter stacks)."""
     for node in gm.graph.nodes:
-        if node.op == "call_method" and node.target in _VIEW_METHODS:
+        if node in ignore or (node.op == "call_method" and node.target in _VIEW_METHODS):
             continue
-        if node.op == "call_function" and (
-            node.target in (torch.ops.seqpar.chain_solve.default, torch.ops.aten.select.int, operator.getitem)
-        ):
+        if node.op == "call_function" and node.target in _GLUE_FUNCTIONS:
             continue
         if node.op in ("call_function", "call_method", "call_module"):
             return True
@@ -195,7 +253,7 @@ def _probe_values(gm, example_inputs, chains: list[Chain]) -> dict:
     """Real values of the nodes the predictability probe needs, from one run of the original graph."""
     if any(isinstance(value, FakeTensor) for value in example_inputs):
         return {}
-    wanted = {node.name for chain in chains for node in [chain.start, *chain.shared]}
+    wanted = {node.name for chain in chains for node in [*state_leaves(chain.start), *chain.shared]}
     wanted |= {node.name for chain in chains for item in chain.per_step for node in item.nodes}
     values = {}
 
@@ -217,20 +275,24 @@ def _probe_values(gm, example_inputs, chains: list[Chain]) -> dict:
 
 def _lyapunov(chain: Chain, values: dict) -> float | None:
     """The probe's estimate for ``chain``, or None without values or for wide states."""
-    if not values or chain.start.name not in values:
+    if not values or any(node.name not in values for node in state_leaves(chain.start)):
         return None
-    state = values[chain.start.name]
+    layout = state_layout(chain)  # the probe runs on the packed state (N, w), one tensor for a tuple state too
+    state = layout.pack(map_state(lambda node: values[node.name], chain.start))
     xs = []
     for item in chain.per_step:
         if item.kind == "constant":
             xs.append(constant_stack(item, chain.state_dtype, state.device))
+        elif item.kind == "slice":
+            xs.append(values[item.nodes[0].name].narrow(0, item.start, chain.length))
         else:
             xs.append(torch.stack([values[node.name] for node in item.nodes]))
     shared = [values[node.name] for node in chain.shared]
     adapter = StepAdapter(chain.step)
     try:
         return largest_lyapunov_exponent(
-            lambda s, x, sh: adapter(s, x, *sh), chain.length, state, xs, shared, max_steps=PROBE_STEPS
+            lambda s, x, sh: layout.pack(adapter(layout.unpack(s), x, *sh)), chain.length, state, xs, shared,
+            max_steps=PROBE_STEPS,
         )
     except Exception as error:
         log.info("seqpar: predictability probe failed for chain at %s (%s)", _span(chain.modules), error)

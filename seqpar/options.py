@@ -11,7 +11,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
-JACOBIANS = ("auto", "full", "diag", "identity")
+JACOBIANS = ("auto", "full", "diag", "identity", "estimate")
 POLICIES = ("auto", "parallel", "sequential")
 SEQUENTIAL_FORMS = ("auto", "unrolled", "rolled")
 INNER_BACKENDS = ("inductor", "eager", "aot_eager")
@@ -23,7 +23,10 @@ class Options:
     """Validated backend options.
 
     jacobian:   blocks of the Newton linearisation: "full" (Newton), "diag"
-                (quasi-Newton), "identity" (Picard), "auto" (by state width).
+                (quasi-Newton), "identity" (Picard), "estimate" (``J ~ c_l I``
+                per step from one VJP with a random probe), "auto" (by state
+                width; for denoising chains Picard or the estimate, by the
+                predictability probe).
     tol:        convergence tolerance ``|ds| <= tol (1 + |s|)``; None: by dtype.
     max_iters:  parallel iterations before the rest is evaluated sequentially;
                 None: 40, or for a windowed solve ``4 * ceil(L / window) + 40``.
@@ -39,8 +42,11 @@ class Options:
                 to compile, eager run speed), "auto": rolled from 64 steps up.
     adjoint:    backward solve: "auto" (cost model), "parallel", "sequential".
     inner:      backend for the rest of the graph.
-    verify:     0/False: off; True/1: compare with the original graph on the
-                first call; N > 1: on the first and every N-th call.
+    verify:     0/False: off; True/1: check the first call; N > 1: the first
+                and every N-th call. A check compares each chain's solve with
+                its sequential loop (a mismatched chain is solved sequentially
+                from then on) and the graph's outputs with the original graph
+                (a mismatch there runs the original graph from then on).
     debug_dir:  directory for the debug dump (None: no dump).
     """
 

@@ -50,12 +50,17 @@ ZOO = {
     "relu_mlp": lambda: zoo.deep_mlp(depth=12, width=8, act="relu"),
     "mlp_layernorm": lambda: zoo.mlp_layernorm(),
     "modulelist": lambda: zoo.modulelist_mlp(),
+    "stacked_mlp": lambda: zoo.stacked_mlp(),
+    "stacked_mlp_reversed": lambda: zoo.stacked_mlp(order="reverse"),
     "residual_mlp": lambda: zoo.residual_mlp(),
     "conv_resnet": lambda: zoo.conv_resnet(),
     "preln_transformer": lambda: zoo.preln_transformer(),
     "transformer_encoder": lambda: zoo.transformer_stack(),
     "nested_region": lambda: zoo.nested_region_stack(),
     "rnn": lambda: zoo.unrolled_rnn(),
+    "gru_cell": lambda: zoo.gru_cell_loop(),
+    "lstm_cell": lambda: zoo.lstm_cell_loop(),
+    "hand_lstm": lambda: zoo.hand_lstm(),
     "unet_uniform": lambda: zoo.unet_uniform(),
     "graph_break": lambda: zoo.graph_break_mlp(),
     "tapped_mlp": lambda: zoo.tapped_mlp(),
@@ -83,6 +88,112 @@ def test_zoo_chains_are_solved_by_the_parallel_op(name):
     solved = [chain for chain in chain_reports(backend) if chain.form == "solver"]
     assert solved and all(chain.stats["converged"] and chain.stats["fallback"] is None for chain in solved)
     assert "seqpar.chain_solve" in backend.graphs[0].rewritten_code
+
+
+TUPLE_STATE_MODELS = {
+    "lstm_cell_16": lambda: zoo.lstm_cell_loop(16),
+    "lstm_cell_64_sequence": lambda: zoo.lstm_cell_loop(64, hidden=5, batch=2, sequence=True),
+    "hand_lstm_16": lambda: zoo.hand_lstm(16),
+    "hand_lstm_64_all_states": lambda: zoo.hand_lstm(64, hidden=5, batch=2, outputs="all"),
+}
+TUPLE_STATE_OPTIONS = {
+    "parallel": {"policy": "parallel"},
+    "sequential": {"policy": "sequential"},
+    "sequential_rolled": {"policy": "sequential", "sequential_form": "rolled"},
+}
+
+
+def squares(outputs):
+    """A loss that reads every output of a model returning a tensor or a tuple of tensors."""
+    return sum(out.square().sum() for out in torch.utils._pytree.tree_leaves(outputs))
+
+
+@pytest.mark.parametrize("options", sorted(TUPLE_STATE_OPTIONS))
+@pytest.mark.parametrize("name", sorted(TUPLE_STATE_MODELS))
+def test_lstm_tuple_state_outputs_and_gradients_equal_eager_in_float64(name, options):
+    model, inputs = to_double(*TUPLE_STATE_MODELS[name]())
+    compiled = torch.compile(model, backend="seqpar", options={**TUPLE_STATE_OPTIONS[options], "min_chain": 4, "inner": "eager"})
+    torch._dynamo.reset()
+    torch.testing.assert_close(compiled(*inputs), model(*inputs), atol=F64_ATOL, rtol=0)
+    got = torch.autograd.grad(squares(compiled(*inputs)), list(model.parameters()))
+    want = torch.autograd.grad(squares(model(*inputs)), list(model.parameters()))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=F64_ATOL, rtol=0)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", ["lstm_cell_64_sequence", "hand_lstm_64_all_states"])
+def test_lstm_tuple_state_is_packed_and_solved_by_the_parallel_op(name):
+    model, inputs = to_double(*TUPLE_STATE_MODELS[name]())
+    compiled, backend = compile_with(model, policy="parallel")
+    compiled(*inputs)
+    (chain,) = chain_reports(backend)
+    assert (chain.kind, chain.state_shape, chain.form) == ("recurrent", ((2, 5), (2, 5)), "solver")
+    assert chain.stats["converged"] and chain.stats["fallback"] is None
+    code = backend.graphs[0].rewritten_code
+    assert "seqpar.chain_solve" in code and "torch.cat" in code and ".split(" in code
+    assert "(2x5, 2x5)" in backend.graphs[0].table()
+
+
+def test_tuple_state_with_different_batch_dims_is_rejected_and_the_model_still_equals_eager():
+    model, inputs = to_double(*zoo.mismatched_batch_pair(8))
+    compiled, backend = compile_with(model, policy="parallel")
+    torch.testing.assert_close(compiled(*inputs), model(*inputs), atol=0, rtol=0)
+    (chain,) = chain_reports(backend)
+    assert chain.decision == "rejected" and "tuple state with different batch dims" in chain.reason
+    assert chain.state_shape == ((4, 8), (8, 4))
+    assert "seqpar.chain_solve" not in backend.graphs[0].rewritten_code
+
+
+SOLVED_OPTIONS = {
+    "parallel": {"policy": "parallel"},
+    "sequential_rolled": {"policy": "sequential", "sequential_form": "rolled"},
+}
+
+
+def assert_equals_eager_in_float64(model, inputs, compiled):
+    torch.testing.assert_close(compiled(*inputs), model(*inputs), atol=F64_ATOL, rtol=0)
+    for got, want in zip(gradients(compiled, inputs), gradients(model, inputs)):
+        torch.testing.assert_close(got, want, atol=F64_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("options", sorted(SOLVED_OPTIONS))
+def test_rows_of_a_stacked_parameter_reach_the_op_as_the_parameter_itself(options):
+    model, inputs = to_double(*zoo.stacked_mlp(16, 4))
+    compiled, backend = compile_with(model, **SOLVED_OPTIONS[options])
+    assert_equals_eager_in_float64(model, inputs, compiled)
+    (chain,) = chain_reports(backend)
+    assert (chain.kind, chain.length, chain.form) == ("layers", 16, "solver" if options == "parallel" else "rolled")
+    code = backend.graphs[0].rewritten_code
+    assert "chain_solve.default(" in code and "[l_self_parameters_w_, l_self_parameters_b_]" in code
+    assert "torch.stack" not in code and "parameters_w_[" not in code and "parameters_b_[" not in code
+
+
+def test_rows_from_an_offset_reach_the_op_as_one_narrow_view():
+    model, inputs = to_double(*zoo.stacked_mlp(8, 4, rows=12, offset=2))
+    compiled, backend = compile_with(model, policy="parallel")
+    assert_equals_eager_in_float64(model, inputs, compiled)
+    code = backend.graphs[0].rewritten_code
+    assert "l_self_parameters_w_.narrow(0, 2, 8)" in code and "torch.stack" not in code
+
+
+@pytest.mark.parametrize("order", ["reverse", "strided"])
+def test_rows_not_read_in_consecutive_order_are_stacked_and_still_equal_eager(order):
+    model, inputs = to_double(*zoo.stacked_mlp(8, 4, order=order))
+    compiled, backend = compile_with(model, policy="parallel")
+    assert_equals_eager_in_float64(model, inputs, compiled)
+    (chain,) = chain_reports(backend)
+    assert (chain.kind, chain.length, chain.form) == ("layers", 8, "solver")
+    assert "torch.stack" in backend.graphs[0].rewritten_code
+
+
+def test_nested_compile_region_is_one_chain_over_every_layer():
+    model, inputs = to_double(*zoo.nested_region_stack(depth=8))
+    compiled, backend = compile_with(model, policy="parallel")
+    assert_equals_eager_in_float64(model, inputs, compiled)
+    (chain,) = chain_reports(backend)
+    assert (chain.length, chain.modules[0], chain.modules[-1], chain.form) == (8, "layers.0", "layers.7", "solver")
+    assert "torch._C._nn.linear" not in backend.graphs[0].rewritten_code
 
 
 @pytest.mark.parametrize("make", [zoo.single_linear, zoo.short_mlp, zoo.unet_like])
@@ -125,21 +236,70 @@ def test_expansive_chain_falls_back_and_still_equals_eager():
     assert chain.stats["fallback"].startswith("did not converge in 5 iterations")
 
 
-def test_verification_catches_a_wrong_solve_and_uses_the_original_graph():
+def test_verification_catches_a_wrong_solve_and_solves_that_chain_sequentially():
     # A tolerance of 1e3 lets Newton stop after one iteration with wrong states.
     model, inputs = to_double(*zoo.deep_mlp(depth=16, width=4))
     compiled, backend = compile_with(model, policy="parallel", tol=1e3, verify=True)
     torch.testing.assert_close(compiled(*inputs), model(*inputs), atol=F64_ATOL, rtol=0)
     graph = backend.graphs[0]
-    assert graph.fell_back and "MISMATCH" in graph.verification[0]
-    assert "verification mismatch" in graph.chains[0].reason
+    assert graph.verification[0].startswith("call 1: chain 0 MISMATCH")
+    assert graph.verification[1].startswith("call 1: graph ok")
+    assert not graph.fell_back  # only the chain changed: the rest of the graph stays compiled
+    (chain,) = chain_reports(backend)
+    assert chain.decision == "sequential" and "verification mismatch at call 1" in chain.reason
+    torch.testing.assert_close(compiled(*inputs), model(*inputs), atol=F64_ATOL, rtol=0)
+    assert chain_reports(backend)[0].stats["fallback"].startswith("verification mismatch")
 
 
 def test_verification_passes_on_a_correct_solve():
     model, inputs = to_double(*zoo.deep_mlp(depth=16, width=4))
     compiled, backend = compile_with(model, policy="parallel", verify=True)
     compiled(*inputs)
-    assert backend.graphs[0].verification[0].startswith("call 1: ok")
+    assert [entry.split(":")[1] for entry in backend.graphs[0].verification] == [" chain 0 ok", " graph ok"]
+
+
+def test_graph_verification_mismatch_runs_the_original_graph(monkeypatch):
+    # A wrong rewrite, simulated by an inner compiler whose graph adds 1 to every output,
+    # is caught by the whole-graph check: the original graph runs from then on.
+    import torch.utils._pytree as pytree
+
+    def wrong_inner(name):
+        return lambda gm, example_inputs: lambda *args: pytree.tree_map(lambda out: out + 1, gm(*args))
+
+    monkeypatch.setattr("seqpar.backend.lookup_backend", wrong_inner)
+    monkeypatch.setattr("seqpar.backend._has_other_compute", lambda gm, ignore=frozenset(): True)
+    model, inputs = to_double(*zoo.deep_mlp(depth=16, width=4))
+    compiled, backend = compile_with(model, policy="parallel", verify=True)
+    torch.testing.assert_close(compiled(*inputs), model(*inputs), atol=F64_ATOL, rtol=0)
+    graph = backend.graphs[0]
+    assert graph.fell_back and graph.verification[-1].startswith("call 1: graph MISMATCH")
+    assert "graph verification mismatch at call 1" in graph.chains[0].reason
+    torch.testing.assert_close(compiled(*inputs), model(*inputs), atol=F64_ATOL, rtol=0)
+
+
+def test_graph_check_is_skipped_for_a_graph_that_draws_random_numbers():
+    # Dropout in training mode before the chain: a second run of the original graph would
+    # draw other numbers, so only the chain (deterministic) is checked.
+    model, inputs = to_double(*zoo.deep_mlp(depth=16, width=4))
+    model = torch.nn.Sequential(torch.nn.Dropout(0.5), model).train()
+    compiled, backend = compile_with(model, policy="parallel", verify=True)
+    torch.manual_seed(1)
+    got = compiled(*inputs)
+    torch.manual_seed(1)
+    torch.testing.assert_close(got, model(*inputs), atol=F64_ATOL, rtol=0)
+    graph = backend.graphs[0]
+    assert [entry.split(":")[1] for entry in graph.verification] == [" chain 0 ok", " graph check skipped"]
+    assert not graph.fell_back
+
+
+def test_estimated_jacobian_option_still_equals_eager():
+    # jacobian="estimate" (J ~ c_l I from one VJP) is a quasi-Newton choice: slower to converge
+    # on an MLP, but the result must equal eager all the same.
+    model, inputs = to_double(*zoo.deep_mlp(depth=16, width=4))
+    compiled, backend = compile_with(model, policy="parallel", jacobian="estimate")
+    torch.testing.assert_close(compiled(*inputs), model(*inputs), atol=F64_ATOL, rtol=0)
+    (chain,) = chain_reports(backend)
+    assert chain.jacobian == "estimate" and chain.stats["jacobian"] == "estimate"
 
 
 def test_debug_dump_holds_graphs_chains_and_stats(tmp_path):

@@ -8,6 +8,12 @@ along the sequential trajectory ``s_l = f(s_{l-1}, x_l)`` from a random unit
 converge in a number of steps independent of ``L``; ``lambda > 0``: errors
 grow like ``exp(lambda L)`` and the chain should stay sequential (Gonzalez,
 Kozachkov et al. 2025).
+
+Where a step has no forward-mode derivative (e.g. the fused CPU attention
+kernel of a UNet), the same exponent comes from reverse mode: the product
+``J_L ... J_1`` and its transpose have the same singular values, so power
+iteration with VJPs ``u_{l-1} = J_l^T u_l / ||J_l^T u_l||`` backwards along the
+stored trajectory averages the same logarithms.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.func import jvp
+from torch.func import jvp, vjp
 
 
 def largest_lyapunov_exponent(
@@ -33,16 +39,54 @@ def largest_lyapunov_exponent(
     work = torch.float64 if s0.dtype == torch.float64 else torch.float32
     tangent = torch.randn(s0.shape, generator=generator, dtype=work).to(device=s0.device, dtype=s0.dtype)
     tangent = tangent / tangent.norm()
+    try:
+        return _forward_mode(step, length, s0, xs_leaves, shared, tangent, work)
+    except (RuntimeError, NotImplementedError):  # no forward-mode formula for some op of the step
+        return _reverse_mode(step, length, s0, xs_leaves, shared, tangent, work)
+
+
+def _forward_mode(step, length, s0, xs_leaves, shared, tangent, work) -> float:
+    """Power iteration with one JVP per step along the trajectory."""
     state, total = s0, 0.0
     with torch.no_grad():
         for index in range(length):
             x_leaves = [leaf[index] for leaf in xs_leaves]
             state, tangent = jvp(lambda s: step(s, x_leaves, shared), (state,), (tangent,))
-            growth = float(tangent.to(work).norm())
-            if not math.isfinite(growth) or not bool(torch.isfinite(state).all()):
+            if not bool(torch.isfinite(state).all()):
                 return math.inf
-            if growth == 0.0:
-                return -math.inf
-            total += math.log(growth)
-            tangent = tangent / growth
+            tangent, log_growth = _normalised(tangent, work)
+            if not math.isfinite(log_growth):
+                return log_growth
+            total += log_growth
     return total / length
+
+
+def _reverse_mode(step, length, s0, xs_leaves, shared, cotangent, work) -> float:
+    """Power iteration with one VJP per step, backwards along the stored trajectory."""
+    states = [s0]
+    with torch.no_grad():
+        for index in range(length):
+            states.append(step(states[-1], [leaf[index] for leaf in xs_leaves], shared))
+            if not bool(torch.isfinite(states[-1]).all()):
+                return math.inf
+    total = 0.0
+    for index in reversed(range(length)):
+        x_leaves = [leaf[index] for leaf in xs_leaves]
+        _, pullback = vjp(lambda s: step(s, x_leaves, shared), states[index])
+        (cotangent,) = pullback(cotangent)
+        cotangent, log_growth = _normalised(cotangent.detach(), work)
+        if not math.isfinite(log_growth):
+            return log_growth
+        total += log_growth
+    return total / length
+
+
+def _normalised(vector, work):
+    """``(vector / ||vector||, log ||vector||)``; the log is ``-inf`` for a zero vector and
+    ``inf`` for a non-finite one (the vector is then of no further use)."""
+    growth = float(vector.to(work).norm())
+    if not math.isfinite(growth):
+        return vector, math.inf
+    if growth == 0.0:
+        return vector, -math.inf
+    return vector / growth, math.log(growth)

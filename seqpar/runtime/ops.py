@@ -15,11 +15,15 @@ to by an integer id because custom ops take tensors and plain values only.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from .adjoint import adjoint_solve
 from .newton import newton_solve
 from .sequential import solve_sequentially
+
+log = logging.getLogger("seqpar.runtime")
 
 _PROGRAMS: dict = {}
 _STACKS: dict = {}
@@ -71,12 +75,35 @@ def chain_solve(
         states, stats = solve_sequentially(chain, s0, leaves, shared, chain.sequential_reason)
     else:
         states, stats = newton_solve(chain, s0, leaves, shared, **chain.solver_options)
+    if chain.check_next is not None:
+        states, stats = _checked(chain, s0, leaves, shared, states, stats)
     chain.last_stats = stats
     if states.storage_offset() or not states.is_contiguous():
         # The solver may return a view into its work buffer; the op's (fake) contract
         # is a fresh contiguous tensor at offset 0.
         states = states.clone(memory_format=torch.contiguous_format)
     return states
+
+
+def _checked(chain, s0, leaves, shared, states, stats):
+    """Compare the solve with the sequential loop by ``chain.check_next`` (consumed).
+
+    On a mismatch the chain is solved sequentially from then on and this call
+    returns the sequential states: a wrong solve never reaches the caller.
+    """
+    check, chain.check_next = chain.check_next, None
+    if chain.method == "sequential":
+        chain.last_check = (True, "sequential loop: nothing to check")
+        return states, stats
+    reference, reference_stats = solve_sequentially(chain, s0, leaves, shared, "")
+    ok, detail = check(reference, states)
+    chain.last_check = (ok, detail)
+    if ok:
+        return states, stats
+    chain.method = "sequential"
+    chain.sequential_reason = reference_stats.fallback = f"verification mismatch ({detail}); sequential from then on"
+    log.warning("seqpar: chain of %d steps: %s", chain.length, chain.sequential_reason)
+    return reference, reference_stats
 
 
 @chain_solve.register_fake

@@ -22,7 +22,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from ..runtime.chain import _solver_options, build_program
+from ..runtime.chain import build_program, validated_solver_options
 from ..runtime.newton import DEFAULT_MAX_ITERS
 from ..runtime.program import ChainProgram, StateLayout
 from .chain import Chain, map_state, state_leaves
@@ -121,7 +121,7 @@ def build_chain_program(
     window = decision.window if decision.window is not None and decision.window < chain.length else None
     if max_iters is None and window is not None:  # a windowed solve needs at least L / W iterations more
         max_iters = 4 * -(-chain.length // window) + DEFAULT_MAX_ITERS
-    solver_options = _solver_options(tol, max_iters, None, chain.state_dtype, chain.length)  # default damping
+    solver_options = validated_solver_options(tol, max_iters, None, chain.state_dtype, chain.length)
     solver_options["window"] = window
     # Trace outside Dynamo's tracing context: its fake mode would make the sizes symbolic.
     with torch._guards.tracing(None), unset_fake_temporarily():

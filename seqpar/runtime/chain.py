@@ -91,7 +91,7 @@ def solve_chain(
     layout, xs_leaves, xs_spec, shared, length = _validate(step, s0, xs, shared, length, batch_ndim)
     jacobian = _choose(jacobian, JACOBIAN_CHOICES, "jacobian", "full" if layout.width <= DENSE_WIDTH_LIMIT else "identity")
     adjoint = _choose(adjoint, ADJOINT_CHOICES, "adjoint", "parallel" if layout.width <= DENSE_WIDTH_LIMIT else "sequential")
-    solver_options = _solver_options(tol, max_iters, damping, layout.dtype, length)
+    solver_options = validated_solver_options(tol, max_iters, damping, layout.dtype, length)
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise ValueError(f"window must be None or an int >= 1, got {window!r}")
     solver_options["window"] = window if window is not None and window < length else None
@@ -168,7 +168,14 @@ def build_program(
     return program
 
 
-def _solver_options(tol, max_iters, damping, dtype, length):
+def validated_solver_options(tol, max_iters, damping, dtype, length) -> dict:
+    """The validated ``newton_solve`` keywords ``{tol, max_iters, damping}``; the one place their defaults live.
+
+    ``tol=None``: by dtype (:meth:`Tolerance.resolve`); ``max_iters=None``:
+    :data:`DEFAULT_MAX_ITERS`, capped at ``length`` (prefix exactness finishes
+    a state per iteration); ``damping=None``: 0 (plain Newton). Bad values raise
+    ValueError naming the argument.
+    """
     if max_iters is None:
         max_iters = DEFAULT_MAX_ITERS
     if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1:

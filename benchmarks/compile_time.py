@@ -5,7 +5,8 @@
 Each backend compiles a fresh model in a fresh Dynamo state. Two times per
 backend: the first call (Dynamo's trace, the backend, the run) and the
 backend alone (what seqpar changes: Dynamo's trace of the unrolled Python
-loop is the same for both). Ratios are inductor / seqpar.
+loop is the same for both). Ratios are inductor / seqpar. Inductor's caches
+are disabled: a cached graph from an earlier run would time a cache lookup.
 """
 
 import argparse
@@ -50,6 +51,7 @@ def first_call(depth: int, width: int, name: str) -> tuple[float, float]:
 
 
 def main():
+    torch._inductor.config.force_disable_caches = True
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--depth", type=int, nargs="+", default=[1024])
     parser.add_argument("--width", type=int, default=4)

@@ -28,7 +28,7 @@ def training_step(model, x):
     return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
 
-def median_time(fn, repeats=7):
+def median_time(fn, repeats=15):
     fn()
     times = []
     for _ in range(repeats):

@@ -126,7 +126,7 @@ class SeqparBackend:
             program = build_chain_program(
                 chain, decision, self.options.tol, self.options.max_iters, standalone=standalone
             )
-            replacements = rewrite_chain(work, chain, program, index, standalone=standalone)
+            replacements = rewrite_chain(work, chain, program, index)
         except Exception as error:
             report.decision, report.form = "rejected", ""
             report.reason = f"rewrite failed ({type(error).__name__}: {str(error).splitlines()[0][:200]}); left unchanged"
@@ -221,8 +221,6 @@ def seqpar_backend(gm: fx.GraphModule, example_inputs, options: dict | None = No
 
 
 _VIEW_METHODS = {"reshape", "view", "flatten", "contiguous", "size", "narrow"}
-
-
 _GLUE_FUNCTIONS = {torch.ops.seqpar.chain_solve.default, torch.ops.aten.select.int, operator.getitem, torch.stack}
 
 

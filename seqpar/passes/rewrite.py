@@ -100,6 +100,7 @@ def build_chain_program(
 ) -> ChainProgram:
     """Trace the chain's step for the solver, with the decision's methods attached."""
     layout = state_layout(chain)
+    cached = not stacks_parameters_in_graph(chain, standalone)
     xs_examples, param_slots = [], []
     for index, chain_input in enumerate(chain.per_step):
         if chain_input.kind == "constant":
@@ -109,7 +110,7 @@ def build_chain_program(
             xs_examples.append(torch.empty(chain.length, *source.shape[1:], dtype=source.dtype, device=source.device))
         else:
             xs_examples.append(_empty_like(example_value(chain_input.nodes[0]), (chain.length,)))
-            if chain_input.kind == "parameter" and not stacks_parameters_in_graph(chain, standalone):
+            if chain_input.kind == "parameter" and cached:
                 param_slots.append(index)
     shared_examples = [_empty_like(example_value(node)) for node in chain.shared]
     # Buffers (running statistics, masks) get no gradient; some ops do not differentiate them.
@@ -143,9 +144,7 @@ def build_chain_program(
     return program
 
 
-def rewrite_chain(
-    gm: fx.GraphModule, chain: Chain, program: ChainProgram, index: int, *, standalone: bool = False
-) -> dict:
+def rewrite_chain(gm: fx.GraphModule, chain: Chain, program: ChainProgram, index: int) -> dict:
     """Replace ``chain``'s nodes in ``gm`` by ``seqpar::chain_solve`` (in place; caller recompiles).
 
     Returns ``{old node: new node}`` for the chain's states that stay visible,
@@ -163,14 +162,15 @@ def rewrite_chain(
         if outside:
             raise ValueError(f"{node.name} inside the chain is read by {outside[0].name} outside it")
 
-    in_graph = stacks_parameters_in_graph(chain, standalone)
-    layer_params = [] if in_graph else [node for item in chain.per_step if item.kind == "parameter" for node in item.nodes]
+    # Parameters the program caches (its ``param_slots``) go to the op unstacked; the rest are stacked here.
+    cached = set(program.param_slots)
+    layer_params = [node for slot in program.param_slots for node in chain.per_step[slot].nodes]
     last = next(node for node in reversed(chain.nodes[-1]) if node in served)  # the final state's last leaf
     existing = set(graph.nodes)
     with graph.inserting_before(last):
         xs_nodes = []
         for position, item in enumerate(chain.per_step):
-            if item.kind == "computed" or (item.kind == "parameter" and in_graph):
+            if item.kind == "computed" or (item.kind == "parameter" and position not in cached):
                 xs_nodes.append(graph.call_function(torch.stack, (list(item.nodes),)))
             elif item.kind == "slice":
                 xs_nodes.append(_slice(graph, item, chain.length))

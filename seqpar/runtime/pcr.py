@@ -22,6 +22,12 @@ equation ``l >= d`` absorbs equation ``l - d``::
 After the last step ``y_l = c_l``: the coefficients left in ``A`` multiply
 ``y_{-1} = 0``. Half and bfloat16 inputs are combined in float32.
 
+On CPU, :func:`solve_affine_recurrence` hands float32/float64 systems to the
+compiled forward substitution of :mod:`seqpar.runtime.cpu_scan` by default
+(``method="auto"``): with a few cores, depth buys nothing and the combine
+steps below cost ~50 small torch operations per solve. The combine steps stay
+the method on GPU (Triton), without a C compiler, and with ``method="pcr"``.
+
 How the combine steps run on CPU (all exact rewrites of the same recursion):
 
 * every step updates its buffers in place; with separate ``A`` and ``c``,
@@ -47,7 +53,10 @@ from __future__ import annotations
 
 import torch
 
+from . import cpu_scan
+
 JACOBIAN_KINDS = ("full", "diag", "identity")
+SOLVE_METHODS = ("auto", "pcr", "substitution")
 # Widest dense block combined in the homogeneous structure-of-arrays layout
 # (measured faster than batched matmul up to w = 4 on a 2-core CPU).
 SMALL_WIDTH = 4
@@ -84,7 +93,7 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def solve_affine_recurrence(
-    A: torch.Tensor | None, c: torch.Tensor, kind: str, *, reverse: bool = False
+    A: torch.Tensor | None, c: torch.Tensor, kind: str, *, reverse: bool = False, method: str = "auto"
 ) -> torch.Tensor:
     """Solve the affine recurrence in O(log L) depth and return ``y`` shaped like ``c``.
 
@@ -96,12 +105,26 @@ def solve_affine_recurrence(
     ``lam_{l-1} = g_{l-1} + J_l^T lam_l`` of implicit differentiation.
 
     The result has ``c``'s dtype; the combine steps run in
-    :func:`accumulation_dtype`. CUDA tensors go to the Triton kernels when
-    Triton is installed. The inputs are not modified.
+    :func:`accumulation_dtype`. The inputs are not modified.
+
+    ``method``: ``"pcr"`` (the combine steps above; on CUDA the Triton kernels
+    when Triton is installed), ``"substitution"`` (CPU only: the compiled
+    forward substitution of :mod:`seqpar.runtime.cpu_scan`, ``O(L N w^2)``
+    work in one pass) or ``"auto"``: substitution for CPU tensors outside
+    autograd whenever its kernel is available, PCR otherwise. ``"identity"``
+    is always a ``cumsum``. Not differentiable: inputs that require grad
+    raise ``ValueError`` (solve it under ``torch.no_grad()``).
     """
     if kind not in JACOBIAN_KINDS:
         raise ValueError(f"kind must be one of {JACOBIAN_KINDS}, got {kind!r}")
-    if c.is_cuda:
+    if method not in SOLVE_METHODS:
+        raise ValueError(f"method must be one of {SOLVE_METHODS}, got {method!r}")
+    if torch.is_grad_enabled() and (c.requires_grad or (A is not None and A.requires_grad)):
+        raise ValueError(
+            "solve_affine_recurrence is not differentiable (A or c requires grad): call it under "
+            "torch.no_grad(); solve_chain differentiates chains by its own adjoint solve"
+        )
+    if c.is_cuda and method != "substitution":
         from . import triton_pcr
 
         if triton_pcr.available():
@@ -112,6 +135,10 @@ def solve_affine_recurrence(
         c = c.to(work)
         y = torch.cumsum(c.flip(0), dim=0).flip(0) if reverse else torch.cumsum(c, dim=0)
         return y.to(out_dtype)
+    if method != "pcr":
+        y = _substitute(A, c, kind, reverse, work, required=method == "substitution")
+        if y is not None:
+            return y.to(out_dtype)
     length, batch, width = c.shape
     if kind == "full" and width <= SMALL_WIDTH:
         y = _solve_homogeneous(A, c, work, reverse)
@@ -120,6 +147,20 @@ def solve_affine_recurrence(
     else:
         y = _solve_blocks(A, c, work, reverse, "diag")
     return y.to(out_dtype)
+
+
+def _substitute(A, c, kind, reverse, work, *, required):
+    """The compiled substitution's ``y`` in ``work``, or ``None`` (``required``: raise instead)."""
+    A, c = A.to(work), c.to(work)
+    if cpu_scan.supports(A, c):
+        reason = cpu_scan.disabled_reason()
+        if reason is None:
+            return cpu_scan.solve(A, c, kind, reverse)
+    else:
+        reason = "it takes CPU float32/float64 tensors, outside torch.compile"
+    if required:
+        raise ValueError(f"method='substitution' cannot solve this system: {reason}")
+    return None
 
 
 def _reversed_blocks(A: torch.Tensor, kind: str) -> torch.Tensor:

@@ -1,0 +1,67 @@
+/*
+ * Forward substitution of seqpar's lower block-bidiagonal systems on CPU.
+ *
+ * The system is the affine recurrence of seqpar/runtime/pcr.py,
+ *
+ *     y_l = A_l y_{l-1} + c_l,   l = 0 .. L-1,   y_{-1} = 0          (forward)
+ *     y_l = A_{l+1}^T y_{l+1} + c_l,             y_L  = 0            (reverse)
+ *
+ * with N independent batch elements and states of w values. Substitution
+ * takes O(L N w^2) operations (PCR: O(L log L N w^3)) in one pass over memory;
+ * on a CPU with a few cores it is the fastest exact solve. The caller passes
+ * y holding c (contiguous (L, N, w)), overwritten with the solution, and A
+ * contiguous: (L, N, w, w) for dense blocks, (L, N, w) for diagonal ones.
+ *
+ * Compiled once per scalar type with -DSCALAR=float or -DSCALAR=double by
+ * seqpar/runtime/cpu_scan.py.
+ */
+
+#ifndef SCALAR
+#error "compile with -DSCALAR=float or -DSCALAR=double"
+#endif
+
+void scan_dense(const SCALAR *restrict A, SCALAR *restrict y, long length, long batch, long width, int reverse)
+{
+    const long block = width * width, row = batch * width;
+    if (!reverse) {
+        for (long l = 1; l < length; ++l) {
+            for (long n = 0; n < batch; ++n) {
+                const SCALAR *a = A + (l * batch + n) * block;
+                const SCALAR *previous = y + (l - 1) * row + n * width;
+                SCALAR *out = y + l * row + n * width;
+                for (long i = 0; i < width; ++i) {
+                    SCALAR sum = 0;
+                    for (long j = 0; j < width; ++j)
+                        sum += a[i * width + j] * previous[j];
+                    out[i] += sum;
+                }
+            }
+        }
+    } else {
+        for (long l = length - 2; l >= 0; --l) {
+            for (long n = 0; n < batch; ++n) {
+                const SCALAR *a = A + ((l + 1) * batch + n) * block; /* out += a^T next */
+                const SCALAR *next = y + (l + 1) * row + n * width;
+                SCALAR *out = y + l * row + n * width;
+                for (long j = 0; j < width; ++j) {
+                    const SCALAR v = next[j];
+                    for (long i = 0; i < width; ++i)
+                        out[i] += a[j * width + i] * v;
+                }
+            }
+        }
+    }
+}
+
+void scan_diagonal(const SCALAR *restrict a, SCALAR *restrict y, long length, long row, int reverse)
+{
+    if (!reverse) {
+        for (long l = 1; l < length; ++l)
+            for (long k = 0; k < row; ++k)
+                y[l * row + k] += a[l * row + k] * y[(l - 1) * row + k];
+    } else {
+        for (long l = length - 2; l >= 0; --l)
+            for (long k = 0; k < row; ++k)
+                y[l * row + k] += a[(l + 1) * row + k] * y[(l + 1) * row + k];
+    }
+}

@@ -11,7 +11,9 @@ loss is ``sum(s_L^2)``. Modes:
 The sequential baseline is the eager loop over per-layer parameter tensors
 (``F.linear`` + ``tanh``, what ``nn.Sequential`` of ``nn.Linear`` does); with
 ``--inductor`` also that loop compiled by ``torch.compile`` (inductor), whose
-compile time is recorded. seqpar is ``seqpar.runtime.solve_chain`` on the stacked
+compile time is recorded: unrolled up to ``--inductor-max-L`` layers, beyond
+that the rolled loop (``torch``'s ``scan`` over the stacked parameters; the
+unrolled graph takes inductor minutes from L ~ 512), marked in the table. seqpar is ``seqpar.runtime.solve_chain`` on the stacked
 ``W`` (``(L, w, w)``) and ``b`` (``(L, w)``).
 
 Reported per configuration: median times (``time.perf_counter``, after warm-up),
@@ -41,6 +43,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from torch._higher_order_ops.scan import scan  # noqa: E402
 
 from seqpar.runtime import solve_chain  # noqa: E402
 
@@ -135,6 +139,7 @@ class Row:
     iters: int
     error: float
     t_ind: float | None = None
+    inductor_form: str = ""
     compile_s: float | None = None
     mem_seq: int | None = None
     mem_par: int | None = None
@@ -148,6 +153,52 @@ class Row:
     @property
     def ratio_ind(self):
         return None if self.t_ind is None else self.t_ind / self.t_par
+
+
+def rolled_sequential(s0, W, b):
+    """The sequential loop as ``torch``'s ``scan`` over the stacked parameters; returns ``s_L``.
+
+    Written as inductor (torch 2.13) accepts it: the body's carry and output
+    are distinct tensors ("+ 0", "* 1"; equal ones fail its aliasing check),
+    and it is compiled with ``fullgraph=True`` (without, inductor's while-loop
+    lowering of the scan raises a data-dependent error).
+    """
+
+    def layer(s, parameters):
+        weight, bias = parameters
+        s = torch.tanh(s @ weight.T + bias)
+        return s + 0, s * 1
+
+    return scan(layer, s0, (W, b))[0]
+
+
+def inductor_baseline(mode, s0, W, b, Ws, bs, max_unrolled):
+    """(the timed call of the inductor-compiled sequential loop, its form).
+
+    Up to ``max_unrolled`` layers the per-layer loop is compiled unrolled (what
+    ``torch.compile`` does to an ``nn.Sequential``; inductor takes minutes from
+    L ~ 512 on); beyond, the rolled loop (:func:`rolled_sequential`, compiled in seconds).
+    """
+    if W.shape[0] <= max_unrolled:
+        compiled = torch.compile(sequential, backend="inductor", dynamic=False)
+        form, last = "unrolled", lambda: compiled(s0, Ws, bs)
+    else:
+        compiled = torch.compile(rolled_sequential, backend="inductor", dynamic=False, fullgraph=True)
+        form, last = "rolled", lambda: compiled(s0, W, b)
+    if mode == "forward":
+        def call():
+            with torch.no_grad():
+                last()
+    elif mode == "backward":
+        def call():
+            loss = last().square().sum()
+            start = time.perf_counter()
+            loss.backward()
+            return time.perf_counter() - start
+    else:
+        def call():
+            last().square().sum().backward()
+    return call, form
 
 
 def run_config(problem: Problem, modes, args, reference):
@@ -210,21 +261,8 @@ def run_config(problem: Problem, modes, args, reference):
         row = Row(problem.L, problem.w, problem.B, problem.gain, mode, t_seq, t_par, stats.iterations, error,
                   fallback=stats.fallback is not None)
 
-        if args.inductor and problem.L <= args.inductor_max_L:
-            compiled = torch.compile(sequential, backend="inductor", dynamic=False)
-            if mode == "forward":
-                def ind_call():
-                    with torch.no_grad():
-                        compiled(s0, Ws, bs)
-            elif mode == "backward":
-                def ind_call():
-                    loss = compiled(s0, Ws, bs).square().sum()
-                    start = time.perf_counter()
-                    loss.backward()
-                    return time.perf_counter() - start
-            else:
-                def ind_call():
-                    compiled(s0, Ws, bs).square().sum().backward()
+        if args.inductor:
+            ind_call, row.inductor_form = inductor_baseline(mode, s0, W, b, Ws, bs, args.inductor_max_L)
             torch._dynamo.reset()
             start = time.perf_counter()
             ind_call()
@@ -268,7 +306,7 @@ def format_row(row: Row) -> str:
     return (
         f"| {row.L} | {row.w} | {row.B} | {row.gain:g} | {row.mode} | {row.t_seq * 1e3:.2f} | {row.t_par * 1e3:.2f} "
         f"| **{row.ratio:.2f}** | {_fmt(None if row.t_ind is None else row.t_ind * 1e3, '.2f')} "
-        f"| {_fmt(row.ratio_ind, '.2f')} | {_fmt(row.compile_s, '.1f')} | {steps} | {row.error:.1e} | {mem} |"
+        f"| {_fmt(row.ratio_ind, '.2f')}{' (' + row.inductor_form + ')' if row.inductor_form else ''} | {_fmt(row.compile_s, '.1f')} | {steps} | {row.error:.1e} | {mem} |"
     )
 
 
@@ -313,7 +351,9 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (median)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
     parser.add_argument("--inductor", action="store_true", help="also time the torch.compile'd sequential loop")
-    parser.add_argument("--inductor-max-L", type=int, default=256, help="largest L compiled with --inductor")
+    parser.add_argument(
+        "--inductor-max-L", type=int, default=256, help="largest L compiled unrolled with --inductor (rolled above)"
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--out", type=Path, default=OUT, help="directory for the table and the plot")
     parser.add_argument("--name", default="mlp_grid", help="file name stem in --out")

@@ -13,8 +13,9 @@ The sequential baseline is the eager loop over per-layer parameter tensors
 ``--inductor`` also that loop compiled by ``torch.compile`` (inductor), whose
 compile time is recorded: unrolled up to ``--inductor-max-L`` layers, beyond
 that the rolled loop (``torch``'s ``scan`` over the stacked parameters; the
-unrolled graph takes inductor minutes from L ~ 512), marked in the table. seqpar is ``seqpar.runtime.solve_chain`` on the stacked
-``W`` (``(L, w, w)``) and ``b`` (``(L, w)``).
+unrolled graph takes inductor minutes from L ~ 512), marked in the table.
+seqpar is ``seqpar.runtime.solve_chain`` on the stacked ``W`` (``(L, w, w)``)
+and ``b`` (``(L, w)``).
 
 Reported per configuration: median times (``time.perf_counter``, after warm-up),
 ratio = sequential time / seqpar time (> 1: seqpar is faster), Newton steps,

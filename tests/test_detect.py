@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import operator
-import time
 
 import pytest
 import torch
@@ -565,14 +564,12 @@ def test_synthetic_mlp_graph_has_the_nodes_dynamo_makes():
     assert calls(synthetic) == calls(gm)
 
 
-def test_detection_on_a_1000_layer_graph_takes_under_a_second():
+def test_detection_finds_the_whole_chain_of_a_1000_layer_graph():
+    # Its time (issue 3: a 4000-node graph in under a second) is measured by benchmarks/detect_time.py.
     gm, example_inputs = zoo.mlp_graph(1000, 4)
     assert len(gm.graph.nodes) > 4000
-    start = time.perf_counter()
     chains, candidates = find_chains(gm)
-    elapsed = time.perf_counter() - start
     assert [(c.kind, c.length, c.batch_ndim) for c in chains] == [("layers", 1000, 1)]
     assert chains[0].modules[0] == "layers.0" and chains[0].modules[-1] == "layers.999"
-    assert elapsed < 1.0, f"detection took {elapsed:.2f} s"
     values = node_values(gm, example_inputs)
     assert_step_reproduces(chains[0], values, steps=[0, 500, 999])

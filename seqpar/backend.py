@@ -220,17 +220,27 @@ def seqpar_backend(gm: fx.GraphModule, example_inputs, options: dict | None = No
     return SeqparBackend(parsed)(gm, example_inputs)
 
 
-_VIEW_METHODS = {"reshape", "view", "flatten", "contiguous", "size", "narrow"}
-_GLUE_FUNCTIONS = {torch.ops.seqpar.chain_solve.default, torch.ops.aten.select.int, operator.getitem, torch.stack}
+# Glue: views, shape queries, packing and constant tensors. A graph of chain ops and glue runs as it is.
+_VIEW_METHODS = {
+    "reshape", "view", "flatten", "contiguous", "size", "narrow", "t", "transpose", "permute",
+    "unsqueeze", "squeeze", "expand", "split", "chunk", "unbind",
+}
+_VIEW_ATTRIBUTES = {"T", "mT", "shape", "dtype", "device"}
+_GLUE_FUNCTIONS = {
+    torch.ops.seqpar.chain_solve.default, torch.ops.aten.select.int, operator.getitem, torch.stack, torch.cat,
+    torch.split, torch.unbind, torch.transpose, torch.t, torch.zeros, torch.zeros_like, torch.ones, torch.ones_like,
+}
 
 
 def _has_other_compute(gm: fx.GraphModule, ignore: frozenset | set = frozenset()) -> bool:
     """Whether ``gm`` computes anything besides the nodes in ``ignore``, chain ops and the glue around them
-    (reshapes, selects, parameter stacks)."""
+    (views, selects, parameter stacks, packing of tuple states, zero initial states)."""
     for node in gm.graph.nodes:
         if node in ignore or (node.op == "call_method" and node.target in _VIEW_METHODS):
             continue
         if node.op == "call_function" and node.target in _GLUE_FUNCTIONS:
+            continue
+        if node.op == "call_function" and node.target is getattr and node.args[1] in _VIEW_ATTRIBUTES:
             continue
         if node.op in ("call_function", "call_method", "call_module"):
             return True

@@ -365,3 +365,29 @@ def test_deep_zoo_models_equal_eager_in_float64(make):
     for got, want in zip(gradients(compiled, inputs), gradients(model, inputs)):
         torch.testing.assert_close(got, want, atol=F64_ATOL, rtol=0)
     assert any(chain.form == "solver" for chain in chain_reports(backend))
+
+
+@pytest.mark.parametrize(
+    "make, standalone",
+    [
+        (lambda: zoo.stacked_mlp(depth=8), True),  # rows W[l] read through ".T": views only
+        (lambda: zoo.lstm_cell_loop(steps=8), True),  # zero initial (h, c), packing of the tuple state
+        (lambda: zoo.hand_lstm(steps=8), False),  # hoisted input projections W x_t: real compute
+    ],
+)
+def test_only_graphs_with_compute_besides_chains_and_glue_go_to_the_inner_compiler(monkeypatch, make, standalone):
+    inner_calls = []
+
+    def recording_inner(name):
+        def compile_graph(gm, example_inputs):
+            inner_calls.append(gm)
+            return gm
+
+        return compile_graph
+
+    monkeypatch.setattr("seqpar.backend.lookup_backend", recording_inner)
+    model, inputs = to_double(*make())
+    compiled, backend = compile_with(model, policy="parallel")
+    torch.testing.assert_close(compiled(*inputs), model(*inputs), atol=F64_ATOL, rtol=0)
+    assert [chain.decision for chain in chain_reports(backend)] == ["parallel"]
+    assert (inner_calls == []) == standalone

@@ -30,6 +30,7 @@ from .passes.detect import find_chains
 from .passes.effects import is_random
 from .passes.policy import Decision, decide
 from .passes.rewrite import StepAdapter, build_chain_program, constant_stack, remap_chain, rewrite_chain, state_layout
+from .passes.slices import slice_steps
 from .report import ChainReport, format_table
 from .runtime.lyapunov import largest_lyapunov_exponent
 from .verify import compare_outputs
@@ -228,7 +229,8 @@ _VIEW_METHODS = {
 _VIEW_ATTRIBUTES = {"T", "mT", "shape", "dtype", "device"}
 _GLUE_FUNCTIONS = {
     torch.ops.seqpar.chain_solve.default, torch.ops.aten.select.int, operator.getitem, torch.stack, torch.cat,
-    torch.split, torch.unbind, torch.transpose, torch.t, torch.zeros, torch.zeros_like, torch.ones, torch.ones_like,
+    slice_steps, torch.split, torch.unbind, torch.transpose, torch.t, torch.zeros, torch.zeros_like, torch.ones,
+    torch.ones_like,
 }
 
 
@@ -292,7 +294,7 @@ def _lyapunov(chain: Chain, values: dict) -> float | None:
         if item.kind == "constant":
             xs.append(constant_stack(item, chain.state_dtype, state.device))
         elif item.kind == "slice":
-            xs.append(values[item.nodes[0].name].narrow(0, item.start, chain.length))
+            xs.append(slice_steps(values[item.nodes[0].name], item.dim, item.start, item.stride, chain.length))
         else:
             xs.append(torch.stack([values[node.name] for node in item.nodes]))
     shared = [values[node.name] for node in chain.shared]

@@ -165,26 +165,35 @@ def test_rows_of_a_stacked_parameter_reach_the_op_as_the_parameter_itself(option
     (chain,) = chain_reports(backend)
     assert (chain.kind, chain.length, chain.form) == ("layers", 16, "solver" if options == "parallel" else "rolled")
     code = backend.graphs[0].rewritten_code
-    assert "chain_solve.default(" in code and "[l_self_parameters_w_, l_self_parameters_b_]" in code
+    assert "slice_steps(l_self_parameters_w_, 0, 0, 1, 16)" in code  # rows 0..15 on dim 0: the parameter's view
+    assert "slice_steps(l_self_parameters_b_, 0, 0, 1, 16)" in code
     assert "torch.stack" not in code and "parameters_w_[" not in code and "parameters_b_[" not in code
 
 
-def test_rows_from_an_offset_reach_the_op_as_one_narrow_view():
-    model, inputs = to_double(*zoo.stacked_mlp(8, 4, rows=12, offset=2))
-    compiled, backend = compile_with(model, policy="parallel")
-    assert_equals_eager_in_float64(model, inputs, compiled)
-    code = backend.graphs[0].rewritten_code
-    assert "l_self_parameters_w_.narrow(0, 2, 8)" in code and "torch.stack" not in code
-
-
-@pytest.mark.parametrize("order", ["reverse", "strided"])
-def test_rows_not_read_in_consecutive_order_are_stacked_and_still_equal_eager(order):
-    model, inputs = to_double(*zoo.stacked_mlp(8, 4, order=order))
+@pytest.mark.parametrize(
+    "layout, call",
+    [
+        (dict(rows=12, offset=2), "slice_steps(l_self_parameters_w_, 0, 2, 1, 8)"),  # W[2 + l]
+        (dict(order="reverse"), "slice_steps(l_self_parameters_w_, 0, 7, -1, 8)"),  # W[7 - l]
+        (dict(order="strided"), "slice_steps(l_self_parameters_w_, 0, 0, 2, 8)"),  # W[2 l]
+    ],
+)
+def test_evenly_spaced_rows_reach_the_op_as_one_slice_of_the_parameter(layout, call):
+    model, inputs = to_double(*zoo.stacked_mlp(8, 4, **layout))
     compiled, backend = compile_with(model, policy="parallel")
     assert_equals_eager_in_float64(model, inputs, compiled)
     (chain,) = chain_reports(backend)
     assert (chain.kind, chain.length, chain.form) == ("layers", 8, "solver")
-    assert "torch.stack" in backend.graphs[0].rewritten_code
+    code = backend.graphs[0].rewritten_code
+    assert call in code and "torch.stack" not in code
+
+
+def test_a_sequence_read_as_x_t_reaches_the_op_as_one_slice_along_time():
+    model, inputs = to_double(*zoo.gru_cell_loop(steps=12))
+    compiled, backend = compile_with(model, policy="parallel")
+    assert_equals_eager_in_float64(model, inputs, compiled)
+    code = backend.graphs[0].rewritten_code
+    assert "slice_steps(l_x_, 1, 0, 1, 12)" in code and "torch.stack" not in code
 
 
 def test_nested_compile_region_is_one_chain_over_every_layer():

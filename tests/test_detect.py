@@ -13,6 +13,7 @@ from torch.func import jvp, vmap
 
 from seqpar.passes.chain import map_state, state_leaves
 from seqpar.passes.detect import BATCHNORM_TRAINING, find_chains
+from seqpar.passes.slices import slice_steps
 from tests.zoo import models as zoo
 
 
@@ -69,7 +70,7 @@ def step_inputs(chain, values, l):
         if inp.kind == "constant":
             per_step.append(torch.tensor(inp.values[l], dtype=chain.state_dtype))
         elif inp.kind == "slice":
-            per_step.append(values[inp.nodes[0]][inp.start + l])
+            per_step.append(values[inp.nodes[0]].select(inp.dim, inp.start + inp.stride * l))
         else:
             per_step.append(values[inp.nodes[l]])
     return state, per_step, [values[n] for n in chain.shared]
@@ -140,11 +141,11 @@ CHAIN_CASES = [
      ["parameter", "parameter"]),
     ("stacked-parameters", lambda: zoo.stacked_mlp(8, 4), {}, "layers", 8, ("", ""), 1, ["slice", "slice"]),
     ("stacked-parameters-reversed", lambda: zoo.stacked_mlp(8, 4, order="reverse"), {}, "layers", 8, ("", ""), 1,
-     ["computed", "computed"]),
+     ["slice", "slice"]),
     ("stacked-parameters-strided", lambda: zoo.stacked_mlp(8, 4, order="strided"), {}, "layers", 8, ("", ""), 1,
-     ["computed", "computed"]),
+     ["slice", "slice"]),
     ("unrolled-rnn", lambda: zoo.unrolled_rnn(16), {}, "recurrent", 16, ("", ""), 1, ["computed"]),
-    ("gru-cell", lambda: zoo.gru_cell_loop(16), {}, "recurrent", 16, ("", ""), 1, ["computed"]),
+    ("gru-cell", lambda: zoo.gru_cell_loop(16), {}, "recurrent", 16, ("", ""), 1, ["slice"]),
     ("weight-tied-loop", lambda: zoo.weight_tied_loop(10), {}, "recurrent", 10, ("", ""), 1, []),
     # t[i] * time is computed; the coefficient tables a[i], b[i] are read row by row: slices
     ("denoising-loop", lambda: zoo.toy_denoiser_loop(12), {}, "denoise", 12, ("", ""), 1,
@@ -178,7 +179,8 @@ def test_zoo_model_yields_one_chain_with_the_expected_shape(case):
         if inp.kind == "constant":
             assert len(inp.values) == length
         elif inp.kind == "slice":
-            assert len(inp.nodes) == 1 and inp.nodes[0].meta["example_value"].shape[0] >= inp.start + length
+            rows = inp.nodes[0].meta["example_value"].shape[inp.dim]
+            assert len(inp.nodes) == 1 and 0 <= inp.start + inp.stride * (length - 1) < rows
         else:
             assert len(inp.nodes) == length
     example = chain.start.meta["example_value"]
@@ -259,7 +261,8 @@ def test_lstm_over_time_is_a_recurrent_chain_carrying_the_tuple_h_c(case):
     assert isinstance(chain.start, tuple) and len(chain.start) == 2
     assert [tuple(node.meta["example_value"].shape) for node in chain.start] == list(shapes)
     assert all(isinstance(out, tuple) and len(out) == 2 for out in chain.outputs)
-    assert [inp.kind for inp in chain.per_step] == ["computed"]
+    # LSTMCell reads x[:, t] (one slice input of x); the hand-written LSTM the hoisted W x[:, t] + b
+    assert [inp.kind for inp in chain.per_step] == ["slice" if case_id.startswith("lstm-cell") else "computed"]
     assert chain.used_outside == []
     assert all(nodes[-1] in state_leaves(out) for nodes, out in zip(chain.nodes, chain.outputs))
     assert_step_reproduces(chain, node_values(gm, example_inputs))
@@ -337,6 +340,24 @@ def test_rows_from_an_offset_are_a_slice_that_starts_there():
     assert (chain.kind, chain.length) == ("layers", 8)
     assert [(inp.kind, inp.start) for inp in chain.per_step] == [("slice", 3), ("slice", 3)]
     assert_step_reproduces(chain, node_values(gm, example_inputs))
+
+
+@pytest.mark.parametrize(
+    "name, dim, start, stride",
+    [("stacked-parameters-reversed", 0, 7, -1), ("stacked-parameters-strided", 0, 0, 2), ("gru-cell", 1, 0, 1)],
+)
+def test_evenly_spaced_slices_on_any_dim_are_one_slice_input(name, dim, start, stride):
+    # W[L-1-l] (reversed), W[2l] (strided), x[:, t] (a sequence read along dim 1)
+    gm, example_inputs, chain = chain_of(name)
+    assert [(inp.dim, inp.start, inp.stride) for inp in chain.per_step if inp.kind == "slice"][0] == (dim, start, stride)
+    assert_step_reproduces(chain, node_values(gm, example_inputs))
+
+
+def test_slice_steps_equals_the_stack_of_the_selects():
+    source = torch.arange(5 * 12 * 2.0).reshape(5, 12, 2)
+    for dim, start, stride, length in [(0, 1, 1, 3), (1, 0, 1, 12), (1, 11, -1, 12), (1, 9, -3, 4), (1, 2, 3, 4)]:
+        expected = torch.stack([source.select(dim, start + stride * l) for l in range(length)])
+        assert torch.equal(slice_steps(source, dim, start, stride, length), expected)
 
 
 class _ScaledByTable(torch.nn.Module):

@@ -53,12 +53,13 @@ class ChainInput:
     ``kind``:
       * ``"parameter"``: ``nodes[l]`` are graph placeholders (Dynamo lifts
         parameters and buffers to placeholders); stacked once and cached.
-      * ``"slice"``: step ``l`` reads ``P[start + l]`` of one tensor ``P``
-        (``nodes == [P]``: a placeholder, such as a parameter that holds every
-        layer's weights, or a state-independent value): the ``L`` steps read
-        ``P[start : start + L]``, handed over as it is, never stacked. The
-        step takes the slice ``P[start + l]`` (views of it such as ``.T`` are
-        part of the step).
+      * ``"slice"``: step ``l`` reads ``P.select(dim, start + stride * l)``
+        of one tensor ``P`` (``nodes == [P]``: a placeholder, such as a
+        parameter that holds every layer's weights or a sequence ``x`` read as
+        ``x[:, t]``, or a state-independent value): the ``L`` slices are
+        handed over as one view of ``P`` (a ``flip`` copy when ``stride < 0``),
+        never stacked. The step takes the slice (views of it such as ``.T``
+        are part of the step).
       * ``"computed"``: ``nodes[l]`` are graph values that do not depend on the
         state (hoisted out of the step); stacked on every call.
       * ``"constant"``: ``values[l]`` are Python numbers or tensors that differ
@@ -68,7 +69,9 @@ class ChainInput:
     kind: str
     nodes: list[fx.Node] = field(default_factory=list)
     values: list[Any] = field(default_factory=list)
-    start: int = 0  # "slice": the index of step 0's slice
+    start: int = 0  # "slice": the index of step 0's slice on dim ``dim``
+    dim: int = 0
+    stride: int = 1  # "slice": step l reads index start + stride * l
 
 
 @dataclass

@@ -111,7 +111,8 @@ def _chain(plan: Plan, seq: list[Node], gm: fx.GraphModule) -> Chain:
     nodes = [[seq[b + k * p + o] for o in plan.dep_offsets] for k in range(plan.length)]
     outputs = [_state([seq[b + k * p + q] for q in plan.state_offsets]) for k in range(plan.length)]
     per_step = [
-        ChainInput(inp.kind, nodes=list(inp.nodes), start=inp.start) if inp.kind != "constant"
+        ChainInput(inp.kind, nodes=list(inp.nodes), start=inp.start, dim=inp.dim, stride=inp.stride)
+        if inp.kind != "constant"
         else ChainInput("constant", values=list(inp.values))
         for inp in plan.inputs if inp.kind != "shared"
     ]

@@ -175,7 +175,7 @@ def _extend(chain: Chain, pattern: _Pattern, order: dict, taken: set, backward: 
     for index, item in enumerate(chain.per_step):
         value = match.inputs[index]
         if item.kind == "slice":
-            item.start -= backward
+            item.start -= item.stride * backward
         elif item.kind == "constant":
             item.values.insert(0, value) if backward else item.values.append(value)
         else:
@@ -259,8 +259,8 @@ def _segment_ok(chain: Chain, match: _Match, segment: list[Node], outputs: list,
             if type(value) is not type(item.values[0]):
                 return False
         elif item.kind == "slice":
-            wanted = item.start - 1 if backward else item.start + chain.length
-            if select_index(value) != (item.nodes[0], wanted):
+            wanted = item.start + item.stride * (-1 if backward else chain.length)
+            if select_index(value) != (item.nodes[0], item.dim, wanted):
                 return False
         else:
             reference = item.nodes[0]

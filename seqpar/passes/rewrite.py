@@ -26,6 +26,7 @@ from ..runtime.chain import build_program, validated_solver_options
 from ..runtime.newton import DEFAULT_MAX_ITERS
 from ..runtime.program import ChainProgram, StateLayout
 from .chain import Chain, map_state, state_leaves
+from .slices import slice_steps
 from .policy import Decision
 
 
@@ -106,8 +107,9 @@ def build_chain_program(
         if chain_input.kind == "constant":
             xs_examples.append(constant_stack(chain_input, chain.state_dtype, layout.device))
         elif chain_input.kind == "slice":
-            source = example_value(chain_input.nodes[0])  # (rows, ...): the L steps read rows start..start+L-1
-            xs_examples.append(torch.empty(chain.length, *source.shape[1:], dtype=source.dtype, device=source.device))
+            source = example_value(chain_input.nodes[0])  # the L steps read L slices on dim chain_input.dim
+            one = source.select(chain_input.dim, 0)
+            xs_examples.append(torch.empty(chain.length, *one.shape, dtype=source.dtype, device=source.device))
         else:
             xs_examples.append(_empty_like(example_value(chain_input.nodes[0]), (chain.length,)))
             if chain_input.kind == "parameter" and cached:
@@ -205,11 +207,8 @@ def rewrite_chain(gm: fx.GraphModule, chain: Chain, program: ChainProgram, index
 
 
 def _slice(graph: fx.Graph, item, length: int) -> fx.Node:
-    """A slice input's ``P[a : a + L]`` as a graph value: ``P`` itself when that is all of it."""
-    source = item.nodes[0]
-    if item.start == 0 and example_value(source).shape[0] == length:
-        return source
-    return graph.call_method("narrow", (source, 0, item.start, length))
+    """A slice input's ``L`` slices, stacked on dim 0, as a graph value (:func:`slice_steps`)."""
+    return graph.call_function(slice_steps, (item.nodes[0], item.dim, item.start, item.stride, length))
 
 
 def _erase_dead(graph: fx.Graph, candidates: set) -> None:

@@ -61,8 +61,10 @@ class PlanInput:
     slots: list[tuple[int, int]]  # (offset in segment, leaf index)
     nodes: list[Node] = field(default_factory=list)  # per segment (or [node] when shared, [P] for a slice)
     values: list[Any] = field(default_factory=list)
-    start: int = 0  # "slice": segment 0 reads views(P[start])
-    views: list[Node] = field(default_factory=list)  # "slice": segment 0's [P[start], *views] (slices.Slice.chain)
+    start: int = 0  # "slice": segment l reads views(P.select(dim, start + stride * l))
+    dim: int = 0
+    stride: int = 1
+    views: list[Node] = field(default_factory=list)  # "slice": segment 0's [select, *views] (slices.Slice.chain)
 
 
 @dataclass
@@ -406,13 +408,13 @@ class Detector:
                 kind = "parameter" if all(x.op == "placeholder" for x in nodes) else "computed"
             found = as_slice(nodes) if kind == "computed" else None
             if found is not None:
-                ident = ("slice", found.source, found.start, tuple(found.chain))
+                ident = ("slice", found.source, found.dim, found.start, found.stride, tuple(found.chain))
             existing = by_nodes.get(ident)
             if existing is not None:
                 existing.slots.append(key)
             elif found is not None:
                 by_nodes[ident] = entry = PlanInput("slice", [key], nodes=[found.source], start=found.start,
-                                                    views=found.chain)
+                                                    dim=found.dim, stride=found.stride, views=found.chain)
                 inputs.append(entry)
             else:
                 by_nodes[ident] = entry = PlanInput(kind, [key], nodes=nodes)

@@ -1,21 +1,24 @@
-"""Per-step inputs that are consecutive slices of one tensor: ``x_l = view(P[a + l])``.
+"""Per-step inputs that are evenly spaced slices of one tensor: ``x_l = view(P.select(d, a + k l))``.
 
 A model that keeps its layers stacked (``W: (L, m, n)``, read as ``W[l]`` in
-step ``l``) reaches the Dynamo graph as one ``select``/``getitem`` node per
-step, often followed by views (``W[l].T``). :func:`as_slice` recognises such a
-per-step input so that the chain reads ``P[a : a + L]`` (``P`` itself when
-that is all of it) instead of a stack of ``L`` selects.
+step ``l``) or runs a recurrence over a sequence (``x[:, t]``) reaches the
+Dynamo graph as one ``select``/``getitem`` node per step, often followed by
+views (``W[l].T``). :func:`as_slice` recognises such a per-step input so that
+the chain reads the ``L`` slices as one view of ``P`` (``P`` itself when that
+is all of it, in order) instead of a stack of ``L`` selects.
 
 Guarantees of a returned :class:`Slice`, for the per-step nodes ``nodes``
 (``nodes[l]`` read by step ``l``):
-  * ``nodes[l]`` is ``views(P[a + l])``: ``P`` is one tensor-valued node,
-    indexed on dim 0 (``getitem`` with an int, ``select(P, 0, i)``) at
-    ``a, a + 1, .., a + L - 1`` (negative indexes normalised);
+  * ``nodes[l]`` is ``views(P.select(dim, start + stride * l))``: ``P`` is one
+    tensor-valued node, indexed on one dim ``dim`` (``getitem`` with an int,
+    after full slices ``:`` for ``dim > 0``, or ``select(P, dim, i)``) at an
+    arithmetic progression of indexes with ``stride != 0`` (negative indexes
+    and dims normalised);
   * ``views`` are the same view ops with the same literal arguments in every
     step (``.T``, ``transpose``, ``reshape``, ..): free to redo in the step, so
     the step takes the slice and applies them itself;
-  * ``chain`` is step 0's ``[P[a], view_1, .., nodes[0]]``: graph nodes, for
-    the step's placeholder meta and the views it copies.
+  * ``chain`` is step 0's ``[P.select(dim, start), view_1, .., nodes[0]]``:
+    graph nodes, for the step's placeholder meta and the views it copies.
 Nothing here depends on the state: the caller hands in per-step inputs that do
 not, and the nodes they are computed from do not either.
 """
@@ -38,29 +41,42 @@ _VIEW_ATTRIBUTES = {"T", "mT", "H", "mH"}
 
 @dataclass
 class Slice:
-    """``x_l = views(source[start + l])``; ``chain``: step 0's ``[source[start], *views]`` graph nodes."""
+    """``x_l = views(source.select(dim, start + stride * l))``; ``chain``: step 0's ``[select, *views]`` nodes."""
 
     source: Node
     start: int
     chain: list[Node]
+    dim: int = 0
+    stride: int = 1
 
 
-def select_index(node: Node) -> tuple[Node, int] | None:
-    """``(P, i)`` where ``node`` is ``P[i]`` of a tensor ``P`` on dim 0 (``i >= 0``), else ``None``."""
+def select_index(node: Node) -> tuple[Node, int, int] | None:
+    """``(P, dim, i)`` where ``node`` is ``P.select(dim, i)`` of a tensor ``P`` (``dim, i >= 0``), else ``None``.
+
+    Forms: ``P[i]``, ``P[:, .., :, i]`` (``getitem``; full slices before the
+    int) and ``select(P, dim, i)`` (function or method).
+    """
     if node.op == "call_function" and node.target is operator.getitem:
-        source, dim, index = node.args[0], 0, node.args[1]
+        source, index = node.args[0], node.args[1]
+        dim = 0
+        if isinstance(index, tuple) and index:
+            if not all(item == slice(None) for item in index[:-1]):
+                return None
+            dim, index = len(index) - 1, index[-1]
     elif node.op in ("call_function", "call_method") and target_name(node) == "select" and node.args:
         source, dim, index = node.args[0], call_arg(node, 1, "dim"), call_arg(node, 2, "index")
     else:
         return None
     value = example(source) if isinstance(source, Node) else None
-    if not isinstance(value, torch.Tensor) or value.ndim == 0 or not isinstance(value.shape[0], int):
+    if not isinstance(value, torch.Tensor) or value.ndim == 0 or not isinstance(dim, int) \
+            or not -value.ndim <= dim < value.ndim:
         return None
-    rows = value.shape[0]
-    if dim not in (0, -value.ndim) or not isinstance(index, int) or isinstance(index, bool) \
+    dim %= value.ndim
+    rows = value.shape[dim]
+    if not isinstance(rows, int) or not isinstance(index, int) or isinstance(index, bool) \
             or not -rows <= index < rows:
         return None
-    return source, index % rows
+    return source, dim, index % rows
 
 
 def is_view(node: Node) -> bool:
@@ -75,14 +91,16 @@ def is_view(node: Node) -> bool:
 
 
 def as_slice(nodes: list[Node]) -> Slice | None:
-    """``nodes`` (one per step, ``L >= 2``) as views of consecutive slices of one tensor, or ``None``."""
+    """``nodes`` (one per step, ``L >= 2``) as views of evenly spaced slices of one tensor, or ``None``."""
     column, views = list(nodes), []
     while True:
         picked = [select_index(node) for node in column]
         if all(picked):
-            source, start = picked[0]
-            if all(p[0] is source and p[1] == start + l for l, p in enumerate(picked)):
-                return Slice(source, start, [column[0], *reversed(views)])
+            source, dim, start = picked[0]
+            stride = picked[1][2] - start
+            if stride and all(p[0] is source and p[1] == dim and p[2] == start + stride * l
+                              for l, p in enumerate(picked)):
+                return Slice(source, start, [column[0], *reversed(views)], dim, stride)
             return None
         first = column[0]
         if not is_view(first) or any(node_token(node) != node_token(first) for node in column):
@@ -92,3 +110,20 @@ def as_slice(nodes: list[Node]) -> Slice | None:
             return None
         views.append(first)
         column = [node.all_input_nodes[0] for node in column]
+
+
+def slice_steps(source: torch.Tensor, dim: int, start: int, stride: int, length: int) -> torch.Tensor:
+    """``stack([source.select(dim, start + stride * l) for l in range(length)])`` in one or two ops.
+
+    ``source.movedim(dim, 0)``, then its rows ``start, start + stride, ..``
+    (for ``stride < 0`` the rows ``start + stride (length - 1) .. start``,
+    flipped), contiguous as the solver's traced graphs expect: a view of
+    ``source`` where the rows are consecutive on dim 0 (``W[l]``), one copy
+    otherwise (``x[:, t]``, ``W[2 l]``, ``W[L - 1 - l]``). The rewrite puts
+    this call in the graph; the backend's probe calls it on example values.
+    """
+    rows = source.movedim(dim, 0) if dim else source
+    step = abs(stride)
+    first = start if stride > 0 else start + stride * (length - 1)
+    picked = rows[first : first + step * (length - 1) + 1 : step]
+    return (picked if stride > 0 else picked.flip(0)).contiguous()

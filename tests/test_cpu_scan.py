@@ -101,3 +101,37 @@ def test_environment_switch_turns_the_kernel_off(monkeypatch):
     assert cpu_scan.disabled_reason() == "SEQPAR_CPU_KERNEL=0"
     A, c = dense_system()
     assert torch.equal(solve_affine_recurrence(A, c, "full"), solve_affine_recurrence(A, c, "full", method="pcr"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kind", ["full", "diag"])
+def test_fused_newton_update_equals_the_update_in_torch_ops(kind, dtype):
+    # s + y with (I - S) y = F - s, the first state set to F_0, ratios |y| / (atol + rtol |s_new|).
+    generator = torch.Generator().manual_seed(5)
+    length, batch, width = 40, 3, 4
+    shape = (length, batch, width, width) if kind == "full" else (length, batch, width)
+    A = (torch.randn(*shape, generator=generator, dtype=torch.float64) * 0.4).to(dtype)
+    F = torch.randn(length, batch, width, generator=generator, dtype=torch.float64).to(dtype)
+    s = torch.randn(length, batch, width, generator=generator, dtype=torch.float64).to(dtype)
+    F[:25] = s[:25] + 1e-7 * torch.randn(25, batch, width, generator=generator, dtype=torch.float64).to(dtype)
+    update = solve_affine_recurrence(A, F - s, kind, method="pcr")
+    expected = s + update
+    expected[0] = F[0]
+    ratios = (update.abs() / (expected.abs() * 1e-4 + 1e-4)).flatten(1).amax(1)
+    first, largest, finite = cpu_scan.newton_update(A, F, s, kind, 1e-4, 1e-4)
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(s, expected, rtol=0, atol=64 * eps)
+    assert torch.equal(s[0], F[0])  # exact, not s_0 + (F_0 - s_0)
+    assert first == int(torch.nonzero(ratios > 1)[0]) and finite
+    assert largest == pytest.approx(float(ratios.max()), rel=1e-4)
+
+
+def test_fused_newton_update_reports_non_finite_updates_and_treats_zero_over_zero_as_converged():
+    A = torch.zeros(4, 1, 2, dtype=torch.float64)
+    s = torch.zeros(4, 1, 2, dtype=torch.float64)
+    F = torch.zeros(4, 1, 2, dtype=torch.float64)
+    first, largest, finite = cpu_scan.newton_update(A, F, s, "diag", 0.0, 1e-6)  # every ratio 0 / 0
+    assert (first, largest, finite) == (4, 0.0, True)
+    F[2, 0, 1] = float("inf")
+    first, largest, finite = cpu_scan.newton_update(A, F, s.clone(), "diag", 1e-6, 1e-6)
+    assert not finite

@@ -16,6 +16,8 @@
  * seqpar/runtime/cpu_scan.py.
  */
 
+#include <math.h>
+
 #ifndef SCALAR
 #error "compile with -DSCALAR=float or -DSCALAR=double"
 #endif
@@ -64,4 +66,60 @@ void scan_diagonal(const SCALAR *restrict a, SCALAR *restrict y, long length, lo
             for (long k = 0; k < row; ++k)
                 y[l * row + k] += a[(l + 1) * row + k] * y[(l + 1) * row + k];
     }
+}
+
+/*
+ * One Newton update of the active states, fused: with c_l = F_l - s_l,
+ *
+ *     y_l = A_l y_{l-1} + c_l   (y_{-1} = 0),    s_l <- s_l + y_l,    s_0 <- F_0,
+ *
+ * A dense ((M, N, w, w), diagonal = 0) or diagonal ((M, N, w), diagonal = 1),
+ * F and s (M, N, w), contiguous; s is updated in place (s_0 becomes F_0
+ * itself, exact). It also measures the update: the ratio of an element is
+ * |y_lk| / (atol + rtol |s_lk|) with the new s; a NaN ratio (0 / 0) counts as
+ * converged. Returns the first l with a ratio above 1 (M when none);
+ * *largest receives the largest ratio and *finite whether every y is finite.
+ * scratch holds y_{l-1} (N w values).
+ */
+long newton_update(const SCALAR *restrict A, const SCALAR *restrict F, SCALAR *restrict s, SCALAR *restrict scratch,
+                   long length, long batch, long width, int diagonal, SCALAR atol, SCALAR rtol,
+                   SCALAR *largest, int *finite)
+{
+    const long row = batch * width, block = diagonal ? width : width * width;
+    long first_above = length;
+    SCALAR top = 0;
+    int all_finite = 1;
+    for (long l = 0; l < length; ++l) {
+        for (long n = 0; n < batch; ++n) {
+            const SCALAR *a = A + (l * batch + n) * block;
+            const SCALAR *f = F + l * row + n * width;
+            SCALAR *state = s + l * row + n * width;
+            SCALAR *y = scratch + n * width; /* y_{l-1} on entry, y_l on exit */
+            SCALAR next[width];
+            for (long i = 0; i < width; ++i) {
+                SCALAR sum = f[i] - state[i];
+                if (l > 0 && diagonal)
+                    sum += a[i] * y[i];
+                else if (l > 0)
+                    for (long j = 0; j < width; ++j)
+                        sum += a[i * width + j] * y[j];
+                next[i] = sum;
+            }
+            for (long i = 0; i < width; ++i) {
+                const SCALAR update = next[i];
+                const SCALAR value = l == 0 ? f[i] : state[i] + update;
+                const SCALAR ratio = fabs(update) / (atol + rtol * fabs(value));
+                all_finite &= isfinite(update) != 0;
+                if (ratio > 1 && first_above == length)
+                    first_above = l;
+                if (ratio > top) /* false for NaN */
+                    top = ratio;
+                state[i] = value;
+                y[i] = update;
+            }
+        }
+    }
+    *largest = top;
+    *finite = all_finite;
+    return first_above;
 }

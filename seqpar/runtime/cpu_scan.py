@@ -41,6 +41,7 @@ log = logging.getLogger("seqpar.runtime")
 
 _SOURCE = Path(__file__).with_name("cpu_scan.c")
 _C_TYPES = {torch.float32: "float", torch.float64: "double"}
+_SCALARS = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}
 _FLAGS = ("-O3", "-std=c99", "-shared", "-fPIC")
 
 
@@ -86,6 +87,34 @@ def solve(A: torch.Tensor, c: torch.Tensor, kind: str, reverse: bool) -> torch.T
     return y
 
 
+def newton_update(A: torch.Tensor, F: torch.Tensor, s: torch.Tensor, kind: str, atol: float, rtol: float):
+    """One fused Newton update of the active states ``s`` (``(M, N, w)``, contiguous, updated in place).
+
+    With ``c = F - s``: ``y_l = A_l y_{l-1} + c_l``, ``s_l <- s_l + y_l``, and
+    ``s_0 <- F_0`` exactly (``kind`` ``"full"`` or ``"diag"``, ``A`` of ``s``'s
+    dtype). The update is measured elementwise by ``|y| / (atol + rtol |s_new|)``
+    (``0 / 0`` counts as converged). Returns ``(first, largest, finite)``: the
+    first position whose ratio is above 1 (``M`` when none), the largest ratio,
+    and whether every ``y`` is finite (when not, ``s`` holds non-finite values:
+    the caller discards them). Check :func:`supports` and :func:`available` first.
+    """
+    library, reason = _library(s.dtype)
+    if library is None:
+        raise RuntimeError(f"the CPU substitution kernel is unavailable: {reason}")
+    if not s.is_contiguous():
+        raise ValueError("newton_update updates s in place: s must be contiguous")
+    length, batch, width = s.shape
+    scalar = _SCALARS[s.dtype]
+    largest, finite = scalar(), ctypes.c_int()
+    A, F = A.contiguous(), F.contiguous()
+    scratch = s.new_zeros(batch * width)
+    first = library.newton_update(
+        A.data_ptr(), F.data_ptr(), s.data_ptr(), scratch.data_ptr(), length, batch, width, int(kind == "diag"),
+        atol, rtol, ctypes.byref(largest), ctypes.byref(finite),
+    )
+    return first, largest.value, bool(finite.value)
+
+
 @functools.cache
 def _library(dtype: torch.dtype) -> tuple[ctypes.CDLL | None, str | None]:
     """The compiled kernel for ``dtype`` and ``None``, or ``None`` and why it could not be built."""
@@ -100,6 +129,12 @@ def _library(dtype: torch.dtype) -> tuple[ctypes.CDLL | None, str | None]:
     library.scan_dense.argtypes = [pointer, pointer, size, size, size, ctypes.c_int]
     library.scan_diagonal.argtypes = [pointer, pointer, size, size, ctypes.c_int]
     library.scan_dense.restype = library.scan_diagonal.restype = None
+    scalar = _SCALARS[dtype]
+    library.newton_update.argtypes = [
+        pointer, pointer, pointer, pointer, size, size, size, ctypes.c_int, scalar, scalar,
+        ctypes.POINTER(scalar), ctypes.POINTER(ctypes.c_int),
+    ]
+    library.newton_update.restype = size
     return library, None
 
 

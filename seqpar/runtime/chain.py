@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 import torch.utils._pytree as pytree
 
-from . import ops
+from . import estimates, ops
 from .newton import DEFAULT_MAX_ITERS, Tolerance, windowed_steps
 from .pcr import JACOBIAN_KINDS
 from .program import JACOBIAN_ESTIMATES, ChainProgram, StateLayout
@@ -159,8 +159,11 @@ def build_program(
             ) from error
         program.solver_options = solver_options
         window = solver_options.get("window")
-        if method == "parallel" and window is not None and window < length:
-            windowed_steps(program, window, xs_leaves, shared)  # trace now, not inside the op
+        if method == "parallel" and window is not None and window < length:  # trace now, not inside the op
+            if jacobian == "estimate":
+                estimates.prepare(program, window, xs_leaves, shared)
+            else:
+                windowed_steps(program, window, xs_leaves, shared)
         program.method = method
         program.sequential_reason = sequential_reason
         ops.register_program(program)

@@ -118,11 +118,16 @@ def newton_solve(
     work = accumulation_dtype(s0.dtype)
     in_place = work == s0.dtype
     stats = SolveStats(length=length, jacobian=program.jacobian, window=window)
-    evaluate = windowed_steps(program, window, xs_leaves, shared) if window is not None else None
     # One buffer for s_0 .. s_L: the states are rows 1.., the previous states
     # (the steps' inputs) rows 0..L-1, both views, updated in place.
     buffer = s0.unsqueeze(0).expand(length + 1, *s0.shape).clone()
     states, prev = buffer[1:], buffer[:-1]
+    estimates = None
+    if program.jacobian == "estimate":  # A_l made once per position, at its first evaluation
+        from .estimates import CachedEstimates  # it imports windowed_steps from here
+
+        estimates = CachedEstimates(program, states)
+    evaluate = windowed_steps(program, window, xs_leaves, shared) if window is not None and not estimates else None
     start = 0
     region = _TrustRegion(damping) if damping else None
     guessed = 0  # windowed: positions [0, guessed) have been given a guess
@@ -136,7 +141,6 @@ def newton_solve(
         stats.iterations += 1
         if window is None:
             stop, first = length, 0
-            values = _evaluate_all(program, kind, prev, xs_leaves, shared)
         else:
             stop = min(start + window, length)
             first = min(start, length - window)  # the evaluated positions [first, first + window)
@@ -144,7 +148,15 @@ def newton_solve(
                 if guessed:
                     states[guessed:stop] = states[guessed - 1]
                 guessed = stop
+        if estimates is not None:
+            values = estimates(prev, xs_leaves, shared, first, length if window is None else window)
+            stats.jacobian_evaluations = estimates.estimated
+        elif window is None:
+            values = _evaluate_all(program, kind, prev, xs_leaves, shared)
+        else:
             values = evaluate(prev[first : first + window], [leaf[first : first + window] for leaf in xs_leaves], shared)
+        if estimates is None and kind != "identity":
+            stats.jacobian_evaluations += length if window is None else window
         stats.evaluations += length if window is None else window
         values, A = (values, None) if kind == "identity" else values
         offset = start - first
@@ -291,16 +303,18 @@ def _evaluate_all(program, kind, prev, xs_leaves, shared):
 _windowed: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def windowed_steps(program, window: int, xs_leaves, shared):
+def windowed_steps(program, window: int, xs_leaves, shared, jacobian: str | None = None):
     """The batched step (with Jacobians unless ``"identity"``) traced for ``window`` positions.
 
     ``F_j = f(prev_j, x_j)`` for ``prev (W, N, w)`` and per-step inputs sliced to
     ``W`` rows. The program's own graphs are traced at the full length ``L``
-    with static shapes, so a window gets its own trace (made once per program
-    and window; :func:`seqpar.runtime.chain.build_program` makes it up front).
+    with static shapes, so a window gets its own trace (made once per program,
+    window and ``jacobian``, by default the program's;
+    :func:`seqpar.runtime.chain.build_program` makes it up front).
     """
+    jacobian = program.jacobian if jacobian is None else jacobian
     per_program = _windowed.setdefault(program, {})
-    traced = per_program.get(window)
+    traced = per_program.get((jacobian, window))
     if traced is None:
         from .program import _trace  # runtime-internal; imported here to keep newton's imports light
 
@@ -308,6 +322,6 @@ def windowed_steps(program, window: int, xs_leaves, shared):
         prev = torch.empty(window, layout.batch_size, layout.width, dtype=layout.dtype, device=layout.device)
         xs = [torch.empty(window, *leaf.shape[1:], dtype=leaf.dtype, device=leaf.device) for leaf in xs_leaves]
         shared = [torch.empty_like(tensor) for tensor in shared]
-        fn = program._steps if program.jacobian == "identity" else program._make_steps_and_jacobians(program.jacobian)
-        traced = per_program[window] = _trace(fn, prev, xs, shared)
+        fn = program._steps if jacobian == "identity" else program._make_steps_and_jacobians(jacobian)
+        traced = per_program[jacobian, window] = _trace(fn, prev, xs, shared)
     return traced

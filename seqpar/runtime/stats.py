@@ -15,8 +15,11 @@ class SolveStats:
     not; ``sequential_steps``: how many steps that loop evaluated;
     ``evaluations``: step evaluations in all (batched positions, counted one
     per position whether or not its result is used, plus the sequential
-    steps; a sequential loop makes ``L``; with ``jacobian != "identity"``
-    each parallel evaluation also computes that position's Jacobian);
+    steps; a sequential loop makes ``L``);
+    ``jacobian_evaluations``: how many of the parallel evaluations also
+    computed that position's Jacobian (``"full"``, ``"diag"``: every one;
+    ``"identity"``: none; ``"estimate"``: one VJP per position, at its first
+    evaluation only, so at most ``L``);
     ``window``: active positions per iteration (``None``: the whole chain).
     """
 
@@ -29,4 +32,5 @@ class SolveStats:
     sequential_steps: int = 0
     direction: str = "forward"
     evaluations: int = 0
+    jacobian_evaluations: int = 0
     window: int | None = None

@@ -19,11 +19,12 @@ same chain, solved by the runtime directly (``newton_solve``, no Dynamo: a
 250-step UNet loop would take Dynamo ~15 minutes to trace). The chain is the
 loop's: state ``x``, per-step inputs (timestep, the traceable scheduler's
 coefficient row, noise row), shared = the denoiser's parameters. For each
-window: iterations and evaluations to convergence (exact counts), the measured
+window: iterations, evaluations and VJPs to convergence (exact counts; the
+estimate makes one VJP per position, at its first evaluation), the measured
 cost of one estimate evaluation (forward + VJP, batched over the window) in
-forward evaluations, the estimate's evaluation-equivalents, solve times, the
-largest difference from the loop, and ``W |lambda|`` (the Lyapunov probe, which
-the policy's rule reads).
+forward evaluations, the estimate's evaluation-equivalents (evaluations + VJPs
+x (cost - 1)), solve times, the largest difference from the loop, and ``W
+|lambda|`` (the Lyapunov probe, which the policy's rule reads).
 """
 
 from __future__ import annotations
@@ -36,16 +37,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.utils._pytree as pytree
-from torch.func import functional_call
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from seqpar.backend import SeqparBackend  # noqa: E402
 from seqpar.runtime.lyapunov import largest_lyapunov_exponent  # noqa: E402
 from seqpar.runtime.newton import Tolerance, newton_solve, windowed_steps  # noqa: E402
-from seqpar.runtime.program import ChainProgram, StateLayout  # noqa: E402
-from tests.test_denoise import inputs, make_denoiser, make_sample, make_scheduler  # noqa: E402
+from tests.test_denoise import chain_program, loop_as_chain, sampling_loop  # noqa: E402
 
 
 def timed(fn, *args, repeats):
@@ -55,40 +53,6 @@ def timed(fn, *args, repeats):
         fn(*args)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def loop_as_chain(sched, model, x, noise):
-    """``(step, s0, xs, shared)``: the sampling loop of :func:`make_sample` as a runtime chain.
-
-    ``step(x, (t, coefficients, z), *params)`` runs one scheduler step on one
-    row of the adapter's tables: the adapter is pointed at a one-entry table
-    (position 0) at each call, and is left so: sample with it before, not after.
-    DDPM's "draws noise" flag is set for every step: the last step's noise row
-    is zero, so adding ``sigma * 0`` changes nothing.
-    """
-    names = sorted(sched._table)
-    keys = [name for name, _ in model.named_parameters()] + [name for name, _ in model.named_buffers()]
-    shared = [tensor.detach() for _, tensor in model.named_parameters()]
-    shared += [tensor for _, tensor in model.named_buffers()]
-    xs = (sched.timesteps, [sched._table[name] for name in names], noise)
-
-    def step(sample, per_step, *params):
-        t, rows, z = per_step
-        sched._table = {name: row.reshape(1) for name, row in zip(names, rows)}
-        sched._step_index, sched._num_steps, sched._begin_index = 0, 1, 0
-        if hasattr(sched, "_noisy"):
-            sched._noisy = [True]
-        output = functional_call(model, dict(zip(keys, params)), (sched.scale_model_input(sample, None), t))
-        return sched.step(output, None, sample, noise=z).prev_sample
-
-    return step, x * sched.init_noise_sigma, xs, shared
-
-
-def chain_program(step, s0, xs, shared, jacobian):
-    leaves, spec = pytree.tree_flatten(xs)
-    layout = StateLayout(spec=pytree.tree_structure(s0), batch_shape=s0.shape[:1], leaf_shapes=(s0.shape[1:],),
-                         dtype=s0.dtype, device=s0.device)
-    return ChainProgram(step, layout, leaves[0].shape[0], spec, leaves, shared, jacobian, "sequential"), leaves
 
 
 def best_time(fn, repeats, rounds=3):
@@ -112,19 +76,17 @@ def sampling_loops(args):
     for denoiser in args.denoisers:
         for scheduler in args.schedulers:
             for steps in args.steps:
-                sched = make_scheduler(scheduler, steps)
-                model, shape = make_denoiser(denoiser, sched)
-                x, noise = inputs(sched, shape)
-                yield denoiser, scheduler, steps, sched, model, make_sample(sched, model), x, noise
+                loop = sampling_loop(scheduler, denoiser, steps)
+                yield denoiser, scheduler, steps, loop.sched, loop.model, loop.sample, loop.x, loop.noise
 
 
 def compare_jacobians(args):
     """Picard vs the Jacobian estimate per denoiser, scheduler, T and window: one markdown row each."""
     print(f"torch {torch.__version__}, {args.threads} threads, float64, tol {args.tol:g}\n")
     print("| denoiser | scheduler | T | W | W abs(lambda) | Picard iterations | Picard evaluations | estimate iterations | "
-          "estimate evaluations | estimate cost (x forward) | estimate eval-equivalents | Picard / estimate | "
-          "Picard ms | estimate ms | max diff Picard | max diff estimate |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "estimate evaluations | estimate VJPs | estimate cost (x forward) | estimate eval-equivalents | "
+          "Picard / estimate | Picard ms | estimate ms | max diff Picard | max diff estimate |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for denoiser, scheduler, steps, sched, model, sample, x, noise in sampling_loops(args):
         with torch.no_grad():
             want = sample(x, noise)
@@ -152,11 +114,11 @@ def compare_jacobians(args):
                     row[kind] = (stats, best_time(solve, args.repeats), float((final - want).abs().max()))
                 picard, picard_s, picard_diff = row["identity"]
                 estimate, estimate_s, estimate_diff = row["estimate"]
-                equivalents = estimate.evaluations * ratio
+                equivalents = estimate.evaluations + estimate.jacobian_evaluations * (ratio - 1)
                 note = "" if picard.converged and estimate.converged else " (fallback)"
                 print(f"| {denoiser} | {scheduler} | {steps} | {window} | {window * abs(lyapunov):.2f} | "
                       f"{picard.iterations} | {picard.evaluations} | {estimate.iterations} | {estimate.evaluations} | "
-                      f"{ratio:.2f} | {equivalents:.0f} | {picard.evaluations / equivalents:.2f}{note} | "
+                      f"{estimate.jacobian_evaluations} | {ratio:.2f} | {equivalents:.0f} | {picard.evaluations / equivalents:.2f}{note} | "
                       f"{picard_s * 1e3:.1f} | {estimate_s * 1e3:.1f} | {picard_diff:.1e} | {estimate_diff:.1e} |",
                       flush=True)
 

@@ -20,9 +20,13 @@ and the sequential form, are exact: ``torch.equal``.
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 
 import pytest
 import torch
+import torch.utils._pytree as pytree
+from torch.func import functional_call
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -35,6 +39,9 @@ from diffusers import (  # noqa: E402
 
 import seqpar  # noqa: E402
 from seqpar.backend import SeqparBackend  # noqa: E402
+from seqpar.runtime import solve_chain  # noqa: E402
+from seqpar.runtime.newton import Tolerance, newton_solve  # noqa: E402
+from seqpar.runtime.program import ChainProgram, StateLayout  # noqa: E402
 from seqpar.diffusion import traceable  # noqa: E402
 
 TOL = 1e-10
@@ -126,6 +133,63 @@ def inputs(sched, shape, seed=0):
     return x, noise
 
 
+@dataclass
+class SamplingLoop:
+    """One configuration: the scheduler adapter, the denoiser, the user's loop and its inputs."""
+
+    sched: object
+    model: torch.nn.Module
+    sample: object
+    shape: tuple
+    x: torch.Tensor
+    noise: torch.Tensor
+
+
+def sampling_loop(scheduler: str, denoiser: str, steps: int) -> SamplingLoop:
+    sched = make_scheduler(scheduler, steps)
+    model, shape = make_denoiser(denoiser, sched)
+    return SamplingLoop(sched, model, make_sample(sched, model), shape, *inputs(sched, shape))
+
+
+def loop_as_chain(sched, model, x, noise):
+    """``(step, s0, xs, shared)``: the sampling loop of :func:`make_sample` as a runtime chain.
+
+    ``step(x, (t, coefficients, z), *params)`` runs one scheduler step on one
+    row of the adapter's tables: the adapter is pointed at a one-entry table
+    (position 0) at each call, and is left so: sample with it before, not after.
+    DDPM's "draws noise" flag is set for every step: the last step's noise row
+    is zero, so adding ``sigma * 0`` changes nothing.
+    """
+    names = sorted(sched._table)
+    keys = [name for name, _ in model.named_parameters()] + [name for name, _ in model.named_buffers()]
+    shared = [tensor.detach() for _, tensor in model.named_parameters()]
+    shared += [tensor for _, tensor in model.named_buffers()]
+    xs = (sched.timesteps, [sched._table[name] for name in names], noise)
+
+    def step(sample, per_step, *params):
+        t, rows, z = per_step
+        sched._table = {name: row.reshape(1) for name, row in zip(names, rows)}
+        sched._step_index, sched._num_steps, sched._begin_index = 0, 1, 0
+        if hasattr(sched, "_noisy"):
+            sched._noisy = [True]
+        output = functional_call(model, dict(zip(keys, params)), (sched.scale_model_input(sample, None), t))
+        return sched.step(output, None, sample, noise=z).prev_sample
+
+    return step, x * sched.init_noise_sigma, xs, shared
+
+
+def chain_program(step, s0, xs, shared, jacobian):
+    """``(program, xs leaves)``: the runtime's program for a :func:`loop_as_chain` chain, batch dim 0.
+
+    Built directly, not by ``solve_chain``, whose checks want every input in the
+    state's dtype: the traceable schedulers keep float32 tables (as the op receives them).
+    """
+    leaves, spec = pytree.tree_flatten(xs)
+    layout = StateLayout(spec=pytree.tree_structure(s0), batch_shape=s0.shape[:1], leaf_shapes=(s0.shape[1:],),
+                         dtype=s0.dtype, device=s0.device)
+    return ChainProgram(step, layout, leaves[0].shape[0], spec, leaves, shared, jacobian, "sequential"), leaves
+
+
 def compile_sample(sample, **options):
     options = {"policy": "parallel", "inner": "eager", "min_chain": 4, "tol": TOL, **options}
     backend = SeqparBackend(options)
@@ -138,14 +202,11 @@ def solved_denoise_chains(backend):
 
 
 def run_case(scheduler: str, denoiser: str, steps: int, **options):
-    sched = make_scheduler(scheduler, steps)
-    model, shape = make_denoiser(denoiser, sched)
-    sample = make_sample(sched, model)
-    x, noise = inputs(sched, shape)
-    compiled, backend = compile_sample(sample, **options)
+    loop = sampling_loop(scheduler, denoiser, steps)
+    compiled, backend = compile_sample(loop.sample, **options)
     with torch.no_grad():
-        got = compiled(x, noise)
-        want = sample(x, noise)
+        got = compiled(loop.x, loop.noise)
+        want = loop.sample(loop.x, loop.noise)
     return got, want, backend
 
 
@@ -192,14 +253,11 @@ def test_window_of_one_reproduces_the_loop_bit_for_bit(scheduler):
 
 @pytest.mark.parametrize("scheduler", ["ddpm", "euler_ancestral"])
 def test_stochastic_samplers_with_the_same_noise_give_the_same_sample(scheduler):
-    sched = make_scheduler(scheduler, 20)
-    model, shape = make_denoiser("mlp", sched)
-    sample = make_sample(sched, model)
-    x, noise = inputs(sched, shape)
-    compiled, _ = compile_sample(sample, tol=TOL_BY_SCHEDULER[scheduler])
+    loop = sampling_loop(scheduler, "mlp", 20)
+    compiled, _ = compile_sample(loop.sample, tol=TOL_BY_SCHEDULER[scheduler])
     with torch.no_grad():
-        first, second = compiled(x, noise), compiled(x, noise.clone())
-        other = compiled(x, inputs(sched, shape, seed=5)[1])
+        first, second = compiled(loop.x, loop.noise), compiled(loop.x, loop.noise.clone())
+        other = compiled(loop.x, inputs(loop.sched, loop.shape, seed=5)[1])
     assert torch.equal(first, second)
     assert not torch.allclose(first, other)
 
@@ -252,6 +310,37 @@ def test_unet_denoiser_loops_of_50_steps_are_solved_in_parallel(scheduler):
     assert chain.stats["window"] == 32 and chain.stats["iterations"] < chain.length
 
 
+@functools.cache
+def unet_loop_sample(scheduler: str, steps: int) -> torch.Tensor:
+    """The sequential loop's sample (computed once for both Jacobians: a 1000-step UNet loop takes minutes)."""
+    loop = sampling_loop(scheduler, "unet", steps)
+    with torch.no_grad():
+        return loop.sample(loop.x, loop.noise)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("jacobian", ["identity", "estimate"])
+@pytest.mark.parametrize("steps", [250, 1000])
+@pytest.mark.parametrize("scheduler", sorted(SCHEDULERS))
+def test_long_unet_denoiser_loops_solved_by_the_runtime_equal_the_loop(scheduler, steps, jacobian):
+    """T = 250 and 1000 on the same tiny UNet, solved by the runtime on the loop's chain
+    (:func:`loop_as_chain`), not through torch.compile: Dynamo takes about 5 s per UNet call
+    to trace on this CPU, whatever the UNet's size (~20 minutes at T = 250); the backend's
+    path (detection, rewrite, the op) is the one tested at T = 50 above."""
+    loop = sampling_loop(scheduler, "unet", steps)
+    want = unet_loop_sample(scheduler, steps)
+    with torch.no_grad():
+        step, s0, xs, shared = loop_as_chain(loop.sched, loop.model, loop.x, loop.noise)
+        program, leaves = chain_program(step, s0, xs, shared, jacobian)
+        states, stats = newton_solve(program, program.layout.pack(s0), leaves, shared, window=32, max_iters=steps,
+                                     tol=Tolerance.resolve(TOL_BY_SCHEDULER[scheduler], s0.dtype))
+    assert stats.converged and stats.fallback is None and stats.iterations < steps
+    assert stats.evaluations == 32 * stats.iterations
+    assert stats.jacobian_evaluations == (steps if jacobian == "estimate" else 0)
+    close = UNET_CLOSE[scheduler]
+    torch.testing.assert_close(program.layout.unpack(states)[-1], want, atol=close, rtol=close)
+
+
 def test_raw_diffusers_scheduler_loop_compiles_exactly_and_explain_hints_at_traceable():
     sched = DDIMScheduler(clip_sample=False)
     sched.set_timesteps(10)
@@ -276,8 +365,13 @@ def test_raw_diffusers_scheduler_loop_compiles_exactly_and_explain_hints_at_trac
 
 # -- the runtime on UNet building blocks ------------------------------------------------
 
-from seqpar.runtime import solve_chain  # noqa: E402
 from seqpar.runtime.program import rayleigh_estimate, sign_probe  # noqa: E402
+from seqpar.passes.policy import ESTIMATE_COST  # noqa: E402
+
+# Iteration counts of the estimate tests (deterministic: float64, fixed seeds, one thread or many).
+PICARD_ITERATIONS = 32  # the scaling chain, whole-chain Picard
+WINDOWED_ITERATIONS = 16  # the scaling chain, W = 8: two iterations per window (solve, confirm)
+SAMPLER_ITERATIONS = {"ddpm": (23, 13), "euler_ancestral": (28, 10)}  # (Picard, estimate), MLP, T = 50, W = 32
 
 
 def attention_block_step(s, x, norm_weight, proj):
@@ -344,26 +438,58 @@ def test_estimate_is_the_rayleigh_quotient_along_the_sign_probe():
     torch.testing.assert_close(A[0, 0], probe @ matrix @ probe / 6)
 
 
-def test_estimate_is_newton_for_steps_that_scale_the_state():
-    """``s_l = a_l s_{l-1} + b_l``: ``J_l = a_l I``, which the estimate finds exactly,
-    so one iteration solves the chain and the next confirms it (Picard needs more)."""
+def scaling_chain(length=64):
+    """``s_l = a_l s_{l-1} + b_l``: ``J_l = a_l I``, which the estimate finds exactly at any state."""
     generator = torch.Generator().manual_seed(1)
-    a = 0.5 + torch.rand(64, generator=generator, dtype=torch.float64)
-    b = torch.randn(64, 2, 5, generator=generator, dtype=torch.float64)
+    a = 0.5 + torch.rand(length, generator=generator, dtype=torch.float64)
+    b = torch.randn(length, 2, 5, generator=generator, dtype=torch.float64)
     s0 = torch.randn(2, 5, generator=generator, dtype=torch.float64)
+    return s0, (a, b)
 
-    def step(s, x):
-        scale, shift = x
-        return scale * s + shift
 
-    states, stats = solve_chain(step, s0, (a, b), jacobian="estimate", return_stats=True)
-    _, picard = solve_chain(step, s0, (a, b), jacobian="identity", return_stats=True)
-    assert stats.jacobian == "estimate" and stats.iterations == 2 and picard.iterations > 2
-    want, s = [], s0
-    for scale, shift in zip(a, b):
-        s = scale * s + shift
-        want.append(s)
-    torch.testing.assert_close(states, torch.stack(want), atol=1e-12, rtol=1e-12)
+def scaling_step(s, x):
+    scale, shift = x
+    return scale * s + shift
+
+
+def scaling_loop(s0, xs):
+    states, s = [], s0
+    for scale, shift in zip(*xs):
+        s = scaling_step(s, (scale, shift))
+        states.append(s)
+    return torch.stack(states)
+
+
+def test_estimate_is_newton_for_steps_that_scale_the_state():
+    """One iteration solves the chain and the next confirms it; the estimates are made
+    at the first iteration only (one VJP per position) and reused at the second."""
+    s0, xs = scaling_chain()
+    states, stats = solve_chain(scaling_step, s0, xs, jacobian="estimate", return_stats=True)
+    _, picard = solve_chain(scaling_step, s0, xs, jacobian="identity", return_stats=True)
+    assert stats.jacobian == "estimate" and stats.iterations == 2 and picard.iterations == PICARD_ITERATIONS
+    assert (stats.evaluations, stats.jacobian_evaluations) == (2 * 64, 64)
+    assert (picard.evaluations, picard.jacobian_evaluations) == (PICARD_ITERATIONS * 64, 0)
+    torch.testing.assert_close(states, scaling_loop(s0, xs), atol=1e-12, rtol=1e-12)
+
+
+def test_windowed_estimates_are_made_once_per_position_as_it_enters_the_window():
+    """With A = J exactly, a window's first iteration solves its 8 positions and the next
+    confirms them (the first's update was large); every position is estimated once."""
+    s0, xs = scaling_chain()
+    states, stats = solve_chain(scaling_step, s0, xs, jacobian="estimate", window=8, return_stats=True)
+    assert stats.converged and stats.window == 8
+    assert stats.jacobian_evaluations == 64 and stats.evaluations == 8 * stats.iterations
+    assert stats.iterations == WINDOWED_ITERATIONS
+    torch.testing.assert_close(states, scaling_loop(s0, xs), atol=1e-12, rtol=1e-12)
+
+
+def test_window_of_one_with_estimates_reproduces_the_loop_bit_for_bit():
+    """W = 1: each position is evaluated once, with its estimate, at an exact state."""
+    got, want, backend = run_case("ddpm", "mlp", 20, window=1, jacobian="estimate")
+    (chain,) = solved_denoise_chains(backend)
+    assert chain.jacobian == "estimate" and chain.stats["converged"]
+    assert chain.stats["evaluations"] == chain.stats["jacobian_evaluations"] == chain.stats["iterations"]
+    assert torch.equal(got, want)
 
 
 def backend_with_jacobian(jacobian, **options):
@@ -373,21 +499,25 @@ def backend_with_jacobian(jacobian, **options):
 
 
 @pytest.mark.parametrize("scheduler", ["ddpm", "euler_ancestral"])
-def test_estimated_jacobians_solve_contracting_samplers_in_fewer_iterations(scheduler):
-    """DDPM and Euler ancestral steps contract (c_l < 1), which Picard (A = I) does not model."""
-    sched = make_scheduler(scheduler, 50)
-    model, shape = make_denoiser("mlp", sched)
-    sample = make_sample(sched, model)
-    x, noise = inputs(sched, shape)
-    iterations = {}
+def test_estimated_jacobians_solve_contracting_samplers_in_fewer_evaluation_equivalents(scheduler):
+    """DDPM and Euler ancestral steps contract (c_l < 1), which Picard (A = I) does not model.
+    At W = 32 (W |lambda| ~ 3 and 6.5) the estimate needs fewer iterations and, counting a VJP as
+    ESTIMATE_COST - 1 forward evaluations, fewer evaluation-equivalents; it makes one VJP per position."""
+    loop = sampling_loop(scheduler, "mlp", 50)
+    stats = {}
     for jacobian in ("identity", "estimate"):
         torch._dynamo.reset()
         backend = backend_with_jacobian(jacobian, tol=TOL_BY_SCHEDULER[scheduler])
         with torch.no_grad():
-            got, want = torch.compile(sample, backend=backend)(x, noise), sample(x, noise)
+            got, want = torch.compile(loop.sample, backend=backend)(loop.x, loop.noise), loop.sample(loop.x, loop.noise)
         (chain,) = solved_denoise_chains(backend)
         assert chain.jacobian == jacobian and chain.stats["jacobian"] == jacobian and chain.stats["converged"]
         close = CLOSE_BY_SCHEDULER[scheduler]
         torch.testing.assert_close(got, want, atol=close, rtol=close)
-        iterations[jacobian] = chain.stats["iterations"]
-    assert iterations["estimate"] < iterations["identity"]
+        stats[jacobian] = chain.stats
+    picard, estimate = stats["identity"], stats["estimate"]
+    assert (picard["iterations"], estimate["iterations"]) == SAMPLER_ITERATIONS[scheduler]
+    assert estimate["evaluations"] == 32 * estimate["iterations"] and picard["evaluations"] == 32 * picard["iterations"]
+    assert estimate["jacobian_evaluations"] == estimate["length"] and picard["jacobian_evaluations"] == 0
+    cost = estimate["evaluations"] + (ESTIMATE_COST - 1) * estimate["jacobian_evaluations"]
+    assert cost < picard["evaluations"]

@@ -60,15 +60,15 @@ def test_gpu_cost_model_parallelises_moderate_widths():
 
 
 def test_denoise_chain_takes_the_jacobian_estimate_where_steps_scale_far_from_one():
-    decision = decide(make_chain(100, (2, 8), kind="denoise"), Options(), "cuda", lyapunov=-0.2)
+    decision = decide(make_chain(100, (2, 8), kind="denoise"), Options(), "cuda", lyapunov=-0.02)
     assert (decision.method, decision.jacobian, decision.window) == ("parallel", "estimate", 32)
-    assert "window 32 x |lambda| 0.2 = 6.4 >= 4" in decision.reason
+    assert "window 32 x |lambda| 0.02 = 0.64 >= 0.5" in decision.reason
 
 
 def test_denoise_chain_near_the_identity_keeps_picard_and_says_why():
-    decision = decide(make_chain(250, (2, 8), kind="denoise"), Options(), "cuda", lyapunov=-0.02)
+    decision = decide(make_chain(250, (2, 8), kind="denoise"), Options(), "cuda", lyapunov=-0.01)
     assert (decision.method, decision.jacobian, decision.window) == ("parallel", "identity", 32)
-    assert "window 32 x |lambda| 0.02 = 0.64 < 4" in decision.reason
+    assert "window 32 x |lambda| 0.01 = 0.32 < 0.5" in decision.reason
 
 
 def test_forced_parallel_denoise_chain_has_no_probe_keeps_picard_and_a_sequential_adjoint():

@@ -30,16 +30,20 @@ ROLLED_FROM_LENGTH = 64
 # Denoising chains: sliding-window Picard (ParaDiGMS); see _denoise_solver.
 DENOISE_WINDOW = 32
 # Denoising chains: Picard (A = I) or the Jacobian estimate (A = c_l I from one VJP per
-# position, jacobian="estimate"); see _denoise_jacobian. Measured on the MLP denoiser and a
-# tiny UNet, DDIM / DDPM / Euler ancestral, T = 50 and 250, W = 8..64 (benchmarks/RESULTS.md,
-# "Denoising: Picard vs JVP-estimated quasi-Newton"): an estimate evaluation (forward + VJP)
-# costs ESTIMATE_COST forward evaluations (1.9 to 2.1), and the estimate divides Picard's
-# iterations by a factor that grows with W |lambda| (the window times the Lyapunov exponent,
-# for these steps the mean log c_l): 1.0 at 0, 1.2-1.4 up to 0.35, 1.4-1.5 at 0.65-0.8,
-# 1.55-1.7 at 1.3-1.6, 1.8-2.05 at 2.6-3.2 (break-even), 2.9 at 6.5 (1.5x fewer
-# evaluation-equivalents).
+# position, made at the position's first evaluation and reused: jacobian="estimate"); see
+# _denoise_jacobian. Measured on the MLP denoiser and a tiny UNet, DDIM / DDPM / Euler
+# ancestral, T = 50 and 250, W = 8..64 (benchmarks/RESULTS.md, "Denoising: Picard vs
+# JVP-estimated quasi-Newton", session 3): an estimate evaluation (forward + VJP) costs
+# ESTIMATE_COST forward evaluations (about 1.8 to 2.2 where the machine was quiet), paid once
+# per position, so a solve costs iterations x W + (ESTIMATE_COST - 1) x L evaluation-equivalents;
+# the estimate divides Picard's iterations by a factor that grows with W |lambda| (the window
+# times the Lyapunov exponent, for these steps the mean log c_l): 1.0 at 0, 1.2-1.35 at
+# 0.16-0.33 (break-even at 0.32-0.33), 1.4-1.5 at 0.65-0.8 (1.06-1.16x fewer
+# evaluation-equivalents), 1.5-1.7 at 1.3-1.6 (1.3-1.4x), 1.8-2.05 at 2.6-3.2 (1.56-1.72x),
+# 2.9 at 6.5 (2.5x). Before the estimate was cached (re-made every iteration) it broke even
+# at about 3.
 ESTIMATE_COST = 2.0
-ESTIMATE_MIN_SPREAD = 4.0
+ESTIMATE_MIN_SPREAD = 0.5
 
 
 @dataclass
@@ -182,29 +186,30 @@ def _denoise_jacobian(lyapunov: float | None, span: int) -> tuple[str, str]:
     Picard's linearisation ``A = I`` is off by ``c_l - 1`` where a step scales
     its input by ``c_l`` (DDPM and Euler ancestral steps contract, a UNet with
     random weights expands); the estimate ``A = c_l I`` removes that error at
-    one VJP per position (``ESTIMATE_COST`` forward evaluations in all). The
-    Lyapunov probe measures ``lambda ~ mean log c_l``; the estimate is chosen
-    where ``span * |lambda| >= ESTIMATE_MIN_SPREAD``, where the measured
-    saving in iterations exceeds its cost. Without a probe (it runs under
+    one VJP per position, made once (an evaluation with it costs
+    ``ESTIMATE_COST`` forward evaluations; later iterations evaluate ``f``
+    alone). The Lyapunov probe measures ``lambda ~ mean log c_l``; the
+    estimate is chosen where ``span * |lambda| >= ESTIMATE_MIN_SPREAD``, where
+    the measured saving in iterations exceeds the ``L`` VJPs. Without a probe (it runs under
     policy='auto' only, and fails on ops without forward-mode AD) Picard.
     """
     if lyapunov is None or not math.isfinite(lyapunov):
         return "identity", (
             f"no Lyapunov probe (it runs under policy='auto'), so Picard: the estimate (jacobian='estimate') "
-            f"costs {ESTIMATE_COST:g} evaluations per position and saves iterations only where the window times "
-            f"|lambda| is >= {ESTIMATE_MIN_SPREAD:g} (measured)"
+            f"costs one VJP per position ({ESTIMATE_COST:g}x an evaluation, once) and saves more than that only "
+            f"where the window times |lambda| is >= {ESTIMATE_MIN_SPREAD:g} (measured)"
         )
     spread = span * abs(lyapunov)
     if spread >= ESTIMATE_MIN_SPREAD:
         return "estimate", (
             f"window {span} x |lambda| {abs(lyapunov):.3g} = {spread:.3g} >= {ESTIMATE_MIN_SPREAD:g}: the steps scale "
-            f"their input far from 1, and the estimate saves more iterations than its {ESTIMATE_COST:g}x cost "
-            "per evaluation (measured)"
+            f"their input far enough from 1 that the estimate saves more iterations than its one VJP per position "
+            f"({ESTIMATE_COST:g}x an evaluation, once) costs (measured)"
         )
     return "identity", (
         f"window {span} x |lambda| {abs(lyapunov):.3g} = {spread:.3g} < {ESTIMATE_MIN_SPREAD:g}: the steps are "
-        f"close enough to the identity that the estimate (jacobian='estimate', {ESTIMATE_COST:g}x cost per "
-        "evaluation) saves fewer iterations than it costs (measured)"
+        f"close enough to the identity that the estimate (jacobian='estimate', one VJP per position, "
+        f"{ESTIMATE_COST:g}x an evaluation) saves fewer iterations than it costs (measured)"
     )
 
 

@@ -21,7 +21,7 @@ window is given), not at the converged trajectory. Measured on the
 denoising chains of ``benchmarks/diffusion_sampling.py`` (RESULTS.md,
 "Denoising: Picard vs JVP-estimated quasi-Newton", session 3), the cached
 estimate converges in the same number of iterations as one re-made every
-iteration in 36 of 40 configurations and within one in the rest (either way),
+iteration in 36 of 42 configurations and within one in the rest (either way),
 so re-estimating where a state moved a lot would save at most that and cost
 VJPs.
 

@@ -60,6 +60,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import cpu_scan
 from .pcr import accumulation_dtype, solve_affine_recurrence
 from .sequential import continue_sequentially
 from .stats import SolveStats
@@ -162,40 +163,14 @@ def newton_solve(
         offset = start - first
         values = values[offset : offset + stop - start]
         A = None if A is None else A[offset : offset + stop - start]
-        active = states[start:stop]
         if region is not None:
-            per_step, finite = _damped_update(states, start, stop, values, A, kind, region, tol, work)
-            stats.residual = float(per_step.max())
-            if not finite:
-                stats.fallback = f"non-finite values at iteration {stats.iterations}"
-                break
+            above, stats.residual, finite = _damped_update(states, start, stop, values, A, kind, region, tol, work)
         else:
-            if in_place:
-                update = solve_affine_recurrence(A, values - active, kind)
-                active += update  # the new states
-                new_active = active
-            else:
-                active = active.to(work)
-                update = solve_affine_recurrence(A, values.to(work) - active, kind)
-                new_active = active + update
-                states[start:stop] = new_active.to(states.dtype)
-            # The first active state is exact: f of an exact previous state, not s + (f - s).
-            states[start] = values[0]
-            scaled = update.abs().div_(new_active.abs().mul_(tol.rtol).add_(tol.atol))
-            per_step = scaled.flatten(1).amax(dim=1)
-            stats.residual = float(per_step.max())
-            # A non-finite update makes the residual non-finite (the check costs nothing otherwise).
-            if not math.isfinite(stats.residual) and not bool(torch.isfinite(update).all()):
-                stats.fallback = f"non-finite values at iteration {stats.iterations}"
-                break
-        if stats.residual <= 1.0:
-            start = stop
-            continue
-        above = torch.nonzero(per_step > 1.0)
-        if above.numel() == 0:  # NaN ratios (0 / 0 with atol = 0) count as converged
-            start = stop
-        else:
-            start += max(1, int(above[0]))  # the first active state is exact now
+            above, stats.residual, finite = _update(states, start, stop, values, A, kind, tol, work)
+        if not finite:
+            stats.fallback = f"non-finite values at iteration {stats.iterations}"
+            break
+        start += max(1, above)  # the first active state is exact now; above = stop - start when converged
     stats.converged = stats.fallback is None
     if not stats.converged:
         log.info("chain of %d steps: %s; finishing sequentially from step %d", length, stats.fallback, start + 1)
@@ -237,6 +212,44 @@ class _TrustRegion:
         return self.value
 
 
+def _update(states, start, stop, values, A, kind, tol, work):
+    """One (quasi-)Newton iteration on the active positions ``[start, stop)``, in place.
+
+    ``s <- s + y`` with ``y_l - A_l y_{l-1} = F_l - s_l``, and ``s_start <- F_start``
+    (exact: ``f`` of an exact previous state, not ``s + (F - s)``). Returns
+    ``(above, largest, finite)``: the first active position (from 0) whose
+    update is above tolerance (``|y| > atol + rtol |s_new|`` for some value;
+    ``stop - start`` when none; ``0 / 0`` counts as converged), the largest
+    ratio, and whether the update is finite. On CPU (float32/float64) one call
+    of the compiled kernel does it all (:func:`seqpar.runtime.cpu_scan.newton_update`).
+    """
+    active = states[start:stop]
+    if kind != "identity" and work == states.dtype and cpu_scan.supports(A, values) and cpu_scan.available():
+        return cpu_scan.newton_update(A, values, active, kind, tol.atol, tol.rtol)
+    if work == states.dtype:
+        update = solve_affine_recurrence(A, values - active, kind)
+        active += update  # the new states
+        new_active = active
+    else:
+        active = active.to(work)
+        update = solve_affine_recurrence(A, values.to(work) - active, kind)
+        new_active = active + update
+        states[start:stop] = new_active.to(states.dtype)
+    states[start] = values[0]
+    scaled = update.abs().div_(new_active.abs().mul_(tol.rtol).add_(tol.atol))
+    per_step = scaled.flatten(1).amax(dim=1)
+    largest = float(per_step.max())
+    # A non-finite update makes the largest ratio non-finite (the check costs nothing otherwise).
+    finite = math.isfinite(largest) or bool(torch.isfinite(update).all())
+    return _first_above(per_step), largest, finite
+
+
+def _first_above(per_step: torch.Tensor) -> int:
+    """The first position whose ratio is above 1, ``len(per_step)`` when none (NaN, ``0 / 0``, is not above)."""
+    above = torch.nonzero(per_step > 1.0)
+    return int(above[0]) if above.numel() else per_step.shape[0]
+
+
 def _damped_update(states, start, stop, values, A, kind, region, tol, work):
     """One Levenberg-Marquardt (ELK) iteration on the active positions ``[start, stop)``, in place.
 
@@ -254,8 +267,9 @@ def _damped_update(states, start, stop, values, A, kind, region, tol, work):
     positions with ``|n| <= atol + rtol |s + n|`` (a non-finite ``n`` is above)
     take ``s + n``, the rest ``s + ds``; then ``s_start = F_start`` exactly. A
     non-finite ``ds`` below the initial ``lambda`` is solved again at the initial
-    ``lambda``. Returns the per-position ratios ``|n| / (atol + rtol |s + n|)``
-    ``(M,)`` (``inf`` where ``n`` is not finite) and whether ``F`` and ``ds`` are finite.
+    ``lambda``. Returns ``(above, largest, finite)`` as :func:`_update` does,
+    for the ratios ``|n| / (atol + rtol |s + n|)`` (``inf`` where ``n`` is not
+    finite); ``finite``: whether ``F`` and ``ds`` are.
     """
     active = states[start:stop].to(work)
     c = values.to(work) - active
@@ -266,16 +280,15 @@ def _damped_update(states, start, stop, values, A, kind, region, tol, work):
         region.value = region.initial
         step = _lm_step_from_exact_first(A, c, kind, region.initial)
     if not bool(torch.isfinite(step).all()):
-        return c.new_full((c.shape[0],), math.inf), False
+        return 0, math.inf, False
     scaled = newton.abs().div_((active + newton).abs_().mul_(tol.rtol).add_(tol.atol))
     scaled.masked_fill_(newton == 0, 0.0).nan_to_num_(nan=math.inf)  # 0 / 0 converged, NaN steps not
     per_step = scaled.flatten(1).amax(dim=1)
-    above = torch.nonzero(per_step > 1.0)
-    converged = int(above[0]) if above.numel() else per_step.shape[0]
+    converged = _first_above(per_step)
     step[:converged] = newton[:converged]
     states[start:stop] = (active + step).to(states.dtype)
     states[start] = values[0]  # exact: f of an exact previous state
-    return per_step, True
+    return converged, float(per_step.max()), True
 
 
 def _lm_step_from_exact_first(A, c, kind, damping):

@@ -20,7 +20,10 @@ and ``b`` (``(L, w)``).
 Reported per configuration: median times (``time.perf_counter``, after warm-up),
 ratio = sequential time / seqpar time (> 1: seqpar is faster), Newton steps,
 the largest error against the float64 sequential loop (states for ``forward``,
-gradients relative to their largest entry otherwise), and, for the training
+gradients relative to their largest entry otherwise), the same error of the
+float32 sequential loop itself (on a chaotic chain, gain 2 at larger widths,
+both are O(1): rounding differences grow like ``e^{lambda l}``, and no float32
+computation follows the float64 trajectory), and, for the training
 step, the peak of live CPU tensor memory during one call, from the torch
 profiler's memory timeline (inputs included; not the process RSS; profiling the
 sequential loop at L = 4096 takes about a minute: ``--no-memory`` skips it).
@@ -139,6 +142,7 @@ class Row:
     t_par: float
     iters: int
     error: float
+    error_seq: float = float("nan")  # the float32 sequential loop's own error, same measure
     t_ind: float | None = None
     inductor_form: str = ""
     compile_s: float | None = None
@@ -202,6 +206,19 @@ def inductor_baseline(mode, s0, W, b, Ws, bs, max_unrolled):
     return call, form
 
 
+def state_error(states, reference) -> float:
+    """Largest absolute difference from the float64 loop's states."""
+    return float((states.double() - reference["states"]).abs().max())
+
+
+def gradient_error(grads, reference) -> float:
+    """Largest difference from the float64 loop's gradients of ``(s0, W, b)``, relative to each one's largest entry."""
+    return max(
+        float((mine.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+        for mine, ref in zip(grads, reference["grads"])
+    )
+
+
 def run_config(problem: Problem, modes, args, reference):
     rows = []
     dtype = torch.float32
@@ -243,24 +260,24 @@ def run_config(problem: Problem, modes, args, reference):
         t_par = median_time(par_call, args.repeats, warmup=2)
         t_seq = median_time(seq_call, args.repeats, warmup=1)
 
-        # Newton steps and error against the float64 sequential loop.
+        # Newton steps, and the errors of seqpar and of the float32 sequential loop against the float64 loop.
         if mode == "forward":
             with torch.no_grad():
                 states, stats = solve_chain(step, s0, (W, b), jacobian=jacobian, return_stats=True)
-            error = float((states.double() - reference["states"]).abs().max())
+                error = state_error(states, reference)
+                error_seq = state_error(sequential_states(s0, Ws, bs), reference)
         else:
-            for t in (s0, W, b):
-                t.grad = None
             states, stats = solve_chain(
                 step, s0, (W, b), jacobian=jacobian, forward=forward, return_stats=True
             )
-            states[-1].square().sum().backward()
-            error = max(
-                float((mine.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
-                for mine, ref in zip((s0.grad, W.grad, b.grad), reference["grads"])
-            )
+            error = gradient_error(torch.autograd.grad(states[-1].square().sum(), (s0, W, b)), reference)
+            loss = sequential(s0, Ws, bs).square().sum()
+            grads = torch.autograd.grad(loss, (s0, *Ws, *bs))
+            length = problem.L
+            per_layer = (grads[0], torch.stack(grads[1 : 1 + length]), torch.stack(grads[1 + length :]))
+            error_seq = gradient_error(per_layer, reference)
         row = Row(problem.L, problem.w, problem.B, problem.gain, mode, t_seq, t_par, stats.iterations, error,
-                  fallback=stats.fallback is not None)
+                  error_seq=error_seq, fallback=stats.fallback is not None)
 
         if args.inductor:
             ind_call, row.inductor_form = inductor_baseline(mode, s0, W, b, Ws, bs, args.inductor_max_L)
@@ -288,9 +305,9 @@ def reference_of(problem: Problem):
 
 HEADER = (
     "| L | w | B | gain | mode | sequential ms | seqpar ms | ratio | inductor ms | ratio vs inductor "
-    "| compile s | Newton steps | max error | peak MB seq / seqpar |"
+    "| compile s | Newton steps | max error | sequential's error | peak MB seq / seqpar |"
 )
-RULE = "|" + "---|" * 14
+RULE = "|" + "---|" * 15
 
 
 def _fmt(value, spec):
@@ -307,7 +324,8 @@ def format_row(row: Row) -> str:
     return (
         f"| {row.L} | {row.w} | {row.B} | {row.gain:g} | {row.mode} | {row.t_seq * 1e3:.2f} | {row.t_par * 1e3:.2f} "
         f"| **{row.ratio:.2f}** | {_fmt(None if row.t_ind is None else row.t_ind * 1e3, '.2f')} "
-        f"| {_fmt(row.ratio_ind, '.2f')}{' (' + row.inductor_form + ')' if row.inductor_form else ''} | {_fmt(row.compile_s, '.1f')} | {steps} | {row.error:.1e} | {mem} |"
+        f"| {_fmt(row.ratio_ind, '.2f')}{' (' + row.inductor_form + ')' if row.inductor_form else ''} | {_fmt(row.compile_s, '.1f')} | {steps} "
+        f"| {row.error:.1e} | {row.error_seq:.1e} | {mem} |"
     )
 
 

@@ -23,9 +23,15 @@ def test_cpu_long_narrow_chain_is_parallel_both_ways():
 
 
 def test_cpu_parallel_adjoint_where_parallel_forward_loses():
-    decision = decide(make_chain(1024, (1, 8)), Options(), "cpu", lyapunov=None)
+    # The MLP grid (RESULTS.md, session 3): at L = 1024, N*w = 16 the forward wins 1.2x at best,
+    # the adjoint 14x; N*w = 8 wins both; N*w = 512 wins neither.
+    decision = decide(make_chain(1024, (1, 16)), Options(), "cpu", lyapunov=None)
     assert (decision.method, decision.adjoint, decision.form) == ("sequential", "parallel", "rolled")
     assert decision.label == "parallel"
+    decision = decide(make_chain(1024, (1, 8)), Options(), "cpu", lyapunov=None)
+    assert (decision.method, decision.adjoint, decision.form) == ("parallel", "parallel", "solver")
+    decision = decide(make_chain(1024, (16, 32)), Options(), "cpu", lyapunov=None)
+    assert (decision.method, decision.adjoint) == ("sequential", "sequential")
 
 
 def test_chaotic_chain_stays_sequential_with_the_exponent_in_the_reason():

@@ -17,11 +17,13 @@ from .chain import Chain
 
 # Widest state (values per batch element) for dense Jacobian blocks.
 DENSE_WIDTH = 64
-# CPU: the parallel forward pays off for small blocks on long chains only.
-CPU_FORWARD_MAX_WORK = 4  # batch elements x state width
+# CPU crossovers, measured on the MLP grid with the compiled CPU kernel (benchmarks/RESULTS.md,
+# "MLP grid, session 3"): the parallel forward wins from L = 1024 on up to N*w = 16 (1.2-16x;
+# 1.2x only at N*w = 16, so the rule stops at 8) and loses at N*w = 32 and at L <= 256; the
+# parallel adjoint wins from L = 64 on up to N*w = 256 (1.6-300x) and breaks even at 512.
+CPU_FORWARD_MAX_WORK = 8  # batch elements x state width
 CPU_FORWARD_MIN_LENGTH = 1024
-# CPU: the parallel adjoint pays off up to about 16 values per block row.
-CPU_ADJOINT_MAX_WORK = 16
+CPU_ADJOINT_MAX_WORK = 256
 CPU_ADJOINT_MIN_LENGTH = 32
 # GPU (DeepPCR, DEER): Newton + PCR wins up to w ~ 32 from L ~ 64.
 GPU_MAX_WIDTH = 32

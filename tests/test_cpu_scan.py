@@ -135,3 +135,14 @@ def test_fused_newton_update_reports_non_finite_updates_and_treats_zero_over_zer
     F[2, 0, 1] = float("inf")
     first, largest, finite = cpu_scan.newton_update(A, F, s.clone(), "diag", 1e-6, 1e-6)
     assert not finite
+
+
+def test_fused_newton_update_takes_states_wider_than_any_stack_buffer():
+    # A denoiser's latent as one diagonal block row: 2**21 values (16 MiB in float64) per position.
+    length, width = 3, 1 << 21
+    A = torch.full((length, 1, width), 0.5, dtype=torch.float64)
+    F = torch.ones(length, 1, width, dtype=torch.float64)
+    s = torch.zeros(length, 1, width, dtype=torch.float64)
+    first, largest, finite = cpu_scan.newton_update(A, F, s, "diag", 1e-8, 1e-8)
+    assert finite and first == 0
+    assert torch.equal(s[:, 0, 0], torch.tensor([1.0, 1.5, 1.75], dtype=torch.float64))  # s + y, y_l = 0.5 y_{l-1} + 1

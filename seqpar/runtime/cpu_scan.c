@@ -79,7 +79,7 @@ void scan_diagonal(const SCALAR *restrict a, SCALAR *restrict y, long length, lo
  * |y_lk| / (atol + rtol |s_lk|) with the new s; a NaN ratio (0 / 0) counts as
  * converged. Returns the first l with a ratio above 1 (M when none);
  * *largest receives the largest ratio and *finite whether every y is finite.
- * scratch holds y_{l-1} (N w values).
+ * scratch holds y_{l-1} and y_l (2 N w values).
  */
 long newton_update(const SCALAR *restrict A, const SCALAR *restrict F, SCALAR *restrict s, SCALAR *restrict scratch,
                    long length, long batch, long width, int diagonal, SCALAR atol, SCALAR rtol,
@@ -95,7 +95,7 @@ long newton_update(const SCALAR *restrict A, const SCALAR *restrict F, SCALAR *r
             const SCALAR *f = F + l * row + n * width;
             SCALAR *state = s + l * row + n * width;
             SCALAR *y = scratch + n * width; /* y_{l-1} on entry, y_l on exit */
-            SCALAR next[width];
+            SCALAR *next = scratch + row + n * width;
             for (long i = 0; i < width; ++i) {
                 SCALAR sum = f[i] - state[i];
                 if (l > 0 && diagonal)

@@ -107,7 +107,7 @@ def newton_update(A: torch.Tensor, F: torch.Tensor, s: torch.Tensor, kind: str, 
     scalar = _SCALARS[s.dtype]
     largest, finite = scalar(), ctypes.c_int()
     A, F = A.contiguous(), F.contiguous()
-    scratch = s.new_zeros(batch * width)
+    scratch = s.new_empty(2 * batch * width)  # y_{l-1} and y_l
     first = library.newton_update(
         A.data_ptr(), F.data_ptr(), s.data_ptr(), scratch.data_ptr(), length, batch, width, int(kind == "diag"),
         atol, rtol, ctypes.byref(largest), ctypes.byref(finite),

@@ -12,9 +12,7 @@ runs, after one warm-up.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -23,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from seqpar.passes.detect import find_chains  # noqa: E402
 from tests.zoo.models import mlp_graph  # noqa: E402
+from timing import median_time  # noqa: E402
 
 
 def main(argv=None):
@@ -36,13 +35,9 @@ def main(argv=None):
     for depth in args.depth:
         gm, _ = mlp_graph(depth, 4)
         chains, _ = find_chains(gm)
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            find_chains(gm)
-            times.append(time.perf_counter() - start)
+        seconds = median_time(lambda: find_chains(gm), args.repeats, warmup=0)
         found = ", ".join(f"{chain.kind} x {chain.length}" for chain in chains)
-        print(f"| {depth} | {len(gm.graph.nodes)} | {found} | {statistics.median(times):.3f} |", flush=True)
+        print(f"| {depth} | {len(gm.graph.nodes)} | {found} | {seconds:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

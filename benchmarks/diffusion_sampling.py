@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -44,15 +43,11 @@ from seqpar.backend import SeqparBackend  # noqa: E402
 from seqpar.runtime.lyapunov import largest_lyapunov_exponent  # noqa: E402
 from seqpar.runtime.newton import Tolerance, newton_solve, windowed_steps  # noqa: E402
 from tests.test_denoise import chain_program, loop_as_chain, sampling_loop  # noqa: E402
+from timing import median_time  # noqa: E402
 
 
 def timed(fn, *args, repeats):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn(*args)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_time(lambda: fn(*args), repeats, warmup=0)
 
 
 def best_time(fn, repeats, rounds=3):

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -51,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from torch._higher_order_ops.scan import scan  # noqa: E402
 
 from seqpar.runtime import solve_chain  # noqa: E402
+from timing import median_time  # noqa: E402
 
 MODES = ("forward", "backward", "train", "train-hybrid")
 OUT = Path(__file__).resolve().parent / "out"
@@ -103,18 +103,6 @@ class Problem:
         Ws = [w.clone().requires_grad_(grad) for w in W.detach().unbind(0)]
         bs = [v.clone().requires_grad_(grad) for v in b.detach().unbind(0)]
         return s0, W, b, Ws, bs
-
-
-def median_time(fn, repeats, warmup=1):
-    """Median of ``repeats`` timings of ``fn()`` after ``warmup`` calls; ``fn`` may return its own time."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        own = fn()
-        times.append(own if isinstance(own, float) else time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def peak_memory(fn):

@@ -5,26 +5,17 @@
 Times one forward solve of ``y_l = A_l y_{l-1} + c_l`` (float32, N = 1) with
 ``seqpar.runtime.pcr.solve_affine_recurrence`` eagerly and compiled by
 ``torch.compile`` (inductor, static shapes: one compile per shape, timed too),
-and prints which is faster per shape.
+and prints which is faster per shape; also the CPU default since session 3,
+the compiled substitution kernel (``method="auto"``).
 """
 
 import argparse
-import statistics
 import time
 
 import torch
 
 from seqpar.runtime.pcr import solve_affine_recurrence
-
-
-def median_ms(fn, repeats=20):
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+from timing import median_time
 
 
 def main():
@@ -35,7 +26,8 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print("| L | w | kind | eager ms | inductor ms | compile s | faster |\n|---|---|---|---|---|---|---|")
+    print("| L | w | kind | eager PCR ms | inductor PCR ms | compile s | faster PCR | C substitution ms |")
+    print("|---|---|---|---|---|---|---|---|")
     for length in args.L:
         for width in args.w:
             generator = torch.Generator().manual_seed(0)
@@ -45,15 +37,16 @@ def main():
             torch._dynamo.reset()
             compiled = torch.compile(solve_affine_recurrence, dynamic=False)
             start = time.perf_counter()
-            expected = solve_affine_recurrence(A, c, args.kind)
-            got = compiled(A, c, args.kind)
+            expected = solve_affine_recurrence(A, c, args.kind, method="pcr")
+            got = compiled(A, c, args.kind, method="pcr")
             compile_s = time.perf_counter() - start
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
-            eager_ms = median_ms(lambda: solve_affine_recurrence(A, c, args.kind))
-            inductor_ms = median_ms(lambda: compiled(A, c, args.kind))
+            eager_ms = 1e3 * median_time(lambda: solve_affine_recurrence(A, c, args.kind, method="pcr"), 20)
+            inductor_ms = 1e3 * median_time(lambda: compiled(A, c, args.kind, method="pcr"), 20)
+            substitution_ms = 1e3 * median_time(lambda: solve_affine_recurrence(A, c, args.kind), 20)
             faster = "inductor" if inductor_ms < eager_ms else "eager"
-            print(f"| {length} | {width} | {args.kind} | {eager_ms:.3f} | {inductor_ms:.3f} | {compile_s:.1f} | {faster} |",
-                  flush=True)
+            print(f"| {length} | {width} | {args.kind} | {eager_ms:.3f} | {inductor_ms:.3f} | {compile_s:.1f} | {faster} "
+                  f"| {substitution_ms:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

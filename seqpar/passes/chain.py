@@ -56,10 +56,11 @@ class ChainInput:
       * ``"slice"``: step ``l`` reads ``P.select(dim, start + stride * l)``
         of one tensor ``P`` (``nodes == [P]``: a placeholder, such as a
         parameter that holds every layer's weights or a sequence ``x`` read as
-        ``x[:, t]``, or a state-independent value): the ``L`` slices are
-        handed over as one view of ``P`` (a ``flip`` copy when ``stride < 0``),
-        never stacked. The step takes the slice (views of it such as ``.T``
-        are part of the step).
+        ``x[:, t]``, or a state-independent value): the ``L`` slices reach
+        the op as ``slices.slice_steps(P, dim, start, stride, L)``, a view of
+        ``P`` for consecutive rows on dim 0 and one copy otherwise, never a
+        stack of ``L`` selects. The step takes the slice (views of it such as
+        ``.T`` are part of the step).
       * ``"computed"``: ``nodes[l]`` are graph values that do not depend on the
         state (hoisted out of the step); stacked on every call.
       * ``"constant"``: ``values[l]`` are Python numbers or tensors that differ

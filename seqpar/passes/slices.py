@@ -4,8 +4,9 @@ A model that keeps its layers stacked (``W: (L, m, n)``, read as ``W[l]`` in
 step ``l``) or runs a recurrence over a sequence (``x[:, t]``) reaches the
 Dynamo graph as one ``select``/``getitem`` node per step, often followed by
 views (``W[l].T``). :func:`as_slice` recognises such a per-step input so that
-the chain reads the ``L`` slices as one view of ``P`` (``P`` itself when that
-is all of it, in order) instead of a stack of ``L`` selects.
+the chain reads the ``L`` slices in one or two ops (:func:`slice_steps`: a
+view of ``P`` for consecutive rows on dim 0, one copy otherwise) instead of a
+stack of ``L`` selects.
 
 Guarantees of a returned :class:`Slice`, for the per-step nodes ``nodes``
 (``nodes[l]`` read by step ``l``):

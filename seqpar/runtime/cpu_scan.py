@@ -9,7 +9,7 @@ with dense ``(L, N, w, w)`` or diagonal ``(L, N, w)`` blocks. On a CPU the
 recursive-doubling and chunked scans of :mod:`~seqpar.runtime.pcr` are bound
 by the cost of launching ~50 small torch operations per solve (0.9 ms at
 ``L = 4096, w = 4``), while substitution does ``L N w^2`` multiply-adds in one
-pass (about 20 microseconds there): parallel depth buys nothing on a few
+pass (0.06-0.1 ms there, the call included): parallel depth buys nothing on a few
 cores that the solve's few operations do not already have. The parallelism
 of the Newton solve lies in evaluating ``f`` and its Jacobians at all
 positions at once; the linear solve is exact either way (the two differ by
@@ -45,16 +45,16 @@ _SCALARS = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}
 _FLAGS = ("-O3", "-std=c99", "-shared", "-fPIC")
 
 
-def disabled_reason() -> str | None:
-    """Why the compiled kernel is not used (``None`` when it is)."""
+def disabled_reason(dtype: torch.dtype = torch.float32) -> str | None:
+    """Why the compiled kernel for ``dtype`` (float32 or float64) is not used (``None`` when it is)."""
     if os.environ.get("SEQPAR_CPU_KERNEL", "1") == "0":
         return "SEQPAR_CPU_KERNEL=0"
-    return _library(torch.float32)[1]
+    return _library(dtype)[1]
 
 
-def available() -> bool:
-    """Whether CPU solves go to the compiled substitution kernel."""
-    return disabled_reason() is None
+def available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether CPU solves in ``dtype`` (float32 or float64) go to the compiled substitution kernel."""
+    return disabled_reason(dtype) is None
 
 
 def supports(A: torch.Tensor | None, c: torch.Tensor) -> bool:
@@ -74,9 +74,7 @@ def solve(A: torch.Tensor, c: torch.Tensor, kind: str, reverse: bool) -> torch.T
     ``c``'s dtype (check :func:`supports` and :func:`available` first). The
     inputs are not modified.
     """
-    library, reason = _library(c.dtype)
-    if library is None:
-        raise RuntimeError(f"the CPU substitution kernel is unavailable: {reason}")
+    library = _loaded(c.dtype)
     length, batch, width = c.shape
     y = c.clone(memory_format=torch.contiguous_format)
     A = A.contiguous()
@@ -98,9 +96,7 @@ def newton_update(A: torch.Tensor, F: torch.Tensor, s: torch.Tensor, kind: str, 
     and whether every ``y`` is finite (when not, ``s`` holds non-finite values:
     the caller discards them). Check :func:`supports` and :func:`available` first.
     """
-    library, reason = _library(s.dtype)
-    if library is None:
-        raise RuntimeError(f"the CPU substitution kernel is unavailable: {reason}")
+    library = _loaded(s.dtype)
     if not s.is_contiguous():
         raise ValueError("newton_update updates s in place: s must be contiguous")
     length, batch, width = s.shape
@@ -113,6 +109,14 @@ def newton_update(A: torch.Tensor, F: torch.Tensor, s: torch.Tensor, kind: str, 
         atol, rtol, ctypes.byref(largest), ctypes.byref(finite),
     )
     return first, largest.value, bool(finite.value)
+
+
+def _loaded(dtype: torch.dtype) -> ctypes.CDLL:
+    """The compiled kernel for ``dtype``; ``RuntimeError`` with the reason when it could not be built."""
+    library, reason = _library(dtype)
+    if library is None:
+        raise RuntimeError(f"the CPU substitution kernel is unavailable: {reason}")
+    return library
 
 
 @functools.cache

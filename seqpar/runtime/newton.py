@@ -149,16 +149,17 @@ def newton_solve(
                 if guessed:
                     states[guessed:stop] = states[guessed - 1]
                 guessed = stop
+        evaluated = length if window is None else window  # positions evaluated this iteration
         if estimates is not None:
-            values = estimates(prev, xs_leaves, shared, first, length if window is None else window)
+            values = estimates(prev, xs_leaves, shared, first, evaluated)
             stats.jacobian_evaluations = estimates.estimated
         elif window is None:
             values = _evaluate_all(program, kind, prev, xs_leaves, shared)
         else:
             values = evaluate(prev[first : first + window], [leaf[first : first + window] for leaf in xs_leaves], shared)
         if estimates is None and kind != "identity":
-            stats.jacobian_evaluations += length if window is None else window
-        stats.evaluations += length if window is None else window
+            stats.jacobian_evaluations += evaluated
+        stats.evaluations += evaluated
         values, A = (values, None) if kind == "identity" else values
         offset = start - first
         values = values[offset : offset + stop - start]
@@ -224,7 +225,7 @@ def _update(states, start, stop, values, A, kind, tol, work):
     of the compiled kernel does it all (:func:`seqpar.runtime.cpu_scan.newton_update`).
     """
     active = states[start:stop]
-    if kind != "identity" and work == states.dtype and cpu_scan.supports(A, values) and cpu_scan.available():
+    if kind != "identity" and work == states.dtype and cpu_scan.supports(A, values) and cpu_scan.available(work):
         return cpu_scan.newton_update(A, values, active, kind, tol.atol, tol.rtol)
     if work == states.dtype:
         update = solve_affine_recurrence(A, values - active, kind)

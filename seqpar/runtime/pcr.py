@@ -95,7 +95,7 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 def solve_affine_recurrence(
     A: torch.Tensor | None, c: torch.Tensor, kind: str, *, reverse: bool = False, method: str = "auto"
 ) -> torch.Tensor:
-    """Solve the affine recurrence in O(log L) depth and return ``y`` shaped like ``c``.
+    """Solve the affine recurrence (PCR: O(log L) depth; CPU: substitution) and return ``y`` shaped like ``c``.
 
     Forward (``reverse=False``): ``y_l = A_l y_{l-1} + c_l`` with ``y_{-1} = 0``.
 
@@ -110,8 +110,8 @@ def solve_affine_recurrence(
     ``method``: ``"pcr"`` (the combine steps above; on CUDA the Triton kernels
     when Triton is installed), ``"substitution"`` (CPU only: the compiled
     forward substitution of :mod:`seqpar.runtime.cpu_scan`, ``O(L N w^2)``
-    work in one pass) or ``"auto"``: substitution for CPU tensors outside
-    autograd whenever its kernel is available, PCR otherwise. ``"identity"``
+    work in one pass) or ``"auto"``: substitution for CPU tensors whenever
+    its kernel is available, PCR otherwise. ``"identity"``
     is always a ``cumsum``. Not differentiable: inputs that require grad
     raise ``ValueError`` (solve it under ``torch.no_grad()``).
     """
@@ -153,7 +153,7 @@ def _substitute(A, c, kind, reverse, work, *, required):
     """The compiled substitution's ``y`` in ``work``, or ``None`` (``required``: raise instead)."""
     A, c = A.to(work), c.to(work)
     if cpu_scan.supports(A, c):
-        reason = cpu_scan.disabled_reason()
+        reason = cpu_scan.disabled_reason(work)
         if reason is None:
             return cpu_scan.solve(A, c, kind, reverse)
     else:

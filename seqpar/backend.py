@@ -314,6 +314,7 @@ def _span(modules: list[str]) -> str:
 
 
 def _chain_report(chain: Chain, decision: Decision, lyapunov) -> ChainReport:
+    """The chain's report; a scan left in the graph (form "unrolled") has form "scan": the inner backend runs it."""
     return ChainReport(
         kind=chain.kind,
         length=chain.length,
@@ -324,7 +325,7 @@ def _chain_report(chain: Chain, decision: Decision, lyapunov) -> ChainReport:
         jacobian=decision.jacobian if decision.method == "parallel" else "",
         method=decision.method,
         adjoint=decision.adjoint,
-        form=decision.form,
+        form="scan" if chain.origin == "scan" and decision.form == "unrolled" else decision.form,
         lyapunov=None if lyapunov is None or not math.isfinite(lyapunov) else lyapunov,
     )
 

@@ -12,7 +12,8 @@ class ChainReport:
     ``kind``: "layers", "residual", "denoise", "recurrent" or "transformer";
     ``decision``: "parallel" (a direction solved in parallel), "sequential" or
     "rejected"; ``method``/``adjoint``: forward and backward solves;
-    ``form``: "solver", "rolled", "unrolled" or "" for rejected ones.
+    ``form``: "solver", "rolled", "unrolled", "scan" (a ``scan`` call left
+    to the inner backend) or "" for rejected ones.
     """
 
     kind: str

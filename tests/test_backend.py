@@ -67,6 +67,10 @@ ZOO = {
     "scaled_mlp": lambda: zoo.scaled_mlp(),
     "weight_tied": lambda: zoo.weight_tied_loop(),
     "toy_denoiser": lambda: zoo.toy_denoiser_loop(),
+    "scanned_mlp": lambda: zoo.scanned_mlp(),
+    "scanned_resnet": lambda: zoo.scanned_resnet(),
+    "scan_lstm": lambda: zoo.scan_lstm(),
+    "scan_lstm_all_reversed": lambda: zoo.scan_lstm(outputs="all", reverse=True),
 }
 
 

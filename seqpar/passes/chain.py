@@ -90,7 +90,13 @@ class Chain:
     ``None`` where the graph does not compute it (Dynamo dropped a value the
     last step does not need; the op computes it, nothing reads it);
     ``used_outside`` lists the indexes ``l < L-1`` of states some leaf of
-    which is read by nodes after the chain.
+    which is read by nodes after the chain; ``all_states`` (structured like
+    ``start``, ``None`` leaves where not read) are nodes holding every state
+    stacked, ``(L, *leaf shape)``, read after the chain (a scan's per-step
+    outputs that copy its carry). ``origin``: "unrolled" (segments of an
+    unrolled loop) or "scan" (one ``torch.ops.higher_order.scan`` call, whose
+    ``nodes`` are ``[[scan, *its getitems]]`` and whose intermediate
+    ``outputs`` are ``None``: the graph holds no node for them).
     ``state_shape`` is the state's shape, or a tuple of shapes (one per leaf)
     for a tuple state. ``batch_ndim`` is the number of leading state dims the
     step treats independently (per-element Jacobian blocks); every leaf of a
@@ -109,6 +115,8 @@ class Chain:
     state_dtype: torch.dtype
     batch_ndim: int
     used_outside: list[int] = field(default_factory=list)
+    all_states: State | None = None
+    origin: str = "unrolled"
 
     @property
     def length(self) -> int:

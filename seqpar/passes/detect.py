@@ -36,6 +36,9 @@ Segments that compute the step with other nodes join the chain at its ends
 last step that lacks a value Dynamo dropped (an ``nn.LSTMCell`` loop
 returning ``h`` loses the last ``c``: ``None`` in the last output).
 
+Calls of ``torch.ops.higher_order.scan`` (a loop Dynamo kept rolled) are
+chains too (:mod:`.scan`), merged into the result in graph order.
+
 The work is split by job: :mod:`.segments` cuts the graph into validated
 segments (plans), :mod:`.step` builds the step function of a plan,
 :mod:`.batch_dims` finds the batch dims the step keeps independent,
@@ -57,6 +60,7 @@ from .effects import BATCHNORM_TRAINING
 from .extend import extend_chains
 from .kinds import chain_kind, guess_kind
 from .module_paths import varying_path
+from .scan import find_scan_chains
 from .segments import Detector, Plan, Rejection
 from .step import build_step
 from .tokens import example
@@ -101,6 +105,11 @@ def find_chains(gm: fx.GraphModule, *, min_chain: int = 4) -> tuple[list[Chain],
         kept.append((r.begin, r.end))
         candidates.append(_candidate(r, seq))
     extend_chains(chains, gm)
+    scan_chains, scan_candidates = find_scan_chains(gm, min_chain=min_chain)
+    if scan_chains:
+        order = {node: index for index, node in enumerate(seq)}
+        chains = sorted(chains + scan_chains, key=lambda chain: order[chain.nodes[0][0]])
+    candidates += scan_candidates
     log.debug("seqpar: %d chains, %d candidates in a graph of %d nodes", len(chains), len(candidates), len(seq))
     return chains, candidates
 

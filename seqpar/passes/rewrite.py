@@ -1,7 +1,8 @@
 """Replace a chain in an FX graph by one call of the runtime's chain op.
 
 Guarantees: the rewritten graph computes the chain's final state (and every
-intermediate state read after the chain) with ``seqpar::chain_solve``, on the
+intermediate state read after the chain, and the stacked states a scan's
+per-step outputs hold) with ``seqpar::chain_solve``, on the
 state packed to ``(N, w)`` by the program's :class:`StateLayout` (a tuple
 state's tensors side by side per batch element); per-layer
 parameters are handed over unstacked (the op caches their stack) or stacked in
@@ -156,6 +157,8 @@ def rewrite_chain(gm: fx.GraphModule, chain: Chain, program: ChainProgram, index
     chain_nodes = [node for segment in chain.nodes for node in segment]
     positions = sorted(set(chain.used_outside) | {chain.length - 1})
     served = {node for position in positions for node in state_leaves(chain.outputs[position]) if node is not None}
+    stacked = [] if chain.all_states is None else state_leaves(chain.all_states)
+    served |= {node for node in stacked if node is not None}
     members = set(chain_nodes)
     for node in chain_nodes:
         if node in served:
@@ -188,6 +191,9 @@ def rewrite_chain(gm: fx.GraphModule, chain: Chain, program: ChainProgram, index
         for position in positions:
             picked = graph.call_function(torch.ops.aten.select.int, (states, 0, position))
             unpacked = zip(state_leaves(chain.outputs[position]), _unpack(graph, picked, program.layout))
+            replacements.update((old, new) for old, new in unpacked if old is not None)
+        if any(node is not None for node in stacked):
+            unpacked = zip(stacked, _unpack(graph, states, program.layout, (chain.length,)))
             replacements.update((old, new) for old, new in unpacked if old is not None)
     for old, new in replacements.items():
         new.meta.update({key: value for key, value in old.meta.items() if key in ("example_value", "val")})
@@ -234,9 +240,10 @@ def _pack(graph: fx.Graph, start, layout: StateLayout) -> fx.Node:
     return flat[0] if len(flat) == 1 else graph.call_function(torch.cat, (flat, -1))
 
 
-def _unpack(graph: fx.Graph, packed: fx.Node, layout: StateLayout) -> list[fx.Node]:
-    """``layout.unpack(packed)`` as graph nodes: ``(N, w)`` -> the state's leaves, ``(*batch, *leaf shape)`` each."""
-    shapes = [(*layout.batch_shape, *shape) for shape in layout.leaf_shapes]
+def _unpack(graph: fx.Graph, packed: fx.Node, layout: StateLayout, lead: tuple[int, ...] = ()) -> list[fx.Node]:
+    """``layout.unpack(packed)`` as graph nodes: ``(*lead, N, w)`` -> the state's leaves,
+    ``(*lead, *batch, *leaf shape)`` each (``lead = (L,)``: all ``L`` states at once)."""
+    shapes = [(*lead, *layout.batch_shape, *shape) for shape in layout.leaf_shapes]
     if len(shapes) == 1:
         return [graph.call_method("reshape", (packed, shapes[0]))]
     parts = graph.call_method("split", (packed, [math.prod(shape) for shape in layout.leaf_shapes], -1))

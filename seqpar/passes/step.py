@@ -95,7 +95,7 @@ def _emit(graph: fx.Graph, n: Node, args, kwargs, root: torch.nn.Module):
     """Copy ``n`` into ``graph`` with mapped arguments; returns a node or a tuple of nodes."""
     if is_invoke_subgraph(n):
         body = root.get_submodule(n.args[0].target)
-        return _inline(graph, body, list(args[2:]))
+        return inline_body(graph, body, list(args[2:]))
     if n.op == "call_function" and n.target is operator.getitem and isinstance(args[0], tuple):
         return args[0][args[1]]
     if n.op == "call_method":
@@ -108,8 +108,9 @@ def _emit(graph: fx.Graph, n: Node, args, kwargs, root: torch.nn.Module):
     return new
 
 
-def _inline(graph: fx.Graph, body: fx.GraphModule, operands: list):
-    """Copy ``body``'s nodes into ``graph``; returns the tuple of its outputs."""
+def inline_body(graph: fx.Graph, body: fx.GraphModule, operands: list) -> tuple:
+    """Copy ``body``'s nodes into ``graph`` with its placeholders bound to ``operands``; returns the tuple of
+    its outputs (the body of an ``invoke_subgraph`` or ``scan`` call)."""
     env: dict[Node, Any] = {}
     operands = iter(operands)
     for n in body.graph.nodes:
@@ -124,4 +125,4 @@ def _inline(graph: fx.Graph, body: fx.GraphModule, operands: list):
         else:
             args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda x: env[x] if x.op != "get_attr" else x)
             env[n] = _emit(graph, n, args, kwargs, body)
-    raise ValueError("invoke_subgraph body has no output")
+    raise ValueError("subgraph body has no output")

@@ -14,6 +14,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from torch._higher_order_ops.scan import scan
+
+import seqpar
 
 __all__ = [
     "ACTIVATIONS",
@@ -44,6 +47,9 @@ __all__ = [
     "weight_tied_loop",
     "toy_denoiser_loop",
     "mlp_graph",
+    "scanned_mlp",
+    "scanned_resnet",
+    "scan_lstm",
 ]
 
 ACTIVATIONS = {
@@ -619,3 +625,51 @@ def mlp_graph(depth: int = 1000, width: int = 4, batch: int = 2, act=torch.tanh)
                           nn_module_stack={f"layer{layer}": (f"L['self'].layers.{layer}.1", nn.Tanh)})
     graph.output((state,))
     return fx.GraphModule(torch.nn.Module(), graph), tuple(inputs)
+
+
+def scanned_mlp(depth: int = 16, width: int = 4, act: str = "tanh", batch: int = 3, seed: int = 0):
+    """:func:`deep_mlp`'s blocks as ``seqpar.scan_layers``: one ``scan`` call, kind "layers", modules ``layers``."""
+    torch.manual_seed(seed)
+    blocks = [_mlp_block(width, act, False, 0.0, None) for _ in range(depth)]
+    return Stack(seqpar.scan_layers(blocks)).eval(), (torch.randn(batch, width),)
+
+
+def scanned_resnet(blocks: int = 6, channels: int = 4, size: int = 6, batch: int = 2, seed: int = 0):
+    """:func:`conv_resnet`'s basic blocks (BatchNorm in eval) as ``seqpar.scan_layers``: kind "residual", buffers stacked."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        layers = [BasicBlock(channels).eval() for _ in range(blocks)]
+    return Stack(seqpar.scan_layers(layers)).eval(), (torch.randn(batch, channels, size, size),)
+
+
+class ScanLSTM(nn.Module):
+    """A hand-written LSTM over ``x[:, t]`` by ``scan(dim=1)``: carry ``(h, c)``, per-step output ``h`` (a clone).
+
+    Chain: kind "recurrent", length ``steps``, tuple state; ``outputs="all"`` returns every ``h`` (the
+    scan's stacked per-step outputs), ``"last"`` the final ``h``; ``reverse`` runs the sequence backwards.
+    """
+
+    def __init__(self, inputs: int, hidden: int, outputs: str, reverse: bool):
+        super().__init__()
+        self.input = nn.Linear(inputs, 4 * hidden)
+        self.hidden = nn.Linear(hidden, 4 * hidden, bias=False)
+        self.outputs, self.reverse = outputs, reverse
+
+    def forward(self, x, h0, c0):
+        def step(carry, x_t):
+            h, c = carry
+            i, f, g, o = (self.input(x_t) + self.hidden(h)).chunk(4, dim=-1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            return (h, c), h.clone()
+
+        (h, _), hs = scan(step, (h0, c0), x, dim=1, reverse=self.reverse)
+        return hs if self.outputs == "all" else h
+
+
+def scan_lstm(steps: int = 12, inputs: int = 3, hidden: int = 5, batch: int = 2, *, outputs: str = "last",
+              reverse: bool = False, seed: int = 0):
+    """:class:`ScanLSTM` on ``x: (batch, steps, inputs)`` from ``(h0, c0) = (0.1 noise, 0)``."""
+    torch.manual_seed(seed)
+    model = ScanLSTM(inputs, hidden, outputs, reverse)
+    return model, (torch.randn(batch, steps, inputs), 0.1 * torch.randn(batch, hidden), torch.zeros(batch, hidden))

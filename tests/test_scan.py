@@ -1,0 +1,227 @@
+"""Scans as chains: ``seqpar.scan_layers`` and ``torch.ops.higher_order.scan`` calls under the backend.
+
+Tolerances as in test_backend.py: float64 models, the solver's float64
+tolerance, 1e-9 absolute for outputs and gradients; ``scan_layers`` itself
+runs the blocks' own ops, so it equals the ``nn.Sequential`` to rounding
+(1e-12 in float64: the ops are the same, only their batching differs).
+"""
+
+import pytest
+import torch
+import torch.nn as nn
+from torch._higher_order_ops.scan import scan
+
+import seqpar
+from seqpar.passes.detect import find_chains
+from tests.test_backend import F64_ATOL, chain_reports, compile_with, gradients, to_double
+from tests.test_detect import capture
+from tests.zoo import models as zoo
+
+
+def mlp_blocks(depth=8, width=4):
+    return nn.Sequential(*[nn.Sequential(nn.Linear(width, width), nn.Tanh()) for _ in range(depth)]).double()
+
+
+def scan_graph(fn, inputs):
+    """The one graph Dynamo makes of ``fn(*inputs)`` (a model is run in float64, as ``capture`` does)."""
+    if isinstance(fn, nn.Module):
+        (graph,) = capture(fn, inputs)
+        return graph[0]
+    graphs = []
+    torch._dynamo.reset()
+    torch.compile(fn, backend=lambda gm, _: graphs.append(gm) or gm.forward)(*inputs)
+    (gm,) = graphs
+    return gm
+
+
+# --------------------------------------------------------------------------- #
+# seqpar.scan_layers
+# --------------------------------------------------------------------------- #
+
+
+def test_scan_layers_equals_the_blocks_run_one_after_another():
+    blocks = mlp_blocks()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    torch.testing.assert_close(seqpar.scan_layers(blocks)(x), blocks(x), rtol=0, atol=1e-12)
+
+
+def test_scan_layers_stacks_parameters_and_buffers_under_the_blocks_names():
+    model, _ = zoo.scanned_resnet(blocks=5)
+    stacked = model.layers
+    assert stacked.parameter_names[:2] == ["conv1.weight", "bn1.weight"]
+    assert "bn1.running_mean" in stacked.buffer_names
+    assert stacked.conv1_weight.shape == (5, 4, 4, 3, 3)
+    assert isinstance(stacked.conv1_weight, nn.Parameter)
+    assert stacked.bn1_running_mean.shape == (5, 4)
+    assert all(not name.startswith("_template") for name, _ in stacked.named_parameters())
+
+
+def test_to_sequential_gives_the_blocks_back():
+    blocks = mlp_blocks(depth=5)
+    restored = seqpar.scan_layers(blocks).to_sequential()
+    x = torch.randn(2, 4, dtype=torch.float64)
+    torch.testing.assert_close(restored(x), blocks(x), rtol=0, atol=0)
+    assert len(restored) == 5
+
+
+def test_scan_layers_follows_train_and_eval():
+    stacked = seqpar.scan_layers([nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5)) for _ in range(3)])
+    stacked.eval()
+    assert not stacked._template[0][1].training
+    stacked.train()
+    assert stacked._template[0][1].training
+
+
+@pytest.mark.parametrize("blocks, message", [
+    ([], "at least one block"),
+    (nn.Linear(4, 4), "not one Linear"),
+    ([nn.Linear(4, 4), nn.Linear(4, 5)], "block 1 differs from block 0 in its parameters"),
+    ([nn.Linear(4, 4), nn.Tanh()], "block 1 differs from block 0 in its type"),
+    ([nn.Linear(4, 4), nn.Linear(4, 4).eval()], "block 1 differs from block 0 in its training mode"),
+    ([nn.Linear(4, 4), "tanh"], "block 1 is a str"),
+])
+def test_scan_layers_rejects_blocks_of_different_structure_with_a_clear_error(blocks, message):
+    with pytest.raises(ValueError, match=message):
+        seqpar.scan_layers(blocks)
+
+
+# --------------------------------------------------------------------------- #
+# detection
+# --------------------------------------------------------------------------- #
+
+
+def test_a_scan_over_stacked_layers_is_one_chain_of_slice_inputs():
+    model, inputs = zoo.scanned_mlp(depth=12)
+    chains, candidates = find_chains(scan_graph(model, inputs))
+    (chain,) = chains
+    assert not candidates
+    assert (chain.kind, chain.length, chain.origin, chain.modules[0]) == ("layers", 12, "scan", "layers")
+    assert [(item.kind, item.dim, item.start, item.stride) for item in chain.per_step] == [("slice", 0, 0, 1)] * 2
+    assert chain.state_shape == (3, 4) and chain.batch_ndim == 1
+    assert chain.all_states is None
+
+
+def test_a_scan_step_computes_the_body_s_next_carry():
+    model, inputs = to_double(*zoo.scanned_mlp(depth=6))
+    (chain,), _ = find_chains(scan_graph(model, inputs))
+    x = inputs[0]
+    blocks = model.layers.to_sequential()
+    rows = [model.layers.get_parameter(name.replace(".", "_"))[2] for name in model.layers.parameter_names]
+    torch.testing.assert_close(chain.step(x, *rows), blocks[2](x), rtol=0, atol=0)
+
+
+def test_a_scan_whose_outputs_are_its_carries_serves_them_from_the_stacked_states():
+    model, inputs = zoo.scan_lstm(outputs="all")
+    (chain,), _ = find_chains(scan_graph(model, inputs))
+    assert chain.kind == "recurrent" and chain.length == 12
+    assert chain.state_shape == ((2, 5), (2, 5))
+    assert chain.all_states[0] is not None and chain.all_states[1] is None  # every h is read, no c
+    assert chain.outputs[-1] == (None, None)  # the final carry itself is not read
+
+
+def stepwise_outputs(h0, xs, W):
+    """A scan whose per-step output is ``2 h``: not a carry, so not a chain."""
+    def step(h, x):
+        h = torch.tanh(h @ W.T + x)
+        return h, 2 * h
+
+    return scan(step, h0, xs)[1]
+
+
+def short_scan(h0, xs, W):
+    return scan(lambda h, x: (torch.tanh(h @ W.T + x), ()), h0, xs)[0]
+
+
+def random_scan(h0, xs, W):
+    return scan(lambda h, x: (torch.tanh(h @ W.T + x) + 0.1 * torch.randn_like(h), ()), h0, xs)[0]
+
+
+@pytest.mark.parametrize("fn, steps, reason", [
+    (stepwise_outputs, 8, "per-step output 0 is not its carry"),
+    (short_scan, 3, "scan of 3 steps, shorter than min_chain=4"),
+    (random_scan, 8, "draws random numbers"),
+])
+def test_a_scan_that_is_not_a_chain_is_a_candidate_with_the_reason(fn, steps, reason):
+    W = torch.randn(4, 4, dtype=torch.float64) / 2
+    inputs = (torch.randn(2, 4, dtype=torch.float64), torch.randn(steps, 2, 4, dtype=torch.float64))
+    gm = scan_graph(lambda h0, xs: fn(h0, xs, W), inputs)
+    chains, (candidate,) = find_chains(gm)
+    assert not chains
+    assert reason in candidate.reason and candidate.length == steps
+
+
+# --------------------------------------------------------------------------- #
+# the backend
+# --------------------------------------------------------------------------- #
+
+
+def test_a_rewritten_scan_leaves_no_scan_in_the_graph():
+    model, inputs = to_double(*zoo.scanned_mlp(depth=16))
+    compiled, backend = compile_with(model, policy="parallel")
+    torch.testing.assert_close(compiled(*inputs), model(*inputs), atol=F64_ATOL, rtol=0)
+    (graph,) = backend.graphs
+    assert "higher_order.scan" in graph.original_code
+    assert "higher_order.scan" not in graph.rewritten_code and "chain_solve" in graph.rewritten_code
+
+
+def test_a_scan_kept_sequential_stays_a_scan_for_the_inner_backend():
+    model, inputs = to_double(*zoo.scan_lstm(outputs="all", reverse=True))
+    compiled, backend = compile_with(model, policy="sequential", sequential_form="unrolled")
+    torch.testing.assert_close(compiled(*inputs), model(*inputs), atol=0, rtol=0)
+    (chain,) = chain_reports(backend)
+    assert (chain.decision, chain.form) == ("sequential", "scan")
+    assert "higher_order.scan" in backend.graphs[0].rewritten_code
+
+
+def test_a_scan_kept_sequential_in_the_rolled_form_still_equals_eager():
+    model, inputs = to_double(*zoo.scanned_mlp(depth=16))
+    compiled, backend = compile_with(model, policy="sequential", sequential_form="rolled")
+    torch.testing.assert_close(compiled(*inputs), model(*inputs), atol=F64_ATOL, rtol=0)
+    for got, want in zip(gradients(compiled, inputs), gradients(model, inputs)):
+        torch.testing.assert_close(got, want, atol=F64_ATOL, rtol=0)
+    (chain,) = chain_reports(backend)
+    assert (chain.decision, chain.form) == ("sequential", "rolled")
+
+
+def test_a_rejected_scan_runs_unchanged():
+    W = torch.randn(4, 4, dtype=torch.float64) / 2
+    inputs = (torch.randn(2, 4, dtype=torch.float64), torch.randn(8, 2, 4, dtype=torch.float64))
+    fn = lambda h0, xs: stepwise_outputs(h0, xs, W)  # noqa: E731
+    compiled, backend = compile_with(fn, policy="parallel")
+    torch.testing.assert_close(compiled(*inputs), fn(*inputs), atol=0, rtol=0)
+    (chain,) = chain_reports(backend)
+    assert chain.decision == "rejected"
+
+
+def test_optimizer_steps_refresh_a_scanned_stack():
+    model, inputs = to_double(*zoo.scanned_mlp(depth=16))
+    eager_model, _ = to_double(*zoo.scanned_mlp(depth=16))
+    compiled, _ = compile_with(model, policy="parallel")
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, eager_model)]
+    for _ in range(3):
+        for net, optimizer in zip((compiled, eager_model), optimizers):
+            optimizer.zero_grad()
+            net(*inputs).square().sum().backward()
+            optimizer.step()
+    for got, want in zip(model.parameters(), eager_model.parameters()):
+        torch.testing.assert_close(got, want, atol=F64_ATOL, rtol=0)
+
+
+def test_a_deep_scanned_mlp_is_solved_in_parallel_by_the_auto_policy_on_cpu():
+    # L = 1024, N*w = 4: inside the CPU cost model's parallel forward and adjoint (passes/policy.py).
+    model, inputs = to_double(*zoo.scanned_mlp(depth=1024, batch=1))
+    compiled, backend = compile_with(model, policy="auto", verify=True)
+    torch.testing.assert_close(compiled(*inputs), model(*inputs), atol=F64_ATOL, rtol=0)
+    (chain,) = chain_reports(backend)
+    assert (chain.kind, chain.length, chain.decision, chain.method, chain.adjoint) == (
+        "layers", 1024, "parallel", "parallel", "parallel")
+    assert chain.lyapunov is not None and chain.lyapunov < 0
+    assert all(" ok" in line for line in backend.graphs[0].verification)
+
+
+def test_explain_reports_a_scanned_stack():
+    model, inputs = zoo.scanned_mlp(depth=32)
+    report = seqpar.explain(model, *inputs, policy="parallel")
+    (chain,) = report.chains
+    assert (chain.kind, chain.length, chain.modules[0], chain.decision) == ("layers", 32, "layers", "parallel")
+    assert "layers" in str(report)

@@ -1,6 +1,6 @@
 """Compile time of a deep tanh MLP: seqpar vs inductor on the unrolled graph.
 
-    python benchmarks/compile_time.py --depth 1024 [--skip-inductor]
+    python benchmarks/compile_time.py --depth 1024 [--skip-inductor] [--scan-layers] [--nested-region]
 
 Each backend compiles a fresh model in a fresh Dynamo state. Two times per
 backend: the first call (Dynamo's trace, the backend, the run) and the
@@ -8,7 +8,10 @@ backend alone (what seqpar changes: Dynamo's trace of the unrolled Python
 loop is the same for both). Ratios are inductor / seqpar. ``--dynamo-only``
 also times Dynamo alone (backend "eager"); ``--nested-region`` also times
 blocks marked ``torch.compiler.nested_compile_region`` (Dynamo reuses the
-block's trace: its own time falls by about 40%). Inductor's caches
+block's trace: its own time falls by about 40%); ``--scan-layers`` also
+times the same blocks as ``seqpar.scan_layers(blocks)`` (one ``scan`` over
+stacked parameters: Dynamo traces one block). Every ratio is against
+inductor on the unrolled graph, measured in the same run. Inductor's caches
 are disabled: a cached graph from an earlier run would time a cache lookup.
 """
 
@@ -18,7 +21,10 @@ import time
 import torch
 import torch.nn as nn
 
+import seqpar
 from seqpar.backend import seqpar_backend
+
+FORMS = ("unrolled", "nested region", "scan_layers")
 
 
 def timed(backend, seconds: list):
@@ -39,15 +45,16 @@ class RegionBlock(nn.Sequential):
     forward = torch.compiler.nested_compile_region(nn.Sequential.forward)
 
 
-def first_call(depth: int, width: int, name: str, nested_region: bool = False) -> tuple[float, float]:
-    """(first-call seconds, backend seconds) for a fresh ``depth``-layer model.
+def first_call(depth: int, width: int, name: str, form: str = "unrolled") -> tuple[float, float]:
+    """(first-call seconds, backend seconds) for a fresh ``depth``-layer model in ``form`` (one of FORMS).
 
     ``name``: "seqpar", "inductor", or "eager" (no compiler: the first call is Dynamo's own work).
     """
     torch._dynamo.reset()
     torch.manual_seed(0)
-    block = RegionBlock if nested_region else nn.Sequential
-    model = nn.Sequential(*[block(nn.Linear(width, width), nn.Tanh()) for _ in range(depth)])
+    block = RegionBlock if form == "nested region" else nn.Sequential
+    blocks = nn.Sequential(*[block(nn.Linear(width, width), nn.Tanh()) for _ in range(depth)])
+    model = seqpar.scan_layers(blocks) if form == "scan_layers" else blocks
     x = torch.randn(1, width)
     inner = seqpar_backend if name == "seqpar" else torch._dynamo.lookup_backend(name)
     backend_seconds = []
@@ -57,9 +64,8 @@ def first_call(depth: int, width: int, name: str, nested_region: bool = False) -
         out = compiled(x)
     total = time.perf_counter() - start
     with torch.no_grad():
-        error = float((out - model(x)).abs().max())
-    name += " (nested region)" if nested_region else ""
-    print(f"  {name:8s} depth {depth}: first call {total:7.1f} s, backend {sum(backend_seconds):7.1f} s "
+        error = float((out - blocks(x)).abs().max())
+    print(f"  {name:8s} {form:13s} depth {depth}: first call {total:7.1f} s, backend {sum(backend_seconds):7.1f} s "
           f"(max |error| vs eager {error:.2e})", flush=True)
     return total, sum(backend_seconds)
 
@@ -74,26 +80,26 @@ def main():
     parser.add_argument(
         "--nested-region", action="store_true", help="seqpar (and eager) on blocks marked nested_compile_region"
     )
+    parser.add_argument("--scan-layers", action="store_true", help="seqpar (and eager) on seqpar.scan_layers(blocks)")
     args = parser.parse_args()
+    # scan_layers first: its row then also pays the process's first Dynamo start-up (conservative for it).
+    forms = ["scan_layers"] * args.scan_layers + ["unrolled"] + ["nested region"] * args.nested_region
     rows = []
     for depth in args.depth:
-        if args.dynamo_only:
-            first_call(depth, args.width, "eager")
-            if args.nested_region:
-                first_call(depth, args.width, "eager", nested_region=True)
-        seqpar_times = first_call(depth, args.width, "seqpar")
-        if args.nested_region:
-            first_call(depth, args.width, "seqpar", nested_region=True)
-        inductor_times = None if args.skip_inductor else first_call(depth, args.width, "inductor")
-        rows.append((depth, seqpar_times, inductor_times))
-    print("\n| depth | seqpar first call / backend (s) | inductor first call / backend (s) | ratio first call | ratio backend |")
-    print("|---|---|---|---|---|")
-    for depth, (s_total, s_backend), inductor in rows:
+        for form in forms if args.dynamo_only else ():
+            first_call(depth, args.width, "eager", form)
+        seqpar_times = {form: first_call(depth, args.width, "seqpar", form) for form in forms}
+        inductor = None if args.skip_inductor else first_call(depth, args.width, "inductor")
+        rows += [(depth, form, times, inductor) for form, times in seqpar_times.items()]
+    print("\n| depth | model | seqpar first call / backend (s) | inductor, unrolled: first call / backend (s) "
+          "| ratio first call | ratio backend |")
+    print("|---|---|---|---|---|---|")
+    for depth, form, (s_total, s_backend), inductor in rows:
         if inductor is None:
-            print(f"| {depth} | {s_total:.1f} / {s_backend:.1f} | - | - | - |")
+            print(f"| {depth} | {form} | {s_total:.1f} / {s_backend:.1f} | - | - | - |")
             continue
         i_total, i_backend = inductor
-        print(f"| {depth} | {s_total:.1f} / {s_backend:.1f} | {i_total:.1f} / {i_backend:.1f} "
+        print(f"| {depth} | {form} | {s_total:.1f} / {s_backend:.1f} | {i_total:.1f} / {i_backend:.1f} "
               f"| {i_total / s_total:.1f}x | {i_backend / s_backend:.1f}x |")
 
 

@@ -226,9 +226,11 @@ def test_inductor_inner_backend_matches_eager_in_float32():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_optimizer_steps_refresh_the_stacked_parameters():
-    model, inputs = to_double(*zoo.deep_mlp(depth=16, width=4))
-    eager_model, _ = to_double(*zoo.deep_mlp(depth=16, width=4))
+@pytest.mark.parametrize("make", [lambda: zoo.deep_mlp(depth=16, width=4), lambda: zoo.scanned_mlp(depth=16)],
+                         ids=["per-layer parameters", "scan_layers"])
+def test_optimizer_steps_refresh_the_stacked_parameters(make):
+    model, inputs = to_double(*make())
+    eager_model, _ = to_double(*make())
     compiled, _ = compile_with(model, policy="parallel")
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, eager_model)]
     for _ in range(3):

@@ -193,20 +193,6 @@ def test_a_rejected_scan_runs_unchanged():
     assert chain.decision == "rejected"
 
 
-def test_optimizer_steps_refresh_a_scanned_stack():
-    model, inputs = to_double(*zoo.scanned_mlp(depth=16))
-    eager_model, _ = to_double(*zoo.scanned_mlp(depth=16))
-    compiled, _ = compile_with(model, policy="parallel")
-    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, eager_model)]
-    for _ in range(3):
-        for net, optimizer in zip((compiled, eager_model), optimizers):
-            optimizer.zero_grad()
-            net(*inputs).square().sum().backward()
-            optimizer.step()
-    for got, want in zip(model.parameters(), eager_model.parameters()):
-        torch.testing.assert_close(got, want, atol=F64_ATOL, rtol=0)
-
-
 def test_a_deep_scanned_mlp_is_solved_in_parallel_by_the_auto_policy_on_cpu():
     # L = 1024, N*w = 4: inside the CPU cost model's parallel forward and adjoint (passes/policy.py).
     model, inputs = to_double(*zoo.scanned_mlp(depth=1024, batch=1))

@@ -108,9 +108,11 @@ def _scan_chain(gm: fx.GraphModule, scan: Node, min_chain: int, modules: list[st
         if reader is None:
             continue
         leaf = _copied_carry(output, body_outputs[:carries])
-        if leaf is None or stacked[leaf] is not None:
+        if leaf is None:
             raise _Rejected(f"scan's per-step output {j} is not its carry (nor a copy of it); "
                             "only the carries are solved for, so the scan is left to the inner backend")
+        if stacked[leaf] is not None:
+            raise _Rejected(f"two per-step outputs of the scan copy its carry {leaf}; left to the inner backend")
         stacked[leaf] = reader
     step = _build_step(body, init, xs, additional)
     shapes = [tuple(example(s0).shape) for s0 in init]

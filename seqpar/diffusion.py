@@ -40,7 +40,16 @@ pre-draws all noise outside the compiled region and passes one row per step::
         x = sched.step(eps(x, t), t, x, noise=noise[i]).prev_sample
 
 ``draw_noise`` draws in exactly the order (and only at the steps) the scheduler
-would, so this loop equals the generator loop bit for bit. With no generator
+would, so this loop equals the generator loop bit for bit.
+
+The whole loop as scans. Dynamo traces the user's loop step by step (a UNet
+takes seconds per call to trace, so a 1000-step loop takes the better part of
+an hour to compile). ``sched.scan_loop(denoiser, x, noise=noise)`` runs the
+same loop, with the same numbers, as ``torch.ops.higher_order.scan`` over the
+rows of the coefficient tables (one scan per run of positions whose static
+step options agree: DDPM's last, noise-free step is a run of its own), so
+Dynamo traces the denoiser once and the ``seqpar`` backend finds the scan as a
+"denoise" chain. With no generator
 and no ``noise``, steps draw from the global RNG inside the graph
 (``torch.randn``): equal to eager under ``backend="eager"``; inductor needs
 ``torch._inductor.config.fallback_random = True`` for the same numbers.
@@ -50,10 +59,11 @@ from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch._higher_order_ops.scan import scan
 
 __all__ = [
     "traceable",
@@ -266,6 +276,103 @@ class TraceableScheduler:
         """Identity (DDIM, DDPM); Euler adapters override it."""
         return sample
 
+    def _scale_input(self, row: "Row", sample: torch.Tensor) -> torch.Tensor:
+        """The denoiser's input for ``sample`` at the position of ``row``: ``sample`` (DDIM, DDPM)."""
+        return sample
+
+    def _row(self, i: int) -> "Row":
+        return Row(self._table, i)
+
+    def _static_options(self, i: int, **step_kwargs: Any) -> dict[str, Any]:
+        """The keyword arguments of ``_update`` at position ``i`` (Python values, fixed per position)."""
+        return {}
+
+    def _update(self, row: "Row", model_output: torch.Tensor, sample: torch.Tensor, z: torch.Tensor | None,
+                **options: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x_prev, x0)`` of one step at the position of ``row`` (a table row); ``z`` the noise, or
+        ``None`` where the step draws none. The formula is in the class docstring."""
+        raise NotImplementedError
+
+    def scan_loop(
+        self,
+        denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        sample: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        **step_kwargs: Any,
+    ) -> torch.Tensor:
+        """The sampling loop from ``begin_index`` to the end, as scans; returns the final sample.
+
+        Equals, bit for bit, the loop ::
+
+            for i in range(begin_index, T):
+                t = timesteps[i]
+                sample = step(denoiser(scale_model_input(sample, t), t), t, sample,
+                              noise=noise[i], **step_kwargs).prev_sample
+
+        (``sample`` is used as given: multiply by ``init_noise_sigma`` first, as
+        that loop would). ``denoiser(model_input, t)`` returns the model output
+        (``lambda x, t: unet(x, t).sample``; classifier-free guidance inside it
+        is one step); ``t`` is a 0-d tensor of ``timesteps``. ``noise``: the
+        pre-drawn rows ``draw_noise(sample.shape, ..., **step_kwargs)``,
+        needed where a step draws noise. Positions are grouped into runs whose
+        static options (``_static_options``, whether the step draws noise)
+        agree; each run of two or more steps is one ``scan`` over the rows of
+        the coefficient tables, the timesteps and the noise; the step counter
+        is not moved.
+        """
+        if self.num_inference_steps is None:
+            raise ValueError(f"{type(self).__name__}: call set_timesteps(...) before scan_loop")
+        runs = self._runs(**step_kwargs)
+        if noise is not None and tuple(noise.shape) != (self._num_steps, *sample.shape):
+            raise ValueError(f"{type(self).__name__}.scan_loop: noise has shape {tuple(noise.shape)}, expected "
+                             f"{(self._num_steps, *sample.shape)} (draw_noise(sample.shape, ...))")
+        if noise is None and any(draws for _, _, draws, _ in runs):
+            raise ValueError(f"{type(self).__name__}.scan_loop: these steps draw noise; pass "
+                             "noise=sched.draw_noise(sample.shape, generator=..., dtype=sample.dtype)")
+        for begin, end, draws, options in runs:
+            rows = {name: table[begin:end] for name, table in self._table.items()}
+            rows["timestep"] = self.timesteps[begin:end]
+            if draws:
+                rows["noise"] = noise[begin:end]
+
+            def step(x, row, draws=draws, options=options):
+                model_output = denoiser(self._scale_input(row, x), row["timestep"])
+                prev_sample = self._update(row, model_output, x, row["noise"] if draws else None, **options)[0]
+                return prev_sample.contiguous(), ()  # scan's carry keeps one layout (values unchanged)
+
+            if end - begin == 1:
+                sample = step(sample, {name: rows[name][0] for name in rows})[0]
+            else:
+                sample = scan(step, sample.contiguous(), rows)[0]
+        return sample
+
+    def _runs(self, **step_kwargs: Any) -> list[tuple[int, int, bool, dict[str, Any]]]:
+        """``(begin, end, draws noise, static options)`` of the maximal runs of positions that agree."""
+        runs: list[tuple[int, int, bool, dict[str, Any]]] = []
+        for i in range(self._begin_index, self._num_steps):
+            key = (self._draws_noise(i, **step_kwargs), self._static_options(i, **step_kwargs))
+            if runs and (runs[-1][2], runs[-1][3]) == key:
+                runs[-1] = (runs[-1][0], i + 1, *key)
+            else:
+                runs.append((i, i + 1, *key))
+        return runs
+
+
+class Row:
+    """Row ``i`` of an adapter's tables: ``row[name] = table[name][i]`` (0-d tensors).
+
+    A ``scan`` body gets the same thing as a dict of 0-d slices, so ``_update``
+    reads one row the same way in both loops.
+    """
+
+    __slots__ = ("_table", "_index")
+
+    def __init__(self, table: dict[str, torch.Tensor], index: int):
+        self._table, self._index = table, index
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._table[name][self._index]
+
 
 def _randn(shape, generator, device, dtype) -> torch.Tensor:
     from diffusers.utils.torch_utils import randn_tensor
@@ -362,7 +469,7 @@ class TraceableDDIM(TraceableScheduler):
             tables["direction"].append((1 - alpha_prev - std_eta0**2) ** (0.5))
         return tables
 
-    def _draws_noise(self, i: int, eta: float = 0.0) -> bool:
+    def _draws_noise(self, i: int, eta: float = 0.0, use_clipped_model_output: bool = False) -> bool:
         return eta > 0
 
     def step(
@@ -382,8 +489,21 @@ class TraceableDDIM(TraceableScheduler):
         pre-drawn ``z`` for ``eta > 0``. Returns ``DDIMSchedulerOutput(prev_sample,
         pred_original_sample)`` or that pair as a tuple."""
         i = self._position(timestep)
-        tab = self._table
-        sqrt_alpha, sqrt_beta = tab["sqrt_alpha"][i], tab["sqrt_beta"][i]
+        z = None
+        if eta > 0:
+            if variance_noise is not None and noise is not None:
+                raise ValueError("pass either variance_noise or noise to step, not both")
+            z = self._noise(model_output, generator, noise if noise is not None else variance_noise)
+        prev_sample, x0 = self._update(self._row(i), model_output, sample, z,
+                                       **self._static_options(i, eta, use_clipped_model_output))
+        self._advance()
+        return _output(self, prev_sample, x0, return_dict)
+
+    def _static_options(self, i: int, eta: float = 0.0, use_clipped_model_output: bool = False) -> dict[str, Any]:
+        return {"eta": eta, "use_clipped_model_output": use_clipped_model_output}
+
+    def _update(self, row, model_output, sample, z, eta: float = 0.0, use_clipped_model_output: bool = False):
+        sqrt_alpha, sqrt_beta = row["sqrt_alpha"], row["sqrt_beta"]
         kind = self.config.prediction_type
         if kind == "epsilon":
             x0 = (sample - sqrt_beta * model_output) / sqrt_alpha
@@ -398,18 +518,14 @@ class TraceableDDIM(TraceableScheduler):
         if use_clipped_model_output:
             eps = (sample - sqrt_alpha * x0) / sqrt_beta
         if eta == 0:
-            direction = tab["direction"][i] * eps
+            direction = row["direction"] * eps
         else:
-            std = eta * tab["sqrt_variance"][i]
-            direction = (1 - tab["alpha_prev"][i] - std**2) ** (0.5) * eps
-        prev_sample = tab["sqrt_alpha_prev"][i] * x0 + direction
-        if eta > 0:
-            if variance_noise is not None and noise is not None:
-                raise ValueError("pass either variance_noise or noise to step, not both")
-            z = self._noise(model_output, generator, noise if noise is not None else variance_noise)
+            std = eta * row["sqrt_variance"]
+            direction = (1 - row["alpha_prev"] - std**2) ** (0.5) * eps
+        prev_sample = row["sqrt_alpha_prev"] * x0 + direction
+        if z is not None:
             prev_sample = prev_sample + std * z
-        self._advance()
-        return _output(self, prev_sample, x0, return_dict)
+        return prev_sample, x0
 
 
 class TraceableDDPM(TraceableScheduler):
@@ -491,17 +607,28 @@ class TraceableDDPM(TraceableScheduler):
         (B, C, *S). ``noise`` is the pre-drawn ``z`` (ignored at ``t == 0``, where
         diffusers draws none). Returns ``DDPMSchedulerOutput`` or a tuple."""
         i = self._position(timestep)
-        tab = self._table
+        z = self._noise(self._split(model_output, sample)[0], generator, noise) if self._noisy[i] else None
+        prev_sample, x0 = self._update(self._row(i), model_output, sample, z)
+        self._advance()
+        return _output(self, prev_sample, x0, return_dict)
+
+    def _split(self, model_output, sample):
+        """``(prediction, predicted variance or None)``: the learned variance types put the
+        variance in the model output's second half of channels."""
         kind = self.config.variance_type
-        predicted_variance = None
-        if kind in ("learned", "learned_range"):
-            if model_output.shape[1] != sample.shape[1] * 2:
-                raise ValueError(
-                    f"DDPM variance_type={kind!r} needs model_output with twice the sample's channels "
-                    f"(got {model_output.shape[1]} vs {sample.shape[1]})"
-                )
-            model_output, predicted_variance = torch.split(model_output, sample.shape[1], dim=1)
-        sqrt_alpha, sqrt_beta = tab["sqrt_alpha"][i], tab["sqrt_beta"][i]
+        if kind not in ("learned", "learned_range"):
+            return model_output, None
+        if model_output.shape[1] != sample.shape[1] * 2:
+            raise ValueError(
+                f"DDPM variance_type={kind!r} needs model_output with twice the sample's channels "
+                f"(got {model_output.shape[1]} vs {sample.shape[1]})"
+            )
+        return torch.split(model_output, sample.shape[1], dim=1)
+
+    def _update(self, row, model_output, sample, z):
+        kind = self.config.variance_type
+        model_output, predicted_variance = self._split(model_output, sample)
+        sqrt_alpha, sqrt_beta = row["sqrt_alpha"], row["sqrt_beta"]
         pred = self.config.prediction_type
         if pred == "epsilon":
             x0 = (sample - sqrt_beta * model_output) / sqrt_alpha
@@ -510,19 +637,17 @@ class TraceableDDPM(TraceableScheduler):
         else:  # v_prediction
             x0 = sqrt_alpha * sample - sqrt_beta * model_output
         x0 = _clip_or_threshold(x0, self.config)
-        prev_sample = tab["coef_x0"][i] * x0 + tab["coef_x"][i] * sample
-        if self._noisy[i]:
-            z = self._noise(model_output, generator, noise)
+        prev_sample = row["coef_x0"] * x0 + row["coef_x"] * sample
+        if z is not None:
             if kind == "learned":
                 prev_sample = prev_sample + (predicted_variance ** 0.5) * z
             elif kind == "learned_range":
                 frac = (predicted_variance + 1) / 2
-                log_var = frac * tab["max_log"][i] + (1 - frac) * tab["min_log"][i]
+                log_var = frac * row["max_log"] + (1 - frac) * row["min_log"]
                 prev_sample = prev_sample + torch.exp(0.5 * log_var) * z
             else:
-                prev_sample = prev_sample + tab["sigma"][i] * z
-        self._advance()
-        return _output(self, prev_sample, x0, return_dict)
+                prev_sample = prev_sample + row["sigma"] * z
+        return prev_sample, x0
 
 
 class _EulerBase(TraceableScheduler):
@@ -553,17 +678,20 @@ class _EulerBase(TraceableScheduler):
 
     def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
         """``sample / sqrt(sigma_i^2 + 1)`` for the current position ``i``; (B, C, *S)."""
-        i = self._position(timestep)
-        return sample / self._table["scale_in"][i]
+        return self._scale_input(self._row(self._position(timestep)), sample)
 
-    def _x0(self, model_output: torch.Tensor, sample: torch.Tensor, sigma_hat: torch.Tensor, i: int):
+    def _scale_input(self, row: Row, sample: torch.Tensor) -> torch.Tensor:
+        """``sample / sqrt(sigma_i^2 + 1)`` at the position ``i`` of ``row``; (B, C, *S)."""
+        return sample / row["scale_in"]
+
+    def _x0(self, model_output: torch.Tensor, sample: torch.Tensor, sigma_hat: torch.Tensor, row: Row):
         pred = self.config.prediction_type
         if pred in ("original_sample", "sample"):
             return model_output
         if pred == "epsilon":
             return sample - sigma_hat * model_output
         # v_prediction
-        return model_output * self._table["v_out"][i] + (sample / self._table["v_skip_div"][i])
+        return model_output * row["v_out"] + (sample / row["v_skip_div"])
 
 
 class TraceableEulerDiscrete(_EulerBase):
@@ -621,22 +749,30 @@ class TraceableEulerDiscrete(_EulerBase):
         pre-drawn ``z`` for churn steps (``gamma > 0``). Returns
         ``EulerDiscreteSchedulerOutput`` or a tuple."""
         i = self._position(timestep)
-        tab = self._table
-        sample = sample.to(torch.float32)
-        sigma = tab["sigma"][i]
-        gamma = self._gamma(i, s_churn, s_tmin, s_tmax)
-        if gamma == 0:  # sigma_hat = sigma * 1.0 = sigma exactly
-            sigma_hat, dt = sigma, tab["dt"][i]
-        else:
-            sigma_hat = sigma * (gamma + 1)
-            dt = tab["sigma_next"][i] - sigma_hat
-            eps = self._noise(model_output, generator, noise) * s_noise
-            sample = sample + eps * (sigma_hat**2 - sigma**2) ** 0.5
-        x0 = self._x0(model_output, sample, sigma_hat, i)
-        derivative = (sample - x0) / sigma_hat
-        prev_sample = (sample + derivative * dt).to(model_output.dtype)
+        options = self._static_options(i, s_churn, s_tmin, s_tmax, s_noise)
+        z = self._noise(model_output, generator, noise) if options["gamma"] > 0 else None
+        prev_sample, x0 = self._update(self._row(i), model_output, sample, z, **options)
         self._advance()
         return _output(self, prev_sample, x0, return_dict)
+
+    def _static_options(
+        self, i: int, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0
+    ) -> dict[str, Any]:
+        return {"gamma": self._gamma(i, s_churn, s_tmin, s_tmax), "s_noise": s_noise}
+
+    def _update(self, row, model_output, sample, z, gamma: float = 0.0, s_noise: float = 1.0):
+        sample = sample.to(torch.float32)
+        sigma = row["sigma"]
+        if gamma == 0:  # sigma_hat = sigma * 1.0 = sigma exactly
+            sigma_hat, dt = sigma, row["dt"]
+        else:
+            sigma_hat = sigma * (gamma + 1)
+            dt = row["sigma_next"] - sigma_hat
+            eps = z * s_noise
+            sample = sample + eps * (sigma_hat**2 - sigma**2) ** 0.5
+        x0 = self._x0(model_output, sample, sigma_hat, row)
+        derivative = (sample - x0) / sigma_hat
+        return (sample + derivative * dt).to(model_output.dtype), x0
 
 
 class TraceableEulerAncestralDiscrete(_EulerBase):
@@ -686,16 +822,18 @@ class TraceableEulerAncestralDiscrete(_EulerBase):
         the pre-drawn ``z``. Returns ``EulerAncestralDiscreteSchedulerOutput`` or a
         tuple."""
         i = self._position(timestep)
-        tab = self._table
-        sigma = tab["sigma"][i]
-        sample = sample.to(torch.float32)
-        x0 = self._x0(model_output, sample, sigma, i)
-        derivative = (sample - x0) / sigma
-        prev_sample = sample + derivative * tab["dt"][i]
         z = self._noise(model_output, generator, noise)
-        prev_sample = (prev_sample + z * tab["sigma_up"][i]).to(model_output.dtype)
+        prev_sample, x0 = self._update(self._row(i), model_output, sample, z)
         self._advance()
         return _output(self, prev_sample, x0, return_dict)
+
+    def _update(self, row, model_output, sample, z):
+        sigma = row["sigma"]
+        sample = sample.to(torch.float32)
+        x0 = self._x0(model_output, sample, sigma, row)
+        derivative = (sample - x0) / sigma
+        prev_sample = sample + derivative * row["dt"]
+        return (prev_sample + z * row["sigma_up"]).to(model_output.dtype), x0
 
 
 _ADAPTERS = (TraceableDDIM, TraceableDDPM, TraceableEulerDiscrete, TraceableEulerAncestralDiscrete)

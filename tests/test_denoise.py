@@ -25,8 +25,6 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-import torch.utils._pytree as pytree
-from torch.func import functional_call
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -40,8 +38,6 @@ from diffusers import (  # noqa: E402
 import seqpar  # noqa: E402
 from seqpar.backend import SeqparBackend  # noqa: E402
 from seqpar.runtime import solve_chain  # noqa: E402
-from seqpar.runtime.newton import Tolerance, newton_solve  # noqa: E402
-from seqpar.runtime.program import ChainProgram, StateLayout  # noqa: E402
 from seqpar.diffusion import traceable  # noqa: E402
 
 TOL = 1e-10
@@ -115,8 +111,9 @@ def make_denoiser(kind: str, sched):
     return UNetDenoiser().double().eval(), (1, 1, 8, 8)
 
 
-def make_sample(sched, model):
-    """The user's loop: a traceable scheduler, pre-drawn noise rows."""
+def make_sample(sched, model, form: str = "loop"):
+    """The user's sampling function: the loop over a traceable scheduler with pre-drawn noise rows
+    (``form="loop"``: Dynamo unrolls it), or the same loop as ``sched.scan_loop`` (``"scan"``)."""
 
     def sample(x, noise):
         x = x * sched.init_noise_sigma
@@ -124,7 +121,10 @@ def make_sample(sched, model):
             x = sched.step(model(sched.scale_model_input(x, t), t), t, x, noise=noise[i]).prev_sample
         return x
 
-    return sample
+    def scan_sample(x, noise):
+        return sched.scan_loop(model, x * sched.init_noise_sigma, noise=noise)
+
+    return sample if form == "loop" else scan_sample
 
 
 def inputs(sched, shape, seed=0):
@@ -145,49 +145,10 @@ class SamplingLoop:
     noise: torch.Tensor
 
 
-def sampling_loop(scheduler: str, denoiser: str, steps: int) -> SamplingLoop:
+def sampling_loop(scheduler: str, denoiser: str, steps: int, form: str = "loop") -> SamplingLoop:
     sched = make_scheduler(scheduler, steps)
     model, shape = make_denoiser(denoiser, sched)
-    return SamplingLoop(sched, model, make_sample(sched, model), shape, *inputs(sched, shape))
-
-
-def loop_as_chain(sched, model, x, noise):
-    """``(step, s0, xs, shared)``: the sampling loop of :func:`make_sample` as a runtime chain.
-
-    ``step(x, (t, coefficients, z), *params)`` runs one scheduler step on one
-    row of the adapter's tables: the adapter is pointed at a one-entry table
-    (position 0) at each call, and is left so: sample with it before, not after.
-    DDPM's "draws noise" flag is set for every step: the last step's noise row
-    is zero, so adding ``sigma * 0`` changes nothing.
-    """
-    names = sorted(sched._table)
-    keys = [name for name, _ in model.named_parameters()] + [name for name, _ in model.named_buffers()]
-    shared = [tensor.detach() for _, tensor in model.named_parameters()]
-    shared += [tensor for _, tensor in model.named_buffers()]
-    xs = (sched.timesteps, [sched._table[name] for name in names], noise)
-
-    def step(sample, per_step, *params):
-        t, rows, z = per_step
-        sched._table = {name: row.reshape(1) for name, row in zip(names, rows)}
-        sched._step_index, sched._num_steps, sched._begin_index = 0, 1, 0
-        if hasattr(sched, "_noisy"):
-            sched._noisy = [True]
-        output = functional_call(model, dict(zip(keys, params)), (sched.scale_model_input(sample, None), t))
-        return sched.step(output, None, sample, noise=z).prev_sample
-
-    return step, x * sched.init_noise_sigma, xs, shared
-
-
-def chain_program(step, s0, xs, shared, jacobian):
-    """``(program, xs leaves)``: the runtime's program for a :func:`loop_as_chain` chain, batch dim 0.
-
-    Built directly, not by ``solve_chain``, whose checks want every input in the
-    state's dtype: the traceable schedulers keep float32 tables (as the op receives them).
-    """
-    leaves, spec = pytree.tree_flatten(xs)
-    layout = StateLayout(spec=pytree.tree_structure(s0), batch_shape=s0.shape[:1], leaf_shapes=(s0.shape[1:],),
-                         dtype=s0.dtype, device=s0.device)
-    return ChainProgram(step, layout, leaves[0].shape[0], spec, leaves, shared, jacobian, "sequential"), leaves
+    return SamplingLoop(sched, model, make_sample(sched, model, form), shape, *inputs(sched, shape))
 
 
 def compile_sample(sample, **options):
@@ -201,12 +162,13 @@ def solved_denoise_chains(backend):
     return [chain for chain in chains if chain.form == "solver"]
 
 
-def run_case(scheduler: str, denoiser: str, steps: int, **options):
-    loop = sampling_loop(scheduler, denoiser, steps)
+def run_case(scheduler: str, denoiser: str, steps: int, form: str = "loop", **options):
+    """``(compiled sample, the sequential loop's sample, backend)``; ``form`` as :func:`make_sample`'s."""
+    loop = sampling_loop(scheduler, denoiser, steps, form)
     compiled, backend = compile_sample(loop.sample, **options)
     with torch.no_grad():
         got = compiled(loop.x, loop.noise)
-        want = loop.sample(loop.x, loop.noise)
+        want = make_sample(loop.sched, loop.model)(loop.x, loop.noise)
     return got, want, backend
 
 
@@ -243,8 +205,22 @@ def test_long_mlp_denoiser_loops_equal_the_loop(scheduler, steps):
 
 
 @pytest.mark.parametrize("scheduler", sorted(SCHEDULERS))
-def test_window_of_one_reproduces_the_loop_bit_for_bit(scheduler):
-    got, want, backend = run_case(scheduler, "mlp", 20, window=1)
+def test_scan_loop_is_one_denoise_chain_solved_in_parallel_and_equal_to_the_loop(scheduler):
+    """``sched.scan_loop`` reaches the backend as scans; the long run is a "denoise" chain (DDPM's
+    last, noise-free step is a run of its own, computed as it is)."""
+    got, want, backend = run_case(scheduler, "mlp", 50, form="scan", tol=TOL_BY_SCHEDULER[scheduler])
+    (chain,) = solved_denoise_chains(backend)
+    assert chain.length == (49 if scheduler == "ddpm" else 50)
+    assert chain.stats["converged"] and chain.stats["window"] == 32 and chain.stats["iterations"] < chain.length
+    assert "higher_order.scan" not in backend.graphs[0].rewritten_code
+    close = CLOSE_BY_SCHEDULER[scheduler]
+    torch.testing.assert_close(got, want, atol=close, rtol=close)
+
+
+@pytest.mark.parametrize("form", ["loop", "scan"])
+@pytest.mark.parametrize("scheduler", sorted(SCHEDULERS))
+def test_window_of_one_reproduces_the_loop_bit_for_bit(scheduler, form):
+    got, want, backend = run_case(scheduler, "mlp", 20, form=form, window=1)
     (chain,) = solved_denoise_chains(backend)
     assert chain.stats["window"] == 1 and chain.stats["converged"]
     assert chain.stats["fallback"] is None and chain.stats["evaluations"] == chain.stats["iterations"]
@@ -285,8 +261,8 @@ def test_bad_window_raises_value_error(window):
 UNET_CLOSE = {"ddim": 1e-7, "ddpm": 1e-7, "euler_ancestral": 1e-5}
 
 
-def assert_unet_loop_solved_in_parallel(scheduler, steps, **options):
-    got, want, backend = run_case(scheduler, "unet", steps, tol=TOL_BY_SCHEDULER[scheduler], **options)
+def assert_unet_loop_solved_in_parallel(scheduler, steps, form="loop", **options):
+    got, want, backend = run_case(scheduler, "unet", steps, form, tol=TOL_BY_SCHEDULER[scheduler], **options)
     (chain,) = solved_denoise_chains(backend)
     assert chain.length >= steps - 1
     assert chain.stats["converged"] and chain.stats["fallback"] is None and chain.stats["sequential_steps"] == 0
@@ -301,6 +277,12 @@ def test_unet_denoiser_loop_is_solved_in_parallel_and_equals_the_loop():
     attention block) is batched over the window: it is lowered to aten ops before vmap."""
     chain = assert_unet_loop_solved_in_parallel("ddim", 8, window=4)
     assert chain.stats["window"] == 4
+
+
+def test_unet_scan_loop_is_solved_in_parallel_and_equals_the_loop():
+    """The same UNet step, traced once by Dynamo inside ``scan_loop``'s scan."""
+    chain = assert_unet_loop_solved_in_parallel("ddim", 16, form="scan", window=8)
+    assert chain.stats["window"] == 8 and chain.length == 16
 
 
 @pytest.mark.slow
@@ -328,23 +310,24 @@ def unet_loop_sample(scheduler: str, steps: int) -> torch.Tensor:
 @pytest.mark.parametrize("jacobian", ["identity", "estimate"])
 @pytest.mark.parametrize("steps", [250, 1000])
 @pytest.mark.parametrize("scheduler", sorted(SCHEDULERS))
-def test_long_unet_denoiser_loops_solved_by_the_runtime_equal_the_loop(scheduler, steps, jacobian):
-    """T = 250 and 1000 on the same tiny UNet, solved by the runtime on the loop's chain
-    (:func:`loop_as_chain`), not through torch.compile: Dynamo takes about 5 s per UNet call
-    to trace on this CPU, whatever the UNet's size (~20 minutes at T = 250); the backend's
-    path (detection, rewrite, the op) is the one tested at T = 50 above."""
-    loop = sampling_loop(scheduler, "unet", steps)
+def test_long_unet_scan_loops_through_the_backend_equal_the_loop(scheduler, steps, jacobian):
+    """T = 250 and 1000 on the same tiny UNet through ``torch.compile(backend="seqpar")``: written
+    with ``scan_loop`` Dynamo traces the UNet once (the unrolled loop takes about 5 s of Dynamo
+    per UNet call on this CPU: ~90 minutes at T = 1000), the scan is a "denoise" chain."""
+    loop = sampling_loop(scheduler, "unet", steps, form="scan")
     want = unet_loop_sample(scheduler, steps)
+    compiled, backend = compile_sample(loop.sample, tol=TOL_BY_SCHEDULER[scheduler], jacobian=jacobian,
+                                       max_iters=steps)
     with torch.no_grad():
-        step, s0, xs, shared = loop_as_chain(loop.sched, loop.model, loop.x, loop.noise)
-        program, leaves = chain_program(step, s0, xs, shared, jacobian)
-        states, stats = newton_solve(program, program.layout.pack(s0), leaves, shared, window=32, max_iters=steps,
-                                     tol=Tolerance.resolve(TOL_BY_SCHEDULER[scheduler], s0.dtype))
-    assert stats.converged and stats.fallback is None and stats.iterations < steps
-    assert stats.evaluations == 32 * stats.iterations
-    assert stats.jacobian_evaluations == (steps if jacobian == "estimate" else 0)
+        got = compiled(loop.x, loop.noise)
+    (chain,) = solved_denoise_chains(backend)
+    stats = chain.stats
+    assert chain.length >= steps - 1 and chain.jacobian == jacobian
+    assert stats["converged"] and stats["fallback"] is None and stats["iterations"] < steps
+    assert stats["evaluations"] == 32 * stats["iterations"]
+    assert stats["jacobian_evaluations"] == (chain.length if jacobian == "estimate" else 0)
     close = LONG_UNET_CLOSE[scheduler]
-    torch.testing.assert_close(program.layout.unpack(states)[-1], want, atol=close, rtol=close)
+    torch.testing.assert_close(got, want, atol=close, rtol=close)
 
 
 def test_raw_diffusers_scheduler_loop_compiles_exactly_and_explain_hints_at_traceable():

@@ -395,3 +395,90 @@ def test_set_timesteps_on_the_wrapped_scheduler_is_detected():
     x = initial_sample(sched, torch.float32)
     with pytest.raises(ValueError, match="set_timesteps on the adapter"):
         sched.step(x, sched.timesteps[0], x)
+
+
+# --------------------------------------------------------------------------- #
+# scan_loop: the whole loop as scans, same numbers
+# --------------------------------------------------------------------------- #
+
+
+def scan_pair(case, steps, dtype):
+    """The raw diffusers loop (seeded generator) and ``scan_loop`` with the same noise drawn up front."""
+    cls, config, step_kwargs, out_channels = CASES[case]
+    model = TinyDenoiser(out_channels=out_channels)
+    raw = cls(**config)
+    raw.set_timesteps(steps)
+    sched = traceable(cls(**config))
+    sched.set_timesteps(steps)
+    x = initial_sample(raw, dtype)
+    expected = sample_loop(raw, x, model, generator=seeded(), **step_kwargs)
+    noise = sched.draw_noise(SHAPE, generator=seeded(), dtype=dtype, **step_kwargs)
+    return expected, sched.scan_loop(model, x, noise=noise, **step_kwargs), sched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_scan_loop_gives_the_same_samples_as_diffusers(case, dtype):
+    expected, actual, sched = scan_pair(case, 20, dtype)
+    assert torch.isfinite(expected).all()
+    assert_exact(actual, expected)
+    assert sched.step_index == 0  # the step counter is not moved
+
+
+@pytest.mark.parametrize("case, runs", [
+    ("ddim-default", [(0, 20, False, {"eta": 0.0, "use_clipped_model_output": False})]),
+    ("ddpm-default", [(0, 19, True, {}), (19, 20, False, {})]),  # the last step (t = 0) draws no noise
+    ("euler-ancestral-default", [(0, 20, True, {})]),
+])
+def test_scan_loop_runs_one_scan_per_run_of_positions_that_agree(case, runs):
+    cls, config, step_kwargs, _ = CASES[case]
+    sched = traceable(cls(**config))
+    sched.set_timesteps(20)
+    assert sched._runs(**step_kwargs) == runs
+
+
+def test_euler_churn_splits_the_loop_where_sigma_leaves_the_churn_range():
+    cls, config, step_kwargs, _ = CASES["euler-karras-churn"]
+    sched = traceable(cls(**config))
+    sched.set_timesteps(20)
+    runs = sched._runs(**step_kwargs)
+    assert [draws for _, _, draws, _ in runs] == [False, True, False]
+    assert runs[0][0] == 0 and runs[-1][1] == 20
+
+
+def test_compiled_scan_loop_is_one_graph_of_scans_and_matches_diffusers():
+    expected, _, sched = scan_pair("ddpm-default", 20, torch.float32)
+    x = initial_sample(sched, torch.float32)
+    noise = sched.draw_noise(SHAPE, generator=seeded())
+    counter = CountGraphs()
+    model = TinyDenoiser()
+    actual = torch.compile(lambda x, noise: sched.scan_loop(model, x, noise=noise), backend=counter)(x, noise)
+    assert counter.graphs == 1
+    assert_exact(actual, expected)
+
+
+def test_scan_loop_starts_at_the_begin_index():
+    model = TinyDenoiser()
+    sched = traceable(EulerDiscreteScheduler())
+    sched.set_timesteps(10)
+    sched.set_begin_index(4)
+    x = initial_sample(sched, torch.float32)
+    expected = x
+    for t in sched.timesteps[4:]:
+        expected = sched.step(model(sched.scale_model_input(expected, t), t), t, expected).prev_sample
+    assert_exact(sched.scan_loop(model, x), expected)
+
+
+def test_scan_loop_asks_for_noise_where_steps_draw_it():
+    sched = traceable(DDPMScheduler())
+    sched.set_timesteps(10)
+    x = initial_sample(sched, torch.float32)
+    with pytest.raises(ValueError, match="these steps draw noise; pass noise=sched.draw_noise"):
+        sched.scan_loop(TinyDenoiser(), x)
+    with pytest.raises(ValueError, match=r"noise has shape \(10, 2, 4, 3\), expected \(10, 2, 4, 3, 3\)"):
+        sched.scan_loop(TinyDenoiser(), x, noise=torch.zeros(10, 2, 4, 3))
+
+
+def test_scan_loop_before_set_timesteps_raises():
+    with pytest.raises(ValueError, match="call set_timesteps"):
+        traceable(DDIMScheduler()).scan_loop(TinyDenoiser(), torch.zeros(SHAPE))

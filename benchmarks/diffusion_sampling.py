@@ -1,13 +1,15 @@
 """Sampling time of denoising loops: sliding-window Picard (seqpar) vs the sequential loop.
 
-    .venv/bin/python benchmarks/diffusion_sampling.py --steps 50 250 --windows 8 32 --denoisers mlp unet
+    .venv/bin/python benchmarks/diffusion_sampling.py --steps 50 250 --windows 8 32 --denoisers mlp unet [--form scan]
 
 For each scheduler (DDIM, DDPM, Euler ancestral; traceable adapters, pre-drawn
 noise), denoiser, T and window: the loop compiled with
 ``backend="seqpar", policy="parallel"`` (inner "eager") against the same loop
 compiled with ``policy="sequential"`` ("sequential", the speedup's baseline) and
-the eager loop (whose traceable scheduler checks each timestep with ``.item()``),
-float64, batch of 2 samples. Reports the median of ``--repeats`` timed calls
+the eager loop ("eager ms": the same form, uncompiled; its traceable scheduler checks each timestep with ``.item()``),
+float64, batch of 2 samples. ``--form scan`` compiles ``sched.scan_loop``
+instead of the unrolled loop (Dynamo traces the denoiser once: the only way
+to a 1000-step UNet loop here). Reports the median of ``--repeats`` timed calls
 after a warm-up call, parallel iterations, denoiser evaluations (per position;
 the loop makes T) and the largest difference from the loop. Markdown to stdout.
 
@@ -15,10 +17,10 @@ the loop makes T) and the largest difference from the loop. Markdown to stdout.
 
 Picard (``jacobian="identity"``) against the Jacobian estimate
 (``jacobian="estimate"``: ``A_l = c_l I`` from one VJP per position) on the
-same chain, solved by the runtime directly (``newton_solve``, no Dynamo: a
-250-step UNet loop would take Dynamo ~15 minutes to trace). The chain is the
-loop's: state ``x``, per-step inputs (timestep, the traceable scheduler's
-coefficient row, noise row), shared = the denoiser's parameters. For each
+same chain, solved by the runtime directly (``newton_solve``, no Dynamo). The
+chain is the loop's (:func:`loop_as_chain`): state ``x``, per-step inputs
+(timestep, the traceable scheduler's coefficient row, noise row), shared =
+the denoiser's parameters. For each
 window: iterations, evaluations and VJPs to convergence (exact counts; the
 estimate makes one VJP per position, at its first evaluation), the measured
 cost of one estimate evaluation (forward + VJP, batched over the window) in
@@ -36,14 +38,51 @@ import time
 from pathlib import Path
 
 import torch
+import torch.utils._pytree as pytree
+from torch.func import functional_call
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from seqpar.backend import SeqparBackend  # noqa: E402
 from seqpar.runtime.lyapunov import largest_lyapunov_exponent  # noqa: E402
 from seqpar.runtime.newton import Tolerance, newton_solve, windowed_steps  # noqa: E402
-from tests.test_denoise import chain_program, loop_as_chain, sampling_loop  # noqa: E402
+from seqpar.runtime.program import ChainProgram, StateLayout  # noqa: E402
+from tests.test_denoise import sampling_loop  # noqa: E402
 from timing import median_time  # noqa: E402
+
+
+def loop_as_chain(sched, model, x, noise):
+    """``(step, s0, xs, shared)``: the sampling loop of ``tests.test_denoise.make_sample`` as a runtime chain.
+
+    ``step(x, (t, row, z), *params)`` is the scheduler's update at the position
+    of ``row`` (a dict of table rows) with the denoiser's parameters
+    ``params``. Every step adds its noise row: DDPM's last row is zero, and
+    adding ``sigma * 0`` changes nothing.
+    """
+    keys = [name for name, _ in model.named_parameters()] + [name for name, _ in model.named_buffers()]
+    shared = [tensor.detach() for _, tensor in model.named_parameters()]
+    shared += [tensor for _, tensor in model.named_buffers()]
+    xs = (sched.timesteps, dict(sched._table), noise)
+    options = sched._static_options(0)
+
+    def step(sample, per_step, *params):
+        t, row, z = per_step
+        output = functional_call(model, dict(zip(keys, params)), (sched._scale_input(row, sample), t))
+        return sched._update(row, output, sample, z, **options)[0]
+
+    return step, x * sched.init_noise_sigma, xs, shared
+
+
+def chain_program(step, s0, xs, shared, jacobian):
+    """``(program, xs leaves)``: the runtime's program for a :func:`loop_as_chain` chain, batch dim 0.
+
+    Built directly, not by ``solve_chain``, whose checks want every input in the
+    state's dtype: the traceable schedulers keep float32 tables (as the op receives them).
+    """
+    leaves, spec = pytree.tree_flatten(xs)
+    layout = StateLayout(spec=pytree.tree_structure(s0), batch_shape=s0.shape[:1], leaf_shapes=(s0.shape[1:],),
+                         dtype=s0.dtype, device=s0.device)
+    return ChainProgram(step, layout, leaves[0].shape[0], spec, leaves, shared, jacobian, "sequential"), leaves
 
 
 def timed(fn, *args, repeats):
@@ -71,7 +110,7 @@ def sampling_loops(args):
     for denoiser in args.denoisers:
         for scheduler in args.schedulers:
             for steps in args.steps:
-                loop = sampling_loop(scheduler, denoiser, steps)
+                loop = sampling_loop(scheduler, denoiser, steps, args.form)
                 yield denoiser, scheduler, steps, loop.sched, loop.model, loop.sample, loop.x, loop.noise
 
 
@@ -127,6 +166,8 @@ def main():
     parser.add_argument("--tol", type=float, default=1e-6)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--form", choices=["loop", "scan"], default="loop",
+                        help="compile the unrolled loop, or the same loop as sched.scan_loop")
     parser.add_argument("--compare-jacobians", action="store_true",
                         help="Picard vs the Jacobian estimate on the runtime directly (see above)")
     args = parser.parse_args()
@@ -135,7 +176,7 @@ def main():
         compare_jacobians(args)
         return
     print(f"torch {torch.__version__}, {args.threads} threads, float64, tol {args.tol:g}\n")
-    print("| scheduler | denoiser | T | window | eager loop ms | sequential ms | seqpar ms | speedup | iterations | evaluations | max abs diff | note |")
+    print("| scheduler | denoiser | T | window | eager ms | sequential ms | seqpar ms | speedup | iterations | evaluations | max abs diff | note |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for denoiser, scheduler, steps, sched, model, sample, x, noise in sampling_loops(args):
         torch._dynamo.reset()

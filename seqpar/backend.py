@@ -327,6 +327,7 @@ def _chain_report(chain: Chain, decision: Decision, lyapunov) -> ChainReport:
         adjoint=decision.adjoint,
         form="scan" if chain.origin == "scan" and decision.form == "unrolled" else decision.form,
         lyapunov=None if lyapunov is None or not math.isfinite(lyapunov) else lyapunov,
+        origin=chain.origin,
     )
 
 
@@ -338,4 +339,5 @@ def _candidate_report(candidate: Candidate) -> ChainReport:
         modules=list(candidate.modules),
         decision="rejected",
         reason=candidate.reason,
+        origin=candidate.origin,
     )

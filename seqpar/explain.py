@@ -9,6 +9,8 @@ from .report import Report
 
 # More graphs than this for one call suggest a loop broken into pieces.
 FRAGMENTED_GRAPHS = 8
+# Unrolled chains from this length on took Dynamo long to trace (~1 s per 100 blocks, seconds per UNet call).
+LONG_UNROLLED = {"layers": 256, "residual": 256, "transformer": 64, "denoise": 100}
 
 
 def explain(model_or_fn, *example_inputs, **options) -> Report:
@@ -35,4 +37,25 @@ def explain(model_or_fn, *example_inputs, **options) -> Report:
             "arrives in pieces. For diffusers sampling loops wrap the scheduler with "
             "seqpar.diffusion.traceable(scheduler); torch._dynamo.explain(fn)(...) lists the breaks."
         )
+    report.hints += _compile_time_hints(report.chains)
     return report
+
+
+def _compile_time_hints(chains) -> list[str]:
+    """Where a long chain reached the backend unrolled: the rolled way to write it, which Dynamo traces once."""
+    hints = []
+    for index, chain in enumerate(chains):
+        if chain.origin != "unrolled" or chain.length < LONG_UNROLLED.get(chain.kind, float("inf")):
+            continue
+        if chain.kind == "denoise":
+            hints.append(
+                f"chain {index}: Dynamo traced {chain.length} denoiser calls one by one; "
+                "sched.scan_loop(denoiser, x, noise=...) on a seqpar.diffusion.traceable scheduler runs the same "
+                "loop as scans, so Dynamo traces the denoiser once"
+            )
+        else:
+            hints.append(
+                f"chain {index}: Dynamo traced {chain.length} blocks one by one; seqpar.scan_layers(blocks) runs "
+                "identical blocks as one scan over their stacked parameters, so Dynamo traces one block"
+            )
+    return hints

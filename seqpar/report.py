@@ -13,7 +13,8 @@ class ChainReport:
     ``decision``: "parallel" (a direction solved in parallel), "sequential" or
     "rejected"; ``method``/``adjoint``: forward and backward solves;
     ``form``: "solver", "rolled", "unrolled", "scan" (a ``scan`` call left
-    to the inner backend) or "" for rejected ones.
+    to the inner backend) or "" for rejected ones; ``origin``: "unrolled"
+    (segments of a loop Dynamo unrolled) or "scan" (one ``scan`` call).
     """
 
     kind: str
@@ -28,6 +29,7 @@ class ChainReport:
     form: str = ""
     lyapunov: float | None = None
     stats: dict | None = None
+    origin: str = "unrolled"
 
 
 def shape_text(state_shape: tuple | None) -> str:

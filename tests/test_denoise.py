@@ -510,3 +510,10 @@ def test_estimated_jacobians_solve_contracting_samplers_in_fewer_evaluation_equi
     assert estimate["jacobian_evaluations"] == estimate["length"] and picard["jacobian_evaluations"] == 0
     cost = estimate["evaluations"] + (ESTIMATE_COST - 1) * estimate["jacobian_evaluations"]
     assert cost < picard["evaluations"]
+
+
+def test_explain_points_a_long_unrolled_sampling_loop_at_scan_loop():
+    loop = sampling_loop("ddim", "mlp", 100)
+    with torch.no_grad():
+        report = seqpar.explain(loop.sample, loop.x, loop.noise, policy="sequential")
+    assert any("Dynamo traced 100 denoiser calls" in hint and "sched.scan_loop" in hint for hint in report.hints)

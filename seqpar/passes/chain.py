@@ -140,3 +140,4 @@ class Candidate:
     modules: list[str]
     state_shape: tuple | None  # like Chain.state_shape
     reason: str
+    origin: str = "unrolled"  # like Chain.origin

@@ -70,7 +70,7 @@ def find_scan_chains(gm: fx.GraphModule, *, min_chain: int = 4) -> tuple[list[Ch
             shapes = [tuple(example(s0).shape) for s0 in init]
             candidates.append(Candidate(
                 kind="recurrent", length=_length(node) or 0, modules=modules,
-                state_shape=shapes[0] if len(shapes) == 1 else tuple(shapes), reason=str(error),
+                state_shape=shapes[0] if len(shapes) == 1 else tuple(shapes), reason=str(error), origin="scan",
             ))
     return chains, candidates
 

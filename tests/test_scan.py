@@ -223,3 +223,13 @@ def test_explain_points_a_long_unrolled_stack_at_scan_layers():
     scanned, inputs = zoo.scanned_mlp(depth=256, batch=1)
     report = seqpar.explain(scanned, *inputs, policy="sequential")
     assert report.chains[0].origin == "scan" and not report.hints
+
+
+def test_a_short_scan_kept_sequential_runs_in_the_rolled_loop_under_inductor():
+    """Inductor (torch 2.13) rejects scan_layers' scan ("might be aliasing the input or the output"); a scan
+    kept sequential therefore runs in the chain op's loop at any length, and the graph compiles."""
+    model, inputs = to_double(*zoo.scanned_mlp(depth=8))
+    compiled, backend = compile_with(model, policy="sequential", inner="inductor")
+    torch.testing.assert_close(compiled(*inputs), model(*inputs), atol=F64_ATOL, rtol=0)
+    (chain,) = chain_reports(backend)
+    assert (chain.decision, chain.form) == ("sequential", "rolled")

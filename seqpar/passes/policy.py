@@ -127,7 +127,9 @@ def decide(chain: Chain, options: Options, device_type: str, lyapunov: float | N
     else:
         form = options.sequential_form
         if form == "auto":
-            form = "rolled" if length >= ROLLED_FROM_LENGTH else "unrolled"
+            # A scan kept sequential runs in the op's loop at any length: inductor (torch 2.13) rejects
+            # many scans (an empty or carry-aliasing per-step output, its loop lowering without fullgraph).
+            form = "rolled" if length >= ROLLED_FROM_LENGTH or chain.origin == "scan" else "unrolled"
     if method == "parallel" and chain.kind == "denoise":
         why += f"; {_denoise_solver(jacobian, window, choice)}"
     return Decision(method=method, adjoint=adjoint, form=form, jacobian=jacobian, reason=why,

@@ -66,7 +66,7 @@ def find_scan_chains(gm: fx.GraphModule, *, min_chain: int = 4) -> tuple[list[Ch
         try:
             chains.append(_scan_chain(gm, node, max(2, int(min_chain)), modules))
         except _Rejected as error:
-            init = node.args[1]
+            init = node.args[1] if len(node.args) > 1 else []
             shapes = [tuple(example(s0).shape) for s0 in init]
             candidates.append(Candidate(
                 kind="recurrent", length=_length(node) or 0, modules=modules,
@@ -76,7 +76,7 @@ def find_scan_chains(gm: fx.GraphModule, *, min_chain: int = 4) -> tuple[list[Ch
 
 
 def _length(scan: Node) -> int | None:
-    xs = scan.args[2]
+    xs = scan.args[2] if len(scan.args) > 2 else None
     length = example(xs[0]).shape[0] if xs else None
     return length if isinstance(length, int) else None
 
@@ -87,7 +87,9 @@ def _modules(scan: Node) -> list[str]:
 
 
 def _scan_chain(gm: fx.GraphModule, scan: Node, min_chain: int, modules: list[str]) -> Chain:
-    body_node, init, xs, additional = scan.args[:4]
+    if len(scan.args) != 4 or scan.kwargs:
+        raise _Rejected("scan call without the (body, init, xs, additional_inputs) arguments of torch 2.13")
+    body_node, init, xs, additional = scan.args
     length = _length(scan)
     if length is None:
         raise _Rejected("scan over a symbolic number of steps; left to the inner backend")

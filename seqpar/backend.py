@@ -310,7 +310,8 @@ def _lyapunov(chain: Chain, values: dict) -> float | None:
 
 
 def _span(modules: list[str]) -> str:
-    return f"{modules[0]}..{modules[-1]}" if modules else "<unnamed>"
+    named = [path for path in modules if path]
+    return f"{named[0]}..{named[-1]}" if named else "<unnamed>"
 
 
 def _chain_report(chain: Chain, decision: Decision, lyapunov) -> ChainReport:

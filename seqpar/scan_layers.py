@@ -68,12 +68,13 @@ class ScannedLayers(nn.Module):
     def _stacked(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, _attribute(name)) for name in self.parameter_names + self.buffer_names}
 
-    def forward(self, state: torch.Tensor) -> torch.Tensor:
-        """``s_L`` from ``s_0 = state``: ``s_{l+1} = block_l(s_l)`` by one scan over the stacked rows."""
+    def forward(self, state: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """``s_L`` from ``s_0 = state``: ``s_{l+1} = block_l(s_l, *args, **kwargs)`` by one scan over the
+        stacked rows; ``args``/``kwargs`` (a mask, a conditioning tensor) are the same for every block."""
         template = self._template[0]
 
         def step(s, rows):
-            return functional_call(template, rows, (s,)), ()
+            return functional_call(template, rows, (s, *args), kwargs), ()
 
         final, _ = scan(step, state, self._stacked())
         return final

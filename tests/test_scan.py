@@ -233,3 +233,37 @@ def test_a_short_scan_kept_sequential_runs_in_the_rolled_loop_under_inductor():
     torch.testing.assert_close(compiled(*inputs), model(*inputs), atol=F64_ATOL, rtol=0)
     (chain,) = chain_reports(backend)
     assert (chain.decision, chain.form) == ("sequential", "rolled")
+
+
+class EncoderStack(nn.Module):
+    """``nn.TransformerEncoderLayer`` blocks as ``scan_layers``, with one attention mask for every block."""
+
+    def __init__(self, layers=6, d_model=16, nhead=2):
+        super().__init__()
+        blocks = [nn.TransformerEncoderLayer(d_model, nhead, dim_feedforward=2 * d_model, batch_first=True)
+                  for _ in range(layers)]
+        self.reference = nn.ModuleList(blocks)
+        self.layers = seqpar.scan_layers(blocks)
+
+    def forward(self, x, mask):
+        return self.layers(x, src_mask=mask)
+
+
+def test_scan_layers_passes_shared_arguments_to_every_block_and_transformer_stacks_are_chains():
+    model = EncoderStack().double().eval()
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    mask = torch.zeros(5, 5, dtype=torch.float64)
+    mask[0, 1] = -1e9
+    expected = x
+    for block in model.reference:
+        expected = block(expected, src_mask=mask)
+    torch.testing.assert_close(model(x, mask), expected, rtol=0, atol=1e-12)
+    compiled, backend = compile_with(model, policy="parallel")
+    torch.testing.assert_close(compiled(x, mask), expected, atol=F64_ATOL, rtol=0)
+    (chain,) = chain_reports(backend)
+    assert (chain.kind, chain.length, chain.modules[0], chain.decision) == ("transformer", 6, "layers", "parallel")
+    compiled(x, mask).square().sum().backward()
+    got = model.layers.self_attn_in_proj_weight.grad.clone()
+    model.zero_grad()
+    model(x, mask).square().sum().backward()
+    torch.testing.assert_close(got, model.layers.self_attn_in_proj_weight.grad, atol=F64_ATOL, rtol=0)

@@ -68,8 +68,10 @@ def find_scan_chains(gm: fx.GraphModule, *, min_chain: int = 4) -> tuple[list[Ch
         except _Rejected as error:
             init = node.args[1] if len(node.args) > 1 else []
             shapes = [tuple(example(s0).shape) for s0 in init]
+            per_layer = any(isinstance(example(x), torch.nn.Parameter) for x in node.args[2]) \
+                if len(node.args) > 2 else False
             candidates.append(Candidate(
-                kind="recurrent", length=_length(node) or 0, modules=modules,
+                kind="layers" if per_layer else "recurrent", length=_length(node) or 0, modules=modules,
                 state_shape=shapes[0] if len(shapes) == 1 else tuple(shapes), reason=str(error), origin="scan",
             ))
     return chains, candidates

@@ -23,7 +23,7 @@ from torch._dynamo import lookup_backend
 from torch._dynamo.exc import ShortenTraceback
 from torch._subclasses.fake_tensor import FakeTensor
 
-from .debug import log, write_dump
+from .debug import log, write_dump, write_hints
 from .options import Options, parse_options
 from .passes.chain import Candidate, Chain, map_state, state_leaves
 from .passes.detect import find_chains
@@ -31,7 +31,7 @@ from .passes.effects import is_random
 from .passes.policy import Decision, decide
 from .passes.rewrite import StepAdapter, build_chain_program, constant_stack, remap_chain, rewrite_chain, state_layout
 from .passes.slices import slice_steps
-from .report import ChainReport, format_table
+from .report import ChainReport, format_table, hints_for
 from .runtime.lyapunov import largest_lyapunov_exponent
 from .verify import compare_outputs
 
@@ -105,6 +105,8 @@ class SeqparBackend:
             log.info("seqpar graph %d: %s chain of %d (%s): %s", record.index, report.kind, report.length,
                      report.decision, report.reason)
         write_dump(self.options.debug_dir, record)
+        write_hints(self.options.debug_dir,
+                    hints_for([chain for graph in self.graphs for chain in graph.chains], len(self.graphs)))
         if record.programs and not _has_other_compute(work):
             compiled = work  # nothing left for the inner backend to compile: run the rewritten graph
         else:

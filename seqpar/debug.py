@@ -5,7 +5,9 @@
 ``graph_<k>/`` holding ``original.py`` and ``rewritten.py`` (the graph code
 before and after the rewrite), ``chains.txt`` (the chain table) and
 ``chains.json`` (chains, decisions with reasons, and the solver stats of the
-last call). The same texts go to ``torch._logging.trace_structured``
+last call); ``hints.txt`` beside the folders says what the user could change
+(``seqpar.report.hints_for``: graph breaks in a loop, long unrolled chains that
+a scan would compile in seconds). The same texts go to ``torch._logging.trace_structured``
 artifacts, which tlparse shows under ``TORCH_TRACE``.
 """
 
@@ -59,4 +61,16 @@ def write_dump(debug_dir: str | None, record) -> None:
     }
     for name, text in files.items():
         with open(os.path.join(folder, name), "w") as handle:
+            handle.write(text)
+
+
+def write_hints(debug_dir: str | None, hints: list[str]) -> None:
+    """``hints.txt`` at the top of the dump (and a ``seqpar_hints`` artifact): what the user could change."""
+    if not hints:
+        return
+    text = "\n".join(f"hint: {hint}" for hint in hints) + "\n"
+    emit_artifact("seqpar_hints", text)
+    if debug_dir:
+        os.makedirs(debug_dir, exist_ok=True)
+        with open(os.path.join(debug_dir, "hints.txt"), "w") as handle:
             handle.write(text)

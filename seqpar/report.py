@@ -60,6 +60,40 @@ def format_table(chains: list[ChainReport]) -> str:
     return "\n".join(lines)
 
 
+# More graphs than this for one call suggest a loop broken into pieces.
+FRAGMENTED_GRAPHS = 8
+# Unrolled chains from this length on took Dynamo long to trace (~1 s per 100 blocks, seconds per UNet call).
+LONG_UNROLLED = {"layers": 256, "residual": 256, "transformer": 64, "denoise": 100}
+
+
+def hints_for(chains: list[ChainReport], graph_count: int) -> list[str]:
+    """What the user could change, from the chains of ``graph_count`` graphs compiled for one function:
+    a call split into many graphs (a sampling loop whose scheduler breaks the graph), and long chains that
+    reached the backend unrolled (the rolled way to write them, which Dynamo traces once)."""
+    hints = []
+    if graph_count >= FRAGMENTED_GRAPHS:
+        hints.append(
+            f"the call was split into {graph_count} graphs (graph breaks): no backend sees a loop that "
+            "arrives in pieces. For diffusers sampling loops wrap the scheduler with "
+            "seqpar.diffusion.traceable(scheduler); torch._dynamo.explain(fn)(...) lists the breaks."
+        )
+    for index, chain in enumerate(chains):
+        if chain.origin != "unrolled" or chain.length < LONG_UNROLLED.get(chain.kind, float("inf")):
+            continue
+        if chain.kind == "denoise":
+            hints.append(
+                f"chain {index}: Dynamo traced {chain.length} denoiser calls one by one; "
+                "sched.scan_loop(denoiser, x, noise=...) on a seqpar.diffusion.traceable scheduler runs the same "
+                "loop as scans, so Dynamo traces the denoiser once"
+            )
+        else:
+            hints.append(
+                f"chain {index}: Dynamo traced {chain.length} blocks one by one; seqpar.scan_layers(blocks) runs "
+                "identical blocks as one scan over their stacked parameters, so Dynamo traces one block"
+            )
+    return hints
+
+
 @dataclass
 class Report:
     """What ``seqpar.explain`` found: ``chains`` over all compiled graphs, and hints."""

@@ -330,7 +330,7 @@ def test_long_unet_scan_loops_through_the_backend_equal_the_loop(scheduler, step
     torch.testing.assert_close(got, want, atol=close, rtol=close)
 
 
-def test_raw_diffusers_scheduler_loop_compiles_exactly_and_explain_hints_at_traceable():
+def test_raw_diffusers_scheduler_loop_compiles_exactly_and_explain_hints_at_traceable(tmp_path):
     sched = DDIMScheduler(clip_sample=False)
     sched.set_timesteps(10)
     model = MLPDenoiser(sched.alphas_cumprod).double().eval()
@@ -341,10 +341,11 @@ def test_raw_diffusers_scheduler_loop_compiles_exactly_and_explain_hints_at_trac
         return x
 
     x = torch.randn(2, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    compiled, _ = compile_sample(sample)
+    compiled, _ = compile_sample(sample, debug_dir=str(tmp_path))
     with torch.no_grad():
         got, want = compiled(x), sample(x)
     torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert "seqpar.diffusion.traceable" in (tmp_path / "hints.txt").read_text()  # the dump says it too
     torch._dynamo.reset()
     with torch.no_grad():
         report = seqpar.explain(sample, x, policy="parallel", min_chain=4)

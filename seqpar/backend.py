@@ -31,6 +31,7 @@ from .passes.effects import is_random
 from .passes.policy import Decision, decide
 from .passes.rewrite import StepAdapter, build_chain_program, constant_stack, remap_chain, rewrite_chain, state_layout
 from .passes.slices import slice_steps
+from .passes.tokens import VIEW_ATTRIBUTES, VIEW_OPS
 from .report import ChainReport, format_table, hints_for
 from .runtime.lyapunov import largest_lyapunov_exponent
 from .verify import compare_outputs
@@ -224,11 +225,8 @@ def seqpar_backend(gm: fx.GraphModule, example_inputs, options: dict | None = No
 
 
 # Glue: views, shape queries, packing and constant tensors. A graph of chain ops and glue runs as it is.
-_VIEW_METHODS = {
-    "reshape", "view", "flatten", "contiguous", "size", "narrow", "t", "transpose", "permute",
-    "unsqueeze", "squeeze", "expand", "split", "chunk", "unbind",
-}
-_VIEW_ATTRIBUTES = {"T", "mT", "shape", "dtype", "device"}
+_GLUE_METHODS = VIEW_OPS | {"contiguous", "size", "narrow", "split", "chunk", "unbind"}
+_GLUE_ATTRIBUTES = VIEW_ATTRIBUTES | {"shape", "dtype", "device"}
 _GLUE_FUNCTIONS = {
     torch.ops.seqpar.chain_solve.default, torch.ops.aten.select.int, operator.getitem, torch.stack, torch.cat,
     slice_steps, torch.split, torch.unbind, torch.transpose, torch.t, torch.zeros, torch.zeros_like, torch.ones,
@@ -240,11 +238,11 @@ def _has_other_compute(gm: fx.GraphModule, ignore: frozenset | set = frozenset()
     """Whether ``gm`` computes anything besides the nodes in ``ignore``, chain ops and the glue around them
     (views, selects, parameter stacks, packing of tuple states, zero initial states)."""
     for node in gm.graph.nodes:
-        if node in ignore or (node.op == "call_method" and node.target in _VIEW_METHODS):
+        if node in ignore or (node.op == "call_method" and node.target in _GLUE_METHODS):
             continue
         if node.op == "call_function" and node.target in _GLUE_FUNCTIONS:
             continue
-        if node.op == "call_function" and node.target is getattr and node.args[1] in _VIEW_ATTRIBUTES:
+        if node.op == "call_function" and node.target is getattr and node.args[1] in _GLUE_ATTRIBUTES:
             continue
         if node.op in ("call_function", "call_method", "call_module"):
             return True

@@ -356,8 +356,8 @@ def test_backend_is_registered_through_the_entry_point_without_import():
     code = (
         "import torch; assert 'seqpar' in torch._dynamo.list_backends(); "
         "f = torch.compile(lambda x: torch.tanh(x) + 1, backend='seqpar'); "
-        "x = torch.randn(3); assert torch.equal(f(x), torch.tanh(x) + 1); print('ok')"
-    )
+        "x = torch.randn(3); torch.testing.assert_close(f(x), torch.tanh(x) + 1); print('ok')"
+    )  # no chain: inductor compiles the graph, and its vectorised tanh may differ from eager's in the last bit
     env = {key: value for key, value in os.environ.items() if key != "TORCH_LOGS"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert result.stdout.strip().endswith("ok"), result.stderr[-2000:]

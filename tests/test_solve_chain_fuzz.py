@@ -22,8 +22,6 @@ What "equals the loop" can mean depends on the chain, so each example checks:
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings

@@ -32,12 +32,10 @@ from dataclasses import dataclass
 import torch
 from torch.fx.node import Node
 
-from .tokens import call_arg, example, flatten_args, node_token, target_name
+from .tokens import VIEW_ATTRIBUTES, VIEW_OPS, call_arg, example, flatten_args, node_token, target_name
 
-# Ops that only reinterpret a tensor (no copy, no arithmetic): taken into the step.
-_VIEWS = {"t", "transpose", "swapaxes", "swapdims", "permute", "movedim", "view", "reshape", "unsqueeze",
-          "squeeze", "flatten", "unflatten", "expand", "detach", "alias"}
-_VIEW_ATTRIBUTES = {"T", "mT", "H", "mH"}
+# Views (and the alias-only ops) a step may take of a slice itself.
+_VIEWS = VIEW_OPS | {"detach", "alias"}
 
 
 @dataclass
@@ -83,7 +81,7 @@ def select_index(node: Node) -> tuple[Node, int, int] | None:
 def is_view(node: Node) -> bool:
     """A view op with exactly one node argument (``W_l.T``, ``W_l.view(4, 4)``), free to redo in a step."""
     if node.op == "call_function" and node.target is getattr:
-        ok = len(node.args) == 2 and node.args[1] in _VIEW_ATTRIBUTES
+        ok = len(node.args) == 2 and node.args[1] in VIEW_ATTRIBUTES
     elif node.op in ("call_function", "call_method"):
         ok = target_name(node) in _VIEWS
     else:

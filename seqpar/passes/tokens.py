@@ -21,6 +21,11 @@ from torch.fx.node import Node
 
 _NODE = "<node>"
 
+# Ops and tensor attributes that only reinterpret a tensor's storage (no copy, no arithmetic), by name.
+VIEW_OPS = frozenset({"t", "transpose", "swapaxes", "swapdims", "permute", "movedim", "view", "reshape",
+                      "unsqueeze", "squeeze", "flatten", "unflatten", "expand"})
+VIEW_ATTRIBUTES = frozenset({"T", "mT", "H", "mH"})
+
 
 def is_number(value) -> bool:
     """A Python int or float (not a bool): a literal that may become a per-step input."""

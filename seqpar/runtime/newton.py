@@ -117,7 +117,6 @@ def newton_solve(
     if window is not None and window >= length:
         window = None
     work = accumulation_dtype(s0.dtype)
-    in_place = work == s0.dtype
     stats = SolveStats(length=length, jacobian=program.jacobian, window=window)
     # One buffer for s_0 .. s_L: the states are rows 1.., the previous states
     # (the steps' inputs) rows 0..L-1, both views, updated in place.

@@ -5,7 +5,8 @@ the traced graph and solves each by Newton / quasi-Newton iterations whose
 linear steps are block-bidiagonal systems solved by Parallel Cyclic Reduction.
 ``seqpar.explain(model, *inputs)`` reports what it finds and decides;
 ``seqpar.scan_layers(blocks)`` runs a deep stack as one ``scan`` that Dynamo
-traces once (seconds to compile instead of minutes).
+traces once (seconds to compile instead of minutes); ``seqpar.scan_rnn(lstm)``
+turns an ``nn.RNN``/``nn.LSTM``/``nn.GRU`` into scans over time, solved in parallel.
 """
 
 from .explain import explain
@@ -13,5 +14,7 @@ from .options import Options
 from .report import ChainReport, Report
 from .runtime import SolveStats, solve_chain
 from .scan_layers import ScannedLayers, scan_layers
+from .scan_rnn import ScannedRNN, scan_rnn
 
-__all__ = ["explain", "solve_chain", "scan_layers", "ScannedLayers", "Options", "Report", "ChainReport", "SolveStats"]
+__all__ = ["explain", "solve_chain", "scan_layers", "ScannedLayers", "scan_rnn", "ScannedRNN", "Options", "Report",
+           "ChainReport", "SolveStats"]

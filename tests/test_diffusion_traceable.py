@@ -142,8 +142,10 @@ CASES = {
 }
 
 
-def run_pair(case, steps, dtype):
-    """The raw diffusers loop and the traceable loop, same seeds: (raw, traceable, adapter)."""
+def run_pair(case, steps, dtype, form="loop"):
+    """The raw diffusers loop and the traceable loop, same seeds: (raw, traceable, adapter).
+
+    ``form="scan"``: the traceable loop is ``scan_loop``, with the same noise drawn up front."""
     cls, config, step_kwargs, out_channels = CASES[case]
     model = TinyDenoiser(out_channels=out_channels)
     raw = cls(**config)
@@ -152,8 +154,10 @@ def run_pair(case, steps, dtype):
     sched.set_timesteps(steps)
     x = initial_sample(raw, dtype)
     expected = sample_loop(raw, x, model, generator=seeded(), **step_kwargs)
-    actual = sample_loop(sched, x, model, generator=seeded(), **step_kwargs)
-    return expected, actual, sched
+    if form == "scan":
+        noise = sched.draw_noise(SHAPE, generator=seeded(), dtype=dtype, **step_kwargs)
+        return expected, sched.scan_loop(model, x, noise=noise, **step_kwargs), sched
+    return expected, sample_loop(sched, x, model, generator=seeded(), **step_kwargs), sched
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
@@ -402,24 +406,10 @@ def test_set_timesteps_on_the_wrapped_scheduler_is_detected():
 # --------------------------------------------------------------------------- #
 
 
-def scan_pair(case, steps, dtype):
-    """The raw diffusers loop (seeded generator) and ``scan_loop`` with the same noise drawn up front."""
-    cls, config, step_kwargs, out_channels = CASES[case]
-    model = TinyDenoiser(out_channels=out_channels)
-    raw = cls(**config)
-    raw.set_timesteps(steps)
-    sched = traceable(cls(**config))
-    sched.set_timesteps(steps)
-    x = initial_sample(raw, dtype)
-    expected = sample_loop(raw, x, model, generator=seeded(), **step_kwargs)
-    noise = sched.draw_noise(SHAPE, generator=seeded(), dtype=dtype, **step_kwargs)
-    return expected, sched.scan_loop(model, x, noise=noise, **step_kwargs), sched
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_scan_loop_gives_the_same_samples_as_diffusers(case, dtype):
-    expected, actual, sched = scan_pair(case, 20, dtype)
+    expected, actual, sched = run_pair(case, 20, dtype, form="scan")
     assert torch.isfinite(expected).all()
     assert_exact(actual, expected)
     assert sched.step_index == 0  # the step counter is not moved
@@ -447,7 +437,7 @@ def test_euler_churn_splits_the_loop_where_sigma_leaves_the_churn_range():
 
 
 def test_compiled_scan_loop_is_one_graph_of_scans_and_matches_diffusers():
-    expected, _, sched = scan_pair("ddpm-default", 20, torch.float32)
+    expected, _, sched = run_pair("ddpm-default", 20, torch.float32, form="scan")
     x = initial_sample(sched, torch.float32)
     noise = sched.draw_noise(SHAPE, generator=seeded())
     counter = CountGraphs()

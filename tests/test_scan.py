@@ -267,3 +267,49 @@ def test_scan_layers_passes_shared_arguments_to_every_block_and_transformer_stac
     model.zero_grad()
     model(x, mask).square().sum().backward()
     torch.testing.assert_close(got, model.layers.self_attn_in_proj_weight.grad, atol=F64_ATOL, rtol=0)
+
+
+# --------------------------------------------------------------------------- #
+# random scans: whatever the pass decides, the numbers are the scan's
+# --------------------------------------------------------------------------- #
+
+ACTIVATIONS = (torch.tanh, torch.sigmoid, torch.nn.functional.silu, torch.sin)
+
+
+def random_scan(seed):
+    """``(fn, inputs, expect_chain)``: a scan with 1-2 carries, 1-2 per-step inputs on dim 0 or 1, forward or
+    reversed, whose per-step outputs are nothing, a copy of a carry, or a function of the carry (read or not)."""
+    g = torch.Generator().manual_seed(seed)
+    pick = lambda options: options[int(torch.randint(len(options), (), generator=g))]  # noqa: E731
+    carries, inputs, dim, reverse = pick((1, 2)), pick((1, 2)), pick((0, 1)), pick((False, True))
+    outputs = pick(("none", "copy", "other-unread", "other-read"))
+    width, steps, batch = 3, int(torch.randint(5, 12, (), generator=g)), 2
+    W = [torch.randn(width, width, generator=g, dtype=torch.float64) * 0.6 for _ in range(carries)]
+    acts = [pick(ACTIVATIONS) for _ in range(carries)]
+
+    def step(carry, x):
+        carry = carry if isinstance(carry, tuple) else (carry,)
+        drive = sum(x)
+        new = tuple(act(c @ w.T + drive + (carry[0] if k else 0)) for k, (c, w, act) in enumerate(zip(carry, W, acts)))
+        y = {"none": (), "copy": new[-1].clone()}.get(outputs, 2 * new[0] + 1)
+        return (new if carries > 1 else new[0]), y
+
+    def fn(*args):
+        init = args[:carries] if carries > 1 else args[0]
+        final, ys = scan(step, init, list(args[carries:]), dim=dim, reverse=reverse)
+        final = final if isinstance(final, tuple) else (final,)
+        return (*final, ys) if outputs in ("copy", "other-read") else final
+
+    shape = (steps, batch, width) if dim == 0 else (batch, steps, width)
+    args = [torch.randn(batch, width, generator=g, dtype=torch.float64) for _ in range(carries)]
+    args += [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(inputs)]
+    return fn, tuple(args), outputs != "other-read"
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_scans_compile_to_the_scan_s_numbers(seed):
+    fn, inputs, expect_chain = random_scan(seed)
+    compiled, backend = compile_with(fn, policy="parallel")
+    torch.testing.assert_close(compiled(*inputs), fn(*inputs), atol=F64_ATOL, rtol=0)
+    (chain,) = chain_reports(backend)
+    assert chain.decision == ("parallel" if expect_chain else "rejected"), chain.reason

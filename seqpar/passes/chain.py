@@ -95,7 +95,7 @@ class Chain:
     stacked, ``(L, *leaf shape)``, read after the chain (a scan's per-step
     outputs that copy its carry). ``origin``: "unrolled" (segments of an
     unrolled loop) or "scan" (one ``torch.ops.higher_order.scan`` call, whose
-    ``nodes`` are ``[[scan, *its getitems]]`` and whose intermediate
+    ``nodes`` are ``[[scan, *its getitems, ...]]`` and whose intermediate
     ``outputs`` are ``None``: the graph holds no node for them).
     ``state_shape`` is the state's shape, or a tuple of shapes (one per leaf)
     for a tuple state. ``batch_ndim`` is the number of leading state dims the

@@ -16,7 +16,7 @@ per scan with at least ``min_chain`` steps whose body has no side effects.
 Guarantees for each: ``step(s_l, *xs_l, *additional)`` is the body's
 next-carry part (nodes copied as :mod:`.step` copies a segment); every ``xs``
 leaf is a ``"slice"`` input on dim 0, every additional input is shared;
-``nodes == [[scan, *its getitems]]``; ``outputs[-1]`` holds the getitems of
+``nodes == [[scan, *its getitems, *dead nodes after unread ones]]``; ``outputs[-1]`` holds the getitems of
 the final carry (``None`` where nothing reads one) and ``outputs[l]`` for
 ``l < L - 1`` are ``None`` (a scan shows no intermediate carries);
 ``all_states`` holds the getitems of per-step outputs ``y_l`` that are the
@@ -104,7 +104,7 @@ def _scan_chain(gm: fx.GraphModule, scan: Node, min_chain: int, modules: list[st
             raise _Rejected(f"scan body: {reason}")
     carries = len(init)
     body_outputs = list(body.graph.output_node().args[0])
-    readers = _output_readers(scan)
+    readers, dead = _output_readers(scan)
     finals = [readers.get(i) for i in range(carries)]
     stacked = [None] * carries
     for j, output in enumerate(body_outputs[carries:]):
@@ -132,7 +132,7 @@ def _scan_chain(gm: fx.GraphModule, scan: Node, min_chain: int, modules: list[st
         kind=chain_kind(per_step, facts),
         start=state(list(init)),
         outputs=[state([None] * carries)] * (length - 1) + [state(finals)],
-        nodes=[[scan, *sorted(readers.values(), key=_position(scan))]],
+        nodes=[sorted({scan, *readers.values(), *dead}, key=_position(scan))],
         step=step,
         per_step=per_step,
         shared=list(additional),
@@ -145,16 +145,35 @@ def _scan_chain(gm: fx.GraphModule, scan: Node, min_chain: int, modules: list[st
     )
 
 
-def _output_readers(scan: Node) -> dict[int, Node]:
-    """``{i: getitem(scan, i)}`` for the scan's outputs the graph reads; anything else reading it is rejected."""
-    readers = {}
+def _output_readers(scan: Node) -> tuple[dict[int, Node], list[Node]]:
+    """``({i: getitem(scan, i)}, dead)`` for the scan's outputs the graph reads; ``dead``: getitems whose
+    value nothing uses (Dynamo leaves e.g. ``movedim`` of an unused output), with the dead nodes after
+    them, erased with the scan. Anything else reading the scan is rejected."""
+    readers, dead = {}, []
     for user in scan.users:
         if user.op != "call_function" or user.target is not operator.getitem or not isinstance(user.args[1], int):
             raise _Rejected(f"{user.name} reads the scan's outputs other than by index")
         if user.args[1] in readers:
             raise _Rejected(f"scan output {user.args[1]} is read twice")
-        readers[user.args[1]] = user
-    return readers
+        tail = _dead_tail(user)
+        if tail is None:
+            readers[user.args[1]] = user
+        else:
+            dead += [user, *tail]
+    return readers, dead
+
+
+def _dead_tail(node: Node) -> list[Node] | None:
+    """Every node reading ``node``, directly or not, when none is an output or has an effect; else ``None``."""
+    tail = []
+    for user in node.users:
+        if user.op not in ("call_function", "call_method") or user.is_impure() or side_effect(user, True):
+            return None
+        below = _dead_tail(user)
+        if below is None:
+            return None
+        tail += [user, *below]
+    return tail
 
 
 def _position(scan: Node):

@@ -40,19 +40,19 @@ pre-draws all noise outside the compiled region and passes one row per step::
         x = sched.step(eps(x, t), t, x, noise=noise[i]).prev_sample
 
 ``draw_noise`` draws in exactly the order (and only at the steps) the scheduler
-would, so this loop equals the generator loop bit for bit.
+would, so this loop equals the generator loop bit for bit. With no generator
+and no ``noise``, steps draw from the global RNG inside the graph
+(``torch.randn``): equal to eager under ``backend="eager"``; inductor needs
+``torch._inductor.config.fallback_random = True`` for the same numbers.
 
 The whole loop as scans. Dynamo traces the user's loop step by step (a UNet
-takes seconds per call to trace, so a 1000-step loop takes the better part of
-an hour to compile). ``sched.scan_loop(denoiser, x, noise=noise)`` runs the
+takes about a second per call to trace here, so a 1000-step loop takes
+about a quarter of an hour to compile). ``sched.scan_loop(denoiser, x, noise=noise)`` runs the
 same loop, with the same numbers, as ``torch.ops.higher_order.scan`` over the
 rows of the coefficient tables (one scan per run of positions whose static
 step options agree: DDPM's last, noise-free step is a run of its own), so
 Dynamo traces the denoiser once and the ``seqpar`` backend finds the scan as a
-"denoise" chain. With no generator
-and no ``noise``, steps draw from the global RNG inside the graph
-(``torch.randn``): equal to eager under ``backend="eager"``; inductor needs
-``torch._inductor.config.fallback_random = True`` for the same numbers.
+"denoise" chain.
 """
 
 from __future__ import annotations

@@ -312,8 +312,8 @@ def unet_loop_sample(scheduler: str, steps: int) -> torch.Tensor:
 @pytest.mark.parametrize("scheduler", sorted(SCHEDULERS))
 def test_long_unet_scan_loops_through_the_backend_equal_the_loop(scheduler, steps, jacobian):
     """T = 250 and 1000 on the same tiny UNet through ``torch.compile(backend="seqpar")``: written
-    with ``scan_loop`` Dynamo traces the UNet once (the unrolled loop takes about 5 s of Dynamo
-    per UNet call on this CPU: ~90 minutes at T = 1000), the scan is a "denoise" chain."""
+    with ``scan_loop`` Dynamo traces the UNet once (the unrolled loop costs 0.8 to 5 s of Dynamo
+    per UNet call on this CPU, quiet to loaded: 13 to 90 minutes at T = 1000), the scan is a "denoise" chain."""
     loop = sampling_loop(scheduler, "unet", steps, form="scan")
     want = unet_loop_sample(scheduler, steps)
     compiled, backend = compile_sample(loop.sample, tol=TOL_BY_SCHEDULER[scheduler], jacobian=jacobian,

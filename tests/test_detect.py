@@ -526,6 +526,28 @@ def test_blocks_reading_two_states_back_are_a_candidate_not_a_chain():
     assert len(candidates) == 1 and "earlier segment" in candidates[0].reason
 
 
+class _MLPWithPerLayerOutputs(torch.nn.Module):
+    """Each block also returns a side value besides the state (``sigmoid(x_l)``, as a KV cache would)."""
+
+    def __init__(self, depth=8, width=8):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([torch.nn.Linear(width, width) for _ in range(depth)])
+
+    def forward(self, x):
+        outputs = []
+        for layer in self.layers:
+            outputs.append(torch.sigmoid(x))
+            x = torch.tanh(layer(x))
+        return x, outputs
+
+
+def test_per_layer_values_read_after_the_blocks_are_a_candidate_with_the_reason():
+    (gm, _), = capture(_MLPWithPerLayerOutputs(), (torch.randn(2, 8),))
+    chains, (candidate,) = find_chains(gm)
+    assert chains == [] and candidate.length == 8
+    assert "of segment 0, not the carried state, is read after the segments" in candidate.reason
+
+
 class _RolledMLP(torch.nn.Module):
     def __init__(self, depth=8, width=8):
         super().__init__()

@@ -26,7 +26,8 @@ def _normalise_path(path: str) -> str:
     path = re.sub(r"\[(\d+)\]", r".\1", path)
     path = re.sub(r"\['([^']*)'\]", r".\1", path)
     path = path.replace("._modules.", ".")
-    path = re.sub(r"^L\.[A-Za-z_]\w*", "", path)  # L['self'] after the rewrites above
+    # The compiled module or function's own name: L['self'] (a local) or G['model'] (a global).
+    path = re.sub(r"^[LG]\.[A-Za-z_]\w*", "", path)
     return path.strip(".")
 
 

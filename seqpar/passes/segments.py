@@ -256,11 +256,14 @@ class Detector:
         starts = [a0 for a0, _ in state]
         offsets = [q for _, q in state]
 
-        def fail(k: int, reason: str) -> Attempt:
+        def fail(k: int, reason: str | None) -> Attempt:
             valid = k
-            plan = self._plan(p, b, valid, starts, offsets, sslots0, dep0, slots, literals) if valid >= 2 else None
+            plan, trimmed = self._plan(p, b, valid, starts, offsets, sslots0, dep0, slots, literals) \
+                if valid >= 2 else (None, None)
             if plan is not None:
                 valid = plan.length
+            elif reason is None:  # every segment was valid, but values besides the state leave them
+                reason = trimmed
             return Attempt(plan, valid, k, reason, starts)
 
         dep0, sslots0 = [], {}
@@ -366,9 +369,12 @@ class Detector:
         return (f"segment 1 reads {len(outs)} values of segment 0 ({names}); a chain carries one state from "
                 f"segment to segment (here {carried})")
 
-    def _plan(self, p, b, length, starts, state_offsets, state_slots, dep_offsets, slots, literals) -> Plan | None:
-        """Classify the inputs of ``length`` valid segments; trim at non-state values used later."""
+    def _plan(self, p, b, length, starts, state_offsets, state_slots, dep_offsets, slots,
+              literals) -> tuple[Plan | None, str | None]:
+        """``(plan, None)``: the inputs of ``length`` valid segments classified, trimmed before the first segment
+        whose non-state value is read after the segments; ``(None, why)`` where fewer than 2 remain."""
         seq = self.seq
+        trimmed = None
         while length >= 2:
             end = b + length * p
             used_outside, bad = [], None
@@ -379,6 +385,9 @@ class Detector:
                     if any(self.pos.get(u, len(seq)) >= end for u in n.users):
                         if o not in state_offsets:
                             bad = k
+                            trimmed = (f"{n.name} of segment {k}, not the carried state, is read after the "
+                                       "segments (per-step outputs, such as a returned key/value cache); "
+                                       "a chain hands on only its states")
                             break
                         if k < length - 1 and used_outside[-1:] != [k]:
                             used_outside.append(k)
@@ -388,7 +397,7 @@ class Detector:
                 break
             length = bad
         if length < 2:
-            return None
+            return None, trimmed
         inputs: list[PlanInput] = []
         by_nodes: dict[tuple, PlanInput] = {}
         memo: dict[int, bool] = {}
@@ -420,7 +429,7 @@ class Detector:
                 by_nodes[ident] = entry = PlanInput(kind, [key], nodes=nodes)
                 inputs.append(entry)
         return Plan(p, b, length, list(starts), list(state_offsets), dict(state_slots), dep_offsets, inputs,
-                    used_outside)
+                    used_outside), None
 
     def _invariant(self, p: int, b: int, length: int, nodes: list[Node], memo: dict[int, bool]) -> bool:
         """Whether ``nodes`` (one per segment) are the same computation on the same values."""

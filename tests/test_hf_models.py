@@ -1,0 +1,52 @@
+"""Hugging Face transformers models built from configs (random weights, nothing downloaded).
+
+Tolerance: float64, 1e-9 absolute, as the zoo in test_backend.py.
+"""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import seqpar  # noqa: E402
+from tests.test_backend import F64_ATOL, chain_reports, compile_with  # noqa: E402
+
+
+def tiny_gpt2():
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=6, n_embd=16, n_head=2, n_positions=32, vocab_size=50,
+                                     bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2Model(config).double().eval(), torch.randint(0, 50, (2, 6))
+
+
+def tiny_bert():
+    torch.manual_seed(0)
+    config = transformers.BertConfig(num_hidden_layers=6, hidden_size=16, num_attention_heads=2,
+                                     intermediate_size=32, vocab_size=50, max_position_embeddings=32)
+    return transformers.BertModel(config).double().eval(), torch.randint(0, 50, (2, 6))
+
+
+@pytest.mark.parametrize("make, modules", [(tiny_gpt2, ("h.0", "h.5")), (tiny_bert, ("encoder.layer.0",
+                                                                                     "encoder.layer.5"))],
+                         ids=["gpt2", "bert"])
+def test_transformer_blocks_of_hf_models_are_one_chain_equal_to_eager(make, modules):
+    model, ids = make()
+
+    def hidden_states(ids):
+        return model(ids, use_cache=False).last_hidden_state if isinstance(model, transformers.GPT2Model) \
+            else model(ids).last_hidden_state
+
+    compiled, backend = compile_with(hidden_states, policy="parallel")
+    torch.testing.assert_close(compiled(ids), hidden_states(ids), atol=F64_ATOL, rtol=0)
+    (chain,) = chain_reports(backend)
+    assert (chain.kind, chain.length, chain.decision) == ("transformer", 6, "parallel")
+    assert (chain.modules[0], chain.modules[-1]) == modules
+
+
+def test_a_returned_key_value_cache_keeps_the_blocks_sequential_and_says_why():
+    model, ids = tiny_gpt2()
+    report = seqpar.explain(model, ids, policy="parallel", min_chain=4)
+    (chain,) = report.chains
+    assert (chain.kind, chain.decision) == ("transformer", "rejected")
+    assert "not the carried state, is read after the segments" in chain.reason
+    assert "key/value cache" in chain.reason

@@ -17,7 +17,9 @@ is torch's own scan (eager, or any other backend), with the same numbers as
 the blocks run one after another.
 
 The module owns the stacked tensors (``L`` times each block parameter, as
-one ``nn.Parameter`` each): build optimizers after converting.
+one ``nn.Parameter`` each): build optimizers after converting. Blocks whose
+BatchNorm tracks running statistics run in eval mode only (a scan cannot
+update buffers; training mode raises ``ValueError``).
 ``to_sequential()`` gives the blocks back as an ``nn.Sequential``.
 """
 
@@ -58,6 +60,8 @@ class ScannedLayers(nn.Module):
         # The block's structure without storage; every call swaps the step's rows in. Kept out of
         # the module tree (a tuple) so that its meta tensors are not the module's parameters.
         self._template = (copy.deepcopy(blocks[0]).to("meta"),)
+        self._tracks_statistics = any(isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats
+                                      for module in self._template[0].modules())
         self.train(blocks[0].training)
 
     def train(self, mode: bool = True):
@@ -71,6 +75,10 @@ class ScannedLayers(nn.Module):
     def forward(self, state: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """``s_L`` from ``s_0 = state``: ``s_{l+1} = block_l(s_l, *args, **kwargs)`` by one scan over the
         stacked rows; ``args``/``kwargs`` (a mask, a conditioning tensor) are the same for every block."""
+        if self.training and self._tracks_statistics:
+            raise ValueError("scan_layers: the blocks' BatchNorm in training mode updates its running statistics, "
+                             "which a scan cannot do (torch's scan forbids mutating its inputs); call .eval(), or "
+                             "keep the blocks unrolled (seqpar then reports them as sequential)")
         template = self._template[0]
 
         def step(s, rows):

@@ -72,6 +72,13 @@ def test_scan_layers_follows_train_and_eval():
     assert stacked._template[0][1].training
 
 
+def test_scan_layers_says_why_batchnorm_cannot_train_in_a_scan():
+    stacked = seqpar.scan_layers([nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)) for _ in range(3)])
+    with pytest.raises(ValueError, match="BatchNorm in training mode updates its running statistics"):
+        stacked(torch.randn(2, 4))
+    assert stacked.eval()(torch.randn(2, 4)).shape == (2, 4)
+
+
 @pytest.mark.parametrize("blocks, message", [
     ([], "at least one block"),
     (nn.Linear(4, 4), "not one Linear"),

@@ -53,6 +53,7 @@ class GraphRecord:
     calls: int = 0
     verification: list[str] = field(default_factory=list)
     fell_back: bool = False
+    inner_error: str | None = None  # why the inner backend could not compile the graph (it then runs eagerly)
 
     def table(self) -> str:
         return format_table(self.chains)
@@ -105,14 +106,28 @@ class SeqparBackend:
         for report in record.chains:
             log.info("seqpar graph %d: %s chain of %d (%s): %s", record.index, report.kind, report.length,
                      report.decision, report.reason)
-        write_dump(self.options.debug_dir, record)
-        write_hints(self.options.debug_dir,
-                    hints_for([chain for graph in self.graphs for chain in graph.chains], len(self.graphs)))
         if record.programs and not _has_other_compute(work):
             compiled = work  # nothing left for the inner backend to compile: run the rewritten graph
         else:
-            compiled = lookup_backend(self.options.inner)(work, example_inputs)
+            compiled = self._inner_compile(work, example_inputs, record)
+        write_dump(self.options.debug_dir, record)
+        write_hints(self.options.debug_dir,
+                    hints_for([chain for graph in self.graphs for chain in graph.chains], len(self.graphs)))
         return self._wrap(gm, compiled, record)
+
+    def _inner_compile(self, work: fx.GraphModule, example_inputs, record: GraphRecord):
+        """The inner backend's compilation of ``work``; where it fails (inductor in torch 2.13 rejects many
+        ``scan`` calls), ``work`` itself, run eagerly, with the reason logged and recorded."""
+        try:
+            return lookup_backend(self.options.inner)(work, example_inputs)
+        except Exception as error:
+            if self.options.inner == "eager":
+                raise
+            first_line = (str(error).strip().splitlines() or [""])[0][:200]
+            record.inner_error = (f"inner backend {self.options.inner!r} failed ({type(error).__name__}: "
+                                  f"{first_line}); the graph runs eagerly")
+            log.warning("seqpar graph %d: %s", record.index, record.inner_error)
+            return work
 
     def _handle_chain(
         self, work, chain: Chain, index: int, decision: Decision, lyapunov, record: GraphRecord, standalone: bool

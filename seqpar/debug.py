@@ -53,6 +53,7 @@ def write_dump(debug_dir: str | None, record) -> None:
             {
                 "graph": record.index,
                 "verification": record.verification,
+                "inner_error": record.inner_error,
                 "chains": [dataclasses.asdict(chain) for chain in record.chains],
             },
             indent=2,

@@ -320,3 +320,21 @@ def test_random_scans_compile_to_the_scan_s_numbers(seed):
     torch.testing.assert_close(compiled(*inputs), fn(*inputs), atol=F64_ATOL, rtol=0)
     (chain,) = chain_reports(backend)
     assert chain.decision == ("parallel" if expect_chain else "rejected"), chain.reason
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_a_graph_the_inner_backend_cannot_compile_runs_eagerly_and_says_why(grad):
+    """Dropout in training keeps the scan (random draws on the state path); inductor (torch 2.13) fails on
+    that scan, so the graph runs eagerly, with the reason in the record, instead of failing the compile."""
+    torch._dynamo.reset()
+    model = seqpar.scan_layers([nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Tanh()) for _ in range(8)])
+    backend = seqpar.backend.SeqparBackend({"inner": "inductor"})
+    x = torch.randn(3, 4)
+    with torch.set_grad_enabled(grad):
+        torch.manual_seed(1)
+        got = torch.compile(model, backend=backend)(x)
+        torch.manual_seed(1)
+        want = model(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    (graph,) = backend.graphs
+    assert graph.inner_error.startswith("inner backend 'inductor' failed") and "runs eagerly" in graph.inner_error

@@ -32,6 +32,11 @@ def state_leaves(state) -> list:
     return list(state) if isinstance(state, tuple) else [state]
 
 
+def as_state(items: list):
+    """A state in a record: the one item of a tensor state, or the tuple of items of a tuple state."""
+    return items[0] if len(items) == 1 else tuple(items)
+
+
 def map_state(fn: Callable, state):
     """``state`` with every leaf ``x`` replaced by ``fn(x)``, keeping its structure (``None`` leaves stay)."""
     if isinstance(state, tuple):

@@ -55,7 +55,7 @@ import torch.fx as fx
 from torch.fx.node import Node
 
 from .batch_dims import step_facts
-from .chain import Candidate, Chain, ChainInput
+from .chain import Candidate, Chain, ChainInput, as_state
 from .effects import BATCHNORM_TRAINING
 from .extend import extend_chains
 from .kinds import chain_kind, guess_kind
@@ -118,7 +118,7 @@ def _chain(plan: Plan, seq: list[Node], gm: fx.GraphModule) -> Chain:
     """The record of ``plan``; raises :class:`Unsupported` for a tuple state that cannot be packed."""
     p, b = plan.period, plan.begin
     nodes = [[seq[b + k * p + o] for o in plan.dep_offsets] for k in range(plan.length)]
-    outputs = [_state([seq[b + k * p + q] for q in plan.state_offsets]) for k in range(plan.length)]
+    outputs = [as_state([seq[b + k * p + q] for q in plan.state_offsets]) for k in range(plan.length)]
     per_step = [
         ChainInput(inp.kind, nodes=list(inp.nodes), start=inp.start, dim=inp.dim, stride=inp.stride)
         if inp.kind != "constant"
@@ -143,14 +143,14 @@ def _chain(plan: Plan, seq: list[Node], gm: fx.GraphModule) -> Chain:
         )
     return Chain(
         kind=chain_kind(per_step, facts),
-        start=_state(plan.starts),
+        start=as_state(plan.starts),
         outputs=outputs,
         nodes=nodes,
         step=step,
         per_step=per_step,
         shared=shared,
         modules=_segment_modules(seq, p, b, plan.length, plan.dep_offsets),
-        state_shape=_state(shapes),
+        state_shape=as_state(shapes),
         state_dtype=values[0].dtype,
         batch_ndim=facts.batch_ndim,
         used_outside=list(plan.used_outside),
@@ -164,14 +164,9 @@ def _candidate(rejection: Rejection, seq: list[Node]) -> Candidate:
         kind=guess_kind(seq[b: b + p], starts),
         length=rejection.count,
         modules=_segment_modules(seq, p, b, rejection.count, list(range(p))),
-        state_shape=_state(shapes) if shapes and len(shapes) == len(starts) else None,
+        state_shape=as_state(shapes) if shapes and len(shapes) == len(starts) else None,
         reason=rejection.reason,
     )
-
-
-def _state(items: list):
-    """A state in a record: the one item of a tensor state, or the tuple of items of a tuple state."""
-    return items[0] if len(items) == 1 else tuple(items)
 
 
 def _segment_modules(seq: list[Node], p: int, b: int, count: int, offsets: list[int]) -> list[str]:

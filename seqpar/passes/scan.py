@@ -36,11 +36,11 @@ import torch.fx as fx
 from torch.fx.node import Node
 
 from .batch_dims import step_facts
-from .chain import Candidate, Chain, ChainInput
+from .chain import Candidate, Chain, ChainInput, as_state
 from .effects import side_effect
 from .kinds import chain_kind
 from .module_paths import module_path
-from .step import inline_body
+from .step import inline_body, state_placeholder, state_tensors
 from .tokens import example, target_name
 
 # Ops that copy a value unchanged: scan forbids a per-step output that aliases the carry, so models clone it.
@@ -127,20 +127,19 @@ def _scan_chain(gm: fx.GraphModule, scan: Node, min_chain: int, modules: list[st
     if any(k > facts.shared_ndim for k in facts.leaf_batch_ndims):
         raise _Rejected("the tensors of the scan's carry have different batch dims")
     per_step = [ChainInput("slice", nodes=[x], dim=0, start=0, stride=1) for x in xs]
-    state = (lambda items: items[0] if carries == 1 else tuple(items))
     return Chain(
         kind=chain_kind(per_step, facts),
-        start=state(list(init)),
-        outputs=[state([None] * carries)] * (length - 1) + [state(finals)],
+        start=as_state(list(init)),
+        outputs=[as_state([None] * carries)] * (length - 1) + [as_state(finals)],
         nodes=[sorted({scan, *readers.values(), *dead}, key=_position(scan))],
         step=step,
         per_step=per_step,
         shared=list(additional),
         modules=modules,
-        state_shape=state(shapes),
+        state_shape=as_state(shapes),
         state_dtype=dtypes.pop(),
         batch_ndim=facts.batch_ndim,
-        all_states=state(stacked) if any(node is not None for node in stacked) else None,
+        all_states=as_state(stacked) if any(node is not None for node in stacked) else None,
         origin="scan",
     )
 
@@ -195,18 +194,8 @@ def _copied_carry(output: Node, carry_outputs: list[Node]) -> int | None:
 def _build_step(body: fx.GraphModule, init, xs, additional) -> fx.GraphModule:
     """``step(state, *xs_l, *additional) -> next state``: the body with the per-step outputs dropped."""
     graph = fx.Graph()
-    state = graph.placeholder("state")
-    if len(init) == 1:
-        state.meta = dict(init[0].meta)
-        leaves = [state]
-    else:
-        state.meta = {"example_value": tuple(example(s0) for s0 in init)}
-        leaves = []
-        for index, s0 in enumerate(init):
-            leaf = graph.call_function(operator.getitem, (state, index))
-            leaf.meta = dict(s0.meta)
-            leaves.append(leaf)
-    operands = list(leaves)
+    state = state_placeholder(graph, init)
+    operands = []
     for index, x in enumerate(xs):
         placeholder = graph.placeholder(f"x{index}_{x.name}")
         placeholder.meta = {"example_value": example(x)[0]}
@@ -215,6 +204,7 @@ def _build_step(body: fx.GraphModule, init, xs, additional) -> fx.GraphModule:
         placeholder = graph.placeholder(f"shared{index}_{node.name}")
         placeholder.meta = dict(node.meta)
         operands.append(placeholder)
+    operands = state_tensors(graph, state, init) + operands
     outputs = inline_body(graph, body, operands)[: len(init)]
     graph.output(outputs[0] if len(init) == 1 else tuple(outputs))
     graph.lint()

@@ -34,9 +34,7 @@ def build_step(plan: Plan, seq: list[Node], root: torch.nn.Module) -> fx.GraphMo
     """
     b = plan.begin
     graph = fx.Graph()
-    state = graph.placeholder("state")
-    state.meta = dict(plan.starts[0].meta) if len(plan.starts) == 1 else {
-        "example_value": tuple(example(s0) for s0 in plan.starts)}
+    state = state_placeholder(graph, plan.starts)
     slot_map: dict[tuple[int, int], Node] = {}
     per_step = [inp for inp in plan.inputs if inp.kind != "shared"]
     shared = [inp for inp in plan.inputs if inp.kind == "shared"]
@@ -62,12 +60,7 @@ def build_step(plan: Plan, seq: list[Node], root: torch.nn.Module) -> fx.GraphMo
         ph.meta = dict(inp.nodes[0].meta)
         for key in inp.slots:
             slot_map[key] = ph
-    if len(plan.starts) == 1:
-        leaves = [state]
-    else:  # a tuple state: its tensors taken from the tuple
-        leaves = [graph.call_function(operator.getitem, (state, index)) for index in range(len(plan.starts))]
-        for leaf, s0 in zip(leaves, plan.starts):
-            leaf.meta = dict(s0.meta)
+    leaves = state_tensors(graph, state, plan.starts)
     slot_map.update((key, leaves[index]) for key, index in plan.state_slots.items())
     env: dict[Node, Any] = {}
     for o in plan.dep_offsets:
@@ -89,6 +82,23 @@ def build_step(plan: Plan, seq: list[Node], root: torch.nn.Module) -> fx.GraphMo
     step = fx.GraphModule(torch.nn.Module(), graph, class_name="SeqparStep")
     step.recompile()
     return step
+
+
+def state_placeholder(graph: fx.Graph, starts: list[Node]) -> Node:
+    """A step's first placeholder: the state, one tensor or the tuple of a tuple state (meta from ``starts``)."""
+    state = graph.placeholder("state")
+    state.meta = dict(starts[0].meta) if len(starts) == 1 else {"example_value": tuple(example(s0) for s0 in starts)}
+    return state
+
+
+def state_tensors(graph: fx.Graph, state: Node, starts: list[Node]) -> list[Node]:
+    """The state's tensors inside the step: ``[state]``, or one ``getitem`` per tensor of a tuple state."""
+    if len(starts) == 1:
+        return [state]
+    leaves = [graph.call_function(operator.getitem, (state, index)) for index in range(len(starts))]
+    for leaf, s0 in zip(leaves, starts):
+        leaf.meta = dict(s0.meta)
+    return leaves
 
 
 def _emit(graph: fx.Graph, n: Node, args, kwargs, root: torch.nn.Module):

@@ -33,7 +33,7 @@ from .passes.rewrite import StepAdapter, build_chain_program, constant_stack, re
 from .passes.slices import slice_steps
 from .passes.tokens import VIEW_ATTRIBUTES, VIEW_OPS
 from .report import ChainReport, format_table, hints_for
-from .runtime.lyapunov import largest_lyapunov_exponent
+from .runtime.lyapunov import largest_lyapunov_exponent, log_probe_failure
 from .verify import compare_outputs
 
 _graph_counter = itertools.count()
@@ -293,7 +293,7 @@ def _probe_values(gm, example_inputs, chains: list[Chain]) -> dict:
         with torch.no_grad():
             Recorder(gm).run(*example_inputs)
     except Exception as error:
-        log.info("seqpar: predictability probe skipped (%s)", error)
+        log_probe_failure("skipped, the graph failed on the example inputs", error)
         return {}
     return values
 
@@ -313,14 +313,16 @@ def _lyapunov(chain: Chain, values: dict) -> float | None:
         else:
             xs.append(torch.stack([values[node.name] for node in item.nodes]))
     shared = [values[node.name] for node in chain.shared]
-    adapter = StepAdapter(chain.step)
+    # the graph's code itself: GraphModule.__call__ prints the generated code and the traceback
+    # of any error to stderr (torch.fx _WrappedCall), and the probe's errors are expected
+    adapter = StepAdapter(chain.step.forward)
     try:
         return largest_lyapunov_exponent(
             lambda s, x, sh: layout.pack(adapter(layout.unpack(s), x, *sh)), chain.length, state, xs, shared,
             max_steps=PROBE_STEPS,
         )
     except Exception as error:
-        log.info("seqpar: predictability probe failed for chain at %s (%s)", _span(chain.modules), error)
+        log_probe_failure(f"failed for chain at {_span(chain.modules)}", error)
         return None
 
 

@@ -14,14 +14,22 @@ kernel of a UNet), the same exponent comes from reverse mode: the product
 ``J_L ... J_1`` and its transpose have the same singular values, so power
 iteration with VJPs ``u_{l-1} = J_l^T u_l / ||J_l^T u_l||`` backwards along the
 stored trajectory averages the same logarithms.
+
+The probe's failures are expected (a step with no forward-mode formula, a graph
+the caller cannot run): :func:`log_probe_failure` reports each as one line
+at INFO on the ``seqpar.runtime`` logger and the full error, with its
+traceback, only at DEBUG.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 from torch.func import jvp, vjp
+
+log = logging.getLogger("seqpar.runtime")
 
 
 def largest_lyapunov_exponent(
@@ -41,8 +49,20 @@ def largest_lyapunov_exponent(
     tangent = tangent / tangent.norm()
     try:
         return _forward_mode(step, length, s0, xs_leaves, shared, tangent, work)
-    except (RuntimeError, NotImplementedError):  # no forward-mode formula for some op of the step
+    except (RuntimeError, NotImplementedError) as error:  # no forward-mode formula for some op of the step
+        log_probe_failure("no forward-mode derivative, estimated in reverse mode", error)
         return _reverse_mode(step, length, s0, xs_leaves, shared, tangent, work)
+
+
+def log_probe_failure(what: str, error: BaseException) -> None:
+    """``seqpar: predictability probe: <what> (<Error>: <first line>)`` at INFO; the whole error at DEBUG.
+
+    Errors raised through FX carry the generated code and the original stack in
+    their message: those lines, and the traceback, are details for DEBUG.
+    """
+    lines = str(error).strip().splitlines()
+    log.info("seqpar: predictability probe: %s (%s: %s)", what, type(error).__name__, lines[0] if lines else "")
+    log.debug("seqpar: predictability probe: %s", what, exc_info=error)
 
 
 def _forward_mode(step, length, s0, xs_leaves, shared, tangent, work) -> float:

@@ -27,7 +27,10 @@ class Options:
                 per step from one VJP with a random probe), "auto" (by state
                 width; for denoising chains Picard or the estimate, by the
                 predictability probe).
-    tol:        convergence tolerance ``|ds| <= tol (1 + |s|)``; None: by dtype.
+    tol:        relative convergence tolerance: the solve stops when
+                ``max_k |ds_k| <= tol max_k |s_k|`` for every state vector (one
+                batch element at one position), whatever the states' scale;
+                None: by dtype (1e-10 float64, 1e-5 float32).
     max_iters:  parallel iterations before the rest is evaluated sequentially;
                 None: 40, or for a windowed solve ``4 * ceil(L / window) + 40``.
     window:     active positions per parallel iteration (sliding-window
@@ -89,8 +92,8 @@ def parse_options(options: dict | None, environ=os.environ) -> Options:
             raise ValueError(f"seqpar option {name}={options[name]!r} is not one of {choices}")
     if options.get("tol") is not None:
         tol = options["tol"]
-        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
-            raise ValueError(f"seqpar option tol={tol!r} must be a positive number")
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < float("inf"):
+            raise ValueError(f"seqpar option tol={tol!r} must be a positive finite number")
         options["tol"] = float(tol)
     for name, lowest in (("max_iters", 1), ("min_chain", 2)):
         value = options.get(name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from seqpar.runtime import chain as chain_module
+from seqpar.runtime import step_cache
 from seqpar.runtime import solve_chain
 
 from conftest import rnn_chain, rnn_step
@@ -55,7 +55,7 @@ def test_compiled_forward_and_gradients_equal_eager(backend):
 
 def built_program(step, s0, xs, shared):
     solve_chain(step, s0, xs, shared)
-    (program,) = chain_module._program_cache[step].values()
+    (program,) = [program for program, cached_step in step_cache._cache.values() if cached_step is step]
     return program
 
 

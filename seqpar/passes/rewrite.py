@@ -79,7 +79,7 @@ def stacks_parameters_in_graph(chain: Chain, standalone: bool) -> bool:
     compiler takes, which compiles a stack of a thousand inputs slowly) the op
     stacks once and caches.
     """
-    trained = any(_requires_grad(item.nodes[0]) for item in chain.per_step if item.kind == "parameter")
+    trained = any(_requires_grad(node) for item in chain.per_step if item.kind == "parameter" for node in item.nodes)
     final = [node for node in state_leaves(chain.outputs[-1]) if node is not None]
     return standalone and trained and any(example_value(node).requires_grad for node in final)
 
@@ -119,7 +119,7 @@ def build_chain_program(
     # Buffers (running statistics, masks) get no gradient; some ops do not differentiate them.
     frozen = frozenset(
         [("xs", i) for i, item in enumerate(chain.per_step)
-         if item.kind in ("parameter", "slice") and not _requires_grad(item.nodes[0])]
+         if item.kind in ("parameter", "slice") and not any(map(_requires_grad, item.nodes))]
         + [("shared", i) for i, node in enumerate(chain.shared) if node.op == "placeholder" and not _requires_grad(node)]
     )
     window = decision.window if decision.window is not None and decision.window < chain.length else None

@@ -7,13 +7,14 @@ per iteration and returns all states stacked. Differentiable w.r.t. ``s0``,
 
 from __future__ import annotations
 
-import weakref
+import logging
+import math
 from typing import Any, Callable
 
 import torch
 import torch.utils._pytree as pytree
 
-from . import estimates, ops
+from . import estimates, ops, step_cache
 from .newton import DEFAULT_MAX_ITERS, Tolerance, windowed_steps
 from .pcr import JACOBIAN_KINDS
 from .program import JACOBIAN_ESTIMATES, ChainProgram, StateLayout
@@ -24,7 +25,7 @@ FORWARD_CHOICES = ("parallel", "sequential")
 # Widest state for which "auto" takes dense Jacobian blocks (w^2 values per block).
 DENSE_WIDTH_LIMIT = 64
 
-_program_cache: "weakref.WeakKeyDictionary[Callable, dict]" = weakref.WeakKeyDictionary()
+log = logging.getLogger("seqpar.runtime")
 
 
 def solve_chain(
@@ -49,7 +50,12 @@ def solve_chain(
     Args:
         step: pure function ``(s_prev, x_l, *shared) -> s_l``; ``s_l`` has the
             structure, shapes and dtype of ``s_prev``. Its leading ``batch_ndim``
-            dims are batch dims that the step treats independently.
+            dims are batch dims that the step treats independently. It is
+            traced once and the trace reused while the step's code and the
+            Python values it reads (closure, defaults, module globals) are
+            the same (:mod:`seqpar.runtime.step_cache`); every call checks the
+            trace's first step against the step itself and retraces on a
+            difference.
         s0: initial state, a tensor or a tuple of tensors of shape ``(*batch, *state)``.
         xs: per-step inputs, a pytree of tensors stacked on dim 0 (length ``L``);
             ``step`` receives slice ``l``.
@@ -59,9 +65,12 @@ def solve_chain(
             step from one VJP, :func:`~seqpar.runtime.program.rayleigh_estimate`),
             ``"identity"`` (Picard) or ``"auto"``: full up to 64 state values
             per batch element, identity above.
-        tol: ``|ds| <= atol + rtol |s|``; a float sets both, a pair is
-            ``(atol, rtol)``; default by dtype: 1e-10 (float64), 1e-5 (float32),
-            1e-3 (float16), 8e-3 (bfloat16).
+        tol: stop when ``max_k |ds_k| <= atol + rtol max_k |s_k|`` for every
+            state vector (relative to the state's own magnitude: tiny states
+            are solved as accurately as large ones); a float is ``rtol`` (with
+            ``atol`` the dtype's smallest normal number), a pair is
+            ``(atol, rtol)``; default ``rtol`` by dtype: 1e-10 (float64), 1e-5
+            (float32), 1e-3 (float16), 8e-3 (bfloat16).
         max_iters: parallel iterations before the rest of the chain is evaluated
             sequentially (default 40, at most ``L``).
         damping: ``lambda >= 0``. ``0`` (or ``None``): plain Newton steps.
@@ -88,7 +97,7 @@ def solve_chain(
         The states ``s_1 .. s_L`` stacked on a new dim 0 (a tuple of such
         tensors for a tuple state), and the stats if ``return_stats``.
     """
-    layout, xs_leaves, xs_spec, shared, length = _validate(step, s0, xs, shared, length, batch_ndim)
+    layout, xs_leaves, xs_spec, shared, length, first = _validate(step, s0, xs, shared, length, batch_ndim)
     jacobian = _choose(jacobian, JACOBIAN_CHOICES, "jacobian", "full" if layout.width <= DENSE_WIDTH_LIMIT else "identity")
     adjoint = _choose(adjoint, ADJOINT_CHOICES, "adjoint", "parallel" if layout.width <= DENSE_WIDTH_LIMIT else "sequential")
     solver_options = validated_solver_options(tol, max_iters, damping, layout.dtype, length)
@@ -98,10 +107,16 @@ def solve_chain(
     forward = _choose(forward, FORWARD_CHOICES, "forward", "parallel")
     if forward == "sequential":
         jacobian = "identity"  # the forward needs no Jacobians
-    program = build_program(
-        step, layout, length, xs_spec, xs_leaves, shared, jacobian, adjoint, solver_options, method=forward
-    )
-    packed = torch.ops.seqpar.chain_solve(program.id, layout.pack(s0).contiguous(), xs_leaves, shared, [])
+    arguments = (step, layout, length, xs_spec, xs_leaves, shared, jacobian, adjoint, solver_options)
+    packed_s0 = layout.pack(s0).contiguous()
+    program = build_program(*arguments, method=forward)
+    if not _first_step_agrees(program, packed_s0, xs_leaves, shared, layout.pack(first)):
+        log.warning(
+            "seqpar.solve_chain: the step's first state differs from its cached trace: the step reads a Python "
+            "value that changed (pass such values as tensors in shared); retraced"
+        )
+        program = build_program(*arguments, method=forward, retrace=True)
+    packed = torch.ops.seqpar.chain_solve(program.id, packed_s0, xs_leaves, shared, [])
     states = layout.unpack(packed)
     return (states, program.last_stats) if return_stats else states
 
@@ -119,14 +134,18 @@ def build_program(
     frozen=frozenset(),
     method="parallel",
     sequential_reason="forward='sequential'",
+    retrace=False,
 ) -> ChainProgram:
     """A registered :class:`ChainProgram`, reused while step, shapes and options are the same.
 
-    ``frozen`` names inputs without gradients (``("xs", i)`` / ``("shared", i)``);
-    ``method`` is the forward solve, "parallel" or "sequential" (the plain loop,
-    recorded in the stats with ``sequential_reason``).
+    The step is named by :func:`~seqpar.runtime.step_cache.step_identity`;
+    ``retrace`` builds a new program even when one is cached. ``frozen`` names
+    inputs without gradients (``("xs", i)`` / ``("shared", i)``); ``method`` is
+    the forward solve, "parallel" or "sequential" (the plain loop, recorded in
+    the stats with ``sequential_reason``).
     """
     key = (
+        step_cache.step_identity(step),
         layout,
         length,
         xs_spec,
@@ -137,12 +156,9 @@ def build_program(
         tuple(sorted(solver_options.items())),
         frozen,
         method,
+        sequential_reason,
     )
-    try:
-        per_step = _program_cache.setdefault(step, {})
-    except TypeError:  # not weak-referenceable: build every time
-        per_step = {}
-    program = per_step.get(key)
+    program = None if retrace else step_cache.lookup(key)
     if program is None:
         try:
             program = ChainProgram(step, layout, length, xs_spec, xs_leaves, shared, jacobian, adjoint, frozen)
@@ -167,8 +183,24 @@ def build_program(
         program.method = method
         program.sequential_reason = sequential_reason
         ops.register_program(program)
-        per_step[key] = program
+        step_cache.store(key, program, step)
     return program
+
+
+def _first_step_agrees(program, s0, xs_leaves, shared, first) -> bool:
+    """Whether the program's traced step maps ``s0`` to the step's own ``first`` state (packed ``(N, w)``).
+
+    The traced graph is a decomposition of the step, so the two may round
+    differently: they agree when ``max |a - b| <= 1024 eps max |b|`` (about 1e-4
+    relative in float32), far below any change of a coefficient that matters.
+    """
+    with torch.no_grad():
+        traced = program.lowered(s0, [leaf[0] for leaf in xs_leaves], list(shared))
+    same = (traced == first) | (torch.isnan(traced) & torch.isnan(first))
+    finite = torch.isfinite(first)
+    scale = first.abs().where(finite, 0).max()
+    allowed = 1024 * torch.finfo(first.dtype).eps * scale + torch.finfo(first.dtype).tiny
+    return bool((same | ((traced - first).abs() <= allowed)).all())
 
 
 def validated_solver_options(tol, max_iters, damping, dtype, length) -> dict:
@@ -191,8 +223,8 @@ def validated_solver_options(tol, max_iters, damping, dtype, length) -> dict:
         tolerance = Tolerance.resolve(tol, dtype)
     except (TypeError, ValueError):
         raise ValueError(f"tol must be a float or an (atol, rtol) pair, got {tol!r}") from None
-    if not (tolerance.atol >= 0 and tolerance.rtol >= 0 and tolerance.atol + tolerance.rtol > 0):
-        raise ValueError(f"tol must be non-negative and not both zero, got {tol!r}")
+    if not (0 <= tolerance.atol < math.inf and 0 <= tolerance.rtol < math.inf and tolerance.atol + tolerance.rtol > 0):
+        raise ValueError(f"tol must be finite, non-negative and not both zero, got {tol!r}")
     return {"tol": tolerance, "max_iters": min(max_iters, length), "damping": float(damping)}
 
 
@@ -258,8 +290,8 @@ def _validate(step, s0, xs, shared, length, batch_ndim):
         dtype=first.dtype,
         device=first.device,
     )
-    _check_step(step, s0, xs_leaves, xs_spec, shared)
-    return layout, xs_leaves, xs_spec, shared, length
+    first = _check_step(step, s0, xs_leaves, xs_spec, shared)
+    return layout, xs_leaves, xs_spec, shared, length, first
 
 
 def _check_like(tensor, reference, name):
@@ -270,7 +302,7 @@ def _check_like(tensor, reference, name):
 
 
 def _check_step(step, s0, xs_leaves, xs_spec, shared):
-    """Run the first step once: it must keep the state's structure, shapes and dtype."""
+    """Run the first step once: it must keep the state's structure, shapes and dtype; returns ``s_1``."""
     x0 = pytree.tree_unflatten([leaf[0] for leaf in xs_leaves], xs_spec)
     try:
         with torch.no_grad():
@@ -287,3 +319,4 @@ def _check_step(step, s0, xs_leaves, xs_spec, shared):
                 f"step changes the state from {tuple(before.shape)} {before.dtype} "
                 f"to {tuple(after.shape)} {after.dtype}; a chain step must keep it"
             )
+    return s1

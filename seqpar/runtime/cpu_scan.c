@@ -75,10 +75,11 @@ void scan_diagonal(const SCALAR *restrict a, SCALAR *restrict y, long length, lo
  *
  * A dense ((M, N, w, w), diagonal = 0) or diagonal ((M, N, w), diagonal = 1),
  * F and s (M, N, w), contiguous; s is updated in place (s_0 becomes F_0
- * itself, exact). It also measures the update: the ratio of an element is
- * |y_lk| / (atol + rtol |s_lk|) with the new s; a NaN ratio (0 / 0) counts as
- * converged. Returns the first l with a ratio above 1 (M when none);
- * *largest receives the largest ratio and *finite whether every y is finite.
+ * itself, exact). It also measures the update per state vector (one batch
+ * element at one position): max_k |y_lk| / (atol + rtol max_k |s_lk|) with the
+ * new s; a NaN ratio (0 / 0) counts as converged. Returns the first l with a
+ * ratio above 1 (M when none); *largest receives the largest ratio and *finite
+ * whether every y is finite.
  * scratch holds y_{l-1} and y_l (2 N w values).
  */
 long newton_update(const SCALAR *restrict A, const SCALAR *restrict F, SCALAR *restrict s, SCALAR *restrict scratch,
@@ -105,18 +106,23 @@ long newton_update(const SCALAR *restrict A, const SCALAR *restrict F, SCALAR *r
                         sum += a[i * width + j] * y[j];
                 next[i] = sum;
             }
+            SCALAR scale = 0, biggest = 0;
             for (long i = 0; i < width; ++i) {
                 const SCALAR update = next[i];
                 const SCALAR value = l == 0 ? f[i] : state[i] + update;
-                const SCALAR ratio = fabs(update) / (atol + rtol * fabs(value));
                 all_finite &= isfinite(update) != 0;
-                if (ratio > 1 && first_above == length)
-                    first_above = l;
-                if (ratio > top) /* false for NaN */
-                    top = ratio;
+                if (fabs(value) > scale)
+                    scale = fabs(value);
+                if (fabs(update) > biggest)
+                    biggest = fabs(update);
                 state[i] = value;
                 y[i] = update;
             }
+            const SCALAR ratio = biggest / (atol + rtol * scale);
+            if (ratio > 1 && first_above == length)
+                first_above = l;
+            if (ratio > top) /* false for NaN */
+                top = ratio;
         }
     }
     *largest = top;

@@ -90,8 +90,8 @@ def newton_update(A: torch.Tensor, F: torch.Tensor, s: torch.Tensor, kind: str, 
 
     With ``c = F - s``: ``y_l = A_l y_{l-1} + c_l``, ``s_l <- s_l + y_l``, and
     ``s_0 <- F_0`` exactly (``kind`` ``"full"`` or ``"diag"``, ``A`` of ``s``'s
-    dtype). The update is measured elementwise by ``|y| / (atol + rtol |s_new|)``
-    (``0 / 0`` counts as converged). Returns ``(first, largest, finite)``: the
+    dtype). The update is measured per state vector by ``max_k |y_k| / (atol + rtol
+    max_k |s_new,k|)`` (``0 / 0`` counts as converged). Returns ``(first, largest, finite)``: the
     first position whose ratio is above 1 (``M`` when none), the largest ratio,
     and whether every ``y`` is finite (when not, ``s`` holds non-finite values:
     the caller discards them). Check :func:`supports` and :func:`available` first.

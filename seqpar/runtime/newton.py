@@ -44,11 +44,17 @@ still measured on the Newton step ``J n = c`` (also solved): the leading
 positions whose Newton step is within tolerance take it, the rest the LM step.
 ``lambda`` starts at ``damping`` and is adapted per iteration (:class:`_TrustRegion`).
 
-Tolerance. The per-element test ``|ds| <= atol + rtol |s|`` is kept for every
-kind (not ParaDiGMS' ``||ds||^2 / (D sigma^2) <= tol^2``): it is the stricter
-(max, not mean) test, scales with the state through ``rtol``, and needs no
-noise level the runtime does not know. ParaDiGMS' tolerance of 0.1 (relative
-rms) corresponds to a much larger ``tol`` here.
+Tolerance. Each state vector (one batch element at one position) is tested
+normwise, ``max_k |ds_k| <= atol + rtol max_k |s_k|`` with the new ``s``: the
+test is relative to the state's own magnitude, so a chain whose states are
+1e-6 is solved to the same relative accuracy as one whose states are 1, and
+it matches how a step rounds (a matrix product's rounding error in every
+element is relative to the norm of the vector, not to the element). ``atol``
+defaults to the dtype's smallest normal number: only a state that is exactly
+zero leans on it. Not ParaDiGMS' ``||ds||^2 / (D sigma^2) <= tol^2``: the max
+is the stricter test and needs no noise level the runtime does not know;
+ParaDiGMS' tolerance of 0.1 (relative rms) corresponds to a much larger
+``tol`` here.
 """
 
 from __future__ import annotations
@@ -79,19 +85,23 @@ DEFAULT_MAX_ITERS = 40
 
 @dataclass(frozen=True)
 class Tolerance:
-    """Stop when ``|ds| <= atol + rtol * |s|`` for every state value."""
+    """Stop when ``max_k |ds_k| <= atol + rtol * max_k |s_k|`` for every state vector (batch element, position)."""
 
     atol: float
     rtol: float
 
     @classmethod
     def resolve(cls, tol, dtype: torch.dtype) -> "Tolerance":
-        """``None`` -> the dtype default; a float -> ``atol = rtol = tol``; a pair -> ``(atol, rtol)``."""
+        """``None`` -> the dtype's default ``rtol``; a float -> ``rtol = tol``; a pair -> ``(atol, rtol)``.
+
+        Without a pair ``atol`` is the dtype's smallest normal number (a state that is exactly zero
+        converges; any other is measured relative to its own magnitude).
+        """
+        floor = torch.finfo(dtype).tiny if dtype.is_floating_point else 0.0
         if tol is None:
-            value = DEFAULT_TOLERANCE.get(dtype, 1e-5)
-            return cls(value, value)
+            return cls(floor, DEFAULT_TOLERANCE.get(dtype, 1e-5))
         if isinstance(tol, (int, float)) and not isinstance(tol, bool):
-            return cls(float(tol), float(tol))
+            return cls(floor, float(tol))
         atol, rtol = tol
         return cls(float(atol), float(rtol))
 
@@ -218,9 +228,9 @@ def _update(states, start, stop, values, A, kind, tol, work):
     ``s <- s + y`` with ``y_l - A_l y_{l-1} = F_l - s_l``, and ``s_start <- F_start``
     (exact: ``f`` of an exact previous state, not ``s + (F - s)``). Returns
     ``(above, largest, finite)``: the first active position (from 0) whose
-    update is above tolerance (``|y| > atol + rtol |s_new|`` for some value;
-    ``stop - start`` when none; ``0 / 0`` counts as converged), the largest
-    ratio, and whether the update is finite. On CPU (float32/float64) one call
+    update is above tolerance (:func:`tolerance_ratios` above 1 for some batch
+    element; ``stop - start`` when none; ``0 / 0`` counts as converged), the
+    largest ratio, and whether the update is finite. On CPU (float32/float64) one call
     of the compiled kernel does it all (:func:`seqpar.runtime.cpu_scan.newton_update`).
     """
     active = states[start:stop]
@@ -236,12 +246,17 @@ def _update(states, start, stop, values, A, kind, tol, work):
         new_active = active + update
         states[start:stop] = new_active.to(states.dtype)
     states[start] = values[0]
-    scaled = update.abs().div_(new_active.abs().mul_(tol.rtol).add_(tol.atol))
-    per_step = scaled.flatten(1).amax(dim=1)
+    per_step = tolerance_ratios(update, new_active, tol).flatten(1).amax(dim=1)
     largest = float(per_step.max())
     # A non-finite update makes the largest ratio non-finite (the check costs nothing otherwise).
     finite = math.isfinite(largest) or bool(torch.isfinite(update).all())
     return _first_above(per_step), largest, finite
+
+
+def tolerance_ratios(update: torch.Tensor, new_states: torch.Tensor, tol: Tolerance) -> torch.Tensor:
+    """``max_k |y_k| / (atol + rtol max_k |s_k|)`` per state vector: ``(..., w) -> (...)``; ``0 / 0`` is NaN."""
+    scale = new_states.abs().amax(dim=-1).mul_(tol.rtol).add_(tol.atol)
+    return update.abs().amax(dim=-1).div_(scale)
 
 
 def _first_above(per_step: torch.Tensor) -> int:
@@ -264,12 +279,11 @@ def _damped_update(states, start, stop, values, A, kind, region, tol, work):
       With ``lambda = 0``, ``ds = n``.
 
     The Newton step measures convergence as without damping: the leading ``p``
-    positions with ``|n| <= atol + rtol |s + n|`` (a non-finite ``n`` is above)
+    positions whose :func:`tolerance_ratios` of ``n`` at ``s + n`` are at most 1 (a non-finite ``n`` is above)
     take ``s + n``, the rest ``s + ds``; then ``s_start = F_start`` exactly. A
     non-finite ``ds`` below the initial ``lambda`` is solved again at the initial
     ``lambda``. Returns ``(above, largest, finite)`` as :func:`_update` does,
-    for the ratios ``|n| / (atol + rtol |s + n|)`` (``inf`` where ``n`` is not
-    finite); ``finite``: whether ``F`` and ``ds`` are.
+    for those ratios (``inf`` where ``n`` is not finite); ``finite``: whether ``F`` and ``ds`` are.
     """
     active = states[start:stop].to(work)
     c = values.to(work) - active
@@ -281,8 +295,8 @@ def _damped_update(states, start, stop, values, A, kind, region, tol, work):
         step = _lm_step_from_exact_first(A, c, kind, region.initial)
     if not bool(torch.isfinite(step).all()):
         return 0, math.inf, False
-    scaled = newton.abs().div_((active + newton).abs_().mul_(tol.rtol).add_(tol.atol))
-    scaled.masked_fill_(newton == 0, 0.0).nan_to_num_(nan=math.inf)  # 0 / 0 converged, NaN steps not
+    scaled = tolerance_ratios(newton, active + newton, tol)
+    scaled.masked_fill_(newton.abs().amax(dim=-1) == 0, 0.0).nan_to_num_(nan=math.inf)  # 0 / 0 converged, NaN not
     per_step = scaled.flatten(1).amax(dim=1)
     converged = _first_above(per_step)
     step[:converged] = newton[:converged]

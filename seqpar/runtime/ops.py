@@ -5,28 +5,35 @@ the solve of a registered :class:`~seqpar.runtime.program.ChainProgram` on
 packed tensors (``s0``: ``(N, w)``, states: ``(L, N, w)``): Newton, or the
 sequential loop where the program's ``method`` is ``"sequential"`` (the
 backend's rolled loop). ``layer_params`` are per-layer parameters, not yet
-stacked: ``P`` groups of ``L`` tensors, group-major; they are stacked once and
-the stack is cached until a parameter changes (its ``_version`` or storage)
-and placed into the per-step inputs at the program's ``param_slots``. Its fake implementation
-gives aot_autograd and inductor the output shape; its autograd formula is the
-exact adjoint, itself the op ``seqpar::chain_adjoint``. Programs are referred
-to by an integer id because custom ops take tensors and plain values only.
+stacked: ``P`` groups of ``L`` tensors, group-major; they are stacked on every
+call (no cache: an in-place update through ``p.data`` leaves no trace in
+``_version``, so a cached stack could outlive the values it copies) and placed
+into the per-step inputs at the program's ``param_slots``. Tensors enter the
+solver in the contiguous format (a transposed, channels-last or expanded input
+is copied once at the op's boundary). Its fake implementation gives
+aot_autograd and inductor the output shape; its autograd formula is the exact
+adjoint, itself the op ``seqpar::chain_adjoint``; under ``create_graph=True``
+the gradient is instead that of the sequential loop, recorded by autograd, so
+higher-order gradients are exact too. Programs are referred to by an integer id
+because custom ops take tensors and plain values only.
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 
 from .adjoint import adjoint_solve
 from .newton import newton_solve
-from .sequential import solve_sequentially
+from .sequential import run_steps, solve_sequentially
 
 log = logging.getLogger("seqpar.runtime")
 
-_PROGRAMS: dict = {}
-_STACKS: dict = {}
+# Programs by id, held weakly: a compiled graph's record, solve_chain's cache
+# (:mod:`seqpar.runtime.step_cache`) and autograd graphs keep them alive.
+_PROGRAMS: "weakref.WeakValueDictionary[int, object]" = weakref.WeakValueDictionary()
 
 
 def register_program(program) -> int:
@@ -40,24 +47,26 @@ def program_by_id(program_id: int):
 
 
 def per_step_inputs(chain, xs, layer_params):
-    """The program's per-step input leaves: ``xs`` with the stacked layer parameters inserted."""
+    """The program's per-step input leaves: ``xs`` with the layer parameters, stacked now, inserted.
+
+    Group ``j`` of ``layer_params`` (tensors ``j L .. (j + 1) L - 1``) becomes one
+    ``(L, ...)`` tensor at position ``param_slots[j]``. The stack is differentiable
+    (``torch.stack``) where autograd records, and made of detached tensors otherwise.
+    """
     slots = getattr(chain, "param_slots", ())
     if not slots:
         return list(xs)
-    signature = tuple((tensor.data_ptr(), tensor._version) for tensor in layer_params)
-    cached = _STACKS.get(chain.id)
-    if cached is None or cached[0] != signature:
-        length = chain.length
-        stacked = [
-            torch.stack([tensor.detach() for tensor in layer_params[j * length : (j + 1) * length]])
-            for j in range(len(slots))
-        ]
-        cached = _STACKS[chain.id] = (signature, stacked)
-    leaves, rest = [], iter(xs)
-    stacked = dict(zip(slots, cached[1]))
-    for index in range(len(slots) + len(xs)):
-        leaves.append(stacked[index] if index in stacked else next(rest))
-    return leaves
+    length = chain.length
+    stacked = {
+        slot: torch.stack(layer_params[j * length : (j + 1) * length])
+        for j, slot in enumerate(slots)
+    }
+    rest = iter(xs)
+    return [stacked[index] if index in stacked else next(rest) for index in range(len(slots) + len(xs))]
+
+
+def _contiguous(tensors):
+    return [tensor.contiguous() for tensor in tensors]
 
 
 @torch.library.custom_op("seqpar::chain_solve", mutates_args=())
@@ -70,6 +79,7 @@ def chain_solve(
 ) -> torch.Tensor:
     """States ``s_1 .. s_L`` of the chain ``program`` started at ``s0``."""
     chain = _PROGRAMS[program]
+    s0, xs, shared = s0.contiguous(), _contiguous(xs), _contiguous(shared)
     leaves = per_step_inputs(chain, xs, layer_params)
     if chain.method == "sequential":
         states, stats = solve_sequentially(chain, s0, leaves, shared, chain.sequential_reason)
@@ -88,15 +98,29 @@ def chain_solve(
 def _checked(chain, s0, leaves, shared, states, stats):
     """Compare the solve with the sequential loop by ``chain.check_next`` (consumed).
 
-    On a mismatch the chain is solved sequentially from then on and this call
-    returns the sequential states: a wrong solve never reaches the caller.
+    ``check(reference, states, exact)`` gets the sequential states and, as
+    ``exact()``, the sequential loop run in float64 (``None`` where the step
+    cannot run in float64), for chains whose own rounding the comparison must
+    allow for. On a mismatch the chain is solved sequentially from then on and
+    this call returns the sequential states: a wrong solve never reaches the caller.
     """
     check, chain.check_next = chain.check_next, None
     if chain.method == "sequential":
         chain.last_check = (True, "sequential loop: nothing to check")
         return states, stats
     reference, reference_stats = solve_sequentially(chain, s0, leaves, shared, "")
-    ok, detail = check(reference, states)
+
+    def exact():
+        def widened(tensors):
+            return [tensor.double() if tensor.is_floating_point() else tensor for tensor in tensors]
+
+        try:
+            return run_steps(chain, s0.double(), widened(leaves), widened(shared))
+        except Exception as error:  # a step that fixes its dtype, or an op without float64
+            log.info("seqpar: chain of %d steps: no float64 reference (%s)", chain.length, error)
+            return None
+
+    ok, detail = check(reference, states, exact)
     chain.last_check = (ok, detail)
     if ok:
         return states, stats
@@ -126,11 +150,19 @@ def chain_adjoint(
     Integer inputs get zeros (autograd drops them).
     """
     chain = _PROGRAMS[program]
+    s0, xs, shared = s0.contiguous(), _contiguous(xs), _contiguous(shared)
     leaves = per_step_inputs(chain, xs, layer_params)
-    grad_s0, grad_leaves, grad_shared = adjoint_solve(chain, s0, leaves, shared, states, grad_states)
+    grad_s0, grad_leaves, grad_shared = adjoint_solve(
+        chain, s0, leaves, shared, states.contiguous(), grad_states.contiguous()
+    )
     slots = set(getattr(chain, "param_slots", ()))
     grad_xs = [grad for index, grad in enumerate(grad_leaves) if index not in slots]
-    grad_layers = [part.clone() for index in sorted(slots) for part in grad_leaves[index].unbind(0)]
+    # A frozen parameter group has no gradient (None): autograd drops the zeros returned for it.
+    grad_layers = [
+        None if grad_leaves[index] is None else part.clone()
+        for index in sorted(slots)
+        for part in (grad_leaves[index].unbind(0) if grad_leaves[index] is not None else [None] * chain.length)
+    ]
     inputs = [*xs, *shared, *layer_params]
     grads = [*grad_xs, *grad_shared, *grad_layers]
     return [grad_s0.contiguous()] + [
@@ -146,6 +178,7 @@ def _chain_adjoint_fake(program, s0, xs, shared, layer_params, states, grad_stat
 def _setup_context(ctx, inputs, output):
     program, s0, xs, shared, layer_params = inputs
     ctx.program = program
+    ctx.program_object = _PROGRAMS[program]  # alive until the backward has run
     ctx.counts = (len(xs), len(shared))
     ctx.save_for_backward(s0, *xs, *shared, *layer_params, output)
 
@@ -154,9 +187,12 @@ def _backward(ctx, grad_states):
     s0, *rest, states = ctx.saved_tensors
     n_xs, n_shared = ctx.counts
     xs, shared, layer_params = rest[:n_xs], rest[n_xs : n_xs + n_shared], rest[n_xs + n_shared :]
-    grads = torch.ops.seqpar.chain_adjoint(
-        ctx.program, s0, xs, shared, layer_params, states, grad_states.contiguous()
-    )
+    if torch.is_grad_enabled():  # create_graph=True: the gradient must itself be differentiable
+        grads = _recorded_gradients(ctx.program, s0, xs, shared, layer_params, grad_states)
+    else:
+        grads = torch.ops.seqpar.chain_adjoint(
+            ctx.program, s0, xs, shared, layer_params, states, grad_states.contiguous()
+        )
     rest_grads = [grad if tensor.is_floating_point() else None for grad, tensor in zip(grads[1:], rest)]
     return (
         None,
@@ -165,6 +201,19 @@ def _backward(ctx, grad_states):
         rest_grads[n_xs : n_xs + n_shared],
         rest_grads[n_xs + n_shared :],
     )
+
+
+def _recorded_gradients(program, s0, xs, shared, layer_params, grad_states):
+    """``[d s0, *d xs, *d shared, *d layer_params]`` of ``<grad_states, states>`` through the sequential loop,
+    recorded by autograd (``create_graph=True``): exact, and differentiable again. ``None`` where an input
+    does not require grad."""
+    chain = _PROGRAMS[program]
+    inputs = [s0, *xs, *shared, *layer_params]
+    wanted = [tensor for tensor in inputs if tensor.requires_grad]
+    with torch.enable_grad():
+        states = run_steps(chain, s0, per_step_inputs(chain, list(xs), list(layer_params)), list(shared))
+        found = iter(torch.autograd.grad(states, wanted, grad_states, create_graph=True, allow_unused=True))
+    return [next(found) if tensor.requires_grad else None for tensor in inputs]
 
 
 chain_solve.register_autograd(_backward, setup_context=_setup_context)

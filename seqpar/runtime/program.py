@@ -164,7 +164,8 @@ class ChainProgram:
             )
             self.steps_vjp = _trace(self._steps_vjp, *examples, torch.empty_like(prev))
         else:
-            self.step_vjp = _trace(self._step_vjp, *one, torch.empty_like(prev[0]))
+            # lowered: the layout-checked kernels of its backward (group norm) get contiguous inputs
+            self.step_vjp = lower_step(self._step_vjp, *one, torch.empty_like(prev[0]))
 
     def step_packed(self, s: torch.Tensor, x_leaves, shared) -> torch.Tensor:
         """One step on a packed state ``(N, w)``: ``pack(f(unpack(s), x_l, *shared))``."""

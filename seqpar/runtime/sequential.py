@@ -8,21 +8,26 @@ import torch.utils._pytree as pytree
 from .stats import SolveStats
 
 
-def continue_sequentially(program, s0, xs_leaves, shared, states, start: int) -> None:
-    """``s_l = f(s_{l-1}, x_l)`` for ``l > start`` (0-based ``states[start:]``), in place.
+def run_steps(program, state, xs_leaves, shared, start: int = 0) -> torch.Tensor:
+    """``s_l = f(s_{l-1}, x_l)`` for ``l = start + 1 .. L`` from the packed ``state`` ``(N, w)`` (``s_start``).
 
     The user's step runs on unpacked states exactly as in the original loop;
-    the states are packed once at the end.
+    the states are packed once at the end: ``(L - start, N, w)``. Out of
+    place, so autograd can record it.
     """
     layout = program.layout
-    state = layout.unpack(s0 if start == 0 else states[start - 1])
+    current = layout.unpack(state)
     trajectory = []
     for x in program.per_step_inputs(xs_leaves, start):
-        state = program.step(state, x, *shared)
-        trajectory.append(state)
-    if trajectory:
-        stacked = pytree.tree_map(lambda *parts: torch.stack(parts), *trajectory)
-        states[start:] = layout.pack(stacked)
+        current = program.step(current, x, *shared)
+        trajectory.append(current)
+    return layout.pack(pytree.tree_map(lambda *parts: torch.stack(parts), *trajectory))
+
+
+def continue_sequentially(program, s0, xs_leaves, shared, states, start: int) -> None:
+    """``states[start:]`` (0-based; ``s_{start+1} .. s_L``) by the sequential loop, in place."""
+    if start < program.length:
+        states[start:] = run_steps(program, s0 if start == 0 else states[start - 1], xs_leaves, shared, start)
 
 
 def solve_sequentially(program, s0, xs_leaves, shared, reason: str):

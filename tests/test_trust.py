@@ -1,0 +1,234 @@
+"""Never silently wrong: the cases a user met (issue 11), each equal to eager PyTorch.
+
+Tolerances: float64 models compare to eager with 1e-9 (the solver's float64
+tolerance is 1e-10 relative, conditioning of these contracting chains is
+O(1)); float32 cases state theirs where they appear.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn as nn
+
+import seqpar
+from seqpar.backend import SeqparBackend
+from seqpar.runtime import step_cache
+from seqpar.runtime.ops import _PROGRAMS
+from seqpar.verify import compare_outputs
+
+from conftest import sequential_loop
+
+TOL = 1e-9
+
+
+def tanh_mlp(depth: int, width: int, *, bias: bool = True, scale: float = 1.0, dtype=torch.float64) -> nn.Sequential:
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, width, bias=bias), nn.Tanh()]
+    model = nn.Sequential(*layers).to(dtype)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(scale)
+    return model
+
+
+def compiled(model, **options):
+    torch._dynamo.reset()
+    backend = SeqparBackend(options)
+    return torch.compile(model, backend=backend), backend
+
+
+def chain_reports(backend):
+    return [chain for graph in backend.graphs for chain in graph.chains if chain.decision != "rejected"]
+
+
+def gradients(model, x, out):
+    wanted = [p for p in model.parameters() if p.requires_grad] + ([x] if x.requires_grad else [])
+    return torch.autograd.grad(out.square().sum(), wanted)
+
+
+@pytest.mark.parametrize("policy", ["auto", "parallel", "sequential"])
+def test_interleaved_frozen_parameters_get_eager_gradients(policy):
+    model = tanh_mlp(40, 8)
+    for index, parameter in enumerate(model.parameters()):
+        parameter.requires_grad_(index % 3 != 0)
+    x = torch.randn(4, 8, dtype=torch.float64)
+    want = gradients(model, x, model(x))
+    fn, backend = compiled(model, policy=policy)
+    got = gradients(model, x, fn(x))
+    assert chain_reports(backend)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=TOL, atol=TOL)
+
+
+@pytest.mark.parametrize("policy", ["auto", "parallel"])
+def test_all_parameters_frozen_gradient_with_respect_to_the_input(policy):
+    model = tanh_mlp(40, 8).requires_grad_(False)
+    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    (want,) = gradients(model, x, model(x))
+    fn, _ = compiled(model, policy=policy)
+    (got,) = gradients(model, x, fn(x))
+    torch.testing.assert_close(got, want, rtol=TOL, atol=TOL)
+
+
+def test_unfreezing_after_compilation_gives_the_new_parameters_gradients():
+    model = tanh_mlp(40, 8).requires_grad_(False)
+    x = torch.randn(4, 8, dtype=torch.float64)
+    fn, _ = compiled(model, policy="parallel")
+    fn(x)
+    model.requires_grad_(True)
+    want = gradients(model, x, model(x))
+    got = gradients(model, x, fn(x))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=TOL, atol=TOL)
+
+
+@pytest.mark.parametrize("update", ["add", "clamp", "copy"])
+def test_weights_changed_through_data_are_used_by_the_next_call(update):
+    model = tanh_mlp(64, 8)
+    x = torch.randn(4, 8, dtype=torch.float64)
+    fn, _ = compiled(model, policy="parallel")
+    with torch.no_grad():
+        fn(x)
+        for parameter in model.parameters():
+            if update == "add":  # a hand-written SGD step
+                parameter.data.add_(0.1 * torch.randn_like(parameter))
+            elif update == "clamp":  # WGAN weight clipping
+                parameter.data.clamp_(-0.05, 0.05)
+            else:  # an EMA copy
+                parameter.data.copy_(0.5 * parameter.data)
+        torch.testing.assert_close(fn(x), model(x), rtol=TOL, atol=TOL)
+
+
+@pytest.mark.parametrize("jacobian", ["identity", "diag", "estimate", "full"])
+@pytest.mark.parametrize("scale", [1e-4, 1e-6])
+def test_small_states_are_solved_to_relative_accuracy(jacobian, scale):
+    """States of 1e-4 .. 1e-6 (and smaller: no bias, contracting) in float32, any Jacobian: relative error at
+    most 1e-4 (the float32 stopping tolerance is 1e-5 relative; the chain contracts)."""
+    model = tanh_mlp(32, 72, bias=False, scale=0.9, dtype=torch.float32)
+    x = scale * torch.randn(4, 72)
+    fn, backend = compiled(model, policy="parallel", jacobian=jacobian)
+    with torch.no_grad():
+        got, want = fn(x), model(x)
+    assert [chain.jacobian for chain in chain_reports(backend)] == [jacobian]
+    error = (got - want).abs().amax(dim=-1) / want.abs().amax(dim=-1)
+    assert float(error.max()) < 1e-4
+
+
+def test_verification_rejects_a_wrong_result_at_any_scale():
+    want = 1e-6 * torch.randn(8, 16)
+    assert not compare_outputs(want, 1.9 * want).ok
+    assert compare_outputs(want, want * (1 + 1e-6)).ok
+
+
+def test_verification_judges_against_float64_where_the_reference_rounds_far():
+    """A float32 reference that is itself far from the float64 result (a chaotic chain): a result no further from
+    float64 than the reference passes, one much further fails."""
+    exact = torch.randn(4, 16, dtype=torch.float64)
+    reference = (exact + 0.1 * torch.randn_like(exact)).float()
+    assert compare_outputs(reference, (exact - 0.1 * torch.randn_like(exact)).float(), exact).ok
+    assert not compare_outputs(reference, (exact + 2.0).float(), exact).ok
+
+
+def conv_stack(depth: int = 8, channels: int = 4) -> nn.Sequential:
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(depth):
+        layers += [nn.Conv2d(channels, channels, 3, padding=1), nn.Tanh()]
+    return nn.Sequential(*layers).double()
+
+
+def test_channels_last_conv_stack_in_parallel_gives_eager_values_and_gradients():
+    model = conv_stack().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64).to(memory_format=torch.channels_last).requires_grad_()
+    out = model(x)
+    want = gradients(model, x, out)
+    fn, backend = compiled(model, policy="parallel")
+    got_out = fn(x)
+    torch.testing.assert_close(got_out, out, rtol=TOL, atol=TOL)
+    for g, w in zip(gradients(model, x, got_out), want, strict=True):
+        torch.testing.assert_close(g, w, rtol=TOL, atol=TOL)
+    assert chain_reports(backend)[0].form == "solver"
+
+
+@pytest.mark.parametrize("layout", ["transposed", "expanded", "offset"])
+def test_non_contiguous_inputs_in_parallel_give_eager_values(layout):
+    model = tanh_mlp(16, 8)
+    base = torch.randn(8, 8, dtype=torch.float64)
+    x = {"transposed": base.T, "expanded": base[:1].expand(4, 8), "offset": base[2:6]}[layout]
+    fn, _ = compiled(model, policy="parallel")
+    with torch.no_grad():
+        torch.testing.assert_close(fn(x), model(x), rtol=TOL, atol=TOL)
+
+
+def elman(s, w):
+    return torch.tanh(s @ w)
+
+
+def test_solve_chain_with_a_fresh_lambda_each_call_traces_once():
+    W = 0.3 * torch.randn(16, 4, 4, dtype=torch.float64)
+    s0 = torch.randn(2, 4, dtype=torch.float64)
+    before = len(_PROGRAMS)
+    for _ in range(5):
+        states = seqpar.solve_chain(lambda s, w: torch.tanh(s @ w), s0, W)
+    assert len(_PROGRAMS) == before + 1
+    torch.testing.assert_close(states, sequential_loop(elman, s0, W), rtol=TOL, atol=TOL)
+
+
+def test_solve_chain_caches_at_most_capacity_programs(monkeypatch):
+    monkeypatch.setattr(step_cache, "CAPACITY", 4)
+    W = 0.3 * torch.randn(16, 4, 4, dtype=torch.float64)
+    s0 = torch.randn(2, 4, dtype=torch.float64)
+    for gain in range(10):  # ten different closures: ten programs, four kept
+        seqpar.solve_chain(lambda s, w: torch.tanh(gain * s @ w), s0, W)
+    assert len(step_cache._cache) <= 4
+
+
+STEP_SIZE = 0.5
+
+
+def scaled_elman(s, w):
+    return torch.tanh(s @ w) * STEP_SIZE
+
+
+class Damped:
+    def __init__(self, factor):
+        self.factor = factor
+
+    def step(self, s, w):
+        return torch.tanh(s @ w) * self.factor
+
+
+def test_solve_chain_sees_a_python_float_that_changed_between_calls(monkeypatch, caplog):
+    global STEP_SIZE
+    W = 0.3 * torch.randn(16, 4, 4, dtype=torch.float64)
+    s0 = torch.randn(2, 4, dtype=torch.float64)
+    seqpar.solve_chain(scaled_elman, s0, W)
+    monkeypatch.setattr(__import__(__name__), "STEP_SIZE", 2.0)
+    torch.testing.assert_close(seqpar.solve_chain(scaled_elman, s0, W), sequential_loop(scaled_elman, s0, W))
+    # an attribute read through self is invisible to the cache key: the first-step check retraces
+    damped = Damped(0.5)
+    seqpar.solve_chain(damped.step, s0, W)
+    damped.factor = 0.25
+    with caplog.at_level(logging.WARNING, logger="seqpar.runtime"):
+        torch.testing.assert_close(seqpar.solve_chain(damped.step, s0, W), sequential_loop(damped.step, s0, W))
+    assert "retraced" in caplog.text
+
+
+def test_double_backward_through_solve_chain_equals_eager():
+    W = (0.3 * torch.randn(16, 4, 4, dtype=torch.float64)).requires_grad_()
+    s0 = torch.randn(2, 4, dtype=torch.float64)
+
+    def grad_norm(states_of):
+        (g,) = torch.autograd.grad(states_of(W).square().sum(), W, create_graph=True)
+        (gg,) = torch.autograd.grad(g.square().sum(), W)
+        return g, gg
+
+    got = grad_norm(lambda w: seqpar.solve_chain(elman, s0, w))
+    want = grad_norm(lambda w: sequential_loop(elman, s0, w))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=TOL, atol=TOL)

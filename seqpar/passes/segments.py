@@ -11,7 +11,9 @@ with the same ``f``:
     segment 0) with the same shape and dtype in every segment;
   * they sit at the same offsets (``dep_offsets``) in every segment, with the
     same argument structure, the same literals (or arithmetic operands listed
-    as a per-step ``"constant"`` input) and no side effects (:mod:`.effects`);
+    as a per-step ``"constant"`` input) and no side effects (:mod:`.effects`)
+    but in-place writes to values of their own segment that nothing reads
+    afterwards, which the step computes out of place (:mod:`.inplace`);
   * every other value they read is a classified :class:`PlanInput` (a
     placeholder per segment, a slice ``P[a + l]`` of one tensor
     (:mod:`.slices`), a state-independent value, a literal, or one value all
@@ -42,10 +44,11 @@ import torch
 import torch.fx as fx
 from torch.fx.node import Node
 
-from .effects import BATCHNORM_TRAINING, is_random, may_vary, side_effect
+from .effects import BATCHNORM_TRAINING, is_random, may_vary, mutates, side_effect
+from .inplace import Aliases, inplace_reason
 from .module_paths import varying_path
 from .slices import as_slice
-from .tokens import example, flatten_args, is_invoke_subgraph, is_number, node_token, value_signature
+from .tokens import example, flatten_args, is_invoke_subgraph, is_number, node_token, target_name, value_signature
 
 # Candidate periods examined per graph (the most frequent token distances).
 MAX_PERIODS = 48
@@ -123,6 +126,8 @@ class Detector:
 
     def __init__(self, gm: fx.GraphModule, min_chain: int):
         self.min_chain = min_chain
+        self.graph = gm.graph
+        self._aliases: Aliases | None = None
         self.seq: list[Node] = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
         self.pos: dict[Node, int] = {n: i for i, n in enumerate(self.seq)}
         self.leaves: dict[Node, list] = {n: flatten_args((n.args, n.kwargs), []) for n in self.seq}
@@ -285,8 +290,8 @@ class Detector:
         internal0: dict = {}
         for k in range(count):
             base = b + k * p
-            # side effects anywhere in the segment (the BatchNorm reason wins)
-            reasons = [r for r in (side_effect(seq[base + o], False) for o in range(p)) if r]
+            # side effects anywhere in the segment (the BatchNorm reason wins); in-place ops are checked below
+            reasons = [r for r in (side_effect(seq[base + o], False, in_place=False) for o in range(p)) if r]
             if reasons:
                 return fail(k, BATCHNORM_TRAINING if BATCHNORM_TRAINING in reasons else reasons[0])
             dep_offsets, sslots, internal = [], {}, {}
@@ -295,8 +300,12 @@ class Detector:
                 n = seq[base + o]
                 lv = leaves[n]
                 if not any(a.__class__ is Node and a in dep for a in lv):
+                    if mutates(n):
+                        return fail(k, f"{n.name} ({target_name(n)}) mutates a tensor in place off the state path "
+                                       "(only the step's own values may be written in place)")
                     continue
-                reason = side_effect(n, True)
+                reason = side_effect(n, True, in_place=False) or \
+                    (self._inplace_reason(n, base, starts if k == 0 else list(state_in)) if mutates(n) else None)
                 if reason:
                     return fail(k, reason)
                 dep.add(n)
@@ -354,6 +363,12 @@ class Detector:
                 literals.setdefault(key, []).append(v)
             state_in = {seq[base + q]: i for i, q in enumerate(offsets)}
         return fail(count, None) if count >= 2 else Attempt(None, count, None, None, starts)
+
+    def _inplace_reason(self, node: Node, base: int, state: list[Node]) -> str | None:
+        """Why the in-place ``node`` of the segment at ``base`` (reading ``state``) may not run out of place."""
+        if self._aliases is None:
+            self._aliases = Aliases(self.graph)
+        return inplace_reason(node, self._aliases, self.pos, base, state)
 
     def _carried_reason(self, p: int, base: int, dep_offsets: list[int], offsets: list[int]) -> str | None:
         """Why the segment at ``base`` does not hand exactly the carried state to the next one, or ``None``."""

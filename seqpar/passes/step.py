@@ -9,8 +9,10 @@ slice ``P[start + l]``; the views segment 0 takes of it are copied into the
 step); a tuple state arrives as one tuple (the
 step takes its leaves with ``getitem``) and the step returns a tuple of the
 same length; ``call_method`` nodes become calls of the ``torch.Tensor``
-function and ``invoke_subgraph`` calls are inlined, so the graph holds
-``call_function`` nodes only and runs under ``vmap``/``make_fx``.
+function, the segment's in-place ops (which detection allows only on the
+segment's own values, :mod:`.inplace`) become their out-of-place twins and
+``invoke_subgraph`` calls are inlined, so the graph holds ``call_function``
+nodes only and runs under ``vmap``/``make_fx``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 import torch.fx as fx
 from torch.fx.node import Node
 
+from .effects import mutates, out_of_place
 from .segments import Plan
 from .tokens import example, is_invoke_subgraph, rebuild_args
 
@@ -75,7 +78,7 @@ def build_step(plan: Plan, seq: list[Node], root: torch.nn.Module) -> fx.GraphMo
             return a
 
         args, kwargs = rebuild_args((n.args, n.kwargs), leaf, [0])
-        env[n] = _emit(graph, n, args, kwargs, root)
+        env[n] = _emit(graph, n, args, kwargs, root, twin=mutates(n))
     outputs = [env[seq[b + q]] for q in plan.state_offsets]
     graph.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
     graph.lint()
@@ -101,19 +104,25 @@ def state_tensors(graph: fx.Graph, state: Node, starts: list[Node]) -> list[Node
     return leaves
 
 
-def _emit(graph: fx.Graph, n: Node, args, kwargs, root: torch.nn.Module):
-    """Copy ``n`` into ``graph`` with mapped arguments; returns a node or a tuple of nodes."""
+def _emit(graph: fx.Graph, n: Node, args, kwargs, root: torch.nn.Module, twin: bool = False):
+    """Copy ``n`` into ``graph`` with mapped arguments; returns a node or a tuple of nodes.
+
+    ``twin``: ``n`` is an in-place op detection allowed (:mod:`.inplace`); its out-of-place twin is emitted.
+    """
     if is_invoke_subgraph(n):
         body = root.get_submodule(n.args[0].target)
         return inline_body(graph, body, list(args[2:]))
     if n.op == "call_function" and n.target is operator.getitem and isinstance(args[0], tuple):
         return args[0][args[1]]
-    if n.op == "call_method":
-        function = getattr(torch.Tensor, n.target, None)
+    op, target = n.op, n.target
+    if twin:
+        op, target, args, kwargs = out_of_place(op, target, args, kwargs)
+    if op == "call_method":
+        function = getattr(torch.Tensor, target, None)
         new = (graph.call_function(function, args, kwargs) if callable(function)
-               else graph.call_method(n.target, args, kwargs))
+               else graph.call_method(target, args, kwargs))
     else:
-        new = graph.create_node(n.op, n.target, args, kwargs, name=n.name)
+        new = graph.create_node(op, target, args, kwargs, name=n.name)
     new.meta = dict(n.meta)
     return new
 

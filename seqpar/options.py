@@ -30,7 +30,8 @@ class Options:
     tol:        relative convergence tolerance: the solve stops when
                 ``max_k |ds_k| <= tol max_k |s_k|`` for every state vector (one
                 batch element at one position), whatever the states' scale;
-                None: by dtype (1e-10 float64, 1e-5 float32).
+                None: by dtype (1e-10 float64, 1e-5 float32; ten times smaller
+                for the linearly converging Jacobians, all but "full").
     max_iters:  parallel iterations before the rest is evaluated sequentially;
                 None: 40, or for a windowed solve ``4 * ceil(L / window) + 40``.
     window:     active positions per parallel iteration (sliding-window

@@ -125,7 +125,8 @@ def build_chain_program(
     window = decision.window if decision.window is not None and decision.window < chain.length else None
     if max_iters is None and window is not None:  # a windowed solve needs at least L / W iterations more
         max_iters = 4 * -(-chain.length // window) + DEFAULT_MAX_ITERS
-    solver_options = validated_solver_options(tol, max_iters, None, chain.state_dtype, chain.length)
+    jacobian = decision.jacobian if decision.method == "parallel" else "identity"
+    solver_options = validated_solver_options(tol, max_iters, None, chain.state_dtype, chain.length, jacobian)
     solver_options["window"] = window
     # Trace outside Dynamo's tracing context: its fake mode would make the sizes symbolic.
     with torch._guards.tracing(None), unset_fake_temporarily():
@@ -136,7 +137,7 @@ def build_chain_program(
             pytree.tree_structure(list(xs_examples)),
             xs_examples,
             shared_examples,
-            decision.jacobian if decision.method == "parallel" else "identity",
+            jacobian,
             decision.adjoint,
             solver_options,
             frozen,

@@ -81,6 +81,13 @@ DEFAULT_TOLERANCE = {
     torch.bfloat16: 8e-3,
 }
 DEFAULT_MAX_ITERS = 40
+# Iterations that converge linearly (every Jacobian but the full one) stop at this fraction of the
+# dtype's default tolerance in float32 and float64: their error after the last update is about
+# rho / (1 - rho) times that update (rho the rate), where Newton's is about its square. Measured:
+# a 40-layer float32 Llama stack solved by Picard ends 7x further from float64 than eager at 1e-5,
+# as far as eager at 1e-6, for 19 iterations instead of 17. Half precision keeps its default (its
+# stored states round at about 1e-3).
+LINEAR_CONVERGENCE_FACTOR = 0.1
 
 
 @dataclass(frozen=True)
@@ -91,15 +98,21 @@ class Tolerance:
     rtol: float
 
     @classmethod
-    def resolve(cls, tol, dtype: torch.dtype) -> "Tolerance":
-        """``None`` -> the dtype's default ``rtol``; a float -> ``rtol = tol``; a pair -> ``(atol, rtol)``.
+    def resolve(cls, tol, dtype: torch.dtype, jacobian: str = "full") -> "Tolerance":
+        """``None`` -> the default ``rtol`` for the dtype and the Jacobian kind; a float -> ``rtol = tol``;
+        a pair -> ``(atol, rtol)``.
 
         Without a pair ``atol`` is the dtype's smallest normal number (a state that is exactly zero
-        converges; any other is measured relative to its own magnitude).
+        converges; any other is measured relative to its own magnitude). The default is
+        :data:`DEFAULT_TOLERANCE`, times :data:`LINEAR_CONVERGENCE_FACTOR` for linearly converging
+        iterations in float32 and float64.
         """
         floor = torch.finfo(dtype).tiny if dtype.is_floating_point else 0.0
         if tol is None:
-            return cls(floor, DEFAULT_TOLERANCE.get(dtype, 1e-5))
+            default = DEFAULT_TOLERANCE.get(dtype, 1e-5)
+            if jacobian != "full" and dtype in (torch.float32, torch.float64):
+                default *= LINEAR_CONVERGENCE_FACTOR
+            return cls(floor, default)
         if isinstance(tol, (int, float)) and not isinstance(tol, bool):
             return cls(floor, float(tol))
         atol, rtol = tol

@@ -331,7 +331,7 @@ def test_debug_dump_holds_graphs_chains_and_stats(tmp_path):
 
 def test_explain_reports_every_chain_with_decision_and_reason():
     model, inputs = zoo.deep_mlp(depth=16, width=4)
-    report = seqpar.explain(model, *inputs, min_chain=4)
+    report = seqpar.explain(model, *inputs, options={"min_chain": 4})
     (chain,) = report.chains
     assert (chain.kind, chain.length, chain.state_shape) == ("layers", 16, (4, 4))
     assert chain.modules[0] == "layers.0" and chain.modules[-1] == "layers.15"
@@ -341,7 +341,7 @@ def test_explain_reports_every_chain_with_decision_and_reason():
 
 def test_explain_shows_rejected_chains_with_their_reason():
     model, inputs = zoo.conv_resnet(train=True)
-    report = seqpar.explain(model, *inputs, min_chain=4)
+    report = seqpar.explain(model, *inputs, options={"min_chain": 4})
     assert any(c.decision == "rejected" and "BatchNorm in training mode" in c.reason for c in report.chains)
 
 

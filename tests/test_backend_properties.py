@@ -7,9 +7,11 @@ layout (contiguous, transposed, expanded, an offset view, channels-last for
 convolutions), the dtype, whether the input requires grad, and the policy and
 adjoint; the compiled model's outputs and gradients must equal eager's.
 Tolerances: float64 1e-9 (solver tolerance 1e-10 relative, contracting
-chains); float32 normwise 1e-4 relative to each row's scale (stopping
+chains); float32 1e-4 relative to each tensor's largest magnitude (stopping
 tolerance 1e-5 relative, times the chain's O(1) conditioning, plus the
-reordered float32 arithmetic of the batched steps).
+reordered float32 arithmetic of the batched steps and of the adjoint's sums:
+a gradient row that cancels to 1e-5 of its neighbours carries their
+rounding, so rows are not judged alone).
 
 The fast profile (CI) draws :data:`FAST_EXAMPLES` models; the slow one
 (``-m slow``) :data:`SLOW_EXAMPLES`.
@@ -81,9 +83,9 @@ def assert_equal_to_eager(got, want, dtype):
     if dtype == torch.float64:
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
         return
-    rows_want, rows_got = want.reshape(-1, want.shape[-1]).double(), got.reshape(-1, got.shape[-1]).double()
-    scale = rows_want.abs().amax(dim=-1, keepdim=True) + torch.finfo(dtype).tiny
-    assert float(((rows_got - rows_want).abs() / scale).max()) <= 1e-4
+    want64, got64 = want.detach().double(), got.detach().double()
+    scale = float(want64.abs().max()) + torch.finfo(dtype).tiny
+    assert float((got64 - want64).abs().max()) <= 1e-4 * scale
 
 
 cases = st.fixed_dictionaries(

@@ -348,7 +348,7 @@ def test_raw_diffusers_scheduler_loop_compiles_exactly_and_explain_hints_at_trac
     assert "seqpar.diffusion.traceable" in (tmp_path / "hints.txt").read_text()  # the dump says it too
     torch._dynamo.reset()
     with torch.no_grad():
-        report = seqpar.explain(sample, x, policy="parallel", min_chain=4)
+        report = seqpar.explain(sample, x, options={"policy": "parallel", "min_chain": 4})
     assert report.graph_count >= 8
     assert any("seqpar.diffusion.traceable" in hint for hint in report.hints)
 
@@ -516,5 +516,5 @@ def test_estimated_jacobians_solve_contracting_samplers_in_fewer_evaluation_equi
 def test_explain_points_a_long_unrolled_sampling_loop_at_scan_loop():
     loop = sampling_loop("ddim", "mlp", 100)
     with torch.no_grad():
-        report = seqpar.explain(loop.sample, loop.x, loop.noise, policy="sequential")
+        report = seqpar.explain(loop.sample, loop.x, loop.noise, options={"policy": "sequential"})
     assert any("Dynamo traced 100 denoiser calls" in hint and "sched.scan_loop" in hint for hint in report.hints)

@@ -45,7 +45,7 @@ def test_transformer_blocks_of_hf_models_are_one_chain_equal_to_eager(make, modu
 
 def test_a_returned_key_value_cache_keeps_the_blocks_sequential_and_says_why():
     model, ids = tiny_gpt2()
-    report = seqpar.explain(model, ids, policy="parallel", min_chain=4)
+    report = seqpar.explain(model, ids, options={"policy": "parallel", "min_chain": 4})
     (chain,) = report.chains
     assert (chain.kind, chain.decision) == ("transformer", "rejected")
     assert "not the carried state, is read after the segments" in chain.reason

@@ -214,7 +214,7 @@ def test_a_deep_scanned_mlp_is_solved_in_parallel_by_the_auto_policy_on_cpu():
 
 def test_explain_reports_a_scanned_stack():
     model, inputs = zoo.scanned_mlp(depth=32)
-    report = seqpar.explain(model, *inputs, policy="parallel")
+    report = seqpar.explain(model, *inputs, options={"policy": "parallel"})
     (chain,) = report.chains
     assert (chain.kind, chain.length, chain.modules[0], chain.decision) == ("layers", 32, "layers", "parallel")
     assert "layers" in str(report)
@@ -222,13 +222,13 @@ def test_explain_reports_a_scanned_stack():
 
 def test_explain_points_a_long_unrolled_stack_at_scan_layers():
     model, inputs = zoo.deep_mlp(depth=256, width=4, batch=1)
-    report = seqpar.explain(model, *inputs, policy="sequential")
+    report = seqpar.explain(model, *inputs, options={"policy": "sequential"})
     (chain,) = report.chains
     assert chain.origin == "unrolled" and chain.length == 256
     assert any(hint.startswith("chain 0: Dynamo traced 256 blocks") and "seqpar.scan_layers" in hint
                for hint in report.hints)
     scanned, inputs = zoo.scanned_mlp(depth=256, batch=1)
-    report = seqpar.explain(scanned, *inputs, policy="sequential")
+    report = seqpar.explain(scanned, *inputs, options={"policy": "sequential"})
     assert report.chains[0].origin == "scan" and not report.hints
 
 

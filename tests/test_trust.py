@@ -279,3 +279,28 @@ def test_gradient_through_a_parallel_ddim_loop_over_a_unet_with_respect_to_the_l
     (want,) = torch.autograd.grad(reference.square().sum(), eager_latent)
     assert ("denoise", "solver") in [(chain.kind, chain.form) for chain in chain_reports(backend)]
     torch.testing.assert_close(got, want, rtol=TOL, atol=TOL * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("policy", ["parallel", "sequential"])
+def test_half_precision_chains_are_as_close_to_float64_as_eager(dtype, policy):
+    """Half precision (the solver accumulates in float32, stores states in ``dtype``): values and gradients at
+    most twice as far from the float64 model's as eager's, plus two ulps (relative to each tensor's scale)."""
+    model = tanh_mlp(16, 8, dtype=dtype)
+    exact_model = tanh_mlp(16, 8)
+    x = torch.randn(4, 8, dtype=dtype, requires_grad=True)
+    exact_x = x.detach().double().requires_grad_()
+
+    def values_and_gradients(module, inputs, out):
+        return [out, *gradients(module, inputs, out.float() if out.dtype != torch.float64 else out)]
+
+    exact = values_and_gradients(exact_model, exact_x, exact_model(exact_x))
+    eager = values_and_gradients(model, x, model(x))
+    fn, _ = compiled(model, policy=policy)
+    got = values_and_gradients(model, x, fn(x))
+
+    def distance(a, b):
+        return float((a.detach().double() - b.detach()).abs().max() / b.detach().abs().max())
+
+    for g, e, reference in zip(got, eager, exact, strict=True):
+        assert distance(g, reference) <= 2 * distance(e, reference) + 2 * torch.finfo(dtype).eps

@@ -32,7 +32,8 @@ Guarantees for each returned :class:`~seqpar.passes.chain.Chain`:
 Repeated structures rejected for one of these reasons (or whose step cannot be
 built) come back as :class:`~seqpar.passes.chain.Candidate` with the reason.
 Segments that compute the step with other nodes join the chain at its ends
-(:mod:`.extend`): the inlined first call of a ``nested_compile_region``, and a
+(:mod:`.extend`): the inlined first call of a ``nested_compile_region``, T5's
+block 0 (it computes the position bias the others share), and a
 last step that lacks a value Dynamo dropped (an ``nn.LSTMCell`` loop
 returning ``h`` loses the last ``c``: ``None`` in the last output).
 
@@ -79,9 +80,13 @@ def find_chains(gm: fx.GraphModule, *, min_chain: int = 4) -> tuple[list[Chain],
 
     ``gm`` is a Dynamo graph (parameters as placeholders, loops unrolled,
     ``example_value`` meta). The graph is not modified. Chains are returned in
-    graph order and never overlap.
+    graph order and never overlap. Runs of one segment less are searched too
+    and kept where extension makes them long enough (T5's stacks: block 0
+    computes the position bias the other blocks share, so the run of equal
+    segments starts at block 1 and block 0 joins by extension).
     """
-    detector = Detector(gm, max(2, int(min_chain)))
+    min_chain = max(2, int(min_chain))
+    detector = Detector(gm, max(2, min_chain - 1))
     plans, rejected = detector.find()
     seq = detector.seq
     chains, built = [], []
@@ -95,16 +100,19 @@ def find_chains(gm: fx.GraphModule, *, min_chain: int = 4) -> tuple[list[Chain],
             log.debug("seqpar: could not build the step of a chain", exc_info=True)
             rejected.append(Rejection(plan.begin, plan.end, plan.period, plan.length,
                                       f"could not build the step function: {error}", plan.starts))
+    extend_chains(chains, gm)
+    long_enough = [chain.length >= min_chain for chain in chains]
+    chains = [chain for chain, keep in zip(chains, long_enough) if keep]
+    built = [plan for plan, keep in zip(built, long_enough) if keep]
     candidates, kept = [], []
     rejected.sort(key=lambda r: -(r.end - r.begin))
     for r in rejected:
         overlaps = [t for t in built if not (r.end <= t.begin or t.end <= r.begin)] + \
                    [k for k in kept if not (r.end <= k[0] or k[1] <= r.begin)]
-        if overlaps:
+        if r.count < min_chain or overlaps:
             continue
         kept.append((r.begin, r.end))
         candidates.append(_candidate(r, seq))
-    extend_chains(chains, gm)
     scan_chains, scan_candidates = find_scan_chains(gm, min_chain=min_chain)
     if scan_chains:
         order = {node: index for index, node in enumerate(seq)}

@@ -19,7 +19,9 @@ before the segment (the chain's last state, at the end), a per-step input to
 a value of its kind (a placeholder of the same shape for ``"parameter"``, the
 row ``P[a - 1]`` / ``P[a + L]`` for a ``"slice"``, a value that does not
 depend on the state for ``"computed"``, a number for ``"constant"``), a shared
-input to the very value the chain shares. Guarantees for an extended chain
+input to the very value the chain shares or to one that computes it again
+(:func:`same_value`: T5's first block reads its own ``position_bias.contiguous()``
+while detection shares block 1's with the later blocks). Guarantees for an extended chain
 (besides those of :func:`~seqpar.passes.detect.find_chains`):
   * the added segment's nodes belong to no chain and only the segment reads
     them, except its output, the state (listed in ``used_outside`` where read
@@ -38,9 +40,10 @@ import torch.fx as fx
 from torch.fx.node import Node
 
 from .chain import Chain, state_leaves
+from .effects import side_effect
 from .module_paths import varying_path
 from .slices import select_index
-from .tokens import example, flatten_args, is_number, rebuild_args, value_signature
+from .tokens import example, flatten_args, is_number, rebuild_args, target_name, value_signature
 
 
 def extend_chains(chains: list[Chain], gm: fx.GraphModule) -> list[Chain]:
@@ -98,7 +101,7 @@ class _Match:
         if s.op == "placeholder":
             index = pattern.inputs.index(s)
             if index >= self.per_step:
-                return g is self.chain.shared[index - self.per_step]
+                return same_value(g, self.chain.shared[index - self.per_step])
             return self._bind(self.inputs, index, g, node=self.chain.per_step[index].kind != "constant")
         if s.graph is not pattern.state.graph or s.op == "get_attr":
             return g is s  # a get_attr node of the original graph that the step refers to
@@ -126,6 +129,29 @@ class _Match:
     def segment(self) -> list[Node]:
         """The graph nodes the step's state path maps to: the added segment's nodes."""
         return [g for s, g in self.pairs.items() if s in self.pattern.dependent]
+
+
+# Calls whose results are not determined by their arguments (two calls need not hold equal values).
+_UNINITIALISED = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}
+
+
+def same_value(g, shared: Node, depth: int = 8) -> bool:
+    """Whether ``g`` is ``shared``, or the same side-effect-free calls of the same values (up to ``depth`` deep:
+    T5's decoder blocks each compute ``where(causal_mask, bias, -inf).contiguous()`` from their own ``arange``)."""
+    if g is shared:
+        return True
+    if depth == 0 or g.__class__ is not Node or g.op not in ("call_function", "call_method") \
+            or _canonical(g) != _canonical(shared) or g.is_impure() or side_effect(g, True) \
+            or side_effect(shared, True) or target_name(g) in _UNINITIALISED:
+        return False
+    if value_signature(example(g)) != value_signature(example(shared)):
+        return False
+    arguments = ((g.args, g.kwargs), (shared.args, shared.kwargs))
+    if _structure(arguments[0]) != _structure(arguments[1]):
+        return False
+    return all(same_value(a, b, depth - 1) if b.__class__ is Node
+               else a.__class__ is not Node and type(a) is type(b) and not isinstance(a, torch.Tensor) and a == b
+               for a, b in zip(*(flatten_args(arg, []) for arg in arguments)))
 
 
 def _canonical(node: Node):

@@ -304,3 +304,20 @@ def test_half_precision_chains_are_as_close_to_float64_as_eager(dtype, policy):
 
     for g, e, reference in zip(got, eager, exact, strict=True):
         assert distance(g, reference) <= 2 * distance(e, reference) + 2 * torch.finfo(dtype).eps
+
+
+def test_double_backward_through_a_compiled_chain_equals_eager():
+    """A Hessian-vector product through ``torch.compile(backend="seqpar")`` (a graph of the chain op alone runs
+    without the inner compiler, so the op's create_graph path is used)."""
+    model = tanh_mlp(16, 4)
+    x = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+
+    def hessian_vector(fn):
+        (g,) = torch.autograd.grad(fn(x).square().sum(), x, create_graph=True)
+        (gg,) = torch.autograd.grad(g.square().sum(), x)
+        return g, gg
+
+    want = hessian_vector(model)
+    fn, _ = compiled(model, policy="parallel")
+    for g, w in zip(hessian_vector(fn), want, strict=True):
+        torch.testing.assert_close(g, w, rtol=TOL, atol=TOL)

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from seqpar.passes.effects import mutates, out_of_place
+from seqpar.passes.effects import BATCHNORM_TRAINING, mutates, out_of_place
 from tests.test_backend import F64_ATOL, chain_reports, compile_with
 from tests.test_detect import assert_step_reproduces, node_values, only_chain
 
@@ -99,7 +99,7 @@ def chained(block_forward, blocks: int = 8, channels: int = 4):
 
 def test_resnet_blocks_with_inplace_relu_and_residual_add_are_one_residual_chain():
     model, x = inplace_resnet()
-    compiled, backend = compile_with(model, policy="parallel")
+    compiled, backend = compile_with(model, policy="parallel", min_chain=8)  # the default min_chain
     compiled(x)
     (chain,) = chain_reports(backend)
     assert (chain.kind, chain.length, chain.decision) == ("residual", 8, "parallel")
@@ -112,6 +112,16 @@ def test_the_step_of_an_inplace_block_writes_no_tensor_and_reproduces_every_segm
     assert sum(mutates(node) for segment in chain.nodes for node in segment) == 8 * 3  # relu_, +=, relu_
     assert not any(mutates(node) for node in chain.step.graph.nodes)
     assert_step_reproduces(chain, node_values(gm, example_inputs), steps=range(chain.length))
+
+
+def test_an_inplace_resnet_in_training_mode_stays_a_residual_candidate_with_the_batchnorm_reason():
+    model, x = inplace_resnet()
+    model.train()
+    compiled, backend = compile_with(model, policy="parallel")
+    compiled(x)
+    (chain,) = chain_reports(backend)
+    assert (chain.kind, chain.length, chain.decision) == ("residual", 8, "rejected")
+    assert chain.reason == BATCHNORM_TRAINING
 
 
 @pytest.mark.parametrize("options", [{"policy": "parallel"}, {"inner": "eager"}], ids=["parallel", "default-policy"])

@@ -17,6 +17,10 @@ from .slices import is_view, select_index
 from .tokens import example, target_name
 
 
+# A segment that adds (or subtracts) its input to something: a residual block (``out += identity`` too).
+_RESIDUAL_OPS = {"add", "__add__", "sub", "iadd", "__iadd__", "add_"}
+
+
 def chain_kind(per_step: list[ChainInput], facts: StepFacts) -> str:
     """Per-layer parameters: "transformer", "residual" or "layers"; shared weights: "denoise" or "recurrent".
 
@@ -44,7 +48,7 @@ def guess_kind(nodes: list[Node], starts: list[Node]) -> str:
     names = {target_name(n) for n in nodes if n.op in ("call_function", "call_method")}
     if names & ATTENTION_OPS or ("softmax" in names and names & MATMUL_OPS):
         return "transformer"
-    if any(target_name(n) in ("add", "__add__", "sub") and any(s0 in n.args for s0 in starts) for n in nodes
+    if any(target_name(n) in _RESIDUAL_OPS and any(s0 in n.args for s0 in starts) for n in nodes
            if n.op in ("call_function", "call_method")):
         return "residual"
     has_params = any(a.op == "placeholder" for n in nodes for a in n.all_input_nodes)

@@ -112,7 +112,10 @@ def solve_chain(
     arguments = (step, layout, length, xs_spec, xs_leaves, shared, jacobian, adjoint, solver_options)
     packed_s0 = layout.pack(s0).contiguous()
     program = build_program(*arguments, method=forward)
-    if not _first_step_agrees(program, packed_s0, xs_leaves, shared, layout.pack(first)):
+    # Under torch.compile the tensors are fake and Dynamo's own guards see the Python values the step reads.
+    if not torch.compiler.is_compiling() and not _first_step_agrees(
+        program, packed_s0, xs_leaves, shared, layout.pack(first)
+    ):
         log.warning(
             "seqpar.solve_chain: the step's first state differs from its cached trace: the step reads a Python "
             "value that changed (pass such values as tensors in shared); retraced"

@@ -32,7 +32,7 @@ from .passes.policy import Decision, decide
 from .passes.rewrite import StepAdapter, build_chain_program, constant_stack, remap_chain, rewrite_chain, state_layout
 from .passes.slices import slice_steps
 from .passes.tokens import VIEW_ATTRIBUTES, VIEW_OPS
-from .report import ChainReport, format_table, hints_for
+from .report import ChainReport, format_table, hints_for, step_cost_text
 from .runtime.lyapunov import largest_lyapunov_exponent, log_probe_failure
 from .verify import compare_outputs, in_float64
 
@@ -62,6 +62,7 @@ class GraphRecord:
         for report, program in self.programs:
             if program.last_stats is not None:
                 report.stats = dataclasses.asdict(program.last_stats)
+                report.step_cost = step_cost_text(report.form, report.stats)
 
 
 class SeqparBackend:

@@ -14,7 +14,9 @@ class ChainReport:
     "rejected"; ``method``/``adjoint``: forward and backward solves;
     ``form``: "solver", "rolled", "unrolled", "scan" (a ``scan`` call left
     to the inner backend) or "" for rejected ones; ``origin``: "unrolled"
-    (segments of a loop Dynamo unrolled) or "scan" (one ``scan`` call).
+    (segments of a loop Dynamo unrolled) or "scan" (one ``scan`` call);
+    ``step_cost``: what the chosen form cost per step on the last call, and
+    whether it was measured (:func:`step_cost_text`).
     """
 
     kind: str
@@ -30,6 +32,27 @@ class ChainReport:
     lyapunov: float | None = None
     stats: dict | None = None
     origin: str = "unrolled"
+    step_cost: str = ""
+
+
+def step_cost_text(form: str, stats: dict | None) -> str:
+    """Per-step cost of a chain's form, from its last solve's stats (``seconds``, ``loop``, ``length``).
+
+    ``"rolled: 4.1 us per step (generated loop; measured on the last call)"``,
+    ``"solver: 0.6 us per step (7 parallel iterations, parameters stacked; measured ...)"``;
+    a form whose steps run in the inner backend's code (``"unrolled"``,
+    ``"scan"``) is not measured by seqpar, and says so.
+    """
+    if form in ("unrolled", "scan"):
+        return f"{form}: not measured (the steps run in the inner backend's code)"
+    if not stats or not stats.get("seconds") or not stats.get("length"):
+        return ""
+    per_step = stats["seconds"] / stats["length"] * 1e6
+    how = {"generated": "generated loop", "step calls": "the step called per step"}.get(stats.get("loop", ""), "")
+    if not how and stats.get("iterations"):
+        how = f"{stats['iterations']} parallel iterations, parameters stacked"
+    what = f"{how}; " if how else ""
+    return f"{form}: {per_step:.3g} us per step ({what}measured on the last call)"
 
 
 def shape_text(state_shape: tuple | None) -> str:
@@ -56,7 +79,8 @@ def format_table(chains: list[ChainReport]) -> str:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
     lines.append("")
-    lines += [f"[{index}] {chain.reason}" for index, chain in enumerate(chains)]
+    lines += [f"[{index}] {chain.reason}" + (f"; {chain.step_cost}" if chain.step_cost else "")
+              for index, chain in enumerate(chains)]
     return "\n".join(lines)
 
 

@@ -21,13 +21,14 @@ because custom ops take tensors and plain values only.
 from __future__ import annotations
 
 import logging
+import time
 import weakref
 
 import torch
 
 from .adjoint import adjoint_solve
 from .newton import newton_solve
-from .sequential import run_steps, solve_sequentially
+from .sequential import run_steps, solve_columns, solve_sequentially
 
 log = logging.getLogger("seqpar.runtime")
 
@@ -53,16 +54,24 @@ def per_step_inputs(chain, xs, layer_params):
     ``(L, ...)`` tensor at position ``param_slots[j]``. The stack is differentiable
     (``torch.stack``) where autograd records, and made of detached tensors otherwise.
     """
+    return _with_layer_groups(chain, list(xs), layer_params, torch.stack)
+
+
+def per_step_columns(chain, xs, layer_params):
+    """The per-step inputs as columns (``columns[i][l]``: leaf ``i`` of step ``l + 1``), nothing copied:
+    the rows of each ``xs`` tensor (``unbind(0)``) and each group of layer parameters as it was handed over."""
+    return _with_layer_groups(chain, [leaf.unbind(0) for leaf in xs], layer_params, list)
+
+
+def _with_layer_groups(chain, xs, layer_params, combine):
+    """``xs`` with ``combine(group j of layer_params)`` inserted at position ``param_slots[j]``."""
     slots = getattr(chain, "param_slots", ())
     if not slots:
-        return list(xs)
+        return xs
     length = chain.length
-    stacked = {
-        slot: torch.stack(layer_params[j * length : (j + 1) * length])
-        for j, slot in enumerate(slots)
-    }
+    groups = {slot: combine(layer_params[j * length : (j + 1) * length]) for j, slot in enumerate(slots)}
     rest = iter(xs)
-    return [stacked[index] if index in stacked else next(rest) for index in range(len(slots) + len(xs))]
+    return [groups[index] if index in groups else next(rest) for index in range(len(slots) + len(xs))]
 
 
 def _contiguous(tensors):
@@ -80,11 +89,16 @@ def chain_solve(
     """States ``s_1 .. s_L`` of the chain ``program`` started at ``s0``."""
     chain = _PROGRAMS[program]
     s0, xs, shared = s0.contiguous(), _contiguous(xs), _contiguous(shared)
-    leaves = per_step_inputs(chain, xs, layer_params)
-    if chain.method == "sequential":
-        states, stats = solve_sequentially(chain, s0, leaves, shared, chain.sequential_reason)
+    if chain.method == "sequential":  # the rolled loop reads the layer parameters where they are: no stack
+        leaves = None
+        columns = per_step_columns(chain, xs, layer_params)
+        # The op's forward runs below autograd (its backward is the adjoint): the loop is never recorded.
+        states, stats = solve_columns(chain, s0, columns, shared, chain.sequential_reason, recorded=False)
     else:
+        begin = time.perf_counter()
+        leaves = per_step_inputs(chain, xs, layer_params)
         states, stats = newton_solve(chain, s0, leaves, shared, **chain.solver_options)
+        stats.seconds = time.perf_counter() - begin
     if chain.check_next is not None:
         states, stats = _checked(chain, s0, leaves, shared, states, stats)
     chain.last_stats = stats

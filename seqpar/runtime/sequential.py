@@ -2,22 +2,50 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.utils._pytree as pytree
 
+from .rolled import loop_for
 from .stats import SolveStats
 
 
 def run_steps(program, state, xs_leaves, shared, start: int = 0) -> torch.Tensor:
     """``s_l = f(s_{l-1}, x_l)`` for ``l = start + 1 .. L`` from the packed ``state`` ``(N, w)`` (``s_start``).
 
-    The user's step runs on unpacked states exactly as in the original loop;
-    the states are packed once at the end: ``(L - start, N, w)``. Out of
-    place, so autograd can record it.
+    ``xs_leaves``: the per-step inputs stacked, ``(L, ...)`` each. Returns
+    ``(L - start, N, w)``; out of place, so autograd can record it.
     """
+    return run_columns(program, state, [leaf.unbind(0) for leaf in xs_leaves], shared, start)
+
+
+def run_columns(program, state, columns, shared, start: int = 0, recorded: bool | None = None) -> torch.Tensor:
+    """:func:`run_steps` on per-step inputs given as columns: ``columns[i][l]`` is leaf ``i`` of ``x_{l+1}``.
+
+    A column is any sequence of ``L`` tensors: the rows of a stacked tensor,
+    or the per-layer parameters themselves, read where they are (no copy).
+    The loop is the step's aten calls written out once (:mod:`.rolled`), so
+    the states are those of the user's step, run one after another; where it
+    cannot be generated the step itself is called per step, on unpacked
+    states, exactly as in the original loop. ``recorded``: whether autograd
+    may record the loop (default: grad mode); where it does not, the states
+    are written into one buffer (``out=`` and in-place forms of the step's
+    last ops: the same kernels, no allocation per step).
+    """
+    if start >= program.length:
+        return state.new_empty(0, *state.shape)
+    loop = loop_for(program, state, columns, shared)
+    recorded = torch.is_grad_enabled() if recorded is None else recorded
+    if loop.run_into is not None and not recorded:
+        out = state.new_empty(program.length - start, *state.shape)
+        return loop.run_into(state, columns, shared, start, program.length, out)
+    if loop.run is not None:
+        return torch.stack(loop.run(state, columns, shared, start, program.length))
     layout = program.layout
     current = layout.unpack(state)
     trajectory = []
+    xs_leaves = [torch.stack(list(column)) for column in columns]
     for x in program.per_step_inputs(xs_leaves, start):
         current = program.step(current, x, *shared)
         trajectory.append(current)
@@ -32,8 +60,17 @@ def continue_sequentially(program, s0, xs_leaves, shared, states, start: int) ->
 
 def solve_sequentially(program, s0, xs_leaves, shared, reason: str):
     """All states by the sequential loop; the stats record ``reason`` as the fallback."""
-    states = s0.new_empty(program.length, *s0.shape)
-    continue_sequentially(program, s0, xs_leaves, shared, states, 0)
+    return solve_columns(program, s0, [leaf.unbind(0) for leaf in xs_leaves], shared, reason)
+
+
+def solve_columns(program, s0, columns, shared, reason: str, recorded: bool | None = None):
+    """:func:`solve_sequentially` on per-step columns (:func:`run_columns`); the stats also record how
+    the steps ran (``loop``) and the loop's wall time (``seconds``, measured on this call)."""
+    loop = loop_for(program, s0, columns, shared)
+    begin = time.perf_counter()
+    states = run_columns(program, s0, columns, shared, recorded=recorded)
+    seconds = time.perf_counter() - begin
     stats = SolveStats(length=program.length, jacobian="none", converged=True, fallback=reason,
-                       sequential_steps=program.length, evaluations=program.length)
+                       sequential_steps=program.length, evaluations=program.length,
+                       loop=loop.kind, seconds=seconds)
     return states, stats

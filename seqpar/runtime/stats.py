@@ -20,7 +20,13 @@ class SolveStats:
     computed that position's Jacobian (``"full"``, ``"diag"``: every one;
     ``"identity"``: none; ``"estimate"``: one VJP per position, at its first
     evaluation only, so at most ``L``);
-    ``window``: active positions per iteration (``None``: the whole chain).
+    ``window``: active positions per iteration (``None``: the whole chain);
+    ``loop``: how a sequential solve ran its steps (``"generated"``: the
+    step's aten calls written out as one loop, :mod:`~seqpar.runtime.rolled`;
+    ``"step calls"``: the step called per step; ``""``: not a sequential solve);
+    ``seconds``: the solve's wall time on this call: the sequential loop's
+    (without generating it), or the parallel solve's with its parameter
+    stacking (``None``: not measured).
     """
 
     length: int
@@ -34,3 +40,5 @@ class SolveStats:
     evaluations: int = 0
     jacobian_evaluations: int = 0
     window: int | None = None
+    loop: str = ""
+    seconds: float | None = None

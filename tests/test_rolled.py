@@ -1,0 +1,229 @@
+"""The rolled form: a chain kept sequential runs its steps as one generated loop inside the chain op.
+
+The loop is the step's aten calls written out (``seqpar.runtime.rolled``): the
+same kernels on the same values as the eager loop, so the states are eager's
+bit for bit where the ops are (an ``nn.Sequential`` of ``Linear`` and an
+activation), which a chaotic chain, kept sequential because rounding grows
+there, needs; everywhere else equal to float64 rounding. The layer parameters
+are read where they are on every call (no stack, no cache), so updates
+through ``p.data`` are seen.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import seqpar
+from seqpar.backend import SeqparBackend
+from seqpar.runtime import rolled, solve_chain
+from seqpar.runtime.sequential import run_steps
+from tests.zoo import models as zoo
+
+F64_ATOL = 1e-12
+ROLLED = {"policy": "sequential", "sequential_form": "rolled", "min_chain": 4, "inner": "eager"}
+
+
+def compile_rolled(model, **options):
+    torch._dynamo.reset()
+    backend = SeqparBackend({**ROLLED, **options})
+    return torch.compile(model, backend=backend), backend
+
+
+def mlp(depth=32, width=8, gain=1.0, act=nn.Tanh, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    layers = []
+    for _ in range(depth):
+        linear = nn.Linear(width, width)
+        nn.init.normal_(linear.weight, std=gain / width**0.5)
+        layers += [linear, act()]
+    return nn.Sequential(*layers).to(dtype).eval()
+
+
+def the_program(backend):
+    ((report, program),) = [item for graph in backend.graphs for item in graph.programs]
+    return report, program
+
+
+def test_kept_sequential_mlp_runs_the_generated_loop_and_equals_eager():
+    model = mlp()
+    x = torch.randn(4, 8, dtype=torch.float64)
+    compiled, backend = compile_rolled(model)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), atol=F64_ATOL, rtol=0)
+    report, program = the_program(backend)
+    assert (report.form, report.method) == ("rolled", "sequential")
+    assert program.last_stats.loop == "generated" and program.last_stats.seconds > 0
+
+
+@pytest.mark.parametrize("act, gain", [(nn.Tanh, 3.0), (nn.Sigmoid, 8.0), (nn.GELU, 1.0), (nn.ReLU, 1.0),
+                                       (nn.SiLU, 1.5)])
+def test_kept_sequential_chain_is_eager_bit_for_bit_in_float32(act, gain):
+    # Tanh at gain 3 is chaotic (kept sequential by the Lyapunov probe): rounding differences grow like
+    # exp(lambda l), so only the same kernels in the same order agree after 256 layers.
+    model = mlp(depth=256, width=8, gain=gain, act=act, dtype=torch.float32)
+    x = torch.randn(1, 8)
+    compiled, backend = compile_with_default_policy(model)
+    with torch.no_grad():
+        expected = model(x)
+        assert torch.isfinite(expected).all() and torch.equal(compiled(x), expected)
+    report, _ = the_program(backend)
+    assert (report.method, report.form) == ("sequential", "rolled")
+
+
+def compile_with_default_policy(model):
+    torch._dynamo.reset()
+    backend = SeqparBackend({"inner": "eager"})
+    return torch.compile(model, backend=backend), backend
+
+
+def test_gradients_through_the_rolled_form_equal_eager():
+    model = mlp(depth=24)
+    x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    compiled, _ = compile_rolled(model)
+    got = torch.autograd.grad(compiled(x).square().sum(), [x, *model.parameters()])
+    want = torch.autograd.grad(model(x).square().sum(), [x, *model.parameters()])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=F64_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("adjoint", ["sequential", "parallel"])
+def test_frozen_layers_get_no_gradient_and_the_others_eager_gradients(adjoint):
+    model = mlp(depth=16)
+    for index, parameter in enumerate(model.parameters()):
+        parameter.requires_grad_(index % 4 != 0)  # every other layer's weight frozen
+    x = torch.randn(3, 8, dtype=torch.float64)
+    compiled, _ = compile_rolled(model, policy="auto", adjoint=adjoint)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    got = torch.autograd.grad(compiled(x).square().sum(), trained)
+    want = torch.autograd.grad(model(x).square().sum(), trained)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-9, rtol=0)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_in_place_updates_through_p_data_are_seen_on_the_next_call():
+    model = mlp(depth=16)
+    x = torch.randn(4, 8, dtype=torch.float64)
+    compiled, _ = compile_rolled(model)
+    with torch.no_grad():
+        compiled(x)
+        for parameter in model.parameters():
+            parameter.data.mul_(0.5)  # leaves _version alone
+        torch.testing.assert_close(compiled(x), model(x), atol=F64_ATOL, rtol=0)
+        model[4].weight.data.copy_(torch.randn(8, 8, dtype=torch.float64))
+        torch.testing.assert_close(compiled(x), model(x), atol=F64_ATOL, rtol=0)
+
+
+def test_optimizer_steps_are_seen_by_the_rolled_form():
+    model, eager_model = mlp(depth=16), mlp(depth=16)
+    x = torch.randn(4, 8, dtype=torch.float64)
+    compiled, _ = compile_rolled(model)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, eager_model)]
+    for _ in range(3):
+        for net, optimizer in zip((compiled, eager_model), optimizers):
+            optimizer.zero_grad()
+            net(x).square().sum().backward()
+            optimizer.step()
+    torch.testing.assert_close(compiled(x), eager_model(x), atol=1e-10, rtol=0)
+
+
+ZOO = {
+    "gelu_mlp": lambda: zoo.deep_mlp(depth=12, width=8, act="gelu"),
+    "mlp_layernorm": lambda: zoo.mlp_layernorm(),
+    "mlp_sequence_input": lambda: zoo.deep_mlp(depth=8, width=6, seq=5),
+    "modulelist": lambda: zoo.modulelist_mlp(),
+    "stacked_mlp": lambda: zoo.stacked_mlp(),
+    "residual_mlp": lambda: zoo.residual_mlp(),
+    "conv_resnet": lambda: zoo.conv_resnet(),
+    "preln_transformer": lambda: zoo.preln_transformer(),
+    "transformer_encoder": lambda: zoo.transformer_stack(),
+    "gru_cell": lambda: zoo.gru_cell_loop(),
+    "hand_lstm": lambda: zoo.hand_lstm(),
+    "weight_tied": lambda: zoo.weight_tied_loop(),
+    "scanned_mlp": lambda: zoo.scanned_mlp(),
+    "scan_lstm": lambda: zoo.scan_lstm(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_zoo_in_the_rolled_form_equals_eager_with_gradients_in_float64(name):
+    model, inputs = ZOO[name]()
+    model = model.double()
+    inputs = tuple(x.double() if x.is_floating_point() else x for x in inputs)
+    compiled, backend = compile_rolled(model)
+    torch.testing.assert_close(compiled(*inputs), model(*inputs), atol=1e-10, rtol=0)
+    got = torch.autograd.grad(compiled(*inputs).square().sum(), list(model.parameters()))
+    want = torch.autograd.grad(model(*inputs).square().sum(), list(model.parameters()))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-9, rtol=0)
+    programs = [program for graph in backend.graphs for _, program in graph.programs]
+    assert programs and all(program.last_stats.loop == "generated" for program in programs)
+
+
+def test_a_step_the_generator_cannot_write_out_calls_the_step_and_says_why(monkeypatch):
+    def refuse(*args):
+        raise ValueError("no such op")
+
+    monkeypatch.setattr(rolled, "generate_loop", refuse)
+    model = mlp(depth=8)
+    x = torch.randn(4, 8, dtype=torch.float64)
+    compiled, backend = compile_rolled(model)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), atol=F64_ATOL, rtol=0)
+    _, program = the_program(backend)
+    assert program.last_stats.loop == "step calls"
+    (loop,) = rolled._LOOPS[program].values()
+    assert loop.reason == "ValueError: no such op"
+
+
+def weight_tied_step(s, x, W):
+    return torch.tanh(s @ W.T + x)
+
+
+def test_recorded_sequential_loop_has_the_plain_loops_values_and_gradients():
+    # run_steps under autograd (create_graph=True, the float64 reference): the loop without out= buffers.
+    torch.manual_seed(1)
+    W = (0.5 * torch.randn(5, 5, dtype=torch.float64)).requires_grad_()
+    s0 = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    xs = torch.randn(20, 3, 5, dtype=torch.float64)
+    states = solve_chain(weight_tied_step, s0, xs, (W,), forward="sequential", adjoint="sequential")
+    state, expected = s0, []
+    for x in xs:
+        state = weight_tied_step(state, x, W)
+        expected.append(state)
+    expected = torch.stack(expected)
+    torch.testing.assert_close(states, expected, atol=F64_ATOL, rtol=0)
+    (gW,) = torch.autograd.grad(states.square().sum(), [W], create_graph=True)
+    (wW,) = torch.autograd.grad(expected.square().sum(), [W], create_graph=True)
+    torch.testing.assert_close(gW, wW, atol=1e-10, rtol=0)
+    torch.testing.assert_close(torch.autograd.grad(gW.sum(), [s0])[0], torch.autograd.grad(wW.sum(), [s0])[0],
+                               atol=1e-10, rtol=0)
+
+
+def tied_step(s, x, W):
+    return torch.tanh(s @ W.T + x)
+
+
+def test_the_generated_loop_computes_loop_invariant_nodes_once():
+    # A weight-tied step reads one W every step: W^T is taken once, before the loop.
+    s0, xs, W = torch.randn(3, 5, dtype=torch.float64), torch.randn(20, 3, 5, dtype=torch.float64), torch.randn(5, 5)
+    states = solve_chain(tied_step, s0, xs, (W.double(),), forward="sequential")
+    expected = s0
+    for x in xs:
+        expected = tied_step(expected, x, W.double())
+    torch.testing.assert_close(states[-1], expected, atol=F64_ATOL, rtol=0)
+    (program,) = [program for program in rolled._LOOPS if program.step is tied_step]
+    (loop,) = rolled._LOOPS[program].values()
+    before, body = loop.source.split("def rolled_into")[0].split("for l in range")
+    assert "= _c0(sh0, " in before and "sh0" not in body
+
+
+def test_explain_says_which_form_runs_and_what_a_step_costs():
+    model = mlp(depth=64, width=16)
+    report = seqpar.explain(model, torch.randn(16, 16, dtype=torch.float64), options={"policy": "sequential"})
+    (chain,) = report.chains
+    assert chain.form == "rolled"
+    assert "us per step" in chain.step_cost and "measured" in chain.step_cost and "generated loop" in chain.step_cost
+    assert "us per step" in str(report)

@@ -45,7 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from seqpar.backend import SeqparBackend  # noqa: E402
 from seqpar.runtime.lyapunov import largest_lyapunov_exponent  # noqa: E402
-from seqpar.runtime.newton import Tolerance, newton_solve, windowed_steps  # noqa: E402
+from seqpar.runtime.newton import Tolerance, newton_solve  # noqa: E402
+from seqpar.runtime.program import windowed_steps  # noqa: E402
 from seqpar.runtime.program import ChainProgram, StateLayout  # noqa: E402
 from tests.test_denoise import sampling_loop  # noqa: E402
 from timing import median_time  # noqa: E402

@@ -25,7 +25,7 @@ from unittest import mock
 
 import torch
 
-from seqpar.runtime import pcr, triton_pcr
+from seqpar.runtime import pcr, spec, triton_pcr
 
 COLUMNS = (
     "kind", "direction", "L", "w", "N",
@@ -38,7 +38,7 @@ def parse_args(argv=None):
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--widths", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
-    parser.add_argument("--kinds", nargs="+", default=list(pcr.JACOBIAN_KINDS), choices=pcr.JACOBIAN_KINDS)
+    parser.add_argument("--kinds", nargs="+", default=list(spec.JACOBIAN_KINDS), choices=spec.JACOBIAN_KINDS)
     directions = ["forward", "reverse"]
     parser.add_argument("--directions", nargs="+", default=directions, choices=directions)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")

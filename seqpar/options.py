@@ -11,11 +11,12 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
-JACOBIANS = ("auto", "full", "diag", "identity", "estimate")
+from .runtime.spec import ADJOINT_CHOICES as ADJOINTS
+from .runtime.spec import JACOBIAN_CHOICES as JACOBIANS
+
 POLICIES = ("auto", "parallel", "sequential")
 SEQUENTIAL_FORMS = ("auto", "unrolled", "rolled")
 INNER_BACKENDS = ("inductor", "eager", "aot_eager")
-ADJOINTS = ("auto", "parallel", "sequential")
 
 
 @dataclass(frozen=True)

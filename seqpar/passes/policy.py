@@ -13,10 +13,9 @@ import math
 from dataclasses import dataclass
 
 from ..options import Options
+from ..runtime.spec import DENSE_WIDTH
 from .chain import Chain
 
-# Widest state (values per batch element) for dense Jacobian blocks.
-DENSE_WIDTH = 64
 # CPU crossovers, measured on the MLP grid with the compiled CPU kernel (benchmarks/RESULTS.md,
 # "MLP grid, session 3"): the parallel forward wins from L = 1024 on up to N*w = 16 (1.2-16x;
 # 1.2x only at N*w = 16, so the rule stops at 8) and loses at N*w = 32 and at L <= 256; the

@@ -24,7 +24,6 @@ import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from ..runtime.chain import build_program, validated_solver_options
-from ..runtime.newton import DEFAULT_MAX_ITERS
 from ..runtime.program import ChainProgram, StateLayout
 from .chain import Chain, map_state, state_leaves
 from .slices import slice_steps
@@ -122,12 +121,10 @@ def build_chain_program(
          if item.kind in ("parameter", "slice") and not any(map(_requires_grad, item.nodes))]
         + [("shared", i) for i, node in enumerate(chain.shared) if node.op == "placeholder" and not _requires_grad(node)]
     )
-    window = decision.window if decision.window is not None and decision.window < chain.length else None
-    if max_iters is None and window is not None:  # a windowed solve needs at least L / W iterations more
-        max_iters = 4 * -(-chain.length // window) + DEFAULT_MAX_ITERS
     jacobian = decision.jacobian if decision.method == "parallel" else "identity"
-    solver_options = validated_solver_options(tol, max_iters, None, chain.state_dtype, chain.length, jacobian)
-    solver_options["window"] = window
+    solver_options = validated_solver_options(
+        tol, max_iters, None, chain.state_dtype, chain.length, jacobian, decision.window
+    )
     # Trace outside Dynamo's tracing context: its fake mode would make the sizes symbolic.
     with torch._guards.tracing(None), unset_fake_temporarily():
         program = build_program(

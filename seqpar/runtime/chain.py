@@ -15,15 +15,9 @@ import torch
 import torch.utils._pytree as pytree
 
 from . import estimates, ops, step_cache
-from .newton import DEFAULT_MAX_ITERS, Tolerance, windowed_steps
-from .pcr import JACOBIAN_KINDS
-from .program import JACOBIAN_ESTIMATES, ChainProgram, StateLayout
-
-JACOBIAN_CHOICES = ("auto", *JACOBIAN_KINDS, *JACOBIAN_ESTIMATES)
-ADJOINT_CHOICES = ("auto", "parallel", "sequential")
-FORWARD_CHOICES = ("parallel", "sequential")
-# Widest state for which "auto" takes dense Jacobian blocks (w^2 values per block).
-DENSE_WIDTH_LIMIT = 64
+from .newton import Tolerance
+from .program import ChainProgram, StateLayout, windowed_steps
+from .spec import ADJOINT_CHOICES, DENSE_WIDTH, FORWARD_CHOICES, JACOBIAN_CHOICES, default_max_iters
 
 log = logging.getLogger("seqpar.runtime")
 
@@ -100,12 +94,9 @@ def solve_chain(
         tensors for a tuple state), and the stats if ``return_stats``.
     """
     layout, xs_leaves, xs_spec, shared, length, first = _validate(step, s0, xs, shared, length, batch_ndim)
-    jacobian = _choose(jacobian, JACOBIAN_CHOICES, "jacobian", "full" if layout.width <= DENSE_WIDTH_LIMIT else "identity")
-    adjoint = _choose(adjoint, ADJOINT_CHOICES, "adjoint", "parallel" if layout.width <= DENSE_WIDTH_LIMIT else "sequential")
-    solver_options = validated_solver_options(tol, max_iters, damping, layout.dtype, length, jacobian)
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
-        raise ValueError(f"window must be None or an int >= 1, got {window!r}")
-    solver_options["window"] = window if window is not None and window < length else None
+    jacobian = _choose(jacobian, JACOBIAN_CHOICES, "jacobian", "full" if layout.width <= DENSE_WIDTH else "identity")
+    adjoint = _choose(adjoint, ADJOINT_CHOICES, "adjoint", "parallel" if layout.width <= DENSE_WIDTH else "sequential")
+    solver_options = validated_solver_options(tol, max_iters, damping, layout.dtype, length, jacobian, window)
     forward = _choose(forward, FORWARD_CHOICES, "forward", "parallel")
     if forward == "sequential":
         jacobian = "identity"  # the forward needs no Jacobians
@@ -208,16 +199,22 @@ def _first_step_agrees(program, s0, xs_leaves, shared, first) -> bool:
     return bool((same | ((traced - first).abs() <= allowed)).all())
 
 
-def validated_solver_options(tol, max_iters, damping, dtype, length, jacobian="full") -> dict:
-    """The validated ``newton_solve`` keywords ``{tol, max_iters, damping}``; the one place their defaults live.
+def validated_solver_options(tol, max_iters, damping, dtype, length, jacobian="full", window=None) -> dict:
+    """The validated ``newton_solve`` keywords ``{tol, max_iters, damping, window}``, for ``solve_chain`` and the
+    backend alike; their defaults come from :mod:`seqpar.runtime.spec`.
 
-    ``tol=None``: by dtype and Jacobian kind (:meth:`Tolerance.resolve`); ``max_iters=None``:
-    :data:`DEFAULT_MAX_ITERS`, capped at ``length`` (prefix exactness finishes
-    a state per iteration); ``damping=None``: 0 (plain Newton). Bad values raise
-    ValueError naming the argument.
+    ``tol=None``: by dtype and Jacobian kind (:meth:`Tolerance.resolve`);
+    ``max_iters=None``: :func:`~seqpar.runtime.spec.default_max_iters` (more
+    for a sliding window); any ``max_iters`` is capped at ``length`` (prefix
+    exactness finishes a state per iteration); ``damping=None``: 0 (plain
+    Newton); ``window`` ``>= length`` means the whole chain (``None``). Bad
+    values raise ValueError naming the argument.
     """
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be None or an int >= 1, got {window!r}")
+    window = window if window is not None and window < length else None
     if max_iters is None:
-        max_iters = DEFAULT_MAX_ITERS
+        max_iters = default_max_iters(length, window)
     if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1:
         raise ValueError(f"max_iters must be a positive int, got {max_iters!r}")
     if damping is None:
@@ -230,7 +227,7 @@ def validated_solver_options(tol, max_iters, damping, dtype, length, jacobian="f
         raise ValueError(f"tol must be a float or an (atol, rtol) pair, got {tol!r}") from None
     if not (0 <= tolerance.atol < math.inf and 0 <= tolerance.rtol < math.inf and tolerance.atol + tolerance.rtol > 0):
         raise ValueError(f"tol must be finite, non-negative and not both zero, got {tol!r}")
-    return {"tol": tolerance, "max_iters": min(max_iters, length), "damping": float(damping)}
+    return {"tol": tolerance, "max_iters": min(max_iters, length), "damping": float(damping), "window": window}
 
 
 def _choose(value, choices, name, auto):

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import torch
 
-from .newton import windowed_steps
+from .program import windowed_steps
 
 
 def traced_lengths(window: int) -> list[int]:

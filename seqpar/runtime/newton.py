@@ -61,33 +61,21 @@ from __future__ import annotations
 
 import logging
 import math
-import weakref
 from dataclasses import dataclass
 
 import torch
 
 from . import cpu_scan
-from .pcr import accumulation_dtype, solve_affine_recurrence
+from .estimates import CachedEstimates
+from .pcr import solve_affine_recurrence
+from .program import windowed_steps
 from .sequential import continue_sequentially
+from .spec import DEFAULT_TOLERANCE, LINEAR_CONVERGENCE_FACTOR, accumulation_dtype
 from .stats import SolveStats
 from .tridiagonal import levenberg_marquardt_step
 
 log = logging.getLogger("seqpar.runtime")
 
-DEFAULT_TOLERANCE = {
-    torch.float64: 1e-10,
-    torch.float32: 1e-5,
-    torch.float16: 1e-3,
-    torch.bfloat16: 8e-3,
-}
-DEFAULT_MAX_ITERS = 40
-# Iterations that converge linearly (every Jacobian but the full one) stop at this fraction of the
-# dtype's default tolerance in float32 and float64: their error after the last update is about
-# rho / (1 - rho) times that update (rho the rate), where Newton's is about its square. Measured:
-# a 40-layer float32 Llama stack solved by Picard ends 7x further from float64 than eager at 1e-5,
-# as far as eager at 1e-6, for 19 iterations instead of 17. Half precision keeps its default (its
-# stored states round at about 1e-3).
-LINEAR_CONVERGENCE_FACTOR = 0.1
 
 
 @dataclass(frozen=True)
@@ -147,8 +135,6 @@ def newton_solve(
     states, prev = buffer[1:], buffer[:-1]
     estimates = None
     if program.jacobian == "estimate":  # A_l made once per position, at its first evaluation
-        from .estimates import CachedEstimates  # it imports windowed_steps from here
-
         estimates = CachedEstimates(program, states)
     evaluate = windowed_steps(program, window, xs_leaves, shared) if window is not None and not estimates else None
     start = 0
@@ -338,30 +324,3 @@ def _evaluate_all(program, kind, prev, xs_leaves, shared):
     if kind == "identity":
         return program.steps_at(prev, xs_leaves, shared)
     return program.steps_and_jacobians(prev, xs_leaves, shared)
-
-
-_windowed: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def windowed_steps(program, window: int, xs_leaves, shared, jacobian: str | None = None):
-    """The batched step (with Jacobians unless ``"identity"``) traced for ``window`` positions.
-
-    ``F_j = f(prev_j, x_j)`` for ``prev (W, N, w)`` and per-step inputs sliced to
-    ``W`` rows. The program's own graphs are traced at the full length ``L``
-    with static shapes, so a window gets its own trace (made once per program,
-    window and ``jacobian``, by default the program's;
-    :func:`seqpar.runtime.chain.build_program` makes it up front).
-    """
-    jacobian = program.jacobian if jacobian is None else jacobian
-    per_program = _windowed.setdefault(program, {})
-    traced = per_program.get((jacobian, window))
-    if traced is None:
-        from .program import _trace  # runtime-internal; imported here to keep newton's imports light
-
-        layout = program.layout
-        prev = torch.empty(window, layout.batch_size, layout.width, dtype=layout.dtype, device=layout.device)
-        xs = [torch.empty(window, *leaf.shape[1:], dtype=leaf.dtype, device=leaf.device) for leaf in xs_leaves]
-        shared = [torch.empty_like(tensor) for tensor in shared]
-        fn = program._steps if jacobian == "identity" else program._make_steps_and_jacobians(jacobian)
-        traced = per_program[jacobian, window] = _trace(fn, prev, xs, shared)
-    return traced

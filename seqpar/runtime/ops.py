@@ -52,9 +52,11 @@ def per_step_inputs(chain, xs, layer_params):
 
     Group ``j`` of ``layer_params`` (tensors ``j L .. (j + 1) L - 1``) becomes one
     ``(L, ...)`` tensor at position ``param_slots[j]``. The stack is differentiable
-    (``torch.stack``) where autograd records, and made of detached tensors otherwise.
+    (``torch.stack``) where autograd records, and made of detached tensors otherwise;
+    contiguous, as every tensor the traced graphs take (channels-last parameters
+    stack to a strided tensor).
     """
-    return _with_layer_groups(chain, list(xs), layer_params, torch.stack)
+    return _with_layer_groups(chain, list(xs), layer_params, lambda group: torch.stack(group).contiguous())
 
 
 def per_step_columns(chain, xs, layer_params):

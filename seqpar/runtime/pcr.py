@@ -54,8 +54,8 @@ from __future__ import annotations
 import torch
 
 from . import cpu_scan
+from .spec import JACOBIAN_KINDS, accumulation_dtype
 
-JACOBIAN_KINDS = ("full", "diag", "identity")
 SOLVE_METHODS = ("auto", "pcr", "substitution")
 # Widest dense block combined in the homogeneous structure-of-arrays layout
 # (measured faster than batched matmul up to w = 4 on a 2-core CPU).
@@ -87,11 +87,6 @@ def combine_steps(length: int) -> int:
     return max(0, (length - 1).bit_length())
 
 
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half and bfloat16, the dtype itself otherwise."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 def solve_affine_recurrence(
     A: torch.Tensor | None, c: torch.Tensor, kind: str, *, reverse: bool = False, method: str = "auto"
 ) -> torch.Tensor:
@@ -105,7 +100,7 @@ def solve_affine_recurrence(
     ``lam_{l-1} = g_{l-1} + J_l^T lam_l`` of implicit differentiation.
 
     The result has ``c``'s dtype; the combine steps run in
-    :func:`accumulation_dtype`. The inputs are not modified.
+    :func:`~seqpar.runtime.spec.accumulation_dtype`. The inputs are not modified.
 
     ``method``: ``"pcr"`` (the combine steps above; on CUDA the Triton kernels
     when Triton is installed), ``"substitution"`` (CPU only: the compiled
@@ -125,7 +120,7 @@ def solve_affine_recurrence(
             "torch.no_grad(); solve_chain differentiates chains by its own adjoint solve"
         )
     if c.is_cuda and method != "substitution":
-        from . import triton_pcr
+        from . import triton_pcr  # only on CUDA: a CPU run never imports Triton
 
         if triton_pcr.available():
             return triton_pcr.solve_affine_recurrence(A, c, kind, reverse=reverse)

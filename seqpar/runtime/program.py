@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -49,14 +50,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.func import functionalize, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-
-# Jacobian kinds that are estimates, and the PCR blocks they are solved with.
-JACOBIAN_ESTIMATES = {"estimate": "diag"}
-
-
-def linear_solve_kind(jacobian: str) -> str:
-    """The PCR block kind of the linear solve for ``jacobian`` (``"estimate"`` -> ``"diag"``)."""
-    return JACOBIAN_ESTIMATES.get(jacobian, jacobian)
+from .spec import linear_solve_kind
 
 
 @dataclass(frozen=True)
@@ -193,7 +187,7 @@ class ChainProgram:
         return value, pullback(cotangent)[0]
 
     def _make_steps_and_jacobians(self, kind: str):
-        """``(F, A)`` of all steps: ``A`` the Jacobian blocks of ``kind`` (see :data:`JACOBIAN_ESTIMATES`).
+        """``(F, A)`` of all steps: ``A`` the Jacobian blocks of ``kind`` (see :data:`seqpar.runtime.spec.JACOBIAN_ESTIMATES`).
 
         ``"full"``: ``J`` ``(L, N, w, w)``; ``"diag"``: its diagonal ``(L, N, w)``,
         by the affine-pointwise formula where :attr:`structure` was found, else
@@ -558,3 +552,28 @@ def find_affine_pointwise(step_packed, s, x_leaves, shared) -> AffinePointwise |
     if result in head:  # the output is the state itself plus nothing through the product
         return None
     return AffinePointwise(graph_module, linear, weight, result, direct)
+
+
+_windowed: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def windowed_steps(program, window: int, xs_leaves, shared, jacobian: str | None = None):
+    """The batched step (with Jacobians unless ``"identity"``) traced for ``window`` positions.
+
+    ``F_j = f(prev_j, x_j)`` for ``prev (W, N, w)`` and per-step inputs sliced to
+    ``W`` rows. The program's own graphs are traced at the full length ``L``
+    with static shapes, so a window gets its own trace (made once per program,
+    window and ``jacobian``, by default the program's;
+    :func:`seqpar.runtime.chain.build_program` makes it up front).
+    """
+    jacobian = program.jacobian if jacobian is None else jacobian
+    per_program = _windowed.setdefault(program, {})
+    traced = per_program.get((jacobian, window))
+    if traced is None:
+        layout = program.layout
+        prev = torch.empty(window, layout.batch_size, layout.width, dtype=layout.dtype, device=layout.device)
+        xs = [torch.empty(window, *leaf.shape[1:], dtype=leaf.dtype, device=leaf.device) for leaf in xs_leaves]
+        shared = [torch.empty_like(tensor) for tensor in shared]
+        fn = program._steps if jacobian == "identity" else program._make_steps_and_jacobians(jacobian)
+        traced = per_program[jacobian, window] = _trace(fn, prev, xs, shared)
+    return traced

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import torch
 
-from .pcr import JACOBIAN_KINDS, accumulation_dtype, combine_steps
+from .pcr import combine_steps
+from .spec import JACOBIAN_KINDS, accumulation_dtype
 
 
 def levenberg_marquardt_step(A: torch.Tensor | None, c: torch.Tensor, kind: str, damping: float) -> torch.Tensor:

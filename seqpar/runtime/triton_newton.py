@@ -55,7 +55,7 @@ from __future__ import annotations
 import torch
 
 from . import triton_pcr
-from .pcr import accumulation_dtype
+from .spec import accumulation_dtype
 
 try:
     import triton

@@ -8,7 +8,7 @@ Solves, for ``N`` independent batch elements of ``w`` values each,
 ``l = 0 .. L-1``, with ``A`` of shape ``(L, N, w, w)`` (``"full"``),
 ``(L, N, w)`` (``"diag"``) or ``None`` (``"identity"``, ``A_l = I``) and ``c``
 of shape ``(L, N, w)``. The result has ``c``'s shape and dtype; the arithmetic
-runs in :func:`~seqpar.runtime.pcr.accumulation_dtype` (float32 for half and
+runs in :func:`~seqpar.runtime.spec.accumulation_dtype` (float32 for half and
 bfloat16).
 
 Instead of ``log2 L`` full passes over memory the solve is chunked (the
@@ -39,7 +39,7 @@ import os
 
 import torch
 
-from .pcr import JACOBIAN_KINDS, accumulation_dtype
+from .spec import JACOBIAN_KINDS, accumulation_dtype
 
 try:
     import triton

@@ -30,7 +30,7 @@ from .passes.detect import find_chains
 from .passes.effects import is_random
 from .passes.policy import Decision, decide
 from .passes.rewrite import StepAdapter, build_chain_program, constant_stack, remap_chain, rewrite_chain, state_layout
-from .passes.slices import slice_steps
+from .runtime.slicing import slice_steps
 from .passes.tokens import VIEW_ATTRIBUTES, VIEW_OPS
 from .report import ChainReport, format_table, hints_for, step_cost_text
 from .runtime.lyapunov import largest_lyapunov_exponent, log_probe_failure

@@ -13,7 +13,7 @@ from torch.func import jvp, vmap
 
 from seqpar.passes.chain import map_state, state_leaves
 from seqpar.passes.detect import BATCHNORM_TRAINING, find_chains
-from seqpar.passes.slices import slice_steps
+from seqpar.runtime.slicing import slice_steps
 from tests.zoo import models as zoo
 
 

@@ -10,7 +10,9 @@ the graph (:func:`stacks_parameters_in_graph`); a slice input ``P[a + l]`` is
 handed over as ``P`` (or ``P.narrow(0, a, L)``), and the selects and views of
 ``P`` only the chain read are erased; per-step values computed in the graph are
 stacked in the graph; per-step literals become a constant buffer. Nothing else
-in the graph changes; ``graph.lint()`` passes.
+in the graph changes; ``graph.lint()`` passes, and every node the rewrite
+created carries a fake ``example_value`` (and ``val``) of the value it computes
+(:func:`annotate_new_nodes`), as Dynamo's own nodes do.
 """
 
 from __future__ import annotations
@@ -21,12 +23,12 @@ import operator
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
-from torch._subclasses.fake_tensor import unset_fake_temporarily
+from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 
 from ..runtime.chain import build_program, validated_solver_options
 from ..runtime.program import ChainProgram, StateLayout
 from .chain import Chain, map_state, state_leaves
-from .slices import slice_steps
+from ..runtime.slicing import slice_steps
 from .policy import Decision
 
 
@@ -207,7 +209,44 @@ def rewrite_chain(gm: fx.GraphModule, chain: Chain, program: ChainProgram, index
     replacements = {old: new for old, new in replacements.items() if new.users}
     restore_topological_order(graph)
     graph.lint()
+    annotate_new_nodes(gm, [node for node in graph.nodes if node not in existing])
     return replacements
+
+
+def annotate_new_nodes(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
+    """Give each of ``nodes`` (in graph order) ``meta["example_value"]`` and ``meta["val"]``: its value computed
+    on its inputs' fake example values, in their fake mode. Raises ValueError naming a node whose value cannot be
+    computed (the backend then leaves the chain unchanged)."""
+    known = [node.meta.get("example_value", node.meta.get("val")) for node in gm.graph.nodes]
+    fakes = [value for value in pytree.tree_leaves(known) if isinstance(value, FakeTensor)]
+    if not fakes:
+        return  # a graph without fake values (built by hand in a test): nothing to keep consistent
+    mode = fakes[0].fake_mode  # invoke_subgraph bodies may carry values of other fake modes: brought into this one
+
+    def value_of(node):
+        value = node.meta.get("example_value", node.meta.get("val"))
+        if value is None:
+            raise ValueError(f"{node.name} has no example value")
+        return pytree.tree_map(
+            lambda leaf: mode.from_tensor(leaf) if isinstance(leaf, FakeTensor) and leaf.fake_mode is not mode else leaf,
+            value,
+        )
+
+    with mode:
+        for node in nodes:
+            if node.meta.get("example_value") is not None:
+                continue
+            try:
+                if node.op == "get_attr":
+                    value = mode.from_tensor(getattr(gm, node.target))
+                else:
+                    args = fx.node.map_arg(node.args, value_of)
+                    kwargs = fx.node.map_arg(node.kwargs, value_of)
+                    target = getattr(args[0], node.target) if node.op == "call_method" else node.target
+                    value = target(*(args[1:] if node.op == "call_method" else args), **kwargs)
+            except Exception as error:
+                raise ValueError(f"no example value for {node.name} ({type(error).__name__}: {error})") from error
+            node.meta["example_value"] = node.meta["val"] = value
 
 
 def _slice(graph: fx.Graph, item, length: int) -> fx.Node:

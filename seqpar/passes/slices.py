@@ -4,9 +4,10 @@ A model that keeps its layers stacked (``W: (L, m, n)``, read as ``W[l]`` in
 step ``l``) or runs a recurrence over a sequence (``x[:, t]``) reaches the
 Dynamo graph as one ``select``/``getitem`` node per step, often followed by
 views (``W[l].T``). :func:`as_slice` recognises such a per-step input so that
-the chain reads the ``L`` slices in one or two ops (:func:`slice_steps`: a
-view of ``P`` for consecutive rows on dim 0, one copy otherwise) instead of a
-stack of ``L`` selects.
+the chain reads the ``L`` slices in one or two ops
+(:func:`seqpar.runtime.slicing.slice_steps`, which the rewritten graph calls:
+a view of ``P`` for consecutive rows on dim 0, one copy otherwise) instead of
+a stack of ``L`` selects.
 
 Guarantees of a returned :class:`Slice`, for the per-step nodes ``nodes``
 (``nodes[l]`` read by step ``l``):
@@ -109,20 +110,3 @@ def as_slice(nodes: list[Node]) -> Slice | None:
             return None
         views.append(first)
         column = [node.all_input_nodes[0] for node in column]
-
-
-def slice_steps(source: torch.Tensor, dim: int, start: int, stride: int, length: int) -> torch.Tensor:
-    """``stack([source.select(dim, start + stride * l) for l in range(length)])`` in one or two ops.
-
-    ``source.movedim(dim, 0)``, then its rows ``start, start + stride, ..``
-    (for ``stride < 0`` the rows ``start + stride (length - 1) .. start``,
-    flipped), contiguous as the solver's traced graphs expect: a view of
-    ``source`` where the rows are consecutive on dim 0 (``W[l]``), one copy
-    otherwise (``x[:, t]``, ``W[2 l]``, ``W[L - 1 - l]``). The rewrite puts
-    this call in the graph; the backend's probe calls it on example values.
-    """
-    rows = source.movedim(dim, 0) if dim else source
-    step = abs(stride)
-    first = start if stride > 0 else start + stride * (length - 1)
-    picked = rows[first : first + step * (length - 1) + 1 : step]
-    return (picked if stride > 0 else picked.flip(0)).contiguous()

@@ -20,3 +20,27 @@ def median_time(fn, repeats: int, warmup: int = 1) -> float:
         own = fn()
         times.append(own if isinstance(own, float) else time.perf_counter() - start)
     return statistics.median(times)
+
+
+def interleaved_medians(fns: dict, repeats: int, budget: float = 2e-3, warmup: int = 2) -> dict:
+    """Median seconds per call of each ``fns[name]()``, timed in turns: round ``r`` times every function once.
+
+    Each turn runs a function ``k`` times in a row (``k`` such that a turn
+    lasts about ``budget`` seconds, found in the warm-up) and records the mean;
+    interleaving makes load that comes and goes fall on every function alike.
+    """
+    counts = {}
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            fn()
+        start = time.perf_counter()
+        fn()
+        counts[name] = max(1, int(budget / max(time.perf_counter() - start, 1e-7)))
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(counts[name]):
+                fn()
+            times[name].append((time.perf_counter() - start) / counts[name])
+    return {name: statistics.median(values) for name, values in times.items()}

@@ -76,38 +76,53 @@ _LOOPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def loop_for(program, state: torch.Tensor, columns, shared) -> RolledLoop:
-    """The program's loop for inputs shaped like these, generated at their first call.
+    """The program's loop for inputs like these, generated at their first call.
 
-    One loop per shapes, dtypes and devices (the float64 reference of a
-    verification runs the same program on widened inputs).
+    One loop per dtype and device of the state (a program is built for one
+    set of shapes; the float64 reference of a verification runs it on
+    widened inputs).
     """
-    examples = [state, *(column[0] for column in columns), *shared]
-    signature = tuple((tuple(t.shape), t.dtype, t.device) for t in examples)
+    # A program is built for one set of shapes; the float64 reference is the one other variant.
+    signature = (state.dtype, state.device)
     loops = _LOOPS.setdefault(program, {})
     loop = loops.get(signature)
     if loop is None:
-        try:
-            with torch.no_grad():
-                graph_module = trace_step(program, state, [column[0] for column in columns], shared)
-            loop = RolledLoop("generated", *generate_loop(graph_module, len(columns), len(shared)))
-        except Exception as error:  # a step the generator does not cover keeps the plain loop
-            first_line = (str(error).strip().splitlines() or [""])[0][:200]
-            loop = RolledLoop("step calls", reason=f"{type(error).__name__}: {first_line}")
+        reasons = []
+        for eager_ops in (True, False):
+            try:
+                with torch.no_grad():
+                    graph_module = trace_step(program, state, [column[0] for column in columns], shared, eager_ops)
+                loop = RolledLoop("generated", *generate_loop(graph_module, len(columns), len(shared)))
+                break
+            except Exception as error:  # a step the generator does not cover keeps the plain loop
+                first_line = (str(error).strip().splitlines() or [""])[0][:200]
+                reasons.append(f"{type(error).__name__}: {first_line}")
+        else:
+            loop = RolledLoop("step calls", reason="; ".join(dict.fromkeys(reasons)))
         loops[signature] = loop
     return loop
 
 
-def trace_step(program, state, x_leaves, shared) -> fx.GraphModule:
-    """The packed step ``(N, w) -> (N, w)`` on one position as a graph of functional aten ops.
+def trace_step(program, state, x_leaves, shared, eager_ops: bool = True) -> fx.GraphModule:
+    """The packed step ``(N, w) -> (N, w)`` on one position as a graph of aten ops.
 
-    Unlike the solver's lowering (``program.lowered``) nothing is substituted: no
-    ``view -> reshape``, no math-backend attention; the kernels are eager's own.
+    ``eager_ops``: the ops the step calls, as eager dispatches them (``make_fx``
+    before dispatch: ``linear``, ``layer_norm``, ``gru_cell`` stay one call each
+    and run the very kernels eager runs, in-place ops stay in place); else the
+    functional graph below composite ops (``functionalize``, as the solver's
+    lowering, but without its substitutions: no ``view -> reshape``, no
+    math-backend attention).
     """
     examples = [tensor.detach() for tensor in (state, *x_leaves, *shared)]
     state, x_leaves, shared = examples[0], examples[1 : 1 + len(x_leaves)], examples[1 + len(x_leaves) :]
-    traced = make_fx(
-        functionalize(lambda s, x, sh: program.step_packed(s, x, sh), remove="mutations"), tracing_mode="fake"
-    )(state, x_leaves, shared)
+
+    def step(s, x, sh):
+        return program.step_packed(s, x, sh)
+
+    if eager_ops:
+        traced = make_fx(step, tracing_mode="fake", pre_dispatch=True)(state, x_leaves, shared)
+    else:
+        traced = make_fx(functionalize(step, remove="mutations"), tracing_mode="fake")(state, x_leaves, shared)
     traced.graph.eliminate_dead_code()
     return traced
 
@@ -213,12 +228,19 @@ class _Plan:
         return found
 
     def writable_tail(self):
-        """``(head, in_place, view_shape)`` where the step ends ``h_k(..h_1(head))`` (each ``h_j`` with an
-        in-place form, on a value nothing else reads) and ``head`` has an ``out=`` form; else ``None``."""
+        """``(head, in_place, trailing, shape)`` where the step ends ``reshape(h_k(..h_1(head)))`` (each
+        ``h_j`` with an in-place form, on a value nothing else reads; ``trailing``: the reshapes, which the
+        buffer's view of ``head``'s ``shape`` replaces) and ``head`` has an ``out=`` form; else ``None``."""
         if self.stateful or self.result not in self.call or self.result not in self.varying:
             return None
+        node, trailing = self.result, []  # reshapes at the end (packing the state): the buffer is viewed instead
+        while self.call[node][0] in _RESHAPES and isinstance(self.call[node][1][0], fx.Node):
+            source = self.resolve(self.call[node][1][0])
+            if source not in self.call or source not in self.varying or self.users(source) != [node]:
+                return None
+            trailing.append(node)
+            node = source
         in_place = []
-        node = self.result
         while True:
             op, args, kwargs = self.call[node]
             source = self.resolve(args[0]) if args and isinstance(args[0], fx.Node) else None
@@ -239,7 +261,7 @@ class _Plan:
             return None
         if value.dtype != state.dtype or value.numel() != state.numel() or not value.is_contiguous():
             return None
-        return head, in_place, tuple(value.shape)
+        return head, in_place, trailing, tuple(value.shape)
 
     def _emit(self, arg) -> str:
         if isinstance(arg, fx.Node):
@@ -266,10 +288,10 @@ class _Plan:
 
     def source(self, name: str, tail) -> str:
         """The loop function's source; ``tail`` (:meth:`writable_tail`) writes the states into ``out``."""
-        head, in_place, shape = tail if tail is not None else (None, [], None)
+        head, in_place, trailing, shape = tail if tail is not None else (None, [], [], None)
         before, body = [], []
         for node in self.calls:
-            if node in self.aliases or node in self.absorbed:
+            if node in self.aliases or node in self.absorbed or node in trailing:
                 continue
             if node.op == "get_attr":
                 before.append(f"{self.names[node]} = {self._constant(getattr(self.graph_module, node.target))}")
@@ -292,7 +314,9 @@ class _Plan:
         lines += ["    " + line for line in before]
         if tail is None:
             lines += ["    states = []", "    append = states.append"]
-        else:  # out[l - start]: the packed state (N, w); written through a view of the head's shape
+        elif shape == tuple(self.state.meta["val"].shape):  # out[l - start]: the state (N, w), written as is
+            lines += ["    packed = written = out.unbind(0)"]
+        else:  # written through a view of the head's shape
             lines += ["    packed = out.unbind(0)", f"    written = out.view(out.shape[0], *{shape!r}).unbind(0)"]
         lines.append("    for l in range(start, stop):")
         lines += [f"        {self.names[node]} = {self.names[node]}c[l]" for node in xs]
@@ -311,8 +335,43 @@ def _callable_target(target) -> bool:
 
 
 def _entry(target):
-    """The operator's C++ entry point (what ``OpOverload.__call__`` calls), else the target itself."""
+    """What the loop calls for ``target``: its Python binding (:data:`BINDINGS`), else the operator's C++
+    entry point (what ``OpOverload.__call__`` calls), else the target itself."""
+    if target in BINDINGS:
+        return BINDINGS[target]
     return getattr(target, "_op", target) if isinstance(target, torch._ops.OpOverload) else target
+
+
+def _bindings() -> dict:
+    """Aten overloads of the ops a layer step spends its time in -> the ``torch`` functions eager calls.
+
+    The generated bindings parse arguments faster than an overload's entry
+    point (0.2-0.5 us a call: ``torch.mm`` 1.4 us, ``aten.mm.default._op``
+    1.8 us on a 2-core CPU); each takes the traced arguments (the schema's
+    own, ``out=`` included) to the same overload, checked in ``tests/test_rolled.py``.
+    """
+    nn_ = torch._C._nn
+    table = [  # (packet, overloads, binding)
+        ("mm", ("default", "out"), torch.mm), ("addmm", ("default", "out"), torch.addmm),
+        ("bmm", ("default", "out"), torch.bmm), ("matmul", ("default", "out"), torch.matmul),
+        ("linear", ("default", "out"), nn_.linear), ("conv2d", ("default",), torch.conv2d),
+        ("layer_norm", ("default",), torch.layer_norm), ("batch_norm", ("default",), torch.batch_norm),
+        ("softmax", ("int",), torch.softmax),
+        ("tanh", ("default", "out"), torch.tanh), ("sigmoid", ("default", "out"), torch.sigmoid),
+        ("relu", ("default",), torch.relu), ("gelu", ("default", "out"), nn_.gelu), ("silu", ("default", "out"), nn_.silu),
+        ("add", ("Tensor", "out"), torch.add), ("sub", ("Tensor", "out"), torch.sub), ("mul", ("Tensor", "out"), torch.mul),
+        ("tanh_", ("default",), torch.tanh_), ("sigmoid_", ("default",), torch.sigmoid_), ("relu_", ("default",), torch.relu_),
+        ("gelu_", ("default",), nn_.gelu_), ("silu_", ("default",), nn_.silu_), ("add_", ("Tensor",), torch.Tensor.add_),
+        ("sub_", ("Tensor",), torch.Tensor.sub_), ("mul_", ("Tensor",), torch.Tensor.mul_),
+        ("t", ("default",), torch.t), ("permute", ("default",), torch.permute), ("transpose", ("int",), torch.transpose),
+        ("reshape", ("default",), torch.reshape), ("view", ("default",), torch.Tensor.view),
+        ("chunk", ("default",), torch.chunk), ("cat", ("default",), torch.cat),
+    ]
+    return {getattr(getattr(torch.ops.aten, name), overload): binding
+            for name, overloads, binding in table for overload in overloads}
+
+
+BINDINGS = _bindings()
 
 
 def _variant(op, kind: str):
@@ -339,7 +398,11 @@ def _fresh(op) -> bool:
 
 
 def _mutates(target) -> bool:
-    return isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable
+    """Whether ``target`` may write to a tensor (its schema says so, or a composite op that may, e.g.
+    ``batch_norm`` updating running statistics)."""
+    return isinstance(target, torch._ops.OpOverload) and (
+        target._schema.is_mutable or torch.Tag.maybe_aliasing_or_mutating in target.tags
+    )
 
 
 def _is_random(target) -> bool:

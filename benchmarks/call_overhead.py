@@ -50,6 +50,7 @@ import seqpar  # noqa: E402
 from seqpar.backend import SeqparBackend  # noqa: E402
 from seqpar.runtime import ops  # noqa: E402
 from seqpar.runtime.newton import newton_solve  # noqa: E402
+from seqpar.runtime.sequential import run_columns  # noqa: E402
 from timing import interleaved_medians  # noqa: E402
 
 
@@ -79,19 +80,25 @@ def layer_step(s, params):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--L", type=int, default=4096)
+    parser.add_argument("--w", type=int, default=2)
+    parser.add_argument("--B", type=int, default=1)
+    parser.add_argument("--sequential", action="store_true",
+                        help="policy='sequential', sequential_form='rolled': the rolled loop instead of Newton")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} thread(s), L={args.L} x (Linear(2, 2), Tanh), batch 1, "
-          f"float32, forward; load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
+    options = {"policy": "sequential", "sequential_form": "rolled"} if args.sequential else {}
+    print(f"torch {torch.__version__}, {args.threads} thread(s), L={args.L} x (Linear({args.w}, {args.w}), Tanh), "
+          f"batch {args.B}, float32, forward, options {options}; "
+          f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
     torch.manual_seed(0)
-    model = nn.Sequential(*[module for _ in range(args.L) for module in (nn.Linear(2, 2), nn.Tanh())]).eval()
-    x = torch.randn(1, 2)
+    model = nn.Sequential(*[m for _ in range(args.L) for m in (nn.Linear(args.w, args.w), nn.Tanh())]).eval()
+    x = torch.randn(args.B, args.w)
     params = list(model.parameters())
     weights, biases = params[0::2], params[1::2]
 
-    backend = Recording({})
+    backend = Recording(options)
     compiled = torch.compile(model, backend=backend)
     start = time.perf_counter()
     with torch.no_grad():
@@ -102,31 +109,44 @@ def main():
     layer_params = weights + biases
     stacked = (torch.stack(weights), torch.stack(biases))
     blocks = [nn.Sequential(model[i], model[i + 1]) for i in range(0, len(model), 2)]
-    scanned = torch.compile(seqpar.scan_layers(blocks), backend="seqpar")
+    scanned = torch.compile(seqpar.scan_layers(blocks), backend=SeqparBackend(options))
+    forward = "sequential" if args.sequential else "parallel"
     with torch.no_grad():
         scanned(x)
-        leaves = ops.per_step_inputs(program, [], layer_params)
+        if report.form == "rolled":
+            columns = ops.per_step_columns(program, [], layer_params)
+            inner = {
+                "per_step_columns (no copy)": lambda: ops.per_step_columns(program, [], layer_params),
+                "the generated loop": lambda: run_columns(program, x, columns, [], recorded=False),
+            }
+        else:
+            leaves = ops.per_step_inputs(program, [], layer_params)
+            inner = {
+                "per_step_inputs (stack 2L parameters)": lambda: ops.per_step_inputs(program, [], layer_params),
+                "newton_solve (stacked)": lambda: newton_solve(program, x, leaves, [], **program.solver_options),
+            }
         fns = {
             "eager loop": lambda: model(x),
             "torch.compile(backend='seqpar')": lambda: compiled(x),
             "backend's compiled function (no Dynamo)": lambda: backend.run(*graph_args),
             "seqpar::chain_solve op": lambda: torch.ops.seqpar.chain_solve.default(program.id, x, [], [], layer_params),
             "the op's Python body": lambda: ops.chain_solve._init_fn(program.id, x, [], [], layer_params),
-            "per_step_inputs (stack 2L parameters)": lambda: ops.per_step_inputs(program, [], layer_params),
-            "newton_solve (stacked)": lambda: newton_solve(program, x, leaves, [], **program.solver_options),
+            **inner,
             "stack in the graph + op on 2 stacked tensors": lambda: stacked_op(program, x, weights, biases),
-            "seqpar.solve_chain (pre-stacked)": lambda: seqpar.solve_chain(layer_step, x, stacked),
+            "seqpar.solve_chain (pre-stacked)": lambda: seqpar.solve_chain(layer_step, x, stacked, forward=forward),
             "scan_layers + backend": lambda: scanned(x),
         }
         times = interleaved_medians(fns, args.repeats, budget=20e-3)
     eager = times["eager loop"]
-    print(f"chain: {report.form}, {report.method}/{report.adjoint}, {report.stats['iterations']} Newton iterations; "
+    iterations = f", {report.stats['iterations']} Newton iterations" if report.form == "solver" else ""
+    print(f"chain: {report.form}, {report.method}/{report.adjoint}{iterations}; "
           f"first call (Dynamo + backend) {compile_seconds:.0f} s\n")
     print("| what is timed | ms | eager / this |")
     print("|---|---|---|")
     for name, seconds in times.items():
         print(f"| {name} | {seconds * 1e3:.2f} | {eager / seconds:.2f} |")
     t = times
+    (first, first_time), (second, second_time) = [(name, t[name]) for name in inner]
     layers = [
         ("Dynamo (guards on every parameter and module, the frame, 2L + 1 arguments)",
          t["torch.compile(backend='seqpar')"] - t["backend's compiled function (no Dynamo)"]),
@@ -134,10 +154,9 @@ def main():
          t["backend's compiled function (no Dynamo)"] - t["seqpar::chain_solve op"]),
         ("custom-op dispatch (autograd/backend wrappers, alias check over 2L + 1 inputs)",
          t["seqpar::chain_solve op"] - t["the op's Python body"]),
-        ("stacking the 2L parameters (per_step_inputs)", t["per_step_inputs (stack 2L parameters)"]),
-        ("Newton solve", t["newton_solve (stacked)"]),
-        ("rest of the op's body", t["the op's Python body"] - t["per_step_inputs (stack 2L parameters)"]
-         - t["newton_solve (stacked)"]),
+        (first, first_time),
+        (second, second_time),
+        ("rest of the op's body", t["the op's Python body"] - first_time - second_time),
     ]
     print("\n| where the compiled call's time goes | ms | share |")
     print("|---|---|---|")

@@ -7,32 +7,37 @@ A chain kept sequential runs
 on packed states ``(N, w)``. Calling the user's step (a ``GraphModule``
 behind an adapter) once per step costs a module call, pytree work and
 packing per step, which made the rolled form 1.5-2x slower than the eager
-loop. Here the packed step is traced once, on one position, to functional
-aten ops (``make_fx`` of ``functionalize(step)``: composite ops decomposed
-into the kernels eager runs, so the values are the eager loop's, bit for
-bit), and its nodes are written out as the body of one Python ``for`` loop:
+loop. Here the packed step is traced once, on one position, to the aten ops
+eager dispatches (``make_fx`` before dispatch: ``linear``, ``layer_norm``,
+``gru_cell`` stay one call each and run the kernels eager runs, so the
+values are the eager loop's, bit for bit), and its nodes are written out as
+the body of one Python ``for`` loop (:func:`generate_loop`):
 
-    def rolled(s, columns, shared, start, stop):
-        x0c, x1c = columns                  # per-step inputs: sequences of L tensors
-        v5 = t(sh0)                         # nodes that read neither s nor x_l: once
-        states = []
+    def rolled_into(s, columns, shared, start, stop, out):
+        x0c, x1c = columns                   # per-step inputs: sequences of L tensors
+        v5 = t(sh0)                          # nodes that read neither s nor x_l: once
+        packed = written = out.unbind(0)     # the states buffer (L - start, N, w)
         for l in range(start, stop):
             x0 = x0c[l]; x1 = x1c[l]
-            s = tanh(addmm(x1, s, t(x0)))   # the step's aten calls, as traced
-            states.append(s)
-        return states
+            o = written[l - start]
+            v2 = linear(s, x0, x1, out=o)    # the step's calls as traced; its last ones
+            v3 = tanh_(v2)                   #   write the state in place, no allocation
+            s = packed[l - start]
+        return out
 
-Each call is the aten operator's C++ entry (``OpOverload._op``), without a
-module, hook or pytree layer in between. A per-step input is a *column*:
-any sequence of ``L`` tensors (the rows of a stacked tensor, ``unbind(0)``,
-or the per-layer parameters as the graph hands them over), so the layer
-parameters are read where they live, never copied. Reshapes to the shape
-they already have are dropped (the values do not change); nodes that do not
-depend on the state or the step's inputs run once, before the loop, unless
-the step mutates anything or draws random numbers. The loop is traced on the
-first call and kept per program (:func:`loop_for`); a step it cannot write
-out (a node it does not know) runs by calling the step, and the reason is
-kept (:attr:`RolledLoop.kind`, :attr:`RolledLoop.reason`).
+Each call is the op's ``torch`` binding (:data:`BINDINGS`) or its C++ entry
+(``OpOverload._op``), without a module, hook or pytree layer in between. A
+per-step input is a *column*: any sequence of ``L`` tensors (the rows of a
+stacked tensor, ``unbind(0)``, or the per-layer parameters as the graph hands
+them over), so the layer parameters are read where they live, never copied.
+Reshapes to the shape they already have are dropped (the values do not
+change); nodes that do not depend on the state or the step's inputs run
+once, before the loop, unless the step may mutate anything or draws random
+numbers. Where the pre-dispatch graph has a node the generator does not
+write out (a higher-order op), the functional aten graph is tried; the loop
+is generated on the first call and kept per program (:func:`loop_for`); a
+step neither covers runs by calling the step, and the reason is kept
+(:attr:`RolledLoop.kind`, :attr:`RolledLoop.reason`).
 """
 
 from __future__ import annotations

@@ -87,7 +87,6 @@ def loop_for(program, state: torch.Tensor, columns, shared) -> RolledLoop:
     set of shapes; the float64 reference of a verification runs it on
     widened inputs).
     """
-    # A program is built for one set of shapes; the float64 reference is the one other variant.
     signature = (state.dtype, state.device)
     loops = _LOOPS.setdefault(program, {})
     loop = loops.get(signature)

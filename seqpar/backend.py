@@ -13,31 +13,24 @@ from __future__ import annotations
 
 import itertools
 import math
-import operator
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 from torch._dynamo import lookup_backend
 from torch._dynamo.exc import ShortenTraceback
-from torch._subclasses.fake_tensor import FakeTensor
 
 from .debug import log, write_dump, write_hints
 from .options import Options, parse_options
-from .passes.chain import Candidate, Chain, map_state, state_leaves
-from .passes.detect import find_chains
+from .passes import pipeline
+from .passes.chain import Candidate
 from .passes.effects import is_random
-from .passes.policy import Decision, decide
-from .passes.rewrite import StepAdapter, build_chain_program, constant_stack, remap_chain, rewrite_chain, state_layout
-from .runtime.slicing import slice_steps
-from .passes.tokens import VIEW_ATTRIBUTES, VIEW_OPS
+from .passes.glue import has_other_compute
+from .passes.module_paths import span
 from .report import ChainReport, format_table, hints_for, step_cost_text
-from .runtime.lyapunov import largest_lyapunov_exponent, log_probe_failure
 from .verify import compare_outputs, in_float64
 
 _graph_counter = itertools.count()
-# The predictability probe averages over at most this many steps (one JVP each, at compile time).
-PROBE_STEPS = 256
 
 
 @dataclass
@@ -76,37 +69,21 @@ class SeqparBackend:
         record = GraphRecord(index=next(_graph_counter), original_code=gm.code)
         self.graphs.append(record)
         work = _copy_graph_module(gm)
-        try:
-            chains, candidates = find_chains(work, min_chain=self.options.min_chain)
-        except Exception as error:  # detection must never break compilation
-            log.warning("seqpar: chain detection failed on graph %d (%s); compiled unchanged", record.index, error)
-            chains, candidates = [], []
-        record.chains += [_candidate_report(candidate) for candidate in candidates]
-        if chains:
-            values = _probe_values(gm, example_inputs, chains) if self.options.policy == "auto" else {}
-            probes = [_lyapunov(chain, values) for chain in chains]  # before any rewrite renames nodes
-            device_types = [state_leaves(chain.start)[0].meta["example_value"].device.type for chain in chains]
-            decisions = [
-                decide(chain, self.options, device, lyapunov)
-                for chain, device, lyapunov in zip(chains, device_types, probes)
-            ]
-            replaced = {
-                node
-                for chain, decision in zip(chains, decisions)
-                if decision.form != "unrolled"
-                for segment in chain.nodes
-                for node in segment
-            }
-            standalone = not _has_other_compute(work, ignore=replaced)
-            replacements = {}
-            for index, (chain, decision, lyapunov) in enumerate(zip(chains, decisions, probes)):
-                remap_chain(chain, replacements)
-                replacements.update(self._handle_chain(work, chain, index, decision, lyapunov, record, standalone))
+        result = pipeline.run(work, example_inputs, gm, self.options)
+        if result.detection_error is not None:
+            log.warning("seqpar: chain detection failed on graph %d (%s); compiled unchanged", record.index,
+                        result.detection_error)
+        record.chains += [_candidate_report(candidate) for candidate in result.candidates]
+        for outcome in result.outcomes:
+            report = _chain_report(outcome)
+            record.chains.append(report)
+            if outcome.program is not None:
+                record.programs.append((report, outcome.program))
         record.rewritten_code = work.code
         for report in record.chains:
             log.info("seqpar graph %d: %s chain of %d (%s): %s", record.index, report.kind, report.length,
                      report.decision, report.reason)
-        if record.programs and not _has_other_compute(work):
+        if record.programs and not has_other_compute(work):
             compiled = work  # nothing left for the inner backend to compile: run the rewritten graph
         else:
             compiled = self._inner_compile(work, example_inputs, record)
@@ -128,32 +105,6 @@ class SeqparBackend:
                                   f"{first_line}); the graph runs eagerly")
             log.warning("seqpar graph %d: %s", record.index, record.inner_error)
             return work
-
-    def _handle_chain(
-        self, work, chain: Chain, index: int, decision: Decision, lyapunov, record: GraphRecord, standalone: bool
-    ) -> dict:
-        """Rewrite ``chain`` where ``decision`` says so; returns the rewrite's node replacements.
-
-        ``standalone``: the rewritten graph will hold nothing but chain ops and
-        glue, and runs without the inner compiler.
-        """
-        report = _chain_report(chain, decision, lyapunov)
-        record.chains.append(report)
-        if decision.form == "unrolled":
-            return {}
-        try:
-            program = build_chain_program(
-                chain, decision, self.options.tol, self.options.max_iters, standalone=standalone
-            )
-            replacements = rewrite_chain(work, chain, program, index)
-        except Exception as error:
-            report.decision, report.form = "rejected", ""
-            report.reason = f"rewrite failed ({type(error).__name__}: {str(error).splitlines()[0][:200]}); left unchanged"
-            log.warning("seqpar: chain at %s: %s", _span(chain.modules), report.reason)
-            return {}
-        record.programs.append((report, program))
-        work.recompile()
-        return replacements
 
     def _wrap(self, original: fx.GraphModule, compiled, record: GraphRecord):
         every = self.options.verify
@@ -254,31 +205,6 @@ def seqpar_backend(gm: fx.GraphModule, example_inputs, options: dict | None = No
     return SeqparBackend(parsed)(gm, example_inputs)
 
 
-# Glue: views, shape queries, packing and constant tensors. A graph of chain ops and glue runs as it is.
-_GLUE_METHODS = VIEW_OPS | {"contiguous", "size", "narrow", "split", "chunk", "unbind"}
-_GLUE_ATTRIBUTES = VIEW_ATTRIBUTES | {"shape", "dtype", "device"}
-_GLUE_FUNCTIONS = {
-    torch.ops.seqpar.chain_solve.default, torch.ops.aten.select.int, operator.getitem, torch.stack, torch.cat,
-    slice_steps, torch.split, torch.unbind, torch.transpose, torch.t, torch.zeros, torch.zeros_like, torch.ones,
-    torch.ones_like,
-}
-
-
-def _has_other_compute(gm: fx.GraphModule, ignore: frozenset | set = frozenset()) -> bool:
-    """Whether ``gm`` computes anything besides the nodes in ``ignore``, chain ops and the glue around them
-    (views, selects, parameter stacks, packing of tuple states, zero initial states)."""
-    for node in gm.graph.nodes:
-        if node in ignore or (node.op == "call_method" and node.target in _GLUE_METHODS):
-            continue
-        if node.op == "call_function" and node.target in _GLUE_FUNCTIONS:
-            continue
-        if node.op == "call_function" and node.target is getattr and node.args[1] in _GLUE_ATTRIBUTES:
-            continue
-        if node.op in ("call_function", "call_method", "call_module"):
-            return True
-    return False
-
-
 def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     """A GraphModule with a copy of ``gm``'s graph (same node names and meta), sharing its attributes."""
     graph = fx.Graph()
@@ -289,66 +215,11 @@ def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return copy
 
 
-def _probe_values(gm, example_inputs, chains: list[Chain]) -> dict:
-    """Real values of the nodes the predictability probe needs, from one run of the original graph."""
-    if any(isinstance(value, FakeTensor) for value in example_inputs):
-        return {}
-    wanted = {node.name for chain in chains for node in [*state_leaves(chain.start), *chain.shared]}
-    wanted |= {node.name for chain in chains for item in chain.per_step for node in item.nodes}
-    values = {}
-
-    class Recorder(fx.Interpreter):
-        def run_node(self, node):
-            result = super().run_node(node)
-            if node.name in wanted:
-                values[node.name] = result.detach() if isinstance(result, torch.Tensor) else result
-            return result
-
-    try:
-        with torch.no_grad():
-            Recorder(gm).run(*example_inputs)
-    except Exception as error:
-        log_probe_failure("skipped, the graph failed on the example inputs", error)
-        return {}
-    return values
-
-
-def _lyapunov(chain: Chain, values: dict) -> float | None:
-    """The probe's estimate for ``chain``, or None without values or for wide states."""
-    if not values or any(node.name not in values for node in state_leaves(chain.start)):
-        return None
-    layout = state_layout(chain)  # the probe runs on the packed state (N, w), one tensor for a tuple state too
-    state = layout.pack(map_state(lambda node: values[node.name], chain.start))
-    xs = []
-    for item in chain.per_step:
-        if item.kind == "constant":
-            xs.append(constant_stack(item, chain.state_dtype, state.device))
-        elif item.kind == "slice":
-            xs.append(slice_steps(values[item.nodes[0].name], item.dim, item.start, item.stride, chain.length))
-        else:
-            xs.append(torch.stack([values[node.name] for node in item.nodes]))
-    shared = [values[node.name] for node in chain.shared]
-    # the graph's code itself: GraphModule.__call__ prints the generated code and the traceback
-    # of any error to stderr (torch.fx _WrappedCall), and the probe's errors are expected
-    adapter = StepAdapter(chain.step.forward)
-    try:
-        return largest_lyapunov_exponent(
-            lambda s, x, sh: layout.pack(adapter(layout.unpack(s), x, *sh)), chain.length, state, xs, shared,
-            max_steps=PROBE_STEPS,
-        )
-    except Exception as error:
-        log_probe_failure(f"failed for chain at {_span(chain.modules)}", error)
-        return None
-
-
-def _span(modules: list[str]) -> str:
-    named = [path for path in modules if path]
-    return f"{named[0]}..{named[-1]}" if named else "<unnamed>"
-
-
-def _chain_report(chain: Chain, decision: Decision, lyapunov) -> ChainReport:
-    """The chain's report; a scan left in the graph (form "unrolled") has form "scan": the inner backend runs it."""
-    return ChainReport(
+def _chain_report(outcome: pipeline.ChainOutcome) -> ChainReport:
+    """The chain's report; a scan left in the graph (form "unrolled") has form "scan": the inner backend runs it.
+    A chain whose rewrite failed is "rejected", with the reason (and a warning)."""
+    chain, decision, lyapunov = outcome.chain, outcome.decision, outcome.lyapunov
+    report = ChainReport(
         kind=chain.kind,
         length=chain.length,
         state_shape=tuple(chain.state_shape),
@@ -362,6 +233,11 @@ def _chain_report(chain: Chain, decision: Decision, lyapunov) -> ChainReport:
         lyapunov=None if lyapunov is None or not math.isfinite(lyapunov) else lyapunov,
         origin=chain.origin,
     )
+    if outcome.error is not None:
+        report.decision, report.form = "rejected", ""
+        report.reason = f"rewrite failed ({outcome.error}); left unchanged"
+        log.warning("seqpar: chain at %s: %s", span(chain.modules), report.reason)
+    return report
 
 
 def _candidate_report(candidate: Candidate) -> ChainReport:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .passes.module_paths import span
+
 
 @dataclass
 class ChainReport:
@@ -71,7 +73,7 @@ def format_table(chains: list[ChainReport]) -> str:
     header = ("#", "kind", "L", "state", "modules", "decision", "fwd", "bwd", "form", "jacobian")
     rows = []
     for index, chain in enumerate(chains):
-        modules = _module_span(chain.modules)
+        modules = span(chain.modules)
         rows.append((
             str(index), chain.kind, str(chain.length), shape_text(chain.state_shape),
             modules, chain.decision, chain.method or "-", chain.adjoint or "-", chain.form or "-", chain.jacobian or "-",
@@ -131,12 +133,3 @@ class Report:
         if self.hints:
             text += "\n" + "\n".join(f"hint: {hint}" for hint in self.hints)
         return text
-
-
-def _module_span(modules: list[str]) -> str:
-    """``first .. last`` of a chain's module paths; one path when every step runs the same module
-    (an RNN cell, a loop in the model's own ``forward``); ``-`` when there is none."""
-    named = [path for path in modules if path]
-    if not named:
-        return "-"
-    return named[0] if named[0] == named[-1] else f"{named[0]} .. {named[-1]}"

@@ -282,7 +282,7 @@ def test_graph_verification_mismatch_runs_the_original_graph(monkeypatch):
         return lambda gm, example_inputs: lambda *args: pytree.tree_map(lambda out: out + 1, gm(*args))
 
     monkeypatch.setattr("seqpar.backend.lookup_backend", wrong_inner)
-    monkeypatch.setattr("seqpar.backend._has_other_compute", lambda gm, ignore=frozenset(): True)
+    monkeypatch.setattr("seqpar.backend.has_other_compute", lambda gm, ignore=frozenset(): True)
     model, inputs = to_double(*zoo.deep_mlp(depth=16, width=4))
     compiled, backend = compile_with(model, policy="parallel", verify=True)
     torch.testing.assert_close(compiled(*inputs), model(*inputs), atol=F64_ATOL, rtol=0)

@@ -51,3 +51,12 @@ def varying_path(a: Node, b: Node) -> str | None:
         if x != y:
             return ".".join(pa[: i + 1])
     return None
+
+
+def span(modules: list[str]) -> str:
+    """``first .. last`` of a chain's module paths; one path when every step runs the same module
+    (an RNN cell, a loop in the model's own ``forward``); ``-`` when there is none."""
+    named = [path for path in modules if path]
+    if not named:
+        return "-"
+    return named[0] if named[0] == named[-1] else f"{named[0]} .. {named[-1]}"

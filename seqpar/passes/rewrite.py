@@ -5,8 +5,8 @@ intermediate state read after the chain, and the stacked states a scan's
 per-step outputs hold) with ``seqpar::chain_solve``, on the
 state packed to ``(N, w)`` by the program's :class:`StateLayout` (a tuple
 state's tensors side by side per batch element); per-layer
-parameters are handed over unstacked (the op caches their stack) or stacked in
-the graph (:func:`stacks_parameters_in_graph`); a slice input ``P[a + l]`` is
+parameters are handed over unstacked (the op stacks them per call) or stacked in
+the graph (:func:`seqpar.passes.lower.stacks_parameters_in_graph`); a slice input ``P[a + l]`` is
 handed over as ``P`` (or ``P.narrow(0, a, L)``), and the selects and views of
 ``P`` only the chain read are erased; per-step values computed in the graph are
 stacked in the graph; per-step literals become a constant buffer. Nothing else
@@ -23,128 +23,12 @@ import operator
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
-from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
+from torch._subclasses.fake_tensor import FakeTensor
 
-from ..runtime.chain import build_program, validated_solver_options
 from ..runtime.program import ChainProgram, StateLayout
-from .chain import Chain, map_state, state_leaves
 from ..runtime.slicing import slice_steps
-from .policy import Decision
-
-
-class StepAdapter:
-    """``step(s, x_leaves, *shared) = chain.step(s, *x_leaves, *shared)``: the runtime's step signature."""
-
-    def __init__(self, graph_step: fx.GraphModule):
-        self.graph_step = graph_step
-
-    def __call__(self, state, x_leaves, *shared):
-        return self.graph_step(state, *x_leaves, *shared)
-
-
-def example_value(node: fx.Node) -> torch.Tensor:
-    value = node.meta.get("example_value", node.meta.get("val"))
-    if not isinstance(value, torch.Tensor):
-        raise ValueError(f"node {node.name} has no tensor example value")
-    return value
-
-
-def _requires_grad(node: fx.Node) -> bool:
-    return bool(example_value(node).requires_grad)
-
-
-def _empty_like(value: torch.Tensor, lead: tuple[int, ...] = ()) -> torch.Tensor:
-    """A real, uninitialised tensor shaped like a (fake) example value, for tracing."""
-    return torch.empty(*lead, *value.shape, dtype=value.dtype, device=value.device)
-
-
-def constant_stack(chain_input, dtype: torch.dtype, device) -> torch.Tensor:
-    """Per-step literals -> one tensor ``(L, ...)``: floats in the state dtype, ints as int64."""
-    values = chain_input.values
-    if all(isinstance(value, torch.Tensor) for value in values):
-        return torch.stack([value.detach().to(device) for value in values])
-    if all(isinstance(value, int) and not isinstance(value, bool) for value in values):
-        return torch.tensor(values, dtype=torch.int64, device=device)
-    return torch.tensor([float(value) for value in values], dtype=dtype, device=device)
-
-
-def stacks_parameters_in_graph(chain: Chain, standalone: bool) -> bool:
-    """Whether the rewrite stacks the chain's layer parameters in the graph or the op caches their stack.
-
-    In the graph when autograd records the chain (its output and some layer
-    parameter require grad) and the rewritten graph runs without an inner
-    compiler (``standalone``): ``torch.stack`` of each parameter group is one
-    C++ op forward and one ``unbind`` backward, while handing ``L * P``
-    separate tensors to the custom op costs Python work per tensor in its
-    autograd wrapper on every call. Otherwise (inference, or a graph the inner
-    compiler takes, which compiles a stack of a thousand inputs slowly) the op
-    stacks once and caches.
-    """
-    trained = any(_requires_grad(node) for item in chain.per_step if item.kind == "parameter" for node in item.nodes)
-    final = [node for node in state_leaves(chain.outputs[-1]) if node is not None]
-    return standalone and trained and any(example_value(node).requires_grad for node in final)
-
-
-def state_layout(chain: Chain) -> StateLayout:
-    """How the chain's state (a tensor or a tuple of tensors) packs into ``(N, w)``: ``batch_ndim`` batch dims."""
-    state = map_state(example_value, chain.start)
-    shapes = chain.leaf_shapes
-    return StateLayout(
-        spec=pytree.tree_structure(state),
-        batch_shape=torch.Size(shapes[0][: chain.batch_ndim]),
-        leaf_shapes=tuple(torch.Size(shape[chain.batch_ndim :]) for shape in shapes),
-        dtype=chain.state_dtype,
-        device=state_leaves(state)[0].device,
-    )
-
-
-def build_chain_program(
-    chain: Chain, decision: Decision, tol, max_iters, *, standalone: bool = False
-) -> ChainProgram:
-    """Trace the chain's step for the solver, with the decision's methods attached."""
-    layout = state_layout(chain)
-    cached = not stacks_parameters_in_graph(chain, standalone)
-    xs_examples, param_slots = [], []
-    for index, chain_input in enumerate(chain.per_step):
-        if chain_input.kind == "constant":
-            xs_examples.append(constant_stack(chain_input, chain.state_dtype, layout.device))
-        elif chain_input.kind == "slice":
-            source = example_value(chain_input.nodes[0])  # the L steps read L slices on dim chain_input.dim
-            one = source.select(chain_input.dim, 0)
-            xs_examples.append(torch.empty(chain.length, *one.shape, dtype=source.dtype, device=source.device))
-        else:
-            xs_examples.append(_empty_like(example_value(chain_input.nodes[0]), (chain.length,)))
-            if chain_input.kind == "parameter" and cached:
-                param_slots.append(index)
-    shared_examples = [_empty_like(example_value(node)) for node in chain.shared]
-    # Buffers (running statistics, masks) get no gradient; some ops do not differentiate them.
-    frozen = frozenset(
-        [("xs", i) for i, item in enumerate(chain.per_step)
-         if item.kind in ("parameter", "slice") and not any(map(_requires_grad, item.nodes))]
-        + [("shared", i) for i, node in enumerate(chain.shared) if node.op == "placeholder" and not _requires_grad(node)]
-    )
-    jacobian = decision.jacobian if decision.method == "parallel" else "identity"
-    solver_options = validated_solver_options(
-        tol, max_iters, None, chain.state_dtype, chain.length, jacobian, decision.window
-    )
-    # Trace outside Dynamo's tracing context: its fake mode would make the sizes symbolic.
-    with torch._guards.tracing(None), unset_fake_temporarily():
-        program = build_program(
-            StepAdapter(chain.step),
-            layout,
-            chain.length,
-            pytree.tree_structure(list(xs_examples)),
-            xs_examples,
-            shared_examples,
-            jacobian,
-            decision.adjoint,
-            solver_options,
-            frozen,
-            method=decision.method,
-            sequential_reason=f"kept sequential: {decision.reason}",
-        )
-    program.param_slots = tuple(param_slots)
-    return program
+from .chain import Chain, map_state, state_leaves
+from .inputs import constant_stack
 
 
 def rewrite_chain(gm: fx.GraphModule, chain: Chain, program: ChainProgram, index: int) -> dict:

@@ -1,0 +1,124 @@
+"""Lower a chain and its decision to a runtime program: the step traced for the solver.
+
+Guarantees of :func:`build_chain_program`: a registered
+:class:`~seqpar.runtime.program.ChainProgram` whose step is the chain's step
+graph, traced on example tensors shaped like the chain's per-step inputs and
+shared inputs; the program's methods (forward, adjoint, Jacobian, tolerance,
+window) are the decision's; inputs that need no gradient (a whole group of
+frozen parameters, buffers) are named ``frozen``; ``param_slots`` says which
+per-step inputs the op receives as unstacked layer parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+from ..runtime.chain import build_program, validated_solver_options
+from ..runtime.program import ChainProgram, StateLayout
+from .chain import Chain, map_state, state_leaves
+from .inputs import stacked_inputs
+from .policy import Decision
+
+
+class StepAdapter:
+    """``step(s, x_leaves, *shared) = chain.step(s, *x_leaves, *shared)``: the runtime's step signature."""
+
+    def __init__(self, graph_step: fx.GraphModule):
+        self.graph_step = graph_step
+
+    def __call__(self, state, x_leaves, *shared):
+        return self.graph_step(state, *x_leaves, *shared)
+
+
+def example_value(node: fx.Node) -> torch.Tensor:
+    value = node.meta.get("example_value", node.meta.get("val"))
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"node {node.name} has no tensor example value")
+    return value
+
+
+def _requires_grad(node: fx.Node) -> bool:
+    return bool(example_value(node).requires_grad)
+
+
+def _empty_like(value: torch.Tensor, lead: tuple[int, ...] = ()) -> torch.Tensor:
+    """A real, uninitialised tensor shaped like a (fake) example value, for tracing."""
+    return torch.empty(*lead, *value.shape, dtype=value.dtype, device=value.device)
+
+
+def stacks_parameters_in_graph(chain: Chain, standalone: bool) -> bool:
+    """Whether the rewrite stacks the chain's layer parameters in the graph or the op caches their stack.
+
+    In the graph when autograd records the chain (its output and some layer
+    parameter require grad) and the rewritten graph runs without an inner
+    compiler (``standalone``): ``torch.stack`` of each parameter group is one
+    C++ op forward and one ``unbind`` backward, while handing ``L * P``
+    separate tensors to the custom op costs Python work per tensor in its
+    autograd wrapper on every call. Otherwise (inference, or a graph the inner
+    compiler takes, which compiles a stack of a thousand inputs slowly) the op
+    stacks once and caches.
+    """
+    trained = any(_requires_grad(node) for item in chain.per_step if item.kind == "parameter" for node in item.nodes)
+    final = [node for node in state_leaves(chain.outputs[-1]) if node is not None]
+    return standalone and trained and any(example_value(node).requires_grad for node in final)
+
+
+def state_layout(chain: Chain) -> StateLayout:
+    """How the chain's state (a tensor or a tuple of tensors) packs into ``(N, w)``: ``batch_ndim`` batch dims."""
+    state = map_state(example_value, chain.start)
+    shapes = chain.leaf_shapes
+    return StateLayout(
+        spec=pytree.tree_structure(state),
+        batch_shape=torch.Size(shapes[0][: chain.batch_ndim]),
+        leaf_shapes=tuple(torch.Size(shape[chain.batch_ndim :]) for shape in shapes),
+        dtype=chain.state_dtype,
+        device=state_leaves(state)[0].device,
+    )
+
+
+def build_chain_program(
+    chain: Chain, decision: Decision, tol, max_iters, *, standalone: bool = False
+) -> ChainProgram:
+    """Trace the chain's step for the solver, with the decision's methods attached."""
+    layout = state_layout(chain)
+    cached = not stacks_parameters_in_graph(chain, standalone)
+    # Examples for tracing (real, uninitialised): L slices of a slice input, an (L, ...) tensor per other input.
+    xs_examples = stacked_inputs(
+        chain,
+        lambda node: _empty_like(example_value(node)),
+        lambda nodes: _empty_like(example_value(nodes[0]), (len(nodes),)),
+        layout.device,
+    )
+    param_slots = [index for index, item in enumerate(chain.per_step) if item.kind == "parameter" and cached]
+    shared_examples = [_empty_like(example_value(node)) for node in chain.shared]
+    # Buffers (running statistics, masks) get no gradient; some ops do not differentiate them.
+    frozen = frozenset(
+        [("xs", i) for i, item in enumerate(chain.per_step)
+         if item.kind in ("parameter", "slice") and not any(map(_requires_grad, item.nodes))]
+        + [("shared", i) for i, node in enumerate(chain.shared) if node.op == "placeholder" and not _requires_grad(node)]
+    )
+    jacobian = decision.jacobian if decision.method == "parallel" else "identity"
+    solver_options = validated_solver_options(
+        tol, max_iters, None, chain.state_dtype, chain.length, jacobian, decision.window
+    )
+    # Trace outside Dynamo's tracing context: its fake mode would make the sizes symbolic.
+    with torch._guards.tracing(None), unset_fake_temporarily():
+        program = build_program(
+            StepAdapter(chain.step),
+            layout,
+            chain.length,
+            pytree.tree_structure(list(xs_examples)),
+            xs_examples,
+            shared_examples,
+            jacobian,
+            decision.adjoint,
+            solver_options,
+            frozen,
+            method=decision.method,
+            sequential_reason=f"kept sequential: {decision.reason}",
+        )
+    program.param_slots = tuple(param_slots)
+    return program

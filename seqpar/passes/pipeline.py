@@ -1,0 +1,100 @@
+"""The passes, in order: ``gm -> detect -> probe -> decide -> lower -> rewrite -> (gm, outcomes)``.
+
+Each pass states what it needs and what it guarantees (in its module):
+
+1. ``detect`` (:func:`~.detect.find_chains`): chains of isomorphic Markov
+   segments and the candidates that did not become chains, with reasons.
+   Detection never breaks compilation: a failure leaves the graph unchanged.
+2. ``probe`` (:mod:`.probe`): under ``policy="auto"``, each chain's largest
+   Lyapunov exponent from one run of the original graph, before any rewrite
+   renames nodes.
+3. ``decide`` (:func:`~.policy.decide`): per chain and direction, parallel or
+   sequential, and the form: the solver, the rolled loop, or left unrolled.
+4. ``lower`` (:func:`~.lower.build_chain_program`): the chain's step traced
+   into a runtime program carrying the decision.
+5. ``rewrite`` (:func:`~.rewrite.rewrite_chain`): the chain's nodes replaced by
+   one ``seqpar::chain_solve`` call; later chains that read its states are
+   pointed at the replacements. A chain whose lowering or rewrite fails is
+   left unchanged, with the reason in its outcome.
+
+The caller owns ``gm`` (a copy of Dynamo's graph) and compiles what is left.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+
+from ..options import Options
+from ..runtime.program import ChainProgram
+from .chain import Candidate, Chain, state_leaves
+from .detect import find_chains
+from .glue import has_other_compute
+from .lower import build_chain_program
+from .policy import Decision, decide
+from .probe import lyapunov_exponent, probe_values
+from .rewrite import remap_chain, rewrite_chain
+
+
+@dataclass
+class ChainOutcome:
+    """What the passes did with one chain: its decision, the probe's estimate, and the program that solves it
+    (``None`` where it was left in the graph, by decision or because lowering failed: ``error`` says why)."""
+
+    chain: Chain
+    decision: Decision
+    lyapunov: float | None
+    program: ChainProgram | None = None
+    error: str | None = None
+
+
+@dataclass
+class PipelineResult:
+    """The rewritten graph (``gm``, changed in place), the candidates, one outcome per chain, and why detection
+    failed (``None`` when it ran)."""
+
+    gm: fx.GraphModule
+    candidates: list[Candidate] = field(default_factory=list)
+    outcomes: list[ChainOutcome] = field(default_factory=list)
+    detection_error: str | None = None
+
+
+def run(gm: fx.GraphModule, example_inputs, original: fx.GraphModule, options: Options) -> PipelineResult:
+    """Find, decide, lower and rewrite the chains of ``gm`` (in place); ``original`` is the graph the probe runs."""
+    result = PipelineResult(gm)
+    try:
+        chains, result.candidates = find_chains(gm, min_chain=options.min_chain)
+    except Exception as error:  # detection must never break compilation
+        result.detection_error = f"{type(error).__name__}: {error}"
+        return result
+    if not chains:
+        return result
+    values = probe_values(original, example_inputs, chains) if options.policy == "auto" else {}
+    probes = [lyapunov_exponent(chain, values) for chain in chains]
+    devices = [state_leaves(chain.start)[0].meta["example_value"].device.type for chain in chains]
+    decisions = [decide(chain, options, device, probe) for chain, device, probe in zip(chains, devices, probes)]
+    rewritten = {
+        node
+        for chain, decision in zip(chains, decisions)
+        if decision.form != "unrolled"
+        for segment in chain.nodes
+        for node in segment
+    }
+    standalone = not has_other_compute(gm, ignore=rewritten)  # nothing but chain ops and glue will be left
+    replacements = {}
+    for index, (chain, decision, probe) in enumerate(zip(chains, decisions, probes)):
+        remap_chain(chain, replacements)
+        outcome = ChainOutcome(chain, decision, probe)
+        result.outcomes.append(outcome)
+        if decision.form == "unrolled":
+            continue
+        try:
+            program = build_chain_program(chain, decision, options.tol, options.max_iters, standalone=standalone)
+            replacements.update(rewrite_chain(gm, chain, program, index))
+        except Exception as error:
+            outcome.error = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            continue
+        outcome.program = program
+        gm.recompile()
+    return result

@@ -49,21 +49,24 @@ def _empty_like(value: torch.Tensor, lead: tuple[int, ...] = ()) -> torch.Tensor
     return torch.empty(*lead, *value.shape, dtype=value.dtype, device=value.device)
 
 
-def stacks_parameters_in_graph(chain: Chain, standalone: bool) -> bool:
-    """Whether the rewrite stacks the chain's layer parameters in the graph or the op caches their stack.
+def stacks_parameters_in_graph(chain: Chain, decision: Decision, standalone: bool) -> bool:
+    """Whether the rewrite stacks the chain's layer parameters in the graph or hands them to the op unstacked.
 
-    In the graph when autograd records the chain (its output and some layer
-    parameter require grad) and the rewritten graph runs without an inner
-    compiler (``standalone``): ``torch.stack`` of each parameter group is one
-    C++ op forward and one ``unbind`` backward, while handing ``L * P``
-    separate tensors to the custom op costs Python work per tensor in its
-    autograd wrapper on every call. Otherwise (inference, or a graph the inner
-    compiler takes, which compiles a stack of a thousand inputs slowly) the op
-    stacks once and caches.
+    In the graph only when the rewritten graph runs without an inner compiler
+    (``standalone``: inductor compiles a stack of a thousand inputs slowly),
+    and there when autograd records the chain (its output and some layer
+    parameter require grad: one ``unbind`` backward instead of ``L * P``
+    gradients through the op) or the forward is the parallel solve (which
+    stacks them anyway): ``torch.stack`` of each parameter group is one C++
+    op, while handing ``L * P`` separate tensors to the custom op costs
+    dispatch work per tensor on every call (measured at 4096 layers: 5.3 ms
+    of a 34 ms call, benchmarks/call_overhead.py). The rolled loop of an
+    untrained chain reads the parameters where they are, unstacked.
     """
     trained = any(_requires_grad(node) for item in chain.per_step if item.kind == "parameter" for node in item.nodes)
     final = [node for node in state_leaves(chain.outputs[-1]) if node is not None]
-    return standalone and trained and any(example_value(node).requires_grad for node in final)
+    recorded = trained and any(example_value(node).requires_grad for node in final)
+    return standalone and (recorded or decision.method == "parallel")
 
 
 def state_layout(chain: Chain) -> StateLayout:
@@ -84,7 +87,7 @@ def build_chain_program(
 ) -> ChainProgram:
     """Trace the chain's step for the solver, with the decision's methods attached."""
     layout = state_layout(chain)
-    cached = not stacks_parameters_in_graph(chain, standalone)
+    unstacked = not stacks_parameters_in_graph(chain, decision, standalone)
     # Examples for tracing (real, uninitialised): L slices of a slice input, an (L, ...) tensor per other input.
     xs_examples = stacked_inputs(
         chain,
@@ -92,7 +95,7 @@ def build_chain_program(
         lambda nodes: _empty_like(example_value(nodes[0]), (len(nodes),)),
         layout.device,
     )
-    param_slots = [index for index, item in enumerate(chain.per_step) if item.kind == "parameter" and cached]
+    param_slots = [index for index, item in enumerate(chain.per_step) if item.kind == "parameter" and unstacked]
     shared_examples = [_empty_like(example_value(node)) for node in chain.shared]
     # Buffers (running statistics, masks) get no gradient; some ops do not differentiate them.
     frozen = frozenset(

@@ -84,13 +84,19 @@ def main():
     parser.add_argument("--B", type=int, default=1)
     parser.add_argument("--sequential", action="store_true",
                         help="policy='sequential', sequential_form='rolled': the rolled loop instead of Newton")
+    parser.add_argument("--recursive-dict-tags", action="store_true",
+                        help="torch._dynamo.config.use_recursive_dict_tags_for_guards = True (Dynamo skips the guards "
+                             "of module subtrees whose dicts did not change)")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.recursive_dict_tags:
+        torch._dynamo.config.use_recursive_dict_tags_for_guards = True
+        torch._dynamo.config.max_saved_pointers_for_recursive_dict_tags_check = 4 * args.L + 64
     options = {"policy": "sequential", "sequential_form": "rolled"} if args.sequential else {}
     print(f"torch {torch.__version__}, {args.threads} thread(s), L={args.L} x (Linear({args.w}, {args.w}), Tanh), "
-          f"batch {args.B}, float32, forward, options {options}; "
+          f"batch {args.B}, float32, forward, options {options}, recursive dict tags {args.recursive_dict_tags}; "
           f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
     torch.manual_seed(0)
     model = nn.Sequential(*[m for _ in range(args.L) for m in (nn.Linear(args.w, args.w), nn.Tanh())]).eval()
@@ -113,26 +119,36 @@ def main():
     forward = "sequential" if args.sequential else "parallel"
     with torch.no_grad():
         scanned(x)
+        op_xs, op_params = ([], layer_params) if program.param_slots else (list(stacked), [])
         if report.form == "rolled":
-            columns = ops.per_step_columns(program, [], layer_params)
+            columns = ops.per_step_columns(program, op_xs, op_params)
             inner = {
-                "per_step_columns (no copy)": lambda: ops.per_step_columns(program, [], layer_params),
+                "per_step_columns (no copy)": lambda: ops.per_step_columns(program, op_xs, op_params),
                 "the generated loop": lambda: run_columns(program, x, columns, [], recorded=False),
             }
-        else:
+        elif program.param_slots:
             leaves = ops.per_step_inputs(program, [], layer_params)
             inner = {
                 "per_step_inputs (stack 2L parameters)": lambda: ops.per_step_inputs(program, [], layer_params),
                 "newton_solve (stacked)": lambda: newton_solve(program, x, leaves, [], **program.solver_options),
             }
+        else:  # the rewritten graph stacks the parameters itself (a standalone graph solved in parallel)
+            inner = {
+                "per_step_inputs (the graph's stacks, passed through)": lambda: ops.per_step_inputs(program, op_xs, []),
+                "newton_solve (stacked)": lambda: newton_solve(program, x, op_xs, [], **program.solver_options),
+            }
+        unstacked_op = (
+            {"stack in the graph + op on 2 stacked tensors": lambda: stacked_op(program, x, weights, biases)}
+            if program.param_slots else {}
+        )
         fns = {
             "eager loop": lambda: model(x),
             "torch.compile(backend='seqpar')": lambda: compiled(x),
             "backend's compiled function (no Dynamo)": lambda: backend.run(*graph_args),
-            "seqpar::chain_solve op": lambda: torch.ops.seqpar.chain_solve.default(program.id, x, [], [], layer_params),
-            "the op's Python body": lambda: ops.chain_solve._init_fn(program.id, x, [], [], layer_params),
+            "seqpar::chain_solve op": lambda: torch.ops.seqpar.chain_solve.default(program.id, x, op_xs, [], op_params),
+            "the op's Python body": lambda: ops.chain_solve._init_fn(program.id, x, op_xs, [], op_params),
             **inner,
-            "stack in the graph + op on 2 stacked tensors": lambda: stacked_op(program, x, weights, biases),
+            **unstacked_op,
             "seqpar.solve_chain (pre-stacked)": lambda: seqpar.solve_chain(layer_step, x, stacked, forward=forward),
             "scan_layers + backend": lambda: scanned(x),
         }
@@ -150,7 +166,7 @@ def main():
     layers = [
         ("Dynamo (guards on every parameter and module, the frame, 2L + 1 arguments)",
          t["torch.compile(backend='seqpar')"] - t["backend's compiled function (no Dynamo)"]),
-        ("rewritten graph + backend wrapper (2L + 1 placeholders, the op's argument list)",
+        ("rewritten graph + backend wrapper (2L + 1 placeholders, the graph's stacks or the op's argument list)",
          t["backend's compiled function (no Dynamo)"] - t["seqpar::chain_solve op"]),
         ("custom-op dispatch (autograd/backend wrappers, alias check over 2L + 1 inputs)",
          t["seqpar::chain_solve op"] - t["the op's Python body"]),

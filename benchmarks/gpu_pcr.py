@@ -4,7 +4,7 @@ For every kind (full, diag, identity), direction (forward, reverse), chain lengt
 L, state width w and batch N, solves ``y_l = A_l y_{l-1} + c_l`` (or its adjoint)
 in float32 three ways and prints one markdown row per case:
 
-* ``triton``:  :func:`seqpar.runtime.triton_pcr.solve_affine_recurrence`;
+* ``triton``:  :func:`seqpar.runtime.kernels.triton_pcr.solve_affine_recurrence`;
 * ``torch``:   :func:`seqpar.runtime.pcr.solve_affine_recurrence` with the Triton
   dispatch switched off (recursive doubling with batched matmuls);
 * ``compiled``: the same torch path under ``torch.compile`` (one compile per
@@ -25,7 +25,8 @@ from unittest import mock
 
 import torch
 
-from seqpar.runtime import pcr, spec, triton_pcr
+from seqpar.runtime import pcr, spec
+from seqpar.runtime.kernels import triton_pcr
 
 COLUMNS = (
     "kind", "direction", "L", "w", "N",

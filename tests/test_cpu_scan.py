@@ -14,7 +14,8 @@ import logging
 import pytest
 import torch
 
-from seqpar.runtime import cpu_scan, solve_affine_recurrence, solve_chain
+from seqpar.runtime import solve_affine_recurrence, solve_chain
+from seqpar.runtime.kernels import cpu_scan
 
 
 def dense_system(length=50, batch=2, width=3, dtype=torch.float64):

@@ -14,7 +14,8 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-from seqpar.runtime import pcr, triton_newton  # noqa: E402
+from seqpar.runtime import pcr  # noqa: E402
+from seqpar.runtime.kernels import triton_newton  # noqa: E402
 
 pytestmark = pytest.mark.triton
 

@@ -8,6 +8,6 @@ from .chain import solve_chain
 from .newton import Tolerance
 from .stats import SolveStats
 from .pcr import solve_affine_recurrence
-from . import cpu_scan
+from .kernels import cpu_scan
 
 __all__ = ["solve_chain", "solve_affine_recurrence", "SolveStats", "Tolerance", "cpu_scan"]

@@ -65,7 +65,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import cpu_scan
+from .kernels import cpu_scan
 from .estimates import CachedEstimates
 from .pcr import solve_affine_recurrence
 from .program import windowed_steps
@@ -230,7 +230,7 @@ def _update(states, start, stop, values, A, kind, tol, work):
     update is above tolerance (:func:`tolerance_ratios` above 1 for some batch
     element; ``stop - start`` when none; ``0 / 0`` counts as converged), the
     largest ratio, and whether the update is finite. On CPU (float32/float64) one call
-    of the compiled kernel does it all (:func:`seqpar.runtime.cpu_scan.newton_update`).
+    of the compiled kernel does it all (:func:`seqpar.runtime.kernels.cpu_scan.newton_update`).
     """
     active = states[start:stop]
     if kind != "identity" and work == states.dtype and cpu_scan.supports(A, values) and cpu_scan.available(work):

@@ -23,7 +23,7 @@ After the last step ``y_l = c_l``: the coefficients left in ``A`` multiply
 ``y_{-1} = 0``. Half and bfloat16 inputs are combined in float32.
 
 On CPU, :func:`solve_affine_recurrence` hands float32/float64 systems to the
-compiled forward substitution of :mod:`seqpar.runtime.cpu_scan` by default
+compiled forward substitution of :mod:`seqpar.runtime.kernels.cpu_scan` by default
 (``method="auto"``): with a few cores, depth buys nothing and the combine
 steps below cost ~50 small torch operations per solve. The combine steps stay
 the method on GPU (Triton), without a C compiler, and with ``method="pcr"``.
@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import torch
 
-from . import cpu_scan
+from .kernels import cpu_scan
 from .spec import JACOBIAN_KINDS, accumulation_dtype
 
 SOLVE_METHODS = ("auto", "pcr", "substitution")
@@ -104,7 +104,7 @@ def solve_affine_recurrence(
 
     ``method``: ``"pcr"`` (the combine steps above; on CUDA the Triton kernels
     when Triton is installed), ``"substitution"`` (CPU only: the compiled
-    forward substitution of :mod:`seqpar.runtime.cpu_scan`, ``O(L N w^2)``
+    forward substitution of :mod:`seqpar.runtime.kernels.cpu_scan`, ``O(L N w^2)``
     work in one pass) or ``"auto"``: substitution for CPU tensors whenever
     its kernel is available, PCR otherwise. ``"identity"``
     is always a ``cumsum``. Not differentiable: inputs that require grad
@@ -120,7 +120,7 @@ def solve_affine_recurrence(
             "torch.no_grad(); solve_chain differentiates chains by its own adjoint solve"
         )
     if c.is_cuda and method != "substitution":
-        from . import triton_pcr  # only on CUDA: a CPU run never imports Triton
+        from .kernels import triton_pcr  # only on CUDA: a CPU run never imports Triton
 
         if triton_pcr.available():
             return triton_pcr.solve_affine_recurrence(A, c, kind, reverse=reverse)

@@ -39,7 +39,7 @@ import os
 
 import torch
 
-from .spec import JACOBIAN_KINDS, accumulation_dtype
+from ..spec import JACOBIAN_KINDS, accumulation_dtype
 
 try:
     import triton

@@ -33,14 +33,14 @@ for ``w = 1..2`` and tiny ``N`` the unfused path moves little data anyway.
 On this project's CPU-only machine the kernels have only been run by the
 Triton interpreter (``TRITON_INTERPRET=1``): correct, but not timed on a GPU.
 
-The solve reuses the chunked scheme of :mod:`seqpar.runtime.triton_pcr`:
+The solve reuses the chunked scheme of :mod:`seqpar.runtime.kernels.triton_pcr`:
 
 1. every chunk of ``C`` steps of one batch element computes, from a zero
    incoming ``ds``, its affine map ``(P_k, e_k)`` with ``P_k = J_{end-1} ..
    J_{start}`` (a ``w x w`` tile, or a ``w`` vector for ``"diag"``), computing
    each ``J_l`` and ``c_l`` on the fly from ``W_l``, ``b_l``, ``S_{l-1}``, ``S_l``;
 2. the ``K = ceil(L / C)`` chunk maps are a recurrence of the same kind, solved
-   by :func:`seqpar.runtime.triton_pcr.solve_chunked` (its ``P`` and ``e`` are
+   by :func:`seqpar.runtime.kernels.triton_pcr.solve_chunked` (its ``P`` and ``e`` are
    ``K / L`` of the chain, in the accumulation dtype);
 3. every chunk runs again from its true incoming ``ds``, recomputing ``J_l`` and
    ``c_l``, and writes ``ds`` (and ``F`` if asked).
@@ -55,7 +55,7 @@ from __future__ import annotations
 import torch
 
 from . import triton_pcr
-from .spec import accumulation_dtype
+from ..spec import accumulation_dtype
 
 try:
     import triton

@@ -85,7 +85,16 @@ def state_layout(chain: Chain) -> StateLayout:
 def build_chain_program(
     chain: Chain, decision: Decision, tol, max_iters, *, standalone: bool = False
 ) -> ChainProgram:
-    """Trace the chain's step for the solver, with the decision's methods attached."""
+    """Trace the chain's step for the solver, with the decision's methods attached.
+
+    Raises ValueError for a chain of symbolic shape (the program is traced for one shape)."""
+    symbolic = [node for node in [*state_leaves(chain.start), *chain.shared]
+                if any(isinstance(size, torch.SymInt) for size in example_value(node).shape)]
+    if symbolic:
+        raise ValueError(
+            f"{symbolic[0].name} has the symbolic shape {tuple(example_value(symbolic[0]).shape)}: seqpar solves "
+            "chains of static shape (torch.compile(..., dynamic=False))"
+        )
     layout = state_layout(chain)
     unstacked = not stacks_parameters_in_graph(chain, decision, standalone)
     # Examples for tracing (real, uninitialised): L slices of a slice input, an (L, ...) tensor per other input.

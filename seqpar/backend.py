@@ -28,6 +28,7 @@ from .passes.effects import is_random
 from .passes.glue import has_other_compute
 from .passes.module_paths import span
 from .report import ChainReport, format_table, hints_for, step_cost_text
+from .runtime.ops import call_state
 from .verify import compare_outputs, in_float64
 
 _graph_counter = itertools.count()
@@ -52,8 +53,9 @@ class GraphRecord:
 
     def refresh_stats(self) -> None:
         for report, program in self.programs:
-            if program.last_stats is not None:
-                report.stats = dict(vars(program.last_stats))  # scalars only: asdict's deep copy costs ~20 us a call
+            stats = call_state(program).last_stats
+            if stats is not None:
+                report.stats = dict(vars(stats))  # scalars only: asdict's deep copy costs ~20 us a call
                 report.step_cost = step_cost_text(report.form, report.stats)
 
 
@@ -119,7 +121,7 @@ class SeqparBackend:
                 return original(*args)
             if due:
                 for _, program in record.programs:
-                    program.check_next = _check_states
+                    call_state(program).check = _check_states
             out = compiled(*args)
             record.refresh_stats()
             if due and record.programs:
@@ -176,10 +178,10 @@ def _check_states(reference: torch.Tensor, states: torch.Tensor, exact) -> tuple
 def _record_chain_checks(record: GraphRecord) -> None:
     """Move the chains' check results into the record; a mismatched chain is reported sequential from now on."""
     for position, (report, program) in enumerate(record.programs):
-        if program.last_check is None:
+        state = call_state(program)
+        if state.check_result is None:
             continue
-        ok, detail = program.last_check
-        program.last_check = None
+        (ok, detail), state.check_result = state.check_result, None
         record.verification.append(f"call {record.calls}: chain {position} {'ok' if ok else 'MISMATCH'}: {detail}")
         if not ok:
             report.decision, report.method = "sequential", "sequential"

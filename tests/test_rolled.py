@@ -20,7 +20,7 @@ import torch.nn as nn
 import seqpar
 from seqpar.backend import SeqparBackend
 from seqpar.runtime import rolled, solve_chain
-from seqpar.runtime.sequential import run_steps
+from seqpar.runtime.ops import call_state
 from tests.zoo import models as zoo
 
 F64_ATOL = 1e-12
@@ -56,7 +56,7 @@ def test_kept_sequential_mlp_runs_the_generated_loop_and_equals_eager():
         torch.testing.assert_close(compiled(x), model(x), atol=F64_ATOL, rtol=0)
     report, program = the_program(backend)
     assert (report.form, report.method) == ("rolled", "sequential")
-    assert program.last_stats.loop == "generated" and program.last_stats.seconds > 0
+    assert call_state(program).last_stats.loop == "generated" and call_state(program).last_stats.seconds > 0
 
 
 @pytest.mark.parametrize("act, gain", [(nn.Tanh, 3.0), (nn.Sigmoid, 8.0), (nn.GELU, 1.0), (nn.ReLU, 1.0),
@@ -161,7 +161,7 @@ def test_zoo_in_the_rolled_form_equals_eager_with_gradients_in_float64(name):
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-9, rtol=0)
     programs = [program for graph in backend.graphs for _, program in graph.programs]
-    assert programs and all(program.last_stats.loop == "generated" for program in programs)
+    assert programs and all(call_state(program).last_stats.loop == "generated" for program in programs)
 
 
 def test_a_step_the_generator_cannot_write_out_calls_the_step_and_says_why(monkeypatch):
@@ -175,7 +175,7 @@ def test_a_step_the_generator_cannot_write_out_calls_the_step_and_says_why(monke
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), atol=F64_ATOL, rtol=0)
     _, program = the_program(backend)
-    assert program.last_stats.loop == "step calls"
+    assert call_state(program).last_stats.loop == "step calls"
     (loop,) = rolled._LOOPS[program].values()
     assert loop.reason == "ValueError: no such op"
 

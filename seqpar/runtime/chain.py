@@ -114,7 +114,7 @@ def solve_chain(
         program = build_program(*arguments, method=forward, retrace=True)
     packed = torch.ops.seqpar.chain_solve(program.id, packed_s0, xs_leaves, shared, [])
     states = layout.unpack(packed)
-    return (states, program.last_stats) if return_stats else states
+    return (states, ops.call_state(program).last_stats) if return_stats else states
 
 
 def build_program(

@@ -23,6 +23,8 @@ from __future__ import annotations
 import logging
 import time
 import weakref
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -35,6 +37,35 @@ log = logging.getLogger("seqpar.runtime")
 # Programs by id, held weakly: a compiled graph's record, solve_chain's cache
 # (:mod:`seqpar.runtime.step_cache`) and autograd graphs keep them alive.
 _PROGRAMS: "weakref.WeakValueDictionary[int, object]" = weakref.WeakValueDictionary()
+
+
+@dataclass
+class CallState:
+    """What the op's calls of one program leave behind; programs themselves are not written to at run time.
+
+    ``last_stats``: the :class:`~seqpar.runtime.stats.SolveStats` of the last
+    call; ``check``: a callable ``(sequential states, solver states, exact) ->
+    (ok, detail)`` the next solve is checked with, once (set by the caller);
+    ``check_result``: that check's ``(ok, detail)`` until the caller takes it;
+    ``demoted``: why the program's forward runs sequentially from now on (a
+    check that failed), ``None`` while it runs as built.
+    """
+
+    last_stats: object = None
+    check: Callable | None = None
+    check_result: tuple[bool, str] | None = None
+    demoted: str | None = None
+
+
+_STATES: "weakref.WeakKeyDictionary[object, CallState]" = weakref.WeakKeyDictionary()
+
+
+def call_state(program) -> CallState:
+    """The :class:`CallState` of ``program`` (made at first use; freed with the program)."""
+    state = _STATES.get(program)
+    if state is None:
+        state = _STATES[program] = CallState()
+    return state
 
 
 def register_program(program) -> int:
@@ -90,20 +121,22 @@ def chain_solve(
 ) -> torch.Tensor:
     """States ``s_1 .. s_L`` of the chain ``program`` started at ``s0``."""
     chain = _PROGRAMS[program]
+    state = call_state(chain)
     s0, xs, shared = s0.contiguous(), _contiguous(xs), _contiguous(shared)
-    if chain.method == "sequential":  # the rolled loop reads the layer parameters where they are: no stack
+    if chain.method == "sequential" or state.demoted:  # the rolled loop reads the layer parameters in place
         leaves = None
         columns = per_step_columns(chain, xs, layer_params)
         # The op's forward runs below autograd (its backward is the adjoint): the loop is never recorded.
-        states, stats = solve_columns(chain, s0, columns, shared, chain.sequential_reason, recorded=False)
+        reason = state.demoted or chain.sequential_reason
+        states, stats = solve_columns(chain, s0, columns, shared, reason, recorded=False)
     else:
         begin = time.perf_counter()
         leaves = per_step_inputs(chain, xs, layer_params)
         states, stats = newton_solve(chain, s0, leaves, shared, **chain.solver_options)
         stats.seconds = time.perf_counter() - begin
-    if chain.check_next is not None:
-        states, stats = _checked(chain, s0, leaves, shared, states, stats)
-    chain.last_stats = stats
+    if state.check is not None:
+        states, stats = _checked(chain, state, s0, leaves, shared, states, stats)
+    state.last_stats = stats
     if states.storage_offset() or not states.is_contiguous():
         # The solver may return a view into its work buffer; the op's (fake) contract
         # is a fresh contiguous tensor at offset 0.
@@ -111,8 +144,8 @@ def chain_solve(
     return states
 
 
-def _checked(chain, s0, leaves, shared, states, stats):
-    """Compare the solve with the sequential loop by ``chain.check_next`` (consumed).
+def _checked(chain, state, s0, leaves, shared, states, stats):
+    """Compare the solve with the sequential loop by ``state.check`` (consumed); the result in ``state``.
 
     ``check(reference, states, exact)`` gets the sequential states and, as
     ``exact()``, the sequential loop run in float64 (``None`` where the step
@@ -120,9 +153,9 @@ def _checked(chain, s0, leaves, shared, states, stats):
     allow for. On a mismatch the chain is solved sequentially from then on and
     this call returns the sequential states: a wrong solve never reaches the caller.
     """
-    check, chain.check_next = chain.check_next, None
-    if chain.method == "sequential":
-        chain.last_check = (True, "sequential loop: nothing to check")
+    check, state.check = state.check, None
+    if leaves is None:  # the sequential loop ran
+        state.check_result = (True, "sequential loop: nothing to check")
         return states, stats
     reference, reference_stats = solve_sequentially(chain, s0, leaves, shared, "")
 
@@ -137,12 +170,11 @@ def _checked(chain, s0, leaves, shared, states, stats):
             return None
 
     ok, detail = check(reference, states, exact)
-    chain.last_check = (ok, detail)
+    state.check_result = (ok, detail)
     if ok:
         return states, stats
-    chain.method = "sequential"
-    chain.sequential_reason = reference_stats.fallback = f"verification mismatch ({detail}); sequential from then on"
-    log.warning("seqpar: chain of %d steps: %s", chain.length, chain.sequential_reason)
+    state.demoted = reference_stats.fallback = f"verification mismatch ({detail}); sequential from then on"
+    log.warning("seqpar: chain of %d steps: %s", chain.length, state.demoted)
     return reference, reference_stats
 
 

@@ -128,10 +128,6 @@ class ChainProgram:
         self.jacobian = jacobian
         self.solve_kind = linear_solve_kind(jacobian)
         self.adjoint = adjoint
-        self.last_stats = None
-        # A callable ``(sequential states, solver states) -> (ok, detail)`` the next solve is checked with, once.
-        self.check_next = None
-        self.last_check = None
         prev = torch.empty(length, layout.batch_size, layout.width, dtype=layout.dtype, device=layout.device)
         examples = (prev, list(xs_leaves), list(shared))
         one = (prev[0], [leaf[0] for leaf in xs_leaves], list(shared))

@@ -323,20 +323,19 @@ def test_double_backward_through_a_compiled_chain_equals_eager():
         torch.testing.assert_close(g, w, rtol=TOL, atol=TOL)
 
 
+def chains_after_two_batch_sizes(model, dynamic: bool):
+    """The chain reports of ``model`` compiled with ``dynamic`` and called at batch sizes 3 and 5 (values checked)."""
+    torch._dynamo.reset()
+    backend = SeqparBackend({"policy": "parallel"})
+    fn = torch.compile(model, backend=backend, dynamic=dynamic)
+    for batch in (3, 5):
+        x = torch.randn(batch, 8, dtype=torch.float64)
+        torch.testing.assert_close(fn(x), model(x), rtol=TOL, atol=TOL)
+    return [chain for graph in backend.graphs for chain in graph.chains]
+
+
 def test_dynamic_shapes_leave_the_chain_unchanged_with_the_reason_and_static_compiles_solve_each_size():
     model = tanh_mlp(16, 8)
-    torch._dynamo.reset()
-    backend = SeqparBackend({"policy": "parallel"})
-    dynamic = torch.compile(model, backend=backend, dynamic=True)
-    for batch in (3, 5):
-        x = torch.randn(batch, 8, dtype=torch.float64)
-        torch.testing.assert_close(dynamic(x), model(x), rtol=TOL, atol=TOL)
-    (chain,) = [chain for graph in backend.graphs for chain in graph.chains]
+    (chain,) = chains_after_two_batch_sizes(model, dynamic=True)
     assert chain.decision == "rejected" and "seqpar solves chains of static shape" in chain.reason
-    torch._dynamo.reset()
-    backend = SeqparBackend({"policy": "parallel"})
-    static = torch.compile(model, backend=backend, dynamic=False)
-    for batch in (3, 5):
-        x = torch.randn(batch, 8, dtype=torch.float64)
-        torch.testing.assert_close(static(x), model(x), rtol=TOL, atol=TOL)
-    assert [chain.form for graph in backend.graphs for chain in graph.chains] == ["solver", "solver"]
+    assert [chain.form for chain in chains_after_two_batch_sizes(model, dynamic=False)] == ["solver", "solver"]

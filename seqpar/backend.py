@@ -29,7 +29,7 @@ from .passes.glue import has_other_compute
 from .passes.module_paths import span
 from .report import ChainReport, format_table, hints_for, step_cost_text
 from .runtime.ops import call_state
-from .verify import compare_outputs, in_float64
+from .verify import in_float64, judge
 
 _graph_counter = itertools.count()
 
@@ -142,10 +142,7 @@ def _check_graph(record: GraphRecord, original: fx.GraphModule, args, out, rando
         record.verification.append(f"call {record.calls}: graph check skipped: {random_node.name} draws random numbers")
         return out
     with torch.no_grad():
-        expected = original(*args)
-        verdict = compare_outputs(expected, out)
-        if not verdict.ok:
-            verdict = compare_outputs(expected, out, _in_float64(original, args))
+        verdict = judge(original(*args), out, lambda: _in_float64(original, args))
     ok, detail = verdict.ok, verdict.detail
     record.verification.append(f"call {record.calls}: graph {'ok' if ok else 'MISMATCH'}: {detail}")
     if ok:
@@ -167,11 +164,9 @@ def _in_float64(original: fx.GraphModule, args):
 
 
 def _check_states(reference: torch.Tensor, states: torch.Tensor, exact) -> tuple[bool, str]:
-    """A chain's solver states against its sequential loop (:func:`seqpar.verify.compare_outputs`); where they
-    differ, against the loop in float64 (``exact()``) too."""
-    verdict = compare_outputs(reference, states)
-    if not verdict.ok:
-        verdict = compare_outputs(reference, states, exact())
+    """A chain's solver states against its sequential loop; where they differ, against the loop in float64
+    (``exact()``) too (:func:`seqpar.verify.judge`)."""
+    verdict = judge(reference, states, exact)
     return verdict.ok, verdict.detail.replace("output 0: ", "")
 
 

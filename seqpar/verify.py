@@ -23,6 +23,7 @@ are compared
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.utils._pytree as pytree
@@ -68,6 +69,13 @@ def compare_outputs(expected, actual, exact=None) -> Verdict:
             rtol = VERIFY_TOLERANCE.get(want.dtype, 1e-3)
             worst, where = ratio, f"output {index}: max |error| = {ratio:.3g} x tolerance ({how}, rtol={rtol})"
     return Verdict(worst <= 1.0, worst, where or "all outputs equal")
+
+
+def judge(expected, actual, exact_of: Callable[[], Any]) -> Verdict:
+    """:func:`compare_outputs` of ``actual`` against ``expected``; only where that fails, again with
+    ``exact_of()`` (the float64 result, or ``None``), computed only then."""
+    verdict = compare_outputs(expected, actual)
+    return verdict if verdict.ok else compare_outputs(expected, actual, exact_of())
 
 
 def _rows(tensor: torch.Tensor) -> torch.Tensor:

@@ -205,12 +205,10 @@ def chain_adjoint(
     )
     slots = set(getattr(chain, "param_slots", ()))
     grad_xs = [grad for index, grad in enumerate(grad_leaves) if index not in slots]
-    # A frozen parameter group has no gradient (None): autograd drops the zeros returned for it.
-    grad_layers = [
-        None if grad_leaves[index] is None else part.clone()
-        for index in sorted(slots)
-        for part in (grad_leaves[index].unbind(0) if grad_leaves[index] is not None else [None] * chain.length)
-    ]
+    grad_layers = []  # one per layer parameter; None for a frozen group (zeros are returned for it below)
+    for index in sorted(slots):
+        group = grad_leaves[index]
+        grad_layers += [None] * chain.length if group is None else [part.clone() for part in group.unbind(0)]
     inputs = [*xs, *shared, *layer_params]
     grads = [*grad_xs, *grad_shared, *grad_layers]
     return [grad_s0.contiguous()] + [
@@ -258,9 +256,8 @@ def _recorded_gradients(program, s0, xs, shared, layer_params, grad_states):
     chain = _PROGRAMS[program]
     inputs = [s0, *xs, *shared, *layer_params]
     wanted = [tensor for tensor in inputs if tensor.requires_grad]
-    with torch.enable_grad():
-        states = run_steps(chain, s0, per_step_inputs(chain, list(xs), list(layer_params)), list(shared))
-        found = iter(torch.autograd.grad(states, wanted, grad_states, create_graph=True, allow_unused=True))
+    states = run_steps(chain, s0, per_step_inputs(chain, list(xs), list(layer_params)), list(shared))
+    found = iter(torch.autograd.grad(states, wanted, grad_states, create_graph=True, allow_unused=True))
     return [next(found) if tensor.requires_grad else None for tensor in inputs]
 
 

@@ -146,7 +146,7 @@ def main():
             "torch.compile(backend='seqpar')": lambda: compiled(x),
             "backend's compiled function (no Dynamo)": lambda: backend.run(*graph_args),
             "seqpar::chain_solve op": lambda: torch.ops.seqpar.chain_solve.default(program.id, x, op_xs, [], op_params),
-            "the op's Python body": lambda: ops.chain_solve._init_fn(program.id, x, op_xs, [], op_params),
+            "the op's Python body": lambda: ops.chain_solve(program.id, x, op_xs, [], op_params),
             **inner,
             **unstacked_op,
             "seqpar.solve_chain (pre-stacked)": lambda: seqpar.solve_chain(layer_step, x, stacked, forward=forward),

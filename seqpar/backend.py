@@ -27,7 +27,7 @@ from .passes.chain import Candidate
 from .passes.effects import is_random
 from .passes.glue import has_other_compute
 from .passes.module_paths import span
-from .report import ChainReport, format_table, hints_for, step_cost_text
+from .report import ChainReport, format_table, hints_for
 from .runtime.ops import call_state
 from .verify import in_float64, judge
 
@@ -50,13 +50,6 @@ class GraphRecord:
 
     def table(self) -> str:
         return format_table(self.chains)
-
-    def refresh_stats(self) -> None:
-        for report, program in self.programs:
-            stats = call_state(program).last_stats
-            if stats is not None:
-                report.stats = dict(vars(stats))  # scalars only: asdict's deep copy costs ~20 us a call
-                report.step_cost = step_cost_text(report.form, report.stats)
 
 
 class SeqparBackend:
@@ -81,12 +74,13 @@ class SeqparBackend:
             record.chains.append(report)
             if outcome.program is not None:
                 record.programs.append((report, outcome.program))
+                report.last_solve = _last_solve(outcome.program)
         record.rewritten_code = work.code
         for report in record.chains:
             log.info("seqpar graph %d: %s chain of %d (%s): %s", record.index, report.kind, report.length,
                      report.decision, report.reason)
         if record.programs and not has_other_compute(work):
-            compiled = work  # nothing left for the inner backend to compile: run the rewritten graph
+            compiled = work.forward  # nothing left for the inner backend to compile: run the rewritten graph
         else:
             compiled = self._inner_compile(work, example_inputs, record)
         write_dump(self.options.debug_dir, record)
@@ -123,7 +117,6 @@ class SeqparBackend:
                 for _, program in record.programs:
                     call_state(program).check = _check_states
             out = compiled(*args)
-            record.refresh_stats()
             if due and record.programs:
                 _record_chain_checks(record)
                 out = _check_graph(record, original, args, out, random_node)
@@ -133,6 +126,11 @@ class SeqparBackend:
 
         run.seqpar_record = record
         return run
+
+
+def _last_solve(program):
+    """``last_solve`` of a chain's report: the stats of the program's last call (``None`` before it)."""
+    return lambda: call_state(program).last_stats
 
 
 def _check_graph(record: GraphRecord, original: fx.GraphModule, args, out, random_node):

@@ -13,7 +13,6 @@ artifacts, which tlparse shows under ``TORCH_TRACE``.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -54,7 +53,7 @@ def write_dump(debug_dir: str | None, record) -> None:
                 "graph": record.index,
                 "verification": record.verification,
                 "inner_error": record.inner_error,
-                "chains": [dataclasses.asdict(chain) for chain in record.chains],
+                "chains": [chain.as_dict() for chain in record.chains],
             },
             indent=2,
             default=str,

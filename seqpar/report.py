@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Callable
 
 from .passes.module_paths import span
 
@@ -17,8 +18,11 @@ class ChainReport:
     ``form``: "solver", "rolled", "unrolled", "scan" (a ``scan`` call left
     to the inner backend) or "" for rejected ones; ``origin``: "unrolled"
     (segments of a loop Dynamo unrolled) or "scan" (one ``scan`` call);
-    ``step_cost``: what the chosen form cost per step on the last call, and
-    whether it was measured (:func:`step_cost_text`).
+    ``stats``: the last solve's :class:`~seqpar.runtime.stats.SolveStats` as a
+    dict (``None`` before the first call), and ``step_cost``: what the chosen
+    form cost per step on that call, and whether it was measured
+    (:func:`step_cost_text`); both are read from ``last_solve`` when asked
+    for, so a compiled call does no reporting work.
     """
 
     kind: str
@@ -32,9 +36,22 @@ class ChainReport:
     adjoint: str = ""
     form: str = ""
     lyapunov: float | None = None
-    stats: dict | None = None
     origin: str = "unrolled"
-    step_cost: str = ""
+    last_solve: Callable[[], object] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def stats(self) -> dict | None:
+        solve = self.last_solve() if self.last_solve is not None else None
+        return None if solve is None else dict(vars(solve))
+
+    @property
+    def step_cost(self) -> str:
+        return step_cost_text(self.form, self.stats)
+
+    def as_dict(self) -> dict:
+        """The report's fields and its ``stats`` and ``step_cost``, as plain values (the debug dump's JSON)."""
+        values = {item.name: getattr(self, item.name) for item in fields(self) if item.name != "last_solve"}
+        return {**values, "stats": self.stats, "step_cost": self.step_cost}
 
 
 def step_cost_text(form: str, stats: dict | None) -> str:
@@ -50,7 +67,8 @@ def step_cost_text(form: str, stats: dict | None) -> str:
     if not stats or not stats.get("seconds") or not stats.get("length"):
         return ""
     per_step = stats["seconds"] / stats["length"] * 1e6
-    how = {"generated": "generated loop", "step calls": "the step called per step"}.get(stats.get("loop", ""), "")
+    how = {"generated": "generated loop", "step calls": "the step called per step",
+           "compiled": "compiled C loop"}.get(stats.get("loop", ""), "")
     if not how and stats.get("iterations"):
         how = f"{stats['iterations']} parallel iterations, parameters stacked"
     what = f"{how}; " if how else ""

@@ -111,7 +111,12 @@ def _contiguous(tensors):
     return [tensor.contiguous() for tensor in tensors]
 
 
-@torch.library.custom_op("seqpar::chain_solve", mutates_args=())
+_LIBRARY = torch.library.Library("seqpar", "FRAGMENT")
+_LIBRARY.define(
+    "chain_solve(int program, Tensor s0, Tensor[] xs, Tensor[] shared, Tensor[] layer_params) -> Tensor"
+)
+
+
 def chain_solve(
     program: int,
     s0: torch.Tensor,
@@ -119,7 +124,7 @@ def chain_solve(
     shared: list[torch.Tensor],
     layer_params: list[torch.Tensor],
 ) -> torch.Tensor:
-    """States ``s_1 .. s_L`` of the chain ``program`` started at ``s0``."""
+    """States ``s_1 .. s_L`` of the chain ``program`` started at ``s0``: the op's kernel, below autograd."""
     chain = _PROGRAMS[program]
     state = call_state(chain)
     s0, xs, shared = s0.contiguous(), _contiguous(xs), _contiguous(shared)
@@ -178,9 +183,12 @@ def _checked(chain, state, s0, leaves, shared, states, stats):
     return reference, reference_stats
 
 
-@chain_solve.register_fake
 def _chain_solve_fake(program, s0, xs, shared, layer_params):
     return s0.new_empty(_PROGRAMS[program].length, *s0.shape)
+
+
+_LIBRARY.impl("chain_solve", chain_solve, "CompositeExplicitAutograd")
+torch.library.register_fake("seqpar::chain_solve", _chain_solve_fake, lib=_LIBRARY)
 
 
 @torch.library.custom_op("seqpar::chain_adjoint", mutates_args=())
@@ -221,32 +229,71 @@ def _chain_adjoint_fake(program, s0, xs, shared, layer_params, states, grad_stat
     return [torch.empty_like(s0)] + [torch.empty_like(tensor) for tensor in [*xs, *shared, *layer_params]]
 
 
-def _setup_context(ctx, inputs, output):
-    program, s0, xs, shared, layer_params = inputs
-    ctx.program = program
-    ctx.program_object = _PROGRAMS[program]  # alive until the backward has run
-    ctx.counts = (len(xs), len(shared))
-    ctx.save_for_backward(s0, *xs, *shared, *layer_params, output)
+class _ChainSolveFunction(torch.autograd.Function):
+    """The op's autograd formula: the exact adjoint (the op ``seqpar::chain_adjoint``); under
+    ``create_graph=True`` the gradient of the sequential loop, recorded (:func:`_recorded_gradients`).
+    Takes the op's tensors flat (``s0, *xs, *shared, *layer_params``) with ``counts = (len(xs), len(shared))``."""
 
+    @staticmethod
+    def forward(program, counts, *tensors):
+        s0, xs, shared, layer_params = _split(tensors, counts)
+        with torch._C._AutoDispatchBelowAutograd():
+            return torch.ops.seqpar.chain_solve.default(program, s0, xs, shared, layer_params)
 
-def _backward(ctx, grad_states):
-    s0, *rest, states = ctx.saved_tensors
-    n_xs, n_shared = ctx.counts
-    xs, shared, layer_params = rest[:n_xs], rest[n_xs : n_xs + n_shared], rest[n_xs + n_shared :]
-    if torch.is_grad_enabled():  # create_graph=True: the gradient must itself be differentiable
-        grads = _recorded_gradients(ctx.program, s0, xs, shared, layer_params, grad_states)
-    else:
-        grads = torch.ops.seqpar.chain_adjoint(
-            ctx.program, s0, xs, shared, layer_params, states, grad_states.contiguous()
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        program, counts, *tensors = inputs
+        ctx.program = program
+        ctx.program_object = _PROGRAMS[program]  # alive until the backward has run
+        ctx.counts = counts
+        ctx.save_for_backward(*tensors, output)
+
+    @staticmethod
+    def backward(ctx, grad_states):
+        *tensors, states = ctx.saved_tensors
+        s0, xs, shared, layer_params = _split(tensors, ctx.counts)
+        if torch.is_grad_enabled():  # create_graph=True: the gradient must itself be differentiable
+            grads = _recorded_gradients(ctx.program, s0, xs, shared, layer_params, grad_states)
+        else:
+            grads = torch.ops.seqpar.chain_adjoint(
+                ctx.program, s0, xs, shared, layer_params, states, grad_states.contiguous()
+            )
+        return (None, None, grads[0]) + tuple(
+            grad if tensor.is_floating_point() else None for grad, tensor in zip(grads[1:], tensors[1:])
         )
-    rest_grads = [grad if tensor.is_floating_point() else None for grad, tensor in zip(grads[1:], rest)]
+
+
+def _split(tensors, counts):
+    """``(s0, xs, shared, layer_params)`` from the op's tensors flat."""
+    n_xs, n_shared = counts
+    s0, rest = tensors[0], list(tensors[1:])
+    return s0, rest[:n_xs], rest[n_xs : n_xs + n_shared], rest[n_xs + n_shared :]
+
+
+def _chain_solve_autograd(program, s0, xs, shared, layer_params):
+    """The op at the autograd key: recorded by :class:`_ChainSolveFunction` where a gradient is wanted;
+    otherwise the kernel, called directly on plain tensors (no tracing mode, no tensor subclass, no
+    functorch transform: the dispatcher's keys below autograd would all pass them through), else
+    through the dispatcher below autograd (fake tensors, functionalization)."""
+    tensors = (s0, *xs, *shared, *layer_params)
+    if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors):
+        return _ChainSolveFunction.apply(program, (len(xs), len(shared)), *tensors)
+    if _plain(tensors):
+        return chain_solve(program, s0, xs, shared, layer_params)
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.seqpar.chain_solve.default(program, s0, xs, shared, layer_params)
+
+
+def _plain(tensors) -> bool:
+    """Whether the op's kernel may run on ``tensors`` without passing the dispatcher's lower keys."""
     return (
-        None,
-        grads[0],
-        rest_grads[:n_xs],
-        rest_grads[n_xs : n_xs + n_shared],
-        rest_grads[n_xs + n_shared :],
+        torch._C._len_torch_dispatch_stack() == 0
+        and torch._C._functorch.peek_interpreter_stack() is None
+        and all(type(tensor) is torch.Tensor for tensor in tensors)
     )
+
+
+_LIBRARY.impl("chain_solve", _chain_solve_autograd, "Autograd")
 
 
 def _recorded_gradients(program, s0, xs, shared, layer_params, grad_states):
@@ -260,5 +307,3 @@ def _recorded_gradients(program, s0, xs, shared, layer_params, grad_states):
     found = iter(torch.autograd.grad(states, wanted, grad_states, create_graph=True, allow_unused=True))
     return [next(found) if tensor.requires_grad else None for tensor in inputs]
 
-
-chain_solve.register_autograd(_backward, setup_context=_setup_context)

@@ -133,4 +133,5 @@ def build_chain_program(
             sequential_reason=f"kept sequential: {decision.reason}",
         )
     program.param_slots = tuple(param_slots)
+    program.loop = decision.loop
     return program

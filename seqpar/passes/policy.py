@@ -54,7 +54,11 @@ class Decision:
     ``method``: "parallel" (Newton-type solve) or "sequential"; ``adjoint``:
     "parallel" or "sequential"; ``form``: "solver" (the chain op, Newton
     forward), "rolled" (the chain op, sequential loop forward) or "unrolled"
-    (the chain left in the graph); ``jacobian``: the forward's blocks.
+    (the chain left in the graph); ``jacobian``: the forward's blocks;
+    ``loop``: how a sequential forward may run: ``"exact"`` (eager's kernels in
+    eager's order, bit for bit) or ``"compiled"`` (a small dense step may run
+    as one compiled C loop, rounding differently: only for a chain the probe
+    found contractive, kept sequential for cost, whose errors do not grow).
     """
 
     method: str
@@ -63,6 +67,7 @@ class Decision:
     jacobian: str
     reason: str
     window: int | None = None
+    loop: str = "exact"
 
     @property
     def label(self) -> str:
@@ -89,6 +94,7 @@ def decide(chain: Chain, options: Options, device_type: str, lyapunov: float | N
     if window is not None and window >= length:
         window = None
     choice = f"jacobian={jacobian!r} was asked for"
+    loop = "exact"
     if jacobian == "auto" and chain.kind == "denoise":
         jacobian, choice = _denoise_jacobian(lyapunov, length if window is None else window)
     elif jacobian == "auto":
@@ -114,6 +120,8 @@ def decide(chain: Chain, options: Options, device_type: str, lyapunov: float | N
         why = f"{why} ({shape}, {device_type})"
         if lyapunov is not None:
             why += f"; Lyapunov exponent {lyapunov:.3g}"
+        if lyapunov is not None and lyapunov < 0:
+            loop = "compiled"
     if options.adjoint != "auto" and options.policy != "sequential":
         if options.adjoint == "parallel" and not dense_ok:
             why += f"; adjoint='parallel' ignored: w={width} > {DENSE_WIDTH}"
@@ -132,7 +140,7 @@ def decide(chain: Chain, options: Options, device_type: str, lyapunov: float | N
     if method == "parallel" and chain.kind == "denoise":
         why += f"; {_denoise_solver(jacobian, window, choice)}"
     return Decision(method=method, adjoint=adjoint, form=form, jacobian=jacobian, reason=why,
-                    window=window if method == "parallel" else None)
+                    window=window if method == "parallel" else None, loop=loop)
 
 
 def _cost_model(device_type, batch, width, length, jacobian, kind):

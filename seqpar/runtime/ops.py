@@ -133,7 +133,8 @@ def chain_solve(
         columns = per_step_columns(chain, xs, layer_params)
         # The op's forward runs below autograd (its backward is the adjoint): the loop is never recorded.
         reason = state.demoted or chain.sequential_reason
-        states, stats = solve_columns(chain, s0, columns, shared, reason, recorded=False)
+        compiled = not state.demoted and getattr(chain, "loop", "exact") == "compiled"
+        states, stats = solve_columns(chain, s0, columns, shared, reason, recorded=False, compiled=compiled)
     else:
         begin = time.perf_counter()
         leaves = per_step_inputs(chain, xs, layer_params)

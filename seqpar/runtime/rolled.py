@@ -54,6 +54,9 @@ import torch.utils._pytree as pytree
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.func import functionalize
 
+from . import dense_step
+from .dense_step import DenseStep
+
 _aten = torch.ops.aten
 # Ops returning their input's values in a new shape: dropped where the shape does not change.
 _RESHAPES = (_aten.reshape.default, _aten.view.default, _aten._unsafe_view.default, _aten.alias.default)
@@ -67,7 +70,9 @@ class RolledLoop:
 
     ``kind``: ``"generated"`` (the traced step written out as one loop) or
     ``"step calls"`` (``run`` is ``None``: the step is called per step;
-    ``reason`` says why); ``source``: the generated code.
+    ``reason`` says why); ``source``: the generated code; ``dense``: the step
+    as ``h(s W^T + b)`` where it is one (:mod:`.dense_step`: a compiled loop
+    may run it, rounding differently from eager's kernels).
     """
 
     kind: str
@@ -75,6 +80,7 @@ class RolledLoop:
     run_into: Callable | None = None
     source: str = ""
     reason: str = ""
+    dense: DenseStep | None = None
 
 
 _LOOPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -96,7 +102,8 @@ def loop_for(program, state: torch.Tensor, columns, shared) -> RolledLoop:
             try:
                 with torch.no_grad():
                     graph_module = trace_step(program, state, [column[0] for column in columns], shared, eager_ops)
-                loop = RolledLoop("generated", *generate_loop(graph_module, len(columns), len(shared)))
+                run, run_into, source, dense = generate_loop(graph_module, len(columns), len(shared))
+                loop = RolledLoop("generated", run, run_into, source, dense=dense)
                 break
             except Exception as error:  # a step the generator does not cover keeps the plain loop
                 first_line = (str(error).strip().splitlines() or [""])[0][:200]
@@ -131,10 +138,12 @@ def trace_step(program, state, x_leaves, shared, eager_ops: bool = True) -> fx.G
     return traced
 
 
-def generate_loop(graph_module: fx.GraphModule, n_columns: int, n_shared: int) -> tuple[Callable, Callable | None, str]:
+def generate_loop(
+    graph_module: fx.GraphModule, n_columns: int, n_shared: int
+) -> tuple[Callable, Callable | None, str, DenseStep | None]:
     """``graph_module`` (placeholders ``s, x_0 .. x_{n-1}, shared_0 ..``, one output) as loop functions.
 
-    Returns ``(rolled, rolled_into, source)``: ``rolled(s, columns, shared,
+    Returns ``(rolled, rolled_into, source, dense)``: ``rolled(s, columns, shared,
     start, stop)`` returns the list of the states ``s_{start+1} .. s_stop``
     (step ``l`` reads ``columns[i][l]``, 0-based), computed by the traced ops
     as they are (autograd can record it); ``rolled_into(s, columns, shared,
@@ -145,7 +154,8 @@ def generate_loop(graph_module: fx.GraphModule, n_columns: int, n_shared: int) -
     ``h_j_(out[l])``, the same kernels on the same values. ``rolled_into`` is
     ``None`` where the step does not end that way (or mutates, or draws
     random numbers); it must not run where autograd records (``out=`` ops
-    have no derivative).
+    have no derivative). ``dense``: the step as ``h(s W^T + b)`` where it is one
+    (:func:`.dense_step.match`), else ``None``.
     """
     plan = _Plan(graph_module, n_columns, n_shared)
     tail = plan.writable_tail()
@@ -154,7 +164,7 @@ def generate_loop(graph_module: fx.GraphModule, n_columns: int, n_shared: int) -
         source += "\n" + plan.source("rolled_into", tail)
     namespace = dict(plan.constants)
     exec(compile(source, "<seqpar rolled loop>", "exec"), namespace)
-    return namespace["rolled"], namespace.get("rolled_into"), source
+    return namespace["rolled"], namespace.get("rolled_into"), source, dense_step.match(plan)
 
 
 class _Plan:

@@ -7,6 +7,7 @@ import time
 import torch
 import torch.utils._pytree as pytree
 
+from . import dense_step
 from .rolled import loop_for
 from .stats import SolveStats
 
@@ -33,15 +34,25 @@ def run_columns(program, state, columns, shared, start: int = 0, recorded: bool 
     are written into one buffer (``out=`` and in-place forms of the step's
     last ops: the same kernels, no allocation per step).
     """
+    return _run_columns(program, state, columns, shared, start, recorded, compiled=False)[0]
+
+
+def _run_columns(program, state, columns, shared, start, recorded, compiled: bool):
+    """``(states, how)``: :func:`run_columns`, or where ``compiled`` allows it and the step is a small dense
+    layer, the compiled C loop (:mod:`.dense_step`; ``how`` ``"compiled"``, else the loop's kind)."""
     if start >= program.length:
-        return state.new_empty(0, *state.shape)
+        return state.new_empty(0, *state.shape), ""
     loop = loop_for(program, state, columns, shared)
     recorded = torch.is_grad_enabled() if recorded is None else recorded
+    if not recorded and compiled and dense_step.usable(loop.dense, state):
+        out = state.new_empty(program.length - start, *state.shape)
+        if dense_step.run(loop.dense, state, columns, shared, start, program.length, out) is not None:
+            return out, "compiled"
     if loop.run_into is not None and not recorded:
         out = state.new_empty(program.length - start, *state.shape)
-        return loop.run_into(state, columns, shared, start, program.length, out)
+        return loop.run_into(state, columns, shared, start, program.length, out), loop.kind
     if loop.run is not None:
-        return torch.stack(loop.run(state, columns, shared, start, program.length))
+        return torch.stack(loop.run(state, columns, shared, start, program.length)), loop.kind
     layout = program.layout
     current = layout.unpack(state)
     trajectory = []
@@ -49,7 +60,7 @@ def run_columns(program, state, columns, shared, start: int = 0, recorded: bool 
     for x in program.per_step_inputs(xs_leaves, start):
         current = program.step(current, x, *shared)
         trajectory.append(current)
-    return layout.pack(pytree.tree_map(lambda *parts: torch.stack(parts), *trajectory))
+    return layout.pack(pytree.tree_map(lambda *parts: torch.stack(parts), *trajectory)), loop.kind
 
 
 def continue_sequentially(program, s0, xs_leaves, shared, states, start: int) -> None:
@@ -63,14 +74,15 @@ def solve_sequentially(program, s0, xs_leaves, shared, reason: str):
     return solve_columns(program, s0, [leaf.unbind(0) for leaf in xs_leaves], shared, reason)
 
 
-def solve_columns(program, s0, columns, shared, reason: str, recorded: bool | None = None):
+def solve_columns(program, s0, columns, shared, reason: str, recorded: bool | None = None, compiled: bool = False):
     """:func:`solve_sequentially` on per-step columns (:func:`run_columns`); the stats also record how
-    the steps ran (``loop``) and the loop's wall time (``seconds``, measured on this call)."""
-    loop = loop_for(program, s0, columns, shared)
+    the steps ran (``loop``: ``"generated"``, ``"step calls"`` or ``"compiled"``) and the loop's wall time
+    (``seconds``, measured on this call). ``compiled``: whether a small dense step may run as the compiled
+    C loop (:mod:`.dense_step`), whose rounding differs from eager's kernels."""
     begin = time.perf_counter()
-    states = run_columns(program, s0, columns, shared, recorded=recorded)
+    states, how = _run_columns(program, s0, columns, shared, 0, recorded, compiled)
     seconds = time.perf_counter() - begin
     stats = SolveStats(length=program.length, jacobian="none", converged=True, fallback=reason,
                        sequential_steps=program.length, evaluations=program.length,
-                       loop=loop.kind, seconds=seconds)
+                       loop=how, seconds=seconds)
     return states, stats

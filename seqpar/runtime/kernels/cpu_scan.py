@@ -15,10 +15,8 @@ of the Newton solve lies in evaluating ``f`` and its Jacobians at all
 positions at once; the linear solve is exact either way (the two differ by
 rounding only).
 
-``cpu_scan.c`` is compiled with the system's C compiler (``$CC``, else
-``cc``) into a cache directory (``$SEQPAR_CACHE_DIR``, else
-``$XDG_CACHE_HOME/seqpar`` or ``~/.cache/seqpar``), once per source and
-scalar type, and loaded with :mod:`ctypes`. Without a compiler, or with
+``cpu_scan.c`` is compiled at first use (:mod:`.c_build`: the system's C
+compiler, a cache directory, :mod:`ctypes`). Without a compiler, or with
 ``SEQPAR_CPU_KERNEL=0``, :func:`available` is false and the solves use the
 torch-op PCR; the reason is logged once.
 """
@@ -27,22 +25,19 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
 import os
-import platform
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
+
+from .c_build import BuildError, load
 
 log = logging.getLogger("seqpar.runtime")
 
 _SOURCE = Path(__file__).with_name("cpu_scan.c")
 _C_TYPES = {torch.float32: "float", torch.float64: "double"}
 _SCALARS = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}
-_FLAGS = ("-O3", "-std=c99", "-shared", "-fPIC")
 
 
 def disabled_reason(dtype: torch.dtype = torch.float32) -> str | None:
@@ -123,10 +118,9 @@ def _loaded(dtype: torch.dtype) -> ctypes.CDLL:
 def _library(dtype: torch.dtype) -> tuple[ctypes.CDLL | None, str | None]:
     """The compiled kernel for ``dtype`` and ``None``, or ``None`` and why it could not be built."""
     try:
-        path = _build(_C_TYPES[dtype])
-        library = ctypes.CDLL(str(path))
-    except (OSError, subprocess.CalledProcessError) as error:
-        reason = _describe(error)
+        library = load(_SOURCE, _C_TYPES[dtype])
+    except BuildError as error:
+        reason = str(error)
         log.warning("seqpar: CPU substitution kernel unavailable (%s); linear solves use torch-op PCR", reason)
         return None, reason
     pointer, size = ctypes.c_void_p, ctypes.c_long
@@ -140,38 +134,3 @@ def _library(dtype: torch.dtype) -> tuple[ctypes.CDLL | None, str | None]:
     ]
     library.newton_update.restype = size
     return library, None
-
-
-def _build(scalar: str) -> Path:
-    """Compile ``cpu_scan.c`` for ``scalar`` into the cache unless it is there; return the library's path."""
-    compiler = os.environ.get("CC", "cc")
-    command = [compiler, *_FLAGS, f"-DSCALAR={scalar}"]
-    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(command + [platform.machine()]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"cpu_scan_{scalar}_{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Build next to the target and rename: concurrent builds never load a half-written file.
-    handle, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(handle)
-    try:
-        subprocess.run([*command, "-o", partial, str(_SOURCE)], check=True, capture_output=True, text=True)
-        os.replace(partial, target)
-    finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
-    log.info("seqpar: built the CPU substitution kernel %s", target)
-    return target
-
-
-def _cache_dir() -> Path:
-    if "SEQPAR_CACHE_DIR" in os.environ:
-        return Path(os.environ["SEQPAR_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "seqpar"
-
-
-def _describe(error: Exception) -> str:
-    if isinstance(error, subprocess.CalledProcessError):
-        output = (error.stderr or "").strip().splitlines()
-        return f"{error.cmd[0]} failed: {output[-1] if output else 'exit status ' + str(error.returncode)}"
-    return str(error)

@@ -2,12 +2,16 @@
 
 Runs under the Triton interpreter on CPU (``TRITON_INTERPRET=1``, about 4 ms per
 program instance), so the shapes are small; a ``chunk`` of 4 or 8 makes short
-chains take two or three levels of the chunked recursion.
+chains take two or three levels of the chunked recursion. With
+``SEQPAR_TRITON_DEVICE=cuda`` (``scripts/gpu_check.sh``) the same tests run the
+compiled kernels on a GPU.
 """
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"
+DEVICE = os.environ.get("SEQPAR_TRITON_DEVICE", "cpu")
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -33,7 +37,7 @@ def random_system(kind, length, batch, width, seed, dtype=torch.float32):
         A = torch.rand(length, batch, width, generator=generator) * 1.8 - 0.9
     else:
         A = None
-    return (None if A is None else A.to(dtype)), c.to(dtype)
+    return (None if A is None else A.to(DEVICE, dtype)), c.to(DEVICE, dtype)
 
 
 def sequential_reference(A, c, kind, reverse):
@@ -116,7 +120,7 @@ def test_public_solve_with_default_chunks_matches_torch_path(kind, length, width
         assert relative_error(y, expected.double()) < 1e-5
 
 
-def test_available_under_the_interpreter():
+def test_available_here():
     assert triton_pcr.available()
 
 
@@ -140,5 +144,5 @@ def test_mismatched_operator_shape_is_rejected():
 
 
 def test_empty_chain_gives_empty_result():
-    c = torch.zeros(0, 2, 3)
+    c = torch.zeros(0, 2, 3, device=DEVICE)
     assert triton_pcr.solve_affine_recurrence(None, c, "identity").shape == (0, 2, 3)

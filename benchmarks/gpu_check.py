@@ -1,0 +1,258 @@
+"""The GPU rows that matter, in one run that fits a lent GPU's minutes (issue "Ready for the first GPU" §3).
+
+    python benchmarks/gpu_check.py --out results/gpu          # on a CUDA machine (scripts/gpu_check.sh)
+    python benchmarks/gpu_check.py --smoke --device cpu       # tiny sizes on CPU: checks the script itself
+
+Rows (float32; each time is the median of ``--repeats`` calls, CUDA
+synchronised before and after each; ratios are the sequential baseline's time
+over seqpar's, measured in the same run):
+
+* ``mlp``: ``s_l = tanh(W_l s_{l-1} + b_l)`` at DeepPCR's sizes (L = 1024 and
+  4096, w = 4, 16, 32, batch 1 and 64): the eager loop against
+  ``seqpar.solve_chain`` (Newton, full Jacobian), forward alone and forward
+  plus backward (the parallel adjoint against autograd through the loop);
+* ``diag``: a Mamba-size diagonal linear recurrence ``s_l = a_l * s_{l-1} +
+  u_l`` (batch 1, 1536 x 16 state values, L = 2048): the eager loop against
+  ``solve_chain(jacobian="diag")`` (exact after one Newton iteration) and the
+  affine scan kernel alone;
+* ``gru``: ``nn.GRU`` with 16 hidden units over T = 1024 and 4096 steps,
+  batch 1: cuDNN against ``seqpar.scan_rnn`` compiled with ``backend="seqpar"``;
+* ``diffusion``: DDPM sampling with the tests' tiny UNet at T = 1000 (needs
+  diffusers): the loop against windowed Picard (``solve_chain`` on the
+  scheduler's step, window 32).
+
+Writes ``table.md`` (one markdown table) and ``raw.json`` (every time, the
+errors against the sequential result, the device, torch and triton versions)
+under ``--out``; a row that fails records its error and the run goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.utils._pytree as pytree
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+import seqpar  # noqa: E402
+
+SIZES = {
+    "full": {"mlp": [(L, w, B) for L in (1024, 4096) for w in (4, 16, 32) for B in (1, 64)],
+             "diag": [(2048, 1536 * 16)], "gru": [1024, 4096], "diffusion": [1000]},
+    "smoke": {"mlp": [(64, 4, 2)], "diag": [(64, 32)], "gru": [32], "diffusion": [20]},
+}
+
+
+def timed(fn, device: torch.device, repeats: int) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` calls after one warm-up (synchronised on CUDA)."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-30))
+
+
+def mlp_rows(device, sizes, repeats):
+    def step(s, x):
+        W, b = x
+        return torch.tanh(torch.nn.functional.linear(s, W, b))
+
+    def loop(s, W, b):
+        states = []
+        for l in range(W.shape[0]):
+            s = step(s, (W[l], b[l]))
+            states.append(s)
+        return torch.stack(states)
+
+    for L, w, B in sizes:
+        generator = torch.Generator().manual_seed(0)
+        W = (torch.randn(L, w, w, generator=generator) * 0.9 / w**0.5).to(device)
+        b = (torch.randn(L, w, generator=generator) * 0.1).to(device)
+        s0 = torch.randn(B, w, generator=generator).to(device)
+        with torch.no_grad():
+            want = loop(s0, W, b)
+            got = seqpar.solve_chain(step, s0, (W, b))
+            forward = (timed(lambda: loop(s0, W, b), device, repeats),
+                       timed(lambda: seqpar.solve_chain(step, s0, (W, b)), device, repeats))
+        Wg, bg = W.clone().requires_grad_(), b.clone().requires_grad_()
+
+        def train(solve):
+            states = solve()
+            states[-1].square().sum().backward()
+            Wg.grad = bg.grad = None
+
+        backward = (timed(lambda: train(lambda: loop(s0, Wg, bg)), device, repeats),
+                    timed(lambda: train(lambda: seqpar.solve_chain(step, s0, (Wg, bg), adjoint="parallel")),
+                          device, repeats))
+        yield {"row": "mlp", "case": f"L={L} w={w} B={B}", "baseline": "eager loop",
+               "forward_s": forward, "train_s": backward, "rel_err": relative_error(got, want)}
+
+
+def diag_rows(device, sizes, repeats):
+    from seqpar.runtime.pcr import solve_affine_recurrence
+
+    def step(s, x):
+        a, u = x
+        return a * s + u
+
+    for L, D in sizes:
+        generator = torch.Generator().manual_seed(1)
+        a = torch.rand(L, 1, D, generator=generator).mul(0.5).add(0.45).to(device)  # decays in (0.45, 0.95)
+        u = torch.randn(L, 1, D, generator=generator).to(device)
+        s0 = torch.zeros(1, D, device=device)
+
+        def loop():
+            s, states = s0, []
+            for l in range(L):
+                s = a[l] * s + u[l]
+                states.append(s)
+            return torch.stack(states)
+
+        with torch.no_grad():
+            want = loop()
+            got = seqpar.solve_chain(step, s0, (a, u), jacobian="diag")
+            times = (timed(loop, device, repeats),
+                     timed(lambda: seqpar.solve_chain(step, s0, (a, u), jacobian="diag"), device, repeats),
+                     timed(lambda: solve_affine_recurrence(a, u, "diag"), device, repeats))
+        yield {"row": "diag", "case": f"L={L} N=1 w={D}", "baseline": "eager loop", "forward_s": times[:2],
+               "scan_kernel_s": times[2], "rel_err": relative_error(got, want)}
+
+
+def gru_rows(device, sizes, repeats):
+    for T in sizes:
+        torch.manual_seed(2)
+        gru = nn.GRU(16, 16, batch_first=True).to(device).eval()
+        x = torch.randn(1, T, 16, device=device)
+        torch._dynamo.reset()
+        compile_start = time.perf_counter()
+        compiled = torch.compile(seqpar.scan_rnn(gru), backend="seqpar")
+        with torch.no_grad():
+            got = compiled(x)[0]
+            compile_seconds = time.perf_counter() - compile_start
+            want = gru(x)[0]
+            times = (timed(lambda: gru(x), device, repeats), timed(lambda: compiled(x), device, repeats))
+        yield {"row": "gru", "case": f"T={T} hidden=16 B=1", "baseline": "nn.GRU (cuDNN on CUDA)",
+               "forward_s": times, "compile_s": compile_seconds, "rel_err": relative_error(got, want)}
+
+
+def diffusion_rows(device, sizes, repeats):
+    from diffusion_sampling import loop_as_chain  # needs diffusers (tests.test_denoise builds the tiny UNet)
+    from tests.test_denoise import sampling_loop
+
+    for T in sizes:
+        loop = sampling_loop("ddpm", "unet", T)
+        model = loop.model.to(device, torch.float32).eval()  # the tests build it in float64
+        step, s0, xs, shared = loop_as_chain(loop.sched, model, loop.x.to(device, torch.float32),
+                                             loop.noise.to(device, torch.float32))
+        xs = pytree.tree_map(lambda tensor: tensor.to(device), xs)
+
+        def sequential():
+            return seqpar.solve_chain(step, s0, xs, shared, forward="sequential")
+
+        def picard():
+            return seqpar.solve_chain(step, s0, xs, shared, jacobian="identity", window=32, tol=1e-5)
+
+        with torch.no_grad():
+            want, got = sequential(), picard()
+            times = (timed(sequential, device, repeats), timed(picard, device, repeats))
+        yield {"row": "diffusion", "case": f"DDPM tiny UNet T={T} window 32", "baseline": "sequential loop",
+               "forward_s": times, "rel_err": relative_error(got[-1], want[-1])}
+
+
+ROWS = {"mlp": mlp_rows, "diag": diag_rows, "gru": gru_rows, "diffusion": diffusion_rows}
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| row | case | baseline | baseline ms | seqpar ms | ratio | train: baseline / seqpar ms (ratio) | "
+             "other | rel. error |", "|---|---|---|---|---|---|---|---|---|"]
+    for result in results:
+        if "error" in result:
+            lines.append(f"| {result['row']} | {result['case']} | - | - | - | - | - | failed: {result['error']} | - |")
+            continue
+        base, ours = result["forward_s"]
+        train = "-"
+        if "train_s" in result:
+            tb, ts = result["train_s"]
+            train = f"{tb * 1e3:.2f} / {ts * 1e3:.2f} ({tb / ts:.2f}x)"
+        other = []
+        if "scan_kernel_s" in result:
+            other.append(f"scan kernel {result['scan_kernel_s'] * 1e3:.3f} ms")
+        if "compile_s" in result:
+            other.append(f"compile {result['compile_s']:.0f} s")
+        lines.append(f"| {result['row']} | {result['case']} | {result['baseline']} | {base * 1e3:.2f} | "
+                     f"{ours * 1e3:.2f} | **{base / ours:.2f}x** | {train} | {'; '.join(other) or '-'} | "
+                     f"{result['rel_err']:.1e} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="results/gpu")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes (checks the script; times mean nothing)")
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--budget", type=float, default=360.0, help="seconds; rows not started by then are skipped")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("gpu_check: no CUDA device (use --device cpu --smoke to check the script)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sizes = SIZES["smoke" if args.smoke else "full"]
+    began = time.perf_counter()
+    results = []
+    for name in args.rows:
+        if time.perf_counter() - began > args.budget:
+            results.append({"row": name, "case": "all", "error": f"skipped: the {args.budget:g} s budget was spent"})
+            continue
+        try:
+            for result in ROWS[name](device, sizes[name], args.repeats):
+                results.append(result)
+                print(table([result]).splitlines()[-1], flush=True)
+        except Exception as error:  # one row's failure must not cost the others their minutes
+            traceback.print_exc()
+            results.append({"row": name, "case": "all", "error": f"{type(error).__name__}: {str(error)[:200]}"})
+    described = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "python": platform.python_version(), "smoke": args.smoke,
+        "seconds": round(time.perf_counter() - began, 1),
+    }
+    try:
+        import triton
+
+        described["triton"] = triton.__version__
+    except ImportError:
+        described["triton"] = None
+    header = ", ".join(f"{key} {value}" for key, value in described.items())
+    (out / "table.md").write_text(f"{header}\n\n{table(results)}")
+    (out / "raw.json").write_text(json.dumps({**described, "results": results}, indent=2, default=str))
+    print(f"\n{header}\n\n{table(results)}")
+    failed = [result for result in results if "error" in result and not result["error"].startswith("skipped")]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

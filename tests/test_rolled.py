@@ -262,3 +262,17 @@ def test_each_torch_binding_the_loop_calls_computes_its_aten_overload(overload):
     (want, want_first), (got, got_first) = call(overload), call(binding)
     for w, g in zip(torch.utils._pytree.tree_leaves((want, want_first)), torch.utils._pytree.tree_leaves((got, got_first))):
         assert torch.equal(w, g)
+
+
+def test_a_scan_kept_sequential_inside_an_inductor_graph_equals_eager():
+    """The first call of an inductor graph runs the op inside aot_autograd's aliasing-check dispatch mode,
+    where make_fx records nothing: the loop generated there returned the trace's fake constant (the call
+    failed with "Cannot access data pointer"). Such a trace is refused and the loop generated on a later call."""
+    torch.manual_seed(2)
+    gru = nn.GRU(16, 16, batch_first=True).eval()
+    x = torch.randn(1, 32, 16)
+    torch._dynamo.reset()
+    compiled = torch.compile(seqpar.scan_rnn(gru), backend="seqpar")
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(compiled(x)[0], gru(x)[0], atol=1e-5, rtol=1e-5)

@@ -52,6 +52,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.func import functionalize
 
 from . import dense_step
@@ -97,7 +98,7 @@ def loop_for(program, state: torch.Tensor, columns, shared) -> RolledLoop:
     loops = _LOOPS.setdefault(program, {})
     loop = loops.get(signature)
     if loop is None:
-        reasons = []
+        reasons, retry = [], False
         for eager_ops in (True, False):
             try:
                 with torch.no_grad():
@@ -105,11 +106,16 @@ def loop_for(program, state: torch.Tensor, columns, shared) -> RolledLoop:
                 run, run_into, source, dense = generate_loop(graph_module, len(columns), len(shared))
                 loop = RolledLoop("generated", run, run_into, source, dense=dense)
                 break
+            except UnrecordedTrace as error:  # this call's dispatch context, not the step: try again next call
+                retry = True
+                reasons.append(f"{type(error).__name__}: {error}")
             except Exception as error:  # a step the generator does not cover keeps the plain loop
                 first_line = (str(error).strip().splitlines() or [""])[0][:200]
                 reasons.append(f"{type(error).__name__}: {first_line}")
         else:
             loop = RolledLoop("step calls", reason="; ".join(dict.fromkeys(reasons)))
+            if retry:
+                return loop
         loops[signature] = loop
     return loop
 
@@ -135,7 +141,39 @@ def trace_step(program, state, x_leaves, shared, eager_ops: bool = True) -> fx.G
     else:
         traced = make_fx(functionalize(step, remove="mutations"), tracing_mode="fake")(state, x_leaves, shared)
     traced.graph.eliminate_dead_code()
+    _check_recorded(traced)
     return traced
+
+
+class UnrecordedTrace(ValueError):
+    """``make_fx`` did not record the step's ops (see :func:`_check_recorded`)."""
+
+
+def _check_recorded(traced: fx.GraphModule) -> None:
+    """:class:`UnrecordedTrace` where the trace did not record the step: an output that reads no input, or a constant that
+    is a fake tensor (a value computed while tracing, not recorded). That happens where the op's kernel runs
+    below dispatch keys make_fx needs (the first call of an inductor graph runs inside aot_autograd's
+    aliasing-check mode): a loop from such a trace would return that constant."""
+    for node in traced.graph.find_nodes(op="get_attr"):
+        if isinstance(getattr(traced, node.target, None), FakeTensor):
+            raise UnrecordedTrace(f"the trace kept a value computed while tracing ({node.target}) instead of its ops")
+    inputs = set(traced.graph.find_nodes(op="placeholder"))
+    (output,) = traced.graph.find_nodes(op="output")
+    for result in pytree.tree_leaves(output.args[0]):
+        if isinstance(result, fx.Node) and not _reads_any(result, inputs):
+            raise UnrecordedTrace(f"the traced step's output {result.name} reads none of its inputs")
+
+
+def _reads_any(node: fx.Node, inputs: set) -> bool:
+    seen, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        if current in inputs:
+            return True
+        if current not in seen:
+            seen.add(current)
+            stack.extend(current.all_input_nodes)
+    return False
 
 
 def generate_loop(

@@ -285,12 +285,15 @@ def _chain_solve_autograd(program, s0, xs, shared, layer_params):
         return torch.ops.seqpar.chain_solve.default(program, s0, xs, shared, layer_params)
 
 
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)  # a Parameter dispatches as the tensor it wraps
+
+
 def _plain(tensors) -> bool:
     """Whether the op's kernel may run on ``tensors`` without passing the dispatcher's lower keys."""
     return (
         torch._C._len_torch_dispatch_stack() == 0
         and torch._C._functorch.peek_interpreter_stack() is None
-        and all(type(tensor) is torch.Tensor for tensor in tensors)
+        and all(type(tensor) in _PLAIN_TYPES for tensor in tensors)
     )
 
 

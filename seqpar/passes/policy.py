@@ -153,7 +153,8 @@ def _cost_model(device_type, batch, width, length, jacobian, kind):
         if not dense_ok and kind == "residual" and length >= GPU_MIN_LENGTH:
             forward = True  # Picard suits near-identity updates
         adjoint = dense_ok and width <= GPU_MAX_WIDTH
-        reason = "GPU cost model"
+        reason = (f"GPU cost model (DeepPCR/DEER's published crossovers, w <= {GPU_MAX_WIDTH} from L = {GPU_MIN_LENGTH}: "
+                  "not yet measured on hardware)")
     else:
         forward = dense_ok and batch * width <= CPU_FORWARD_MAX_WORK and length >= CPU_FORWARD_MIN_LENGTH
         adjoint = dense_ok and batch * width <= CPU_ADJOINT_MAX_WORK and length >= CPU_ADJOINT_MIN_LENGTH

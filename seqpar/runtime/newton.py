@@ -70,7 +70,7 @@ from .estimates import CachedEstimates
 from .pcr import solve_affine_recurrence
 from .program import windowed_steps
 from .sequential import continue_sequentially
-from .spec import DEFAULT_TOLERANCE, LINEAR_CONVERGENCE_FACTOR, accumulation_dtype
+from .spec import DEFAULT_TOLERANCE, LINEAR_CONVERGENCE_FACTOR, accumulation_dtype, decision_every
 from .stats import SolveStats
 from .tridiagonal import levenberg_marquardt_step
 
@@ -108,7 +108,8 @@ class Tolerance:
 
 
 def newton_solve(
-    program, s0, xs_leaves, shared, *, tol: Tolerance, max_iters: int, damping: float = 0.0, window: int | None = None
+    program, s0, xs_leaves, shared, *, tol: Tolerance, max_iters: int, damping: float = 0.0, window: int | None = None,
+    decide_every: int | None = None,
 ):
     """Solve the chain of ``program`` from the packed ``s0`` of shape ``(N, w)``.
 
@@ -139,6 +140,8 @@ def newton_solve(
     evaluate = windowed_steps(program, window, xs_leaves, shared) if window is not None and not estimates else None
     start = 0
     region = _TrustRegion(damping) if damping else None
+    every = 1 if region is not None else (decide_every or decision_every(s0.device))
+    pending = 0  # iterations since the last decision
     guessed = 0  # windowed: positions [0, guessed) have been given a guess
     while start < length:
         if stats.iterations == max_iters:
@@ -172,14 +175,21 @@ def newton_solve(
         offset = start - first
         values = values[offset : offset + stop - start]
         A = None if A is None else A[offset : offset + stop - start]
+        pending += 1
+        decide = pending == every or stats.iterations == max_iters
         if region is not None:
             above, stats.residual, finite = _damped_update(states, start, stop, values, A, kind, region, tol, work)
+        elif not decide:
+            _update(states, start, stop, values, A, kind, tol, work, decide=False)
+            continue
         else:
             above, stats.residual, finite = _update(states, start, stop, values, A, kind, tol, work)
         if not finite:
             stats.fallback = f"non-finite values at iteration {stats.iterations}"
             break
-        start += max(1, above)  # the first active state is exact now; above = stop - start when converged
+        # The first `pending` active states are exact now; above = stop - start when converged.
+        start += max(pending, above)
+        pending = 0
     stats.converged = stats.fallback is None
     if not stats.converged:
         log.info("chain of %d steps: %s; finishing sequentially from step %d", length, stats.fallback, start + 1)
@@ -221,7 +231,7 @@ class _TrustRegion:
         return self.value
 
 
-def _update(states, start, stop, values, A, kind, tol, work):
+def _update(states, start, stop, values, A, kind, tol, work, decide: bool = True):
     """One (quasi-)Newton iteration on the active positions ``[start, stop)``, in place.
 
     ``s <- s + y`` with ``y_l - A_l y_{l-1} = F_l - s_l``, and ``s_start <- F_start``
@@ -231,6 +241,7 @@ def _update(states, start, stop, values, A, kind, tol, work):
     element; ``stop - start`` when none; ``0 / 0`` counts as converged), the
     largest ratio, and whether the update is finite. On CPU (float32/float64) one call
     of the compiled kernel does it all (:func:`seqpar.runtime.kernels.cpu_scan.newton_update`).
+    ``decide=False``: the update only, nothing read back to the host (returns ``None``).
     """
     active = states[start:stop]
     if kind != "identity" and work == states.dtype and cpu_scan.supports(A, values) and cpu_scan.available(work):
@@ -245,6 +256,8 @@ def _update(states, start, stop, values, A, kind, tol, work):
         new_active = active + update
         states[start:stop] = new_active.to(states.dtype)
     states[start] = values[0]
+    if not decide:
+        return None
     per_step = tolerance_ratios(update, new_active, tol).flatten(1).amax(dim=1)
     largest = float(per_step.max())
     # A non-finite update makes the largest ratio non-finite (the check costs nothing otherwise).

@@ -37,6 +37,16 @@ DEFAULT_TOLERANCE = {
 LINEAR_CONVERGENCE_FACTOR = 0.1
 # Parallel iterations before the rest of a chain is evaluated sequentially.
 DEFAULT_MAX_ITERS = 40
+# Newton iterations between two host decisions (convergence, window advance, fallback) on a GPU: each decision
+# reads back a few numbers (one synchronisation, tens of microseconds, and a break in a CUDA graph); between
+# decisions the iterations run on the same active positions, which costs only work (a converged prefix stays
+# exact). On a CPU the numbers are host values already: a decision every iteration.
+CUDA_DECISION_EVERY = 4
+
+
+def decision_every(device: torch.device) -> int:
+    """Iterations per host decision of a Newton loop on ``device`` (:data:`CUDA_DECISION_EVERY` on CUDA, else 1)."""
+    return CUDA_DECISION_EVERY if device.type == "cuda" else 1
 
 
 def linear_solve_kind(jacobian: str) -> str:

@@ -121,6 +121,50 @@ class Attempt:
     starts: list[Node] = field(default_factory=list)
 
 
+class _Invalid(Exception):
+    """Segment ``segment`` of a run fails a check, for ``reason`` (ends :meth:`Detector._validate_run`)."""
+
+    def __init__(self, segment: int, reason: str):
+        super().__init__(reason)
+        self.segment, self.reason = segment, reason
+
+
+@dataclass
+class _SegmentReads:
+    """What the state-dependent nodes of one segment read, by argument slot ``(offset, leaf index)``."""
+
+    dep_offsets: list[int] = field(default_factory=list)  # offsets of the nodes on the state path
+    state_slots: dict[tuple[int, int], int] = field(default_factory=dict)  # slot -> the state leaf it reads
+    internal: dict[tuple[int, int], int] = field(default_factory=dict)  # slot -> offset of a node of the segment
+    inputs: dict[tuple[int, int], Node] = field(default_factory=dict)  # slot -> a value off the state path
+    literals: dict[tuple[int, int], Any] = field(default_factory=dict)  # slot -> a number
+
+
+class _Run:
+    """A run of segments from ``seq[b]`` being validated with one carried state, and what it has read."""
+
+    def __init__(self, p: int, b: int, state: list[tuple[Node, int]],
+                 slot_leaf: dict[tuple[int, int], tuple[Node, int]]):
+        self.p, self.b = p, b
+        self.starts = [a0 for a0, _ in state]
+        self.offsets = [q for _, q in state]  # per leaf: the offset of its next value in a segment
+        self.on_state_path: set[Node] = set(self.starts)
+        # which leaf a slot reads: in segment 0 by the slot (two leaves may start as one node),
+        # later by the node (the previous segment's outputs are distinct nodes)
+        self.leaf_of_slot = {slot: state.index(leaf) for slot, leaf in slot_leaf.items() if leaf in state}
+        self.leaf_of_start = {s0: i for i, s0 in reversed(list(enumerate(self.starts)))}
+        self.state_in: dict[Node, int] = {}  # the previous segment's next values -> leaf
+        self.first: _SegmentReads | None = None  # segment 0's reads, the model of the others
+        self.inputs: dict[tuple[int, int], list[Node]] = {}  # slot -> the value each valid segment reads there
+        self.literals: dict[tuple[int, int], list] = {}  # slot -> the literal of each valid segment
+
+    def leaf_read(self, k: int, a: Node, slot: tuple[int, int]) -> int | None:
+        """The state leaf that segment ``k`` reads as ``a`` at ``slot``, ``None`` where ``a`` is no state."""
+        if k == 0:
+            return self.leaf_of_slot.get(slot, self.leaf_of_start[a]) if a in self.leaf_of_start else None
+        return self.state_in.get(a)
+
+
 class Detector:
     """The repeated segments of one graph; :meth:`find` returns them as plans."""
 
@@ -207,17 +251,38 @@ class Detector:
 
     # ---- validation ------------------------------------------------------ #
 
-    def _analyse(self, p: int, b: int, count: int) -> Attempt:
-        """The longest valid prefix of the segments ``seq[b + k p : b + (k+1) p]``, ``k < count``.
+    def _longest_run(self, p: int, b: int, count: int) -> Attempt:
+        """The longest valid run of the segments ``seq[b + k p : b + (k+1) p]``, ``k < count``.
 
         The carried state is found from what segment 1 reads of segment 0
         where segment 0 reads a value made before it: each such value alone
         (a tensor state), then all of them that depend on the state as one
-        tuple state; the candidate with the most valid segments wins.
+        tuple state; the candidate state with the most valid segments wins.
+        """
+        carried, slot_leaf = self._carried_values(p, b)
+        if not carried:
+            return Attempt(None, 1, 1, "the segments do not read each other: no carried state")
+        candidates = [[leaf] for leaf in carried]
+        joint = self._state_dependent(p, b, carried)
+        if len(joint) > 1 and len({q for _, q in joint}) == len(joint):
+            candidates.append(joint)
+        best = None
+        for state in candidates:
+            attempt = self._validate_run(p, b, count, state, slot_leaf)
+            if best is None or attempt.valid > best.valid:
+                best = attempt
+        return best
+
+    def _carried_values(self, p: int, b: int) -> tuple[list[tuple[Node, int]], dict[tuple[int, int], tuple[Node, int]]]:
+        """The values segment 0 reads from before it where segment 1 reads a value of segment 0.
+
+        Returns ``(carried, slot_leaf)``: ``carried`` lists ``(start, offset of its next value in a
+        segment)``; ``slot_leaf`` maps segment 0's argument slots ``(offset, leaf index)`` that read
+        a start to its entry.
         """
         seq, pos, leaves = self.seq, self.pos, self.leaves
-        carried: list[tuple[Node, int]] = []  # (start, offset of its next value in a segment)
-        slot_leaf: dict[tuple[int, int], tuple[Node, int]] = {}  # segment 0's slots that read a start
+        carried: list[tuple[Node, int]] = []
+        slot_leaf: dict[tuple[int, int], tuple[Node, int]] = {}
         for o in range(p):
             for j, (a0, a1) in enumerate(zip(leaves[seq[b + o]], leaves[seq[b + p + o]])):
                 if a1.__class__ is Node and b <= pos.get(a1, -1) < b + p and a0.__class__ is Node:
@@ -227,18 +292,7 @@ class Detector:
                         if leaf not in carried:
                             carried.append(leaf)
                         slot_leaf[(o, j)] = leaf
-        if not carried:
-            return Attempt(None, 1, 1, "the segments do not read each other: no carried state")
-        candidates = [[leaf] for leaf in carried]
-        joint = self._state_dependent(p, b, carried)
-        if len(joint) > 1 and len({q for _, q in joint}) == len(joint):
-            candidates.append(joint)
-        best = None
-        for state in candidates:
-            attempt = self._analyse_from(p, b, count, state, slot_leaf)
-            if best is None or attempt.valid > best.valid:
-                best = attempt
-        return best
+        return carried, slot_leaf
 
     def _state_dependent(self, p: int, b: int, carried: list[tuple[Node, int]]) -> list[tuple[Node, int]]:
         """The leaves of ``carried`` whose next value in segment 0 depends on the carried starts (a fixpoint)."""
@@ -254,115 +308,150 @@ class Detector:
             carried = kept
         return carried
 
-    def _analyse_from(self, p: int, b: int, count: int, state: list[tuple[Node, int]],
+    def _validate_run(self, p: int, b: int, count: int, state: list[tuple[Node, int]],
                       slot_leaf: dict[tuple[int, int], tuple[Node, int]]) -> Attempt:
-        """Validate segments carrying ``state`` (leaf ``i``: start node, offset of its next value)."""
+        """The longest valid prefix of ``count`` segments from ``seq[b]`` carrying ``state``, as a plan.
+
+        ``state``: per leaf, its start node and the offset of its next value in a
+        segment. Segment by segment: no side effects (:meth:`_side_effect_reason`),
+        what its state-dependent nodes read (:meth:`_read_segment`), then segment 0
+        checked as the model of the others (:meth:`_check_first_segment`) or a later
+        segment against it (:meth:`_check_like_first`). The first failure ends the
+        run; the valid segments before it become a plan (:meth:`_attempt`).
+        """
+        run = _Run(p, b, state, slot_leaf)
+        try:
+            for s0 in run.starts:
+                if not isinstance(example(s0), torch.Tensor):
+                    raise _Invalid(0, f"the carried value {s0.name} is not a tensor")
+            run.on_state_path = self._state_path_before(run.starts, b)
+            for k in range(count):
+                reason = self._side_effect_reason(b + k * p, p)
+                if reason:
+                    raise _Invalid(k, reason)
+                reads = self._read_segment(run, k)
+                if k == 0:
+                    self._check_first_segment(run, reads, count)
+                    run.first = reads
+                else:
+                    self._check_like_first(run, reads, k)
+                for key, a in reads.inputs.items():
+                    run.inputs.setdefault(key, []).append(a)
+                for key, v in reads.literals.items():
+                    run.literals.setdefault(key, []).append(v)
+                run.state_in = {self.seq[b + k * p + q]: i for i, q in enumerate(run.offsets)}
+        except _Invalid as invalid:
+            return self._attempt(run, invalid.segment, invalid.reason)
+        return self._attempt(run, count, None) if count >= 2 else Attempt(None, count, None, None, run.starts)
+
+    def _state_path_before(self, starts: list[Node], b: int) -> set[Node]:
+        """The starts and the nodes between them and ``seq[b]`` that depend on them."""
         seq, pos, leaves = self.seq, self.pos, self.leaves
-        starts = [a0 for a0, _ in state]
-        offsets = [q for _, q in state]
-
-        def fail(k: int, reason: str | None) -> Attempt:
-            valid = k
-            plan, trimmed = self._plan(p, b, valid, starts, offsets, sslots0, dep0, slots, literals) \
-                if valid >= 2 else (None, None)
-            if plan is not None:
-                valid = plan.length
-            elif reason is None:  # every segment was valid, but values besides the state leave them
-                reason = trimmed
-            return Attempt(plan, valid, k, reason, starts)
-
-        dep0, sslots0 = [], {}
-        slots: dict[tuple[int, int], list[Node]] = {}
-        literals: dict[tuple[int, int], list] = {}
-        for s0 in starts:
-            if not isinstance(example(s0), torch.Tensor):
-                return fail(0, f"the carried value {s0.name} is not a tensor")
         dep = set(starts)
         for i in range(min(pos.get(s0, -1) for s0 in starts) + 1, b):
-            n = seq[i]
-            if any(a.__class__ is Node and a in dep for a in leaves[n]):
-                dep.add(n)
-        # which leaf a slot reads: in segment 0 by the slot (two leaves may start as one node),
-        # later by the node (the previous segment's outputs are distinct nodes)
-        leaf_of_slot = {slot: state.index(leaf) for slot, leaf in slot_leaf.items() if leaf in state}
-        leaf_of_start = {s0: i for i, s0 in reversed(list(enumerate(starts)))}
-        state_in: dict[Node, int] = {}
-        internal0: dict = {}
-        for k in range(count):
-            base = b + k * p
-            # side effects anywhere in the segment (the BatchNorm reason wins); in-place ops are checked below
-            reasons = [r for r in (side_effect(seq[base + o], False, in_place=False) for o in range(p)) if r]
-            if reasons:
-                return fail(k, BATCHNORM_TRAINING if BATCHNORM_TRAINING in reasons else reasons[0])
-            dep_offsets, sslots, internal = [], {}, {}
-            local_slots, local_lits = {}, {}
-            for o in range(p):
-                n = seq[base + o]
-                lv = leaves[n]
-                if not any(a.__class__ is Node and a in dep for a in lv):
-                    if mutates(n):
-                        return fail(k, f"{n.name} ({target_name(n)}) mutates a tensor in place off the state path "
-                                       "(only the step's own values may be written in place)")
-                    continue
-                reason = side_effect(n, True, in_place=False) or \
-                    (self._inplace_reason(n, base, starts if k == 0 else list(state_in)) if mutates(n) else None)
-                if reason:
-                    return fail(k, reason)
-                dep.add(n)
-                dep_offsets.append(o)
-                invoke = is_invoke_subgraph(n)
-                for j, a in enumerate(lv):
-                    if a.__class__ is Node:
-                        if a in dep:
-                            if k == 0 and a in leaf_of_start:
-                                sslots[(o, j)] = leaf_of_slot.get((o, j), leaf_of_start[a])
-                            elif k > 0 and a in state_in:
-                                sslots[(o, j)] = state_in[a]
-                            else:
-                                q = pos.get(a, -1)
-                                if not base <= q < base + o:
-                                    return fail(k, f"{n.name} in segment {k} reads {a.name}, a value from an "
-                                                   f"earlier segment, not through the carried state")
-                                internal[(o, j)] = q - base
-                        elif not (invoke and j == 0):
-                            local_slots[(o, j)] = a
-                    elif is_number(a):
-                        local_lits[(o, j)] = a
-            if k == 0:
-                if not sslots:
-                    return fail(0, "the first segment does not read the carried value")
-                dep0, sslots0, internal0 = dep_offsets, sslots, internal
-                for key, a in local_slots.items():
-                    if a.op != "get_attr" and not isinstance(example(a), torch.Tensor):
-                        return fail(0, f"{seq[base + key[0]].name} reads {a.name}, which is not a tensor")
-                if count > 1:
-                    reason = self._carried_reason(p, base, dep_offsets, offsets)
-                    if reason:
-                        return fail(1, reason)
-                for s0, q in zip(starts, offsets):
-                    before, after = value_signature(example(s0)), value_signature(example(seq[base + q]))
-                    if before != after:
-                        return fail(0, f"the carried value changes from {before} to {after} in the first segment")
-            else:
-                if dep_offsets != dep0 or sslots != sslots0 or internal != internal0 \
-                        or local_slots.keys() != slots.keys():
-                    return fail(k, f"segment {k} is not isomorphic to segment 0 on the state path")
-                for key, a in local_slots.items():
-                    a0 = slots[key][0]
-                    if a is not a0 and value_signature(example(a)) != value_signature(example(a0)):
-                        return fail(k, f"per-step input {a.name} of segment {k} has shape "
-                                       f"{value_signature(example(a))}, segment 0 has {value_signature(example(a0))}")
-                for key, v in local_lits.items():
-                    v0 = literals[key][0]
-                    if (v != v0 or type(v) is not type(v0)) and not may_vary(seq[b + key[0]], key[1]):
-                        return fail(k, f"{seq[base + key[0]].name}: the literal {v0!r} of segment 0 is {v!r} "
-                                       f"in segment {k}; only arithmetic operands may differ per step")
-            for key, a in local_slots.items():
-                slots.setdefault(key, []).append(a)
-            for key, v in local_lits.items():
-                literals.setdefault(key, []).append(v)
-            state_in = {seq[base + q]: i for i, q in enumerate(offsets)}
-        return fail(count, None) if count >= 2 else Attempt(None, count, None, None, starts)
+            if any(a.__class__ is Node and a in dep for a in leaves[seq[i]]):
+                dep.add(seq[i])
+        return dep
+
+    def _side_effect_reason(self, base: int, p: int) -> str | None:
+        """A side effect anywhere in the segment at ``base`` (the BatchNorm reason wins); in-place ops are
+        checked per node by :meth:`_read_segment`."""
+        reasons = [r for r in (side_effect(self.seq[base + o], False, in_place=False) for o in range(p)) if r]
+        if not reasons:
+            return None
+        return BATCHNORM_TRAINING if BATCHNORM_TRAINING in reasons else reasons[0]
+
+    def _read_segment(self, run: _Run, k: int) -> _SegmentReads:
+        """What segment ``k``'s state-dependent nodes read, slot by slot; adds them to the run's state path.
+
+        Raises :class:`_Invalid` for an in-place write off the state path (or one
+        the step may not compute out of place), a side effect on the state path,
+        or a read of an earlier segment's value other than the carried state.
+        """
+        seq, pos, p = self.seq, self.pos, run.p
+        base = run.b + k * p
+        dep = run.on_state_path
+        reads = _SegmentReads()
+        for o in range(p):
+            n = seq[base + o]
+            lv = self.leaves[n]
+            if not any(a.__class__ is Node and a in dep for a in lv):
+                if mutates(n):
+                    raise _Invalid(k, f"{n.name} ({target_name(n)}) mutates a tensor in place off the state path "
+                                      "(only the step's own values may be written in place)")
+                continue
+            reason = side_effect(n, True, in_place=False) or \
+                (self._inplace_reason(n, base, run.starts if k == 0 else list(run.state_in)) if mutates(n) else None)
+            if reason:
+                raise _Invalid(k, reason)
+            dep.add(n)
+            reads.dep_offsets.append(o)
+            invoke = is_invoke_subgraph(n)
+            for j, a in enumerate(lv):
+                if a.__class__ is Node:
+                    if a in dep:
+                        leaf = run.leaf_read(k, a, (o, j))
+                        if leaf is not None:
+                            reads.state_slots[(o, j)] = leaf
+                            continue
+                        q = pos.get(a, -1)
+                        if not base <= q < base + o:
+                            raise _Invalid(k, f"{n.name} in segment {k} reads {a.name}, a value from an "
+                                              f"earlier segment, not through the carried state")
+                        reads.internal[(o, j)] = q - base
+                    elif not (invoke and j == 0):
+                        reads.inputs[(o, j)] = a
+                elif is_number(a):
+                    reads.literals[(o, j)] = a
+        return reads
+
+    def _check_first_segment(self, run: _Run, reads: _SegmentReads, count: int) -> None:
+        """Segment 0 reads the state, only tensors besides it, hands exactly the state to segment 1,
+        and keeps each leaf's shape and dtype; raises :class:`_Invalid` otherwise."""
+        seq, base = self.seq, run.b
+        if not reads.state_slots:
+            raise _Invalid(0, "the first segment does not read the carried value")
+        for key, a in reads.inputs.items():
+            if a.op != "get_attr" and not isinstance(example(a), torch.Tensor):
+                raise _Invalid(0, f"{seq[base + key[0]].name} reads {a.name}, which is not a tensor")
+        if count > 1:
+            reason = self._carried_reason(run.p, base, reads.dep_offsets, run.offsets)
+            if reason:
+                raise _Invalid(1, reason)
+        for s0, q in zip(run.starts, run.offsets):
+            before, after = value_signature(example(s0)), value_signature(example(seq[base + q]))
+            if before != after:
+                raise _Invalid(0, f"the carried value changes from {before} to {after} in the first segment")
+
+    def _check_like_first(self, run: _Run, reads: _SegmentReads, k: int) -> None:
+        """Segment ``k`` reads as segment 0 does: the same state path, per-step inputs of the same
+        shape, the same literals (or ones that may vary); raises :class:`_Invalid` otherwise."""
+        seq, first = self.seq, run.first
+        base = run.b + k * run.p
+        if reads.dep_offsets != first.dep_offsets or reads.state_slots != first.state_slots \
+                or reads.internal != first.internal or reads.inputs.keys() != run.inputs.keys():
+            raise _Invalid(k, f"segment {k} is not isomorphic to segment 0 on the state path")
+        for key, a in reads.inputs.items():
+            a0 = run.inputs[key][0]
+            if a is not a0 and value_signature(example(a)) != value_signature(example(a0)):
+                raise _Invalid(k, f"per-step input {a.name} of segment {k} has shape "
+                                  f"{value_signature(example(a))}, segment 0 has {value_signature(example(a0))}")
+        for key, v in reads.literals.items():
+            v0 = run.literals[key][0]
+            if (v != v0 or type(v) is not type(v0)) and not may_vary(seq[run.b + key[0]], key[1]):
+                raise _Invalid(k, f"{seq[base + key[0]].name}: the literal {v0!r} of segment 0 is {v!r} "
+                                  f"in segment {k}; only arithmetic operands may differ per step")
+
+    def _attempt(self, run: _Run, fail_at: int, reason: str | None) -> Attempt:
+        """The attempt of a run whose first ``fail_at`` segments are valid (``reason``: why the next is not;
+        ``None`` when all are): the plan of the valid segments where at least 2 remain after trimming."""
+        valid = fail_at
+        plan, trimmed = self._plan(run, valid) if valid >= 2 else (None, None)
+        if plan is not None:
+            valid = plan.length
+        elif reason is None:  # every segment was valid, but values besides the state leave them
+            reason = trimmed
+        return Attempt(plan, valid, fail_at, reason, run.starts)
 
     def _inplace_reason(self, node: Node, base: int, state: list[Node]) -> str | None:
         """Why the in-place ``node`` of the segment at ``base`` (reading ``state``) may not run out of place."""
@@ -384,12 +473,25 @@ class Detector:
         return (f"segment 1 reads {len(outs)} values of segment 0 ({names}); a chain carries one state from "
                 f"segment to segment (here {carried})")
 
-    def _plan(self, p, b, length, starts, state_offsets, state_slots, dep_offsets, slots,
-              literals) -> tuple[Plan | None, str | None]:
-        """``(plan, None)``: the inputs of ``length`` valid segments classified, trimmed before the first segment
-        whose non-state value is read after the segments; ``(None, why)`` where fewer than 2 remain."""
+    def _plan(self, run: _Run, length: int) -> tuple[Plan | None, str | None]:
+        """``(plan, None)``: the first ``length`` valid segments of ``run``, trimmed before the first
+        segment whose non-state value is read after the segments, with their inputs classified;
+        ``(None, why)`` where fewer than 2 remain."""
+        p, b = run.p, run.b
+        dep_offsets = run.first.dep_offsets
+        length, used_outside, trimmed = self._trim_outside_reads(p, b, length, dep_offsets, run.offsets)
+        if length < 2:
+            return None, trimmed
+        inputs = self._classify_inputs(p, b, length, run.inputs, run.literals)
+        return Plan(p, b, length, list(run.starts), list(run.offsets), dict(run.first.state_slots), dep_offsets,
+                    inputs, used_outside), None
+
+    def _trim_outside_reads(self, p: int, b: int, length: int, dep_offsets: list[int],
+                            state_offsets: list[int]) -> tuple[int, list[int], str | None]:
+        """``(length, used_outside, why)``: the segments before the first one whose non-state value is read
+        after the run, the segments (but the last) whose state is read after it, and why it was trimmed."""
         seq = self.seq
-        trimmed = None
+        trimmed, used_outside = None, []
         while length >= 2:
             end = b + length * p
             used_outside, bad = [], None
@@ -411,8 +513,13 @@ class Detector:
             if bad is None:
                 break
             length = bad
-        if length < 2:
-            return None, trimmed
+        return length, used_outside, trimmed
+
+    def _classify_inputs(self, p: int, b: int, length: int, slots: dict[tuple[int, int], list[Node]],
+                         literals: dict[tuple[int, int], list]) -> list[PlanInput]:
+        """The values the first ``length`` segments read besides the state, as :class:`PlanInput` records:
+        literals that differ per segment ("constant"), one value for all ("shared"), rows of one tensor
+        ("slice"), placeholders ("parameter") or other per-segment values ("computed")."""
         inputs: list[PlanInput] = []
         by_nodes: dict[tuple, PlanInput] = {}
         memo: dict[int, bool] = {}
@@ -443,8 +550,7 @@ class Detector:
             else:
                 by_nodes[ident] = entry = PlanInput(kind, [key], nodes=nodes)
                 inputs.append(entry)
-        return Plan(p, b, length, list(starts), list(state_offsets), dict(state_slots), dep_offsets, inputs,
-                    used_outside), None
+        return inputs
 
     def _invariant(self, p: int, b: int, length: int, nodes: list[Node], memo: dict[int, bool]) -> bool:
         """Whether ``nodes`` (one per segment) are the same computation on the same values."""
@@ -479,7 +585,7 @@ class Detector:
         plans, failures = [], []
         k0 = 0
         while count - k0 >= self.min_chain:
-            attempt = self._analyse(p, b + k0 * p, count - k0)
+            attempt = self._longest_run(p, b + k0 * p, count - k0)
             if attempt.plan is not None and attempt.plan.length >= self.min_chain:
                 plans.append(attempt.plan)
             if attempt.fail_at is None or attempt.reason is None:

@@ -1,2 +1,2 @@
 """The runtime's compiled kernels: the CPU substitution kernel (``cpu_scan``, C built at first use) and the
-Triton kernels for CUDA tensors (``triton_pcr``, ``triton_newton``; imported only where CUDA tensors are)."""
+Triton kernel for CUDA tensors (``triton_pcr``; imported only where CUDA tensors are)."""

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from seqpar.backend import SeqparBackend
 from seqpar.runtime.kernels import cpu_dense_loop
 from seqpar.runtime.ops import call_state
+from tests.test_rolled import mlp as rolled_mlp
 
 ACTIVATIONS = {
     "identity": lambda z: z, "relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
@@ -105,14 +106,8 @@ def test_tensors_it_cannot_read_are_refused_before_anything_is_written(bad):
     assert torch.equal(out, torch.full((3, 2, 4), 7.0))
 
 
-def mlp(depth, width, gain=0.5, act=nn.Tanh, seed=0):
-    torch.manual_seed(seed)
-    layers = []
-    for _ in range(depth):
-        linear = nn.Linear(width, width)
-        nn.init.normal_(linear.weight, std=gain / width**0.5)
-        layers += [linear, act()]
-    return nn.Sequential(*layers).eval()
+def mlp(depth, width, gain=0.5, act=nn.Tanh):
+    return rolled_mlp(depth=depth, width=width, gain=gain, act=act, dtype=torch.float32)
 
 
 def compiled_chain(model, x, **options):

@@ -131,7 +131,7 @@ def build_chain_program(
             frozen,
             method=decision.method,
             sequential_reason=f"kept sequential: {decision.reason}",
+            loop=decision.loop,
         )
     program.param_slots = tuple(param_slots)
-    program.loop = decision.loop
     return program

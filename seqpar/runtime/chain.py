@@ -131,6 +131,7 @@ def build_program(
     method="parallel",
     sequential_reason="forward='sequential'",
     retrace=False,
+    loop="exact",
 ) -> ChainProgram:
     """A registered :class:`ChainProgram`, reused while step, shapes and options are the same.
 
@@ -138,7 +139,9 @@ def build_program(
     ``retrace`` builds a new program even when one is cached. ``frozen`` names
     inputs without gradients (``("xs", i)`` / ``("shared", i)``); ``method`` is
     the forward solve, "parallel" or "sequential" (the plain loop, recorded in
-    the stats with ``sequential_reason``).
+    the stats with ``sequential_reason``); ``loop`` how a sequential forward may
+    run: "exact" (eager's kernels) or "compiled" (:mod:`.dense_step` where the
+    step fits; :class:`seqpar.passes.policy.Decision`).
     """
     key = (
         step_cache.step_identity(step),
@@ -153,6 +156,7 @@ def build_program(
         frozen,
         method,
         sequential_reason,
+        loop,
     )
     program = None if retrace else step_cache.lookup(key)
     if program is None:
@@ -178,6 +182,7 @@ def build_program(
                 windowed_steps(program, window, xs_leaves, shared)
         program.method = method
         program.sequential_reason = sequential_reason
+        program.loop = loop
         ops.register_program(program)
         step_cache.store(key, program, step)
     return program

@@ -133,7 +133,7 @@ def chain_solve(
         columns = per_step_columns(chain, xs, layer_params)
         # The op's forward runs below autograd (its backward is the adjoint): the loop is never recorded.
         reason = state.demoted or chain.sequential_reason
-        compiled = not state.demoted and getattr(chain, "loop", "exact") == "compiled"
+        compiled = not state.demoted and chain.loop == "compiled"
         states, stats = solve_columns(chain, s0, columns, shared, reason, recorded=False, compiled=compiled)
     else:
         begin = time.perf_counter()

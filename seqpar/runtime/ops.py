@@ -1,6 +1,6 @@
 """The chain solve as ``torch.library`` custom ops: one opaque op per chain.
 
-``seqpar::chain_solve(program, s0, xs, shared, layer_params) -> states`` runs
+``seqpar::chain_solve(program_id, s0, xs, shared, layer_params) -> states`` runs
 the solve of a registered :class:`~seqpar.runtime.program.ChainProgram` on
 packed tensors (``s0``: ``(N, w)``, states: ``(L, N, w)``): Newton, or the
 sequential loop where the program's ``method`` is ``"sequential"`` (the
@@ -78,7 +78,7 @@ def program_by_id(program_id: int):
     return _PROGRAMS[program_id]
 
 
-def per_step_inputs(chain, xs, layer_params):
+def per_step_inputs(program, xs, layer_params):
     """The program's per-step input leaves: ``xs`` with the layer parameters, stacked now, inserted.
 
     Group ``j`` of ``layer_params`` (tensors ``j L .. (j + 1) L - 1``) becomes one
@@ -87,21 +87,21 @@ def per_step_inputs(chain, xs, layer_params):
     contiguous, as every tensor the traced graphs take (channels-last parameters
     stack to a strided tensor).
     """
-    return _with_layer_groups(chain, list(xs), layer_params, lambda group: torch.stack(group).contiguous())
+    return _with_layer_groups(program, list(xs), layer_params, lambda group: torch.stack(group).contiguous())
 
 
-def per_step_columns(chain, xs, layer_params):
+def per_step_columns(program, xs, layer_params):
     """The per-step inputs as columns (``columns[i][l]``: leaf ``i`` of step ``l + 1``), nothing copied:
     the rows of each ``xs`` tensor (``unbind(0)``) and each group of layer parameters as it was handed over."""
-    return _with_layer_groups(chain, [leaf.unbind(0) for leaf in xs], layer_params, list)
+    return _with_layer_groups(program, [leaf.unbind(0) for leaf in xs], layer_params, list)
 
 
-def _with_layer_groups(chain, xs, layer_params, combine):
+def _with_layer_groups(program, xs, layer_params, combine):
     """``xs`` with ``combine(group j of layer_params)`` inserted at position ``param_slots[j]``."""
-    slots = getattr(chain, "param_slots", ())
+    slots = getattr(program, "param_slots", ())
     if not slots:
         return xs
-    length = chain.length
+    length = program.length
     groups = {slot: combine(layer_params[j * length : (j + 1) * length]) for j, slot in enumerate(slots)}
     rest = iter(xs)
     return [groups[index] if index in groups else next(rest) for index in range(len(slots) + len(xs))]
@@ -113,35 +113,35 @@ def _contiguous(tensors):
 
 _LIBRARY = torch.library.Library("seqpar", "FRAGMENT")
 _LIBRARY.define(
-    "chain_solve(int program, Tensor s0, Tensor[] xs, Tensor[] shared, Tensor[] layer_params) -> Tensor"
+    "chain_solve(int program_id, Tensor s0, Tensor[] xs, Tensor[] shared, Tensor[] layer_params) -> Tensor"
 )
 
 
 def chain_solve(
-    program: int,
+    program_id: int,
     s0: torch.Tensor,
     xs: list[torch.Tensor],
     shared: list[torch.Tensor],
     layer_params: list[torch.Tensor],
 ) -> torch.Tensor:
-    """States ``s_1 .. s_L`` of the chain ``program`` started at ``s0``: the op's kernel, below autograd."""
-    chain = _PROGRAMS[program]
-    state = call_state(chain)
+    """States ``s_1 .. s_L`` of the registered program ``program_id`` started at ``s0``: the op's kernel, below autograd."""
+    program = _PROGRAMS[program_id]
+    state = call_state(program)
     s0, xs, shared = s0.contiguous(), _contiguous(xs), _contiguous(shared)
-    if chain.method == "sequential" or state.demoted:  # the rolled loop reads the layer parameters in place
+    if program.method == "sequential" or state.demoted:  # the rolled loop reads the layer parameters in place
         leaves = None
-        columns = per_step_columns(chain, xs, layer_params)
+        columns = per_step_columns(program, xs, layer_params)
         # The op's forward runs below autograd (its backward is the adjoint): the loop is never recorded.
-        reason = state.demoted or chain.sequential_reason
-        compiled = not state.demoted and chain.loop == "compiled"
-        states, stats = solve_columns(chain, s0, columns, shared, reason, recorded=False, compiled=compiled)
+        reason = state.demoted or program.sequential_reason
+        compiled = not state.demoted and program.loop == "compiled"
+        states, stats = solve_columns(program, s0, columns, shared, reason, recorded=False, compiled=compiled)
     else:
         begin = time.perf_counter()
-        leaves = per_step_inputs(chain, xs, layer_params)
-        states, stats = newton_solve(chain, s0, leaves, shared, **chain.solver_options)
+        leaves = per_step_inputs(program, xs, layer_params)
+        states, stats = newton_solve(program, s0, leaves, shared, **program.solver_options)
         stats.seconds = time.perf_counter() - begin
     if state.check is not None:
-        states, stats = _checked(chain, state, s0, leaves, shared, states, stats)
+        states, stats = _checked(program, state, s0, leaves, shared, states, stats)
     state.last_stats = stats
     if states.storage_offset() or not states.is_contiguous():
         # The solver may return a view into its work buffer; the op's (fake) contract
@@ -150,7 +150,7 @@ def chain_solve(
     return states
 
 
-def _checked(chain, state, s0, leaves, shared, states, stats):
+def _checked(program, state, s0, leaves, shared, states, stats):
     """Compare the solve with the sequential loop by ``state.check`` (consumed); the result in ``state``.
 
     ``check(reference, states, exact)`` gets the sequential states and, as
@@ -163,16 +163,16 @@ def _checked(chain, state, s0, leaves, shared, states, stats):
     if leaves is None:  # the sequential loop ran
         state.check_result = (True, "sequential loop: nothing to check")
         return states, stats
-    reference, reference_stats = solve_sequentially(chain, s0, leaves, shared, "")
+    reference, reference_stats = solve_sequentially(program, s0, leaves, shared, "")
 
     def exact():
         def widened(tensors):
             return [tensor.double() if tensor.is_floating_point() else tensor for tensor in tensors]
 
         try:
-            return run_steps(chain, s0.double(), widened(leaves), widened(shared))
+            return run_steps(program, s0.double(), widened(leaves), widened(shared))
         except Exception as error:  # a step that fixes its dtype, or an op without float64
-            log.info("seqpar: chain of %d steps: no float64 reference (%s)", chain.length, error)
+            log.info("seqpar: chain of %d steps: no float64 reference (%s)", program.length, error)
             return None
 
     ok, detail = check(reference, states, exact)
@@ -180,12 +180,12 @@ def _checked(chain, state, s0, leaves, shared, states, stats):
     if ok:
         return states, stats
     state.demoted = reference_stats.fallback = f"verification mismatch ({detail}); sequential from then on"
-    log.warning("seqpar: chain of %d steps: %s", chain.length, state.demoted)
+    log.warning("seqpar: chain of %d steps: %s", program.length, state.demoted)
     return reference, reference_stats
 
 
-def _chain_solve_fake(program, s0, xs, shared, layer_params):
-    return s0.new_empty(_PROGRAMS[program].length, *s0.shape)
+def _chain_solve_fake(program_id, s0, xs, shared, layer_params):
+    return s0.new_empty(_PROGRAMS[program_id].length, *s0.shape)
 
 
 _LIBRARY.impl("chain_solve", chain_solve, "CompositeExplicitAutograd")
@@ -194,7 +194,7 @@ torch.library.register_fake("seqpar::chain_solve", _chain_solve_fake, lib=_LIBRA
 
 @torch.library.custom_op("seqpar::chain_adjoint", mutates_args=())
 def chain_adjoint(
-    program: int,
+    program_id: int,
     s0: torch.Tensor,
     xs: list[torch.Tensor],
     shared: list[torch.Tensor],
@@ -206,18 +206,18 @@ def chain_adjoint(
 
     Integer inputs get zeros (autograd drops them).
     """
-    chain = _PROGRAMS[program]
+    program = _PROGRAMS[program_id]
     s0, xs, shared = s0.contiguous(), _contiguous(xs), _contiguous(shared)
-    leaves = per_step_inputs(chain, xs, layer_params)
+    leaves = per_step_inputs(program, xs, layer_params)
     grad_s0, grad_leaves, grad_shared = adjoint_solve(
-        chain, s0, leaves, shared, states.contiguous(), grad_states.contiguous()
+        program, s0, leaves, shared, states.contiguous(), grad_states.contiguous()
     )
-    slots = set(getattr(chain, "param_slots", ()))
+    slots = set(getattr(program, "param_slots", ()))
     grad_xs = [grad for index, grad in enumerate(grad_leaves) if index not in slots]
     grad_layers = []  # one per layer parameter; None for a frozen group (zeros are returned for it below)
     for index in sorted(slots):
         group = grad_leaves[index]
-        grad_layers += [None] * chain.length if group is None else [part.clone() for part in group.unbind(0)]
+        grad_layers += [None] * program.length if group is None else [part.clone() for part in group.unbind(0)]
     inputs = [*xs, *shared, *layer_params]
     grads = [*grad_xs, *grad_shared, *grad_layers]
     return [grad_s0.contiguous()] + [
@@ -226,7 +226,7 @@ def chain_adjoint(
 
 
 @chain_adjoint.register_fake
-def _chain_adjoint_fake(program, s0, xs, shared, layer_params, states, grad_states):
+def _chain_adjoint_fake(program_id, s0, xs, shared, layer_params, states, grad_states):
     return [torch.empty_like(s0)] + [torch.empty_like(tensor) for tensor in [*xs, *shared, *layer_params]]
 
 
@@ -236,16 +236,16 @@ class _ChainSolveFunction(torch.autograd.Function):
     Takes the op's tensors flat (``s0, *xs, *shared, *layer_params``) with ``counts = (len(xs), len(shared))``."""
 
     @staticmethod
-    def forward(program, counts, *tensors):
+    def forward(program_id, counts, *tensors):
         s0, xs, shared, layer_params = _split(tensors, counts)
         with torch._C._AutoDispatchBelowAutograd():
-            return torch.ops.seqpar.chain_solve.default(program, s0, xs, shared, layer_params)
+            return torch.ops.seqpar.chain_solve.default(program_id, s0, xs, shared, layer_params)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        program, counts, *tensors = inputs
-        ctx.program = program
-        ctx.program_object = _PROGRAMS[program]  # alive until the backward has run
+        program_id, counts, *tensors = inputs
+        ctx.program_id = program_id
+        ctx.program_object = _PROGRAMS[program_id]  # alive until the backward has run
         ctx.counts = counts
         ctx.save_for_backward(*tensors, output)
 
@@ -254,10 +254,10 @@ class _ChainSolveFunction(torch.autograd.Function):
         *tensors, states = ctx.saved_tensors
         s0, xs, shared, layer_params = _split(tensors, ctx.counts)
         if torch.is_grad_enabled():  # create_graph=True: the gradient must itself be differentiable
-            grads = _recorded_gradients(ctx.program, s0, xs, shared, layer_params, grad_states)
+            grads = _recorded_gradients(ctx.program_id, s0, xs, shared, layer_params, grad_states)
         else:
             grads = torch.ops.seqpar.chain_adjoint(
-                ctx.program, s0, xs, shared, layer_params, states, grad_states.contiguous()
+                ctx.program_id, s0, xs, shared, layer_params, states, grad_states.contiguous()
             )
         return (None, None, grads[0]) + tuple(
             grad if tensor.is_floating_point() else None for grad, tensor in zip(grads[1:], tensors[1:])
@@ -271,18 +271,18 @@ def _split(tensors, counts):
     return s0, rest[:n_xs], rest[n_xs : n_xs + n_shared], rest[n_xs + n_shared :]
 
 
-def _chain_solve_autograd(program, s0, xs, shared, layer_params):
+def _chain_solve_autograd(program_id, s0, xs, shared, layer_params):
     """The op at the autograd key: recorded by :class:`_ChainSolveFunction` where a gradient is wanted;
     otherwise the kernel, called directly on plain tensors (no tracing mode, no tensor subclass, no
     functorch transform: the dispatcher's keys below autograd would all pass them through), else
     through the dispatcher below autograd (fake tensors, functionalization)."""
     tensors = (s0, *xs, *shared, *layer_params)
     if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors):
-        return _ChainSolveFunction.apply(program, (len(xs), len(shared)), *tensors)
+        return _ChainSolveFunction.apply(program_id, (len(xs), len(shared)), *tensors)
     if _plain(tensors):
-        return chain_solve(program, s0, xs, shared, layer_params)
+        return chain_solve(program_id, s0, xs, shared, layer_params)
     with torch._C._AutoDispatchBelowAutograd():
-        return torch.ops.seqpar.chain_solve.default(program, s0, xs, shared, layer_params)
+        return torch.ops.seqpar.chain_solve.default(program_id, s0, xs, shared, layer_params)
 
 
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)  # a Parameter dispatches as the tensor it wraps
@@ -300,14 +300,14 @@ def _plain(tensors) -> bool:
 _LIBRARY.impl("chain_solve", _chain_solve_autograd, "Autograd")
 
 
-def _recorded_gradients(program, s0, xs, shared, layer_params, grad_states):
+def _recorded_gradients(program_id, s0, xs, shared, layer_params, grad_states):
     """``[d s0, *d xs, *d shared, *d layer_params]`` of ``<grad_states, states>`` through the sequential loop,
     recorded by autograd (``create_graph=True``): exact, and differentiable again. ``None`` where an input
     does not require grad."""
-    chain = _PROGRAMS[program]
+    program = _PROGRAMS[program_id]
     inputs = [s0, *xs, *shared, *layer_params]
     wanted = [tensor for tensor in inputs if tensor.requires_grad]
-    states = run_steps(chain, s0, per_step_inputs(chain, list(xs), list(layer_params)), list(shared))
+    states = run_steps(program, s0, per_step_inputs(program, list(xs), list(layer_params)), list(shared))
     found = iter(torch.autograd.grad(states, wanted, grad_states, create_graph=True, allow_unused=True))
     return [next(found) if tensor.requires_grad else None for tensor in inputs]
 

@@ -237,13 +237,14 @@ if triton is not None:
         offsets = rows[:, None] * D + channel[None, :]
         mask = (rows < L)[:, None] & valid[None, :]
         c = tl.load(c_ptr + offsets, mask=mask, other=0.0).to(ACC)
+        # ``reverse=`` takes a bool: the compiler rejects REVERSE itself (an int), the interpreter did not.
         if KIND == DIAG:
             has_operator = (rows + REVERSE < L)[:, None] & valid[None, :]
             a = tl.load(A_ptr + offsets + REVERSE * D, mask=has_operator, other=1.0).to(ACC)
-            a, b = tl.associative_scan((a, c), 0, _affine_combine, reverse=REVERSE)
+            a, b = tl.associative_scan((a, c), 0, _affine_combine, reverse=REVERSE == 1)
         else:
             a = 1.0
-            b = tl.cumsum(c, 0, reverse=REVERSE)
+            b = tl.cumsum(c, 0, reverse=REVERSE == 1)
         if SUMMARY:
             edge = (rows == start + (1 - REVERSE) * (CHUNK - 1))[:, None]
             tl.store(out_ptr + k * D + channel, tl.sum(tl.where(edge, b, 0.0), axis=0), mask=valid)

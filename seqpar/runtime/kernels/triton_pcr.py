@@ -105,7 +105,7 @@ def _triton_affine_recurrence_fake(A, c, kind, reverse):
     return torch.empty_like(c)
 
 
-def solve_chunked(A, c, kind, reverse, chunk=None, out_dtype=None):
+def solve_chunked(A, c, kind, reverse, chunk=None, out_dtype=None, *, launch=None):
     """``y`` (``(L, N, w)``, ``out_dtype``, default ``c``'s) by chunks of ``chunk`` steps.
 
     ``A`` and ``c`` are contiguous; ``chunk`` is a power of two (default
@@ -115,24 +115,39 @@ def solve_chunked(A, c, kind, reverse, chunk=None, out_dtype=None):
     end of chunk ``k``; reverse, row ``k + 1`` of ``P`` holds
     ``A_{end} .. A_{start+1}`` and the solution is the state at the start of
     chunk ``k``.
+
+    ``launch`` runs one pass, called as :func:`_launch` is (its default); the
+    ahead-of-time enumeration (:mod:`seqpar.runtime.kernels.triton_aot`) passes
+    one that records the launch on meta tensors instead.
     """
     chunk = chunk or DEFAULT_CHUNK[kind]
+    launch = launch or _launch
     out = torch.empty_like(c, dtype=out_dtype or c.dtype)
     chunks = triton.cdiv(c.shape[0], chunk)
     if chunks == 1:
-        _launch(A, c, None, out, None, kind, reverse, chunk, summary=False)
+        launch(A, c, None, out, None, kind, reverse, chunk, summary=False)
         return out
     work = accumulation_dtype(c.dtype)
     b = torch.empty((chunks, *c.shape[1:]), dtype=work, device=c.device)
     P = None if A is None else torch.empty((chunks, *A.shape[1:]), dtype=work, device=c.device)
-    _launch(A, c, None, b, P, kind, reverse, chunk, summary=True)
-    boundary = solve_chunked(P, b, kind, reverse, chunk)
-    _launch(A, c, boundary, out, None, kind, reverse, chunk, summary=False)
+    launch(A, c, None, b, P, kind, reverse, chunk, summary=True)
+    boundary = solve_chunked(P, b, kind, reverse, chunk, launch=launch)
+    launch(A, c, boundary, out, None, kind, reverse, chunk, summary=False)
     return out
 
 
 def _launch(A, c, incoming, out, maps, kind, reverse, chunk, *, summary):
-    """One pass of :func:`_chunk_kernel` over all chunks; unused pointers get ``c``."""
+    """One pass of :func:`_chunk_kernel` over all chunks (its arguments: :func:`launch_arguments`)."""
+    grid, args, meta = launch_arguments(A, c, incoming, out, maps, kind, reverse, chunk, summary=summary)
+    _chunk_kernel[grid](*args, **meta)
+
+
+def launch_arguments(A, c, incoming, out, maps, kind, reverse, chunk, *, summary):
+    """``(grid, args, meta)`` of one pass: ``_chunk_kernel[grid](*args, **meta)``; unused pointers get ``c``.
+
+    ``meta`` holds the constexprs (``CHUNK``, ``BLOCK``, ``KIND``, ``REVERSE``, ``SUMMARY``,
+    ``USE_DOT``, ``ACC``) and ``num_warps``: every choice of kernel specialisation is made here.
+    """
     length, batch, width = c.shape
     channels = batch * width
     lanes = width if kind == "full" else min(CHANNEL_BLOCK, triton.next_power_of_2(channels))
@@ -140,7 +155,7 @@ def _launch(A, c, incoming, out, maps, kind, reverse, chunk, *, summary):
     work = accumulation_dtype(c.dtype)
     tile = block * block if kind == "full" else chunk * block
     grid = (triton.cdiv(channels, lanes), triton.cdiv(length, chunk))
-    _chunk_kernel[grid](
+    args = (
         c if A is None else A,
         c,
         c if incoming is None else incoming,
@@ -150,6 +165,8 @@ def _launch(A, c, incoming, out, maps, kind, reverse, chunk, *, summary):
         grid[1],
         channels,
         lanes,
+    )
+    meta = dict(
         CHUNK=chunk,
         BLOCK=block,
         KIND=_KIND_CODE[kind],
@@ -159,6 +176,7 @@ def _launch(A, c, incoming, out, maps, kind, reverse, chunk, *, summary):
         ACC=tl.float64 if work == torch.float64 else tl.float32,
         num_warps=max(1, min(4, tile // 256)),
     )
+    return grid, args, meta
 
 
 if triton is not None:
@@ -237,13 +255,14 @@ if triton is not None:
         offsets = rows[:, None] * D + channel[None, :]
         mask = (rows < L)[:, None] & valid[None, :]
         c = tl.load(c_ptr + offsets, mask=mask, other=0.0).to(ACC)
+        # ``reverse=`` takes a bool: the compiler rejects REVERSE itself (an int), the interpreter did not.
         if KIND == DIAG:
             has_operator = (rows + REVERSE < L)[:, None] & valid[None, :]
             a = tl.load(A_ptr + offsets + REVERSE * D, mask=has_operator, other=1.0).to(ACC)
-            a, b = tl.associative_scan((a, c), 0, _affine_combine, reverse=REVERSE)
+            a, b = tl.associative_scan((a, c), 0, _affine_combine, reverse=REVERSE == 1)
         else:
             a = 1.0
-            b = tl.cumsum(c, 0, reverse=REVERSE)
+            b = tl.cumsum(c, 0, reverse=REVERSE == 1)
         if SUMMARY:
             edge = (rows == start + (1 - REVERSE) * (CHUNK - 1))[:, None]
             tl.store(out_ptr + k * D + channel, tl.sum(tl.where(edge, b, 0.0), axis=0), mask=valid)

@@ -6,6 +6,7 @@ seqpar.runtime.kernels.triton_aot``, whose JSON lines are the per-specialisation
 the representative subset (every code path once); the whole enumeration is ``slow``.
 """
 
+import functools
 import json
 import os
 import subprocess
@@ -22,6 +23,11 @@ from seqpar.runtime.kernels import triton_aot, triton_pcr  # noqa: E402
 pytestmark = pytest.mark.triton
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@functools.cache
+def enumerated():
+    return triton_aot.specialisations()
 
 
 def compile_in_child(subset):
@@ -48,20 +54,20 @@ def assert_all_compiled(results, expected):
 
 
 def test_representative_specialisations_compile_for_sm80_and_sm90():
-    expected = len(triton_aot.representative(triton_aot.specialisations()))
+    expected = len(triton_aot.representative(enumerated()))
     assert_all_compiled(compile_in_child("representative"), expected)
 
 
 @pytest.mark.slow
 def test_every_specialisation_compiles_for_sm80_and_sm90():
-    assert_all_compiled(compile_in_child("all"), len(triton_aot.specialisations()))
+    assert_all_compiled(compile_in_child("all"), len(enumerated()))
 
 
 @pytest.mark.parametrize("shape", [(5000, 3, 7), (40, 100, 1), (70, 2, 64)], ids=lambda s: "L{}-N{}-w{}".format(*s))
 @pytest.mark.parametrize("kind", ["full", "diag", "identity"])
 def test_enumeration_holds_every_launch_of_the_dispatcher(kind, shape):
     # Odd shapes, half and mixed operands, both directions: each launch solve_chunked makes is enumerated.
-    enumerated = {spec.label for spec in triton_aot.specialisations()}
+    labels = {spec.label for spec in enumerated()}
     launched = set()
 
     def record(*arguments, summary):
@@ -74,4 +80,4 @@ def test_enumeration_holds_every_launch_of_the_dispatcher(kind, shape):
              "diag": torch.empty(shape, dtype=a_dtype, device="meta"), "identity": None}[kind]
         for reverse in (False, True):
             triton_pcr.solve_chunked(A, c, kind, reverse, launch=record)
-    assert launched and launched <= enumerated, sorted(launched - enumerated)
+    assert launched and launched <= labels, sorted(launched - labels)

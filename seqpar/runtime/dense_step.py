@@ -60,7 +60,7 @@ def match(plan) -> DenseStep | None:
         head = plan.resolve(plan.call[result][1][0])
         if plan.users(head) != [result]:
             return None
-    if sorted(map(id, body)) != sorted(map(id, {head, result})):
+    if set(body) != {head, result}:  # the step is the product and its activation, nothing else
         return None
     found = _product(plan, head)
     if found is None:

@@ -108,8 +108,7 @@ class Tolerance:
 
 
 def newton_solve(
-    program, s0, xs_leaves, shared, *, tol: Tolerance, max_iters: int, damping: float = 0.0, window: int | None = None,
-    decide_every: int | None = None,
+    program, s0, xs_leaves, shared, *, tol: Tolerance, max_iters: int, damping: float = 0.0, window: int | None = None
 ):
     """Solve the chain of ``program`` from the packed ``s0`` of shape ``(N, w)``.
 
@@ -123,6 +122,19 @@ def newton_solve(
     ``window`` (``None`` or ``W >= 1``): at most ``W`` active positions per
     iteration, evaluated in one batched call of a step graph traced at length
     ``W`` (:func:`windowed_steps`); ``None`` or ``W >= L``: the whole chain.
+
+    Host decisions: every ``k`` iterations (:func:`~seqpar.runtime.spec.decision_every`:
+    4 on CUDA, 1 elsewhere) the host reads the iteration's outcome (the
+    converged prefix, the largest update, finiteness) and decides the window
+    advance, convergence and fallback; in between, iterations repeat on the
+    same active positions without a synchronisation (``_update(...,
+    decide=False)``). That stays exact: each iteration makes the first not yet
+    exact position exact, so after ``m`` iterations since the last decision
+    ``m`` more positions are exact and the start advances by at least ``m``; a
+    non-finite value found at a decision falls back to the sequential loop from
+    the last decided start, whose prefix no iteration writes to. The damped
+    update adapts ``lambda`` from each iteration's merit and decides every
+    iteration.
     """
     kind = program.solve_kind  # the linear solve's blocks ("diag" for jacobian="estimate")
     length = program.length
@@ -140,7 +152,7 @@ def newton_solve(
     evaluate = windowed_steps(program, window, xs_leaves, shared) if window is not None and not estimates else None
     start = 0
     region = _TrustRegion(damping) if damping else None
-    every = 1 if region is not None else (decide_every or decision_every(s0.device))
+    every = 1 if region is not None else decision_every(s0.device)
     pending = 0  # iterations since the last decision
     guessed = 0  # windowed: positions [0, guessed) have been given a guess
     while start < length:

@@ -44,13 +44,13 @@ def _run_columns(program, state, columns, shared, start, recorded, compiled: boo
         return state.new_empty(0, *state.shape), ""
     loop = loop_for(program, state, columns, shared)
     recorded = torch.is_grad_enabled() if recorded is None else recorded
-    if not recorded and compiled and dense_step.usable(loop.dense, state):
+    if not recorded and (loop.run_into is not None or compiled):
         out = state.new_empty(program.length - start, *state.shape)
-        if dense_step.run(loop.dense, state, columns, shared, start, program.length, out) is not None:
-            return out, "compiled"
-    if loop.run_into is not None and not recorded:
-        out = state.new_empty(program.length - start, *state.shape)
-        return loop.run_into(state, columns, shared, start, program.length, out), loop.kind
+        if compiled and dense_step.usable(loop.dense, state):
+            if dense_step.run(loop.dense, state, columns, shared, start, program.length, out) is not None:
+                return out, "compiled"
+        if loop.run_into is not None:
+            return loop.run_into(state, columns, shared, start, program.length, out), loop.kind
     if loop.run is not None:
         return torch.stack(loop.run(state, columns, shared, start, program.length)), loop.kind
     layout = program.layout

@@ -5,10 +5,11 @@ then ``h``), a few microseconds each whatever the size: for the small states
 of a chain kept sequential for cost (a dozen to a few hundred values) that
 fixed cost is most of the step. ``cpu_dense_loop.c`` runs all ``L`` steps in
 one call, ``N w^2`` multiply-adds and ``N w`` activations per step, the dot
-products accumulated in double. Its states differ from eager's by rounding
-(a few units in the last place per step: another summation order, the C
-library's ``tanhf``/``expf``/``erff`` instead of ATen's vectorised ones), so
-it is only for chains whose errors do not grow (the policy's cost-model
+products accumulated in double and the activation evaluated in double on the
+rounded pre-activation. Its states differ from eager's by rounding (about a
+unit in the last place per step: another summation order, other activation
+formulas than ATen's vectorised ones), so it is only for chains whose errors
+do not grow (the policy's cost-model
 decisions on a chain the probe found contractive); a chain kept sequential
 because it is unpredictable, a fallback and a reference run eager's kernels
 (:mod:`seqpar.runtime.rolled`).
@@ -24,6 +25,7 @@ import functools
 import logging
 import os
 from pathlib import Path
+
 import torch
 
 from .c_build import BuildError, load

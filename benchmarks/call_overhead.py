@@ -38,6 +38,7 @@ import argparse
 import os
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -65,11 +66,14 @@ class Recording(SeqparBackend):
 def stacked_op(program, x, weights, biases):
     """What the rewritten graph would run if it stacked the layer parameters itself (as it does when the graph
     is standalone and autograd records the chain): two ``torch.stack`` calls, then the op on two tensors."""
-    slots, program.param_slots = program.param_slots, ()
-    try:
-        return torch.ops.seqpar.chain_solve.default(program.id, x, [torch.stack(weights), torch.stack(biases)], [], [])
-    finally:
-        program.param_slots = slots
+    stacking = _STACKING.get(program)
+    if stacking is None:
+        stacking = _STACKING[program] = program.replace(param_slots=())
+        ops.register_program(stacking)
+    return torch.ops.seqpar.chain_solve.default(stacking.id, x, [torch.stack(weights), torch.stack(biases)], [], [])
+
+
+_STACKING = weakref.WeakKeyDictionary()  # program -> its copy taking the stacks as per-step inputs
 
 
 def layer_step(s, params):

@@ -29,7 +29,8 @@ from .passes.glue import has_other_compute
 from .passes.module_paths import span
 from .report import ChainReport, format_table, hints_for
 from .runtime.ops import call_state
-from .verify import in_float64, judge
+from .runtime.precision import in_float64
+from .verify import judge
 
 _graph_counter = itertools.count()
 

@@ -107,11 +107,3 @@ def _ratio_against_exact(want: torch.Tensor, got: torch.Tensor, exact: torch.Ten
     error = (got64 - exact64).abs() / (ROUNDING_FACTOR * own + _allowed(exact64, want.dtype))
     error = error[finite]
     return float(error.max()) if error.numel() else 0.0
-
-
-def in_float64(tree):
-    """``tree`` with every floating-point tensor as float64 (other leaves unchanged)."""
-    return pytree.tree_map(
-        lambda leaf: leaf.detach().double() if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() else leaf,
-        tree,
-    )

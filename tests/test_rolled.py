@@ -19,7 +19,7 @@ import torch.nn as nn
 
 import seqpar
 from seqpar.backend import SeqparBackend
-from seqpar.runtime import rolled, solve_chain
+from seqpar.runtime import ops, rolled, solve_chain
 from seqpar.runtime.ops import call_state
 from tests.zoo import models as zoo
 
@@ -172,7 +172,7 @@ def test_a_step_the_generator_cannot_write_out_calls_the_step_and_says_why(monke
         torch.testing.assert_close(compiled(x), model(x), atol=F64_ATOL, rtol=0)
     _, program = the_program(backend)
     assert call_state(program).last_stats.loop == "step calls"
-    (loop,) = rolled._LOOPS[program].values()
+    (loop,) = rolled.loops(program).values()
     assert loop.reason == "ValueError: no such op"
 
 
@@ -212,8 +212,8 @@ def test_the_generated_loop_computes_loop_invariant_nodes_once():
     for x in xs:
         expected = tied_step(expected, x, W.double())
     torch.testing.assert_close(states[-1], expected, atol=F64_ATOL, rtol=0)
-    (program,) = [program for program in rolled._LOOPS if program.step is tied_step]
-    (loop,) = rolled._LOOPS[program].values()
+    (program, *_) = [program for program in ops._PROGRAMS.values() if program.step is tied_step]
+    (loop,) = rolled.loops(program).values()
     before, body = loop.source.split("def rolled_into")[0].split("for l in range")
     assert re.search(r"= _c\d+\(sh0[,)]", before) and "sh0" not in body
 

@@ -6,7 +6,10 @@ graph, traced on example tensors shaped like the chain's per-step inputs and
 shared inputs; the program's methods (forward, adjoint, Jacobian, tolerance,
 window) are the decision's; inputs that need no gradient (a whole group of
 frozen parameters, buffers) are named ``frozen``; ``param_slots`` says which
-per-step inputs the op receives as unstacked layer parameters.
+per-step inputs the op receives as unstacked layer parameters. The program is
+the graph's own (a verification that demotes it demotes no other graph's), its
+traces shared with every chain whose step graph has the same
+:func:`step_key`, shapes and methods.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from ..runtime.chain import build_program, validated_solver_options
 from ..runtime.program import ChainProgram, StateLayout
+from ..runtime.step_cache import value_identity
 from .chain import Chain, map_state, state_leaves
 from .inputs import stacked_inputs
 from .policy import Decision
@@ -132,6 +136,27 @@ def build_chain_program(
             method=decision.method,
             sequential_reason=f"kept sequential: {decision.reason}",
             loop=decision.loop,
+            param_slots=param_slots,
+            step_key=step_key(chain.step),
+            own=True,
         )
-    program.param_slots = tuple(param_slots)
     return program
+
+
+def step_key(step: fx.GraphModule) -> tuple:
+    """What a step graph's traces depend on: its code, the functions it calls and its literals.
+
+    Two step graphs with equal keys trace to the same program (for equal
+    shapes and methods), so a chain compiled again (a recompilation, a copy
+    of the model, a second stack of the same shape) reuses the traces. The
+    callees are named by identity, literals by value
+    (:func:`~seqpar.runtime.step_cache.value_identity`); a graph reading
+    anything but its placeholders (a ``get_attr``) is named by itself.
+    """
+    nodes = []
+    for node in step.graph.nodes:
+        if node.op not in ("placeholder", "call_function", "output"):
+            return ("object", id(step))
+        literals = [arg for arg in pytree.tree_leaves((node.args, node.kwargs)) if not isinstance(arg, fx.Node)]
+        nodes.append((node.op, value_identity(node.target), tuple(map(value_identity, literals))))
+    return ("graph", step.code, tuple(nodes))

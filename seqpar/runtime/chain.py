@@ -117,6 +117,7 @@ def solve_chain(
     return (states, ops.call_state(program).last_stats) if return_stats else states
 
 
+@torch.compiler.disable  # tracing and caching, not computation: Dynamo runs it as it is (one graph break)
 def build_program(
     step,
     layout,
@@ -128,23 +129,31 @@ def build_program(
     adjoint,
     solver_options,
     frozen=frozenset(),
+    *,
     method="parallel",
     sequential_reason="forward='sequential'",
-    retrace=False,
     loop="exact",
+    param_slots=(),
+    step_key=None,
+    own=False,
+    retrace=False,
 ) -> ChainProgram:
-    """A registered :class:`ChainProgram`, reused while step, shapes and options are the same.
+    """A registered :class:`ChainProgram` for ``step``, its traces reused while step, shapes and methods are the same.
 
-    The step is named by :func:`~seqpar.runtime.step_cache.step_identity`;
-    ``retrace`` builds a new program even when one is cached. ``frozen`` names
-    inputs without gradients (``("xs", i)`` / ``("shared", i)``); ``method`` is
-    the forward solve, "parallel" or "sequential" (the plain loop, recorded in
-    the stats with ``sequential_reason``); ``loop`` how a sequential forward may
-    run: "exact" (eager's kernels) or "compiled" (:mod:`.dense_step` where the
-    step fits; :class:`seqpar.passes.policy.Decision`).
+    The traces are cached under the step's name (``step_key``, by default
+    :func:`~seqpar.runtime.step_cache.step_identity`), the shapes, ``jacobian``,
+    ``adjoint`` and ``frozen`` (inputs without gradients: ``("xs", i)`` /
+    ``("shared", i)``); the run spec (``solver_options``, ``method``: the
+    forward solve, "parallel" or "sequential", recorded in the stats with
+    ``sequential_reason``; ``loop``: how a sequential forward may run,
+    :data:`~seqpar.runtime.spec.LOOP_CHOICES`; ``param_slots``) is the
+    program's own: a cached program with another run spec is copied with this
+    one (:meth:`ChainProgram.replace`). ``own``: the caller gets a program no
+    other caller holds (a compiled graph, whose verification may demote its
+    program); ``retrace``: trace anew even when traces are cached.
     """
     key = (
-        step_cache.step_identity(step),
+        step_cache.step_identity(step) if step_key is None else step_key,
         layout,
         length,
         xs_spec,
@@ -152,40 +161,45 @@ def build_program(
         tuple((tensor.shape, tensor.dtype) for tensor in shared),
         jacobian,
         adjoint,
-        tuple(sorted(solver_options.items())),
         frozen,
-        method,
-        sequential_reason,
-        loop,
+    )
+    run = dict(
+        solver_options=solver_options, method=method, sequential_reason=sequential_reason, loop=loop,
+        param_slots=tuple(param_slots),
     )
     program = None if retrace else step_cache.lookup(key)
     if program is None:
-        try:
-            program = ChainProgram(step, layout, length, xs_spec, xs_leaves, shared, jacobian, adjoint, frozen)
-        except AssertionError as error:
-            # Every argument is fake while the step is traced; a real tensor (printed
-            # as ``tensor(...)`` in the message) can only be one the step closes over
-            # (a global, a closure cell, a module attribute).
-            message = str(error)
-            if "convert all Tensors to FakeTensors" not in message or "tensor(" not in message:
-                raise
-            raise ValueError(
-                "step reads tensors that are not its arguments (closed-over tensors); "
-                "pass them through xs (per step) or shared"
-            ) from error
-        program.solver_options = solver_options
-        window = solver_options.get("window")
-        if method == "parallel" and window is not None and window < length:  # trace now, not inside the op
-            if jacobian == "estimate":
-                estimates.prepare(program, window, xs_leaves, shared)
-            else:
-                windowed_steps(program, window, xs_leaves, shared)
-        program.method = method
-        program.sequential_reason = sequential_reason
-        program.loop = loop
-        ops.register_program(program)
+        program = _traced_program(step, layout, length, xs_spec, xs_leaves, shared, jacobian, adjoint, frozen, run)
         step_cache.store(key, program, step)
+    elif own or program.run != run:
+        program = program.replace(**run)
+        if not own:
+            step_cache.store(key, program, step)
+    window = solver_options.get("window")
+    if method == "parallel" and window is not None and window < length:  # trace now, not inside the op
+        if jacobian == "estimate":
+            estimates.prepare(program, window, xs_leaves, shared)
+        else:
+            windowed_steps(program, window, xs_leaves, shared)
+    ops.register_program(program)
     return program
+
+
+def _traced_program(step, layout, length, xs_spec, xs_leaves, shared, jacobian, adjoint, frozen, run):
+    """A new :class:`ChainProgram`; a step that closes over tensors gets a ValueError saying so."""
+    try:
+        return ChainProgram(step, layout, length, xs_spec, xs_leaves, shared, jacobian, adjoint, frozen, **run)
+    except AssertionError as error:
+        # Every argument is fake while the step is traced; a real tensor (printed
+        # as ``tensor(...)`` in the message) can only be one the step closes over
+        # (a global, a closure cell, a module attribute).
+        message = str(error)
+        if "convert all Tensors to FakeTensors" not in message or "tensor(" not in message:
+            raise
+        raise ValueError(
+            "step reads tensors that are not its arguments (closed-over tensors); "
+            "pass them through xs (per step) or shared"
+        ) from error
 
 
 def _first_step_agrees(program, s0, xs_leaves, shared, first) -> bool:

@@ -30,6 +30,7 @@ import torch
 
 from .adjoint import adjoint_solve
 from .newton import newton_solve
+from .precision import in_float64
 from .sequential import run_steps, solve_columns, solve_sequentially
 
 log = logging.getLogger("seqpar.runtime")
@@ -98,7 +99,7 @@ def per_step_columns(program, xs, layer_params):
 
 def _with_layer_groups(program, xs, layer_params, combine):
     """``xs`` with ``combine(group j of layer_params)`` inserted at position ``param_slots[j]``."""
-    slots = getattr(program, "param_slots", ())
+    slots = program.param_slots
     if not slots:
         return xs
     length = program.length
@@ -166,11 +167,8 @@ def _checked(program, state, s0, leaves, shared, states, stats):
     reference, reference_stats = solve_sequentially(program, s0, leaves, shared, "")
 
     def exact():
-        def widened(tensors):
-            return [tensor.double() if tensor.is_floating_point() else tensor for tensor in tensors]
-
         try:
-            return run_steps(program, s0.double(), widened(leaves), widened(shared))
+            return run_steps(program, *in_float64((s0, leaves, shared)))
         except Exception as error:  # a step that fixes its dtype, or an op without float64
             log.info("seqpar: chain of %d steps: no float64 reference (%s)", program.length, error)
             return None
@@ -212,7 +210,7 @@ def chain_adjoint(
     grad_s0, grad_leaves, grad_shared = adjoint_solve(
         program, s0, leaves, shared, states.contiguous(), grad_states.contiguous()
     )
-    slots = set(getattr(program, "param_slots", ()))
+    slots = set(program.param_slots)
     grad_xs = [grad for index, grad in enumerate(grad_leaves) if index not in slots]
     grad_layers = []  # one per layer parameter; None for a frozen group (zeros are returned for it below)
     for index in sorted(slots):

@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import types
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -50,7 +51,10 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.func import functionalize, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .spec import linear_solve_kind
+from .spec import FORWARD_CHOICES, LOOP_CHOICES, linear_solve_kind
+
+# A program's run spec: how it runs, as opposed to what its traces compute.
+RUN_FIELDS = ("solver_options", "method", "sequential_reason", "loop", "param_slots")
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,17 @@ class ChainProgram:
     one per row of every block: reverse mode works for every op with a
     backward, where forward mode under ``make_fx`` fails for some, e.g.
     ``layer_norm`` or a state scaled by a Python float).
+
+    How the program runs (its *run spec*, :data:`RUN_FIELDS`) is fixed at
+    construction like everything else: ``solver_options`` (the
+    ``newton_solve`` keywords, read-only), ``method`` (the forward:
+    ``"parallel"`` or ``"sequential"``, the plain loop recorded with
+    ``sequential_reason``), ``loop`` (how a sequential forward runs,
+    :data:`~seqpar.runtime.spec.LOOP_CHOICES`) and ``param_slots`` (the
+    per-step inputs the op receives as unstacked layer parameters). A program
+    is never written to after construction; :meth:`replace` makes a program
+    with another run spec (and its own ``id``) that shares the traces. What
+    calls leave behind lives in :func:`seqpar.runtime.ops.call_state`.
     """
 
     _ids = itertools.count()
@@ -118,7 +133,9 @@ class ChainProgram:
         jacobian: str,
         adjoint: str,
         frozen: frozenset = frozenset(),
+        **run,
     ):
+        self._set_run(**run)
         self.id = next(self._ids)
         self.frozen = frozen
         self.step = step
@@ -156,13 +173,56 @@ class ChainProgram:
         else:
             # lowered: the layout-checked kernels of its backward (group norm) get contiguous inputs
             self.step_vjp = lower_step(self._step_vjp, *one, torch.empty_like(prev[0]))
+        self._built = True
+
+    def __setattr__(self, name, value):
+        if getattr(self, "_built", False):
+            raise AttributeError(
+                f"ChainProgram is immutable after construction (setting {name!r}); program.replace(...) makes a "
+                "program with another run spec, per-call state lives in seqpar.runtime.ops.call_state"
+            )
+        object.__setattr__(self, name, value)
+
+    @property
+    def run(self) -> dict:
+        """The run spec: ``{name: value}`` for :data:`RUN_FIELDS`."""
+        return {name: getattr(self, name) for name in RUN_FIELDS}
+
+    def replace(self, **run) -> "ChainProgram":
+        """A program with the same traces and the run spec updated by ``run`` (a new ``id``, not registered)."""
+        copy = object.__new__(ChainProgram)
+        copy.__dict__.update(self.__dict__)
+        object.__setattr__(copy, "_built", False)
+        copy._set_run(**{**self.run, **run})
+        copy.id = next(self._ids)
+        copy._built = True
+        return copy
+
+    def _set_run(
+        self,
+        solver_options=None,
+        method: str = "parallel",
+        sequential_reason: str = "",
+        loop: str = "exact",
+        param_slots=(),
+    ):
+        """Validate and set the run spec (see the class docstring)."""
+        if method not in FORWARD_CHOICES:
+            raise ValueError(f"method must be one of {FORWARD_CHOICES}, got {method!r}")
+        if loop not in LOOP_CHOICES:
+            raise ValueError(f"loop must be one of {LOOP_CHOICES}, got {loop!r}")
+        self.solver_options = types.MappingProxyType(dict(solver_options or {}))
+        self.method = method
+        self.sequential_reason = sequential_reason
+        self.loop = loop
+        self.param_slots = tuple(param_slots)
 
     def step_packed(self, s: torch.Tensor, x_leaves, shared) -> torch.Tensor:
         """One step on a packed state ``(N, w)``: ``pack(f(unpack(s), x_l, *shared))``."""
         x = pytree.tree_unflatten(list(x_leaves), self.xs_spec)
         return self.layout.pack(self.step(self.layout.unpack(s), x, *shared))
 
-    def per_step_inputs(self, xs_leaves, start: int = 0) -> list:
+    def input_trees(self, xs_leaves, start: int = 0) -> list:
         """``[x_start, ..., x_{L-1}]``: the step's input trees, sliced once (for the sequential loop)."""
         columns = [leaf[start:].unbind(0) for leaf in xs_leaves]
         rows = zip(*columns) if columns else [()] * (self.length - start)
@@ -559,11 +619,12 @@ def windowed_steps(program, window: int, xs_leaves, shared, jacobian: str | None
     ``F_j = f(prev_j, x_j)`` for ``prev (W, N, w)`` and per-step inputs sliced to
     ``W`` rows. The program's own graphs are traced at the full length ``L``
     with static shapes, so a window gets its own trace (made once per program,
-    window and ``jacobian``, by default the program's;
+    window and ``jacobian``, by default the program's, and shared by the
+    programs :meth:`ChainProgram.replace` makes;
     :func:`seqpar.runtime.chain.build_program` makes it up front).
     """
     jacobian = program.jacobian if jacobian is None else jacobian
-    per_program = _windowed.setdefault(program, {})
+    per_program = _windowed.setdefault(program.lowered, {})
     traced = per_program.get((jacobian, window))
     if traced is None:
         layout = program.layout

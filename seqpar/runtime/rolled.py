@@ -87,6 +87,11 @@ class RolledLoop:
 _LOOPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+def loops(program) -> dict:
+    """The loops generated so far for ``program``'s traced step (shared by its copies), by ``(dtype, device)``."""
+    return _LOOPS.get(program.lowered, {})
+
+
 def loop_for(program, state: torch.Tensor, columns, shared) -> RolledLoop:
     """The program's loop for inputs like these, generated at their first call.
 
@@ -95,7 +100,7 @@ def loop_for(program, state: torch.Tensor, columns, shared) -> RolledLoop:
     widened inputs).
     """
     signature = (state.dtype, state.device)
-    loops = _LOOPS.setdefault(program, {})
+    loops = _LOOPS.setdefault(program.lowered, {})
     loop = loops.get(signature)
     if loop is None:
         reasons, retry = [], False

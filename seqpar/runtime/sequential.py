@@ -57,7 +57,7 @@ def _run_columns(program, state, columns, shared, start, recorded, compiled: boo
     current = layout.unpack(state)
     trajectory = []
     xs_leaves = [torch.stack(list(column)) for column in columns]
-    for x in program.per_step_inputs(xs_leaves, start):
+    for x in program.input_trees(xs_leaves, start):
         current = program.step(current, x, *shared)
         trajectory.append(current)
     return layout.pack(pytree.tree_map(lambda *parts: torch.stack(parts), *trajectory)), loop.kind

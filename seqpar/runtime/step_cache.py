@@ -33,7 +33,9 @@ import torch
 
 CAPACITY = 256
 
-_SCALARS = (int, float, complex, bool, str, bytes, type(None))
+_SCALARS = (int, float, complex, bool, str, bytes, type(None), type(Ellipsis))
+# Immutable torch values that name themselves by value.
+_TORCH_VALUES = (torch.dtype, torch.device, torch.layout, torch.memory_format)
 _cache: "OrderedDict[tuple, tuple]" = OrderedDict()
 
 
@@ -41,6 +43,10 @@ def value_identity(value):
     """A hashable stand-in for ``value``: scalars and one-element tensors by value, the rest by identity."""
     if isinstance(value, _SCALARS):
         return (type(value), value)
+    if isinstance(value, _TORCH_VALUES):
+        return (type(value), str(value))
+    if isinstance(value, slice):
+        return (slice, value_identity(value.start), value_identity(value.stop), value_identity(value.step))
     if isinstance(value, torch.Tensor) and value.numel() <= 1 and value.device.type != "meta":
         return ("tensor", value.dtype, value.device, tuple(value.shape), value.detach().cpu().tolist())
     if isinstance(value, (tuple, frozenset)) and len(value) <= 16:

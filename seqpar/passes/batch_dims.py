@@ -43,7 +43,7 @@ _REDUCTIONS = {"sum", "mean", "amax", "amin", "var", "std", "logsumexp", "norm",
 _RESHAPES = {"view", "reshape", "flatten", "unflatten", "unsqueeze", "squeeze", "view_as", "reshape_as"}
 ATTENTION_OPS = {"scaled_dot_product_attention", "multi_head_attention_forward", "_transformer_encoder_layer_fwd",
               "_native_multi_head_attention"}
-_CONVS = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "convolution"}
+CONV_OPS = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "convolution"}
 # Fused RNN cells: (input, hidden state(s), weights) -> new hidden state(s), all (batch, features).
 _CELLS = {"lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell"}
 _POOLS = {"max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
@@ -229,7 +229,7 @@ class _DimTracker:
         """Attention and convolution ops; a residual: the state (or a state tensor) added to a value of the step."""
         if name in ATTENTION_OPS:
             self.attention = True
-        if name in _CONVS:
+        if name in CONV_OPS:
             self.convolution = True
         if name in _ADDITIONS and len(dependent) == 2 and any(a in self.state_nodes for a in dependent):
             self.residual = True
@@ -522,7 +522,7 @@ RULES = _rule_table(
     (_RESHAPES, _reshape),
     ({"chunk", "split", "unbind", "tensor_split"}, _split),
     ({"cat", "concat", "stack"}, _concatenate),
-    (_CONVS, _convolution),
+    (CONV_OPS, _convolution),
     (_POOLS, _pool),
     ({"multi_head_attention_forward"}, _multi_head_attention),
     ({"scaled_dot_product_attention"}, _scaled_dot_product_attention),

@@ -169,7 +169,7 @@ def _candidate(rejection: Rejection, seq: list[Node]) -> Candidate:
     p, b, starts = rejection.period, rejection.begin, rejection.starts
     shapes = [tuple(value.shape) for value in map(example, starts) if isinstance(value, torch.Tensor)]
     return Candidate(
-        kind=guess_kind(seq[b: b + p], starts),
+        kind=guess_kind(seq[b: b + p], starts, seq[b + p: b + 2 * p] if rejection.count > 1 else None),
         length=rejection.count,
         modules=_segment_modules(seq, p, b, rejection.count, list(range(p))),
         state_shape=as_state(shapes) if shapes and len(shapes) == len(starts) else None,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch.fx.node import Node
 
-from .batch_dims import ATTENTION_OPS, MATMUL_OPS, StepFacts, ndim_of
+from .batch_dims import ATTENTION_OPS, CONV_OPS, MATMUL_OPS, StepFacts, ndim_of
 from .chain import ChainInput
 from .slices import is_view, select_index
 from .tokens import example, target_name
@@ -43,9 +43,18 @@ def chain_kind(per_step: list[ChainInput], facts: StepFacts) -> str:
     return "layers"
 
 
-def guess_kind(nodes: list[Node], starts: list[Node]) -> str:
-    """The kind of a repeat whose segment is ``nodes`` and whose carried values start as ``starts``."""
+def guess_kind(nodes: list[Node], starts: list[Node], next_nodes: list[Node] | None = None) -> str:
+    """The kind of a repeat whose segment is ``nodes`` and whose carried values start as ``starts``.
+
+    ``next_nodes``, the next segment where there is one, tells shared weights
+    from per-layer ones: segments that read the very same parameters are
+    steps of a recurrence over time (or of a denoiser: convolutions), as in
+    :func:`chain_kind`; segments reading their own are layers.
+    """
     names = {target_name(n) for n in nodes if n.op in ("call_function", "call_method")}
+    params = _parameters_read(nodes)
+    if params and next_nodes is not None and params == _parameters_read(next_nodes):
+        return "denoise" if names & CONV_OPS else "recurrent"
     if names & ATTENTION_OPS or ("softmax" in names and names & MATMUL_OPS):
         return "transformer"
     if any(target_name(n) in _RESIDUAL_OPS and any(s0 in n.args for s0 in starts) for n in nodes
@@ -53,6 +62,12 @@ def guess_kind(nodes: list[Node], starts: list[Node]) -> str:
         return "residual"
     has_params = any(a.op == "placeholder" for n in nodes for a in n.all_input_nodes)
     return "layers" if has_params else "recurrent"
+
+
+def _parameters_read(nodes: list[Node]) -> set[Node]:
+    """The ``nn.Parameter`` placeholders ``nodes`` read."""
+    return {arg for n in nodes for arg in n.all_input_nodes
+            if arg.op == "placeholder" and isinstance(example(arg), torch.nn.Parameter)}
 
 
 def _step_ndim(inp: ChainInput) -> int:

@@ -228,6 +228,9 @@ def _chain_report(outcome: pipeline.ChainOutcome) -> ChainReport:
         form="scan" if chain.origin == "scan" and decision.form == "unrolled" else decision.form,
         lyapunov=None if lyapunov is None or not math.isfinite(lyapunov) else lyapunov,
         origin=chain.origin,
+        outputs=len(chain.per_step_outputs),
+        step_code=chain.step.code,
+        output_code="" if chain.output_step is None else chain.output_step.code,
     )
     if outcome.error is not None:
         report.decision, report.form = "rejected", ""

@@ -5,7 +5,8 @@
 ``graph_<k>/`` holding ``original.py`` and ``rewritten.py`` (the graph code
 before and after the rewrite), ``chains.txt`` (the chain table) and
 ``chains.json`` (chains, decisions with reasons, and the solver stats of the
-last call); ``hints.txt`` beside the folders says what the user could change
+last call), and per chain ``chain_<i>_step.py`` (its step's graph) and, where
+it serves per-step outputs, ``chain_<i>_outputs.py`` (their graph); ``hints.txt`` beside the folders says what the user could change
 (``seqpar.report.hints_for``: graph breaks in a loop, long unrolled chains that
 a scan would compile in seconds). The same texts go to ``torch._logging.trace_structured``
 artifacts, which tlparse shows under ``TORCH_TRACE``.
@@ -59,6 +60,11 @@ def write_dump(debug_dir: str | None, record) -> None:
             default=str,
         ),
     }
+    for index, chain in enumerate(record.chains):
+        if chain.step_code:
+            files[f"chain_{index}_step.py"] = chain.step_code
+        if chain.output_code:
+            files[f"chain_{index}_outputs.py"] = chain.output_code
     for name, text in files.items():
         with open(os.path.join(folder, name), "w") as handle:
             handle.write(text)

@@ -22,7 +22,11 @@ class ChainReport:
     dict (``None`` before the first call), and ``step_cost``: what the chosen
     form cost per step on that call, and whether it was measured
     (:func:`step_cost_text`); both are read from ``last_solve`` when asked
-    for, so a compiled call does no reporting work.
+    for, so a compiled call does no reporting work. ``outputs``: how many
+    per-step outputs the chain serves besides its states (values each step
+    computes that are read after the chain); ``step_code`` and
+    ``output_code``: the step's graph and the per-step outputs' (the debug
+    dump writes them beside the graphs).
     """
 
     kind: str
@@ -37,6 +41,9 @@ class ChainReport:
     form: str = ""
     lyapunov: float | None = None
     origin: str = "unrolled"
+    outputs: int = 0
+    step_code: str = field(default="", repr=False)
+    output_code: str = field(default="", repr=False)
     last_solve: Callable[[], object] | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -50,7 +57,8 @@ class ChainReport:
 
     def as_dict(self) -> dict:
         """The report's fields and its ``stats`` and ``step_cost``, as plain values (the debug dump's JSON)."""
-        values = {item.name: getattr(self, item.name) for item in fields(self) if item.name != "last_solve"}
+        values = {item.name: getattr(self, item.name) for item in fields(self)
+                  if item.name not in ("last_solve", "step_code", "output_code")}
         return {**values, "stats": self.stats, "step_cost": self.step_cost}
 
 
@@ -88,12 +96,12 @@ def format_table(chains: list[ChainReport]) -> str:
     """A fixed-width table of chains, one line each, reasons last."""
     if not chains:
         return "no chains found"
-    header = ("#", "kind", "L", "state", "modules", "decision", "fwd", "bwd", "form", "jacobian")
+    header = ("#", "kind", "L", "state", "outputs", "modules", "decision", "fwd", "bwd", "form", "jacobian")
     rows = []
     for index, chain in enumerate(chains):
         modules = span(chain.modules)
         rows.append((
-            str(index), chain.kind, str(chain.length), shape_text(chain.state_shape),
+            str(index), chain.kind, str(chain.length), shape_text(chain.state_shape), str(chain.outputs or "-"),
             modules, chain.decision, chain.method or "-", chain.adjoint or "-", chain.form or "-", chain.jacobian or "-",
         ))
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]

@@ -55,7 +55,7 @@ def test_compiled_forward_and_gradients_equal_eager(backend):
 
 def built_program(step, s0, xs, shared):
     solve_chain(step, s0, xs, shared)
-    (program,) = [program for program, cached_step in step_cache._cache.values() if cached_step is step]
+    (program,) = [program for program, (cached_step, _) in step_cache._cache.values() if cached_step is step]
     return program
 
 

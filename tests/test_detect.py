@@ -541,11 +541,17 @@ class _MLPWithPerLayerOutputs(torch.nn.Module):
         return x, outputs
 
 
-def test_per_layer_values_read_after_the_blocks_are_a_candidate_with_the_reason():
+def test_per_layer_values_read_after_the_blocks_are_per_step_outputs_of_the_chain():
     (gm, _), = capture(_MLPWithPerLayerOutputs(), (torch.randn(2, 8),))
-    chains, (candidate,) = find_chains(gm)
-    assert chains == [] and candidate.length == 8
-    assert "of segment 0, not the carried state, is read after the segments" in candidate.reason
+    (chain,), candidates = find_chains(gm)
+    assert candidates == [] and chain.length == 8
+    (row,) = chain.per_step_outputs
+    assert all(node is not None and "sigmoid" in node.name for node in row)
+    # g(s_{l-1}, x_l) = sigmoid(s_{l-1}): the step's graph without the layer
+    state = torch.randn(2, 8)
+    weight, bias = torch.randn(8, 8), torch.randn(8)
+    (y,) = chain.output_step(state, weight, bias)
+    torch.testing.assert_close(y, torch.sigmoid(state), rtol=0, atol=0)
 
 
 class _RolledMLP(torch.nn.Module):

@@ -71,39 +71,40 @@ def test_a_hugging_face_gpt2_called_with_use_cache_false_is_one_chain_of_its_blo
     assert chain.decision != "rejected", chain.reason  # with a returned key/value cache it would be
 
 
-class GRUWithReadout(torch.nn.Module):
-    """A GRU cell over time whose per-step readout is returned: shared weights, rejected for its outputs."""
+class GRUWritingABuffer(torch.nn.Module):
+    """A GRU cell over time writing its readout into a buffer (``out[:, t] = y``, as RWKV does): shared
+    weights, rejected for the in-place write."""
 
     def __init__(self):
         super().__init__()
         self.cell, self.readout = torch.nn.GRUCell(4, 8), torch.nn.Linear(8, 3)
 
     def forward(self, x):
-        h, ys = x.new_zeros(x.shape[0], 8), []
+        h, out = x.new_zeros(x.shape[0], 8), x.new_zeros(x.shape[0], x.shape[1], 3)
         for t in range(x.shape[1]):
             h = self.cell(x[:, t], h)
-            ys.append(self.readout(h))
-        return torch.stack(ys, 1)
+            out[:, t] = self.readout(h)
+        return out
 
 
-class LayersWithReadout(torch.nn.Module):
-    """Per-layer weights, each layer's output also returned."""
+class LayersWritingABuffer(torch.nn.Module):
+    """Per-layer weights, each layer's output also written into a buffer."""
 
     def __init__(self, depth=10):
         super().__init__()
         self.layers = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(depth))
 
     def forward(self, x):
-        outputs = []
-        for layer in self.layers:
+        out = x.new_zeros(len(self.layers), *x.shape)
+        for index, layer in enumerate(self.layers):
             x = torch.tanh(layer(x))
-            outputs.append(x * 2)
-        return torch.stack(outputs)
+            out[index] = x * 2
+        return out
 
 
 @pytest.mark.parametrize("model, inputs, kind", [
-    (GRUWithReadout, (2, 12, 4), "recurrent"),
-    (LayersWithReadout, (2, 8), "layers"),
+    (GRUWritingABuffer, (2, 12, 4), "recurrent"),
+    (LayersWritingABuffer, (2, 8), "layers"),
 ])
 def test_a_rejected_repeat_is_named_by_whether_its_steps_share_weights(model, inputs, kind):
     torch.manual_seed(0)

@@ -43,10 +43,14 @@ def test_transformer_blocks_of_hf_models_are_one_chain_equal_to_eager(make, modu
     assert (chain.modules[0], chain.modules[-1]) == modules
 
 
-def test_a_returned_key_value_cache_keeps_the_blocks_sequential_and_says_why():
+def test_a_returned_key_value_cache_is_served_as_per_step_outputs_of_the_blocks():
     model, ids = tiny_gpt2()
     report = seqpar.explain(model, ids, options={"policy": "parallel", "min_chain": 4})
     (chain,) = report.chains
-    assert (chain.kind, chain.decision) == ("transformer", "rejected")
-    assert "not the carried state, is read after the segments" in chain.reason
-    assert "key/value cache" in chain.reason
+    assert (chain.kind, chain.decision, chain.outputs) == ("transformer", "parallel", 2)  # keys and values
+    compiled, _ = compile_with(model, policy="parallel")
+    got, want = compiled(ids), model(ids)
+    torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, atol=F64_ATOL, rtol=0)
+    for layer, expected in zip(got.past_key_values.layers, want.past_key_values.layers, strict=True):
+        torch.testing.assert_close(layer.keys, expected.keys, atol=F64_ATOL, rtol=0)
+        torch.testing.assert_close(layer.values, expected.values, atol=F64_ATOL, rtol=0)

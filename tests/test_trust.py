@@ -174,7 +174,7 @@ def test_solve_chain_with_a_fresh_lambda_each_call_traces_once():
     steps = [lambda s, w: torch.tanh(s @ w) for _ in range(5)]  # five function objects, one code
     for step in steps:
         states = seqpar.solve_chain(step, s0, W)
-    traced = {id(program) for program, cached in step_cache._cache.values() if getattr(cached, "__code__", None) is steps[0].__code__}
+    traced = {id(program) for program, (cached, _) in step_cache._cache.values() if getattr(cached, "__code__", None) is steps[0].__code__}
     assert len(traced) == 1
     torch.testing.assert_close(states, sequential_loop(elman, s0, W), rtol=TOL, atol=TOL)
 

@@ -98,7 +98,12 @@ class Chain:
     which is read by nodes after the chain; ``all_states`` (structured like
     ``start``, ``None`` leaves where not read) are nodes holding every state
     stacked, ``(L, *leaf shape)``, read after the chain (a scan's per-step
-    outputs that copy its carry). ``origin``: "unrolled" (segments of an
+    outputs that copy its carry). ``per_step_outputs[j][l]`` is the node of
+    per-step output ``j`` at step ``l`` (a tensor segment ``l`` computes besides
+    its state, ``y_l = g(s_{l-1}, x_l, *shared)``), ``None`` where nothing after
+    the chain reads it; ``output_step`` is ``g``: a ``GraphModule`` with the
+    step's placeholders returning the tuple ``(y^1_l, .., y^J_l)`` (``None``
+    without per-step outputs). ``origin``: "unrolled" (segments of an
     unrolled loop) or "scan" (one ``torch.ops.higher_order.scan`` call, whose
     ``nodes`` are ``[[scan, *its getitems, ...]]`` and whose intermediate
     ``outputs`` are ``None``: the graph holds no node for them).
@@ -122,6 +127,8 @@ class Chain:
     used_outside: list[int] = field(default_factory=list)
     all_states: State | None = None
     origin: str = "unrolled"
+    per_step_outputs: list[list[fx.Node | None]] = field(default_factory=list)
+    output_step: fx.GraphModule | None = None
 
     @property
     def length(self) -> int:

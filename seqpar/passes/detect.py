@@ -23,9 +23,11 @@ Guarantees for each returned :class:`~seqpar.passes.chain.Chain`:
   * no node of ``nodes[l]`` has side effects (in-place ops, global state,
     random draws, ``call_module``, higher-order ops other than
     ``invoke_subgraph``);
-  * only ``outputs[l]`` of a segment is read after the chain (``used_outside``
-    lists which); hoisted per-step values (``"computed"``) and shared values
-    do not depend on ``start`` and are left in the graph;
+  * of a segment's nodes, only ``outputs[l]`` (``used_outside`` lists which)
+    and per-step outputs (``per_step_outputs``: tensors computed besides the
+    state, ``output_step`` computes them) are read after the chain; hoisted
+    per-step values (``"computed"``) and shared values do not depend on
+    ``start`` and are left in the graph;
   * every tensor of a tuple state has the chain's ``batch_ndim`` leading batch
     dims and the same dtype, so the state packs into ``(N, w)`` per batch
     element.
@@ -162,7 +164,18 @@ def _chain(plan: Plan, seq: list[Node], gm: fx.GraphModule) -> Chain:
         state_dtype=values[0].dtype,
         batch_ndim=facts.batch_ndim,
         used_outside=list(plan.used_outside),
+        per_step_outputs=_per_step_outputs(plan, seq, nodes),
+        output_step=build_step(plan, seq, gm, returns=plan.output_offsets) if plan.output_offsets else None,
     )
+
+
+def _per_step_outputs(plan: Plan, seq: list[Node], nodes: list[list[Node]]) -> list[list[Node | None]]:
+    """Per output offset of ``plan``, its node in every segment where a node outside the chain reads it
+    (``None`` elsewhere)."""
+    members = {member for segment in nodes for member in segment}
+    p, b = plan.period, plan.begin
+    found = [[seq[b + k * p + o] for k in range(plan.length)] for o in plan.output_offsets]
+    return [[node if any(user not in members for user in node.users) else None for node in row] for row in found]
 
 
 def _candidate(rejection: Rejection, seq: list[Node]) -> Candidate:

@@ -189,6 +189,8 @@ def _extend(chain: Chain, pattern: _Pattern, order: dict, taken: set, backward: 
         read_after = any(user not in members for leaf in state_leaves(old_start) for user in leaf.users)
         chain.used_outside = [0] * read_after + [k + 1 for k in chain.used_outside]
         chain.outputs.insert(0, old_start)
+        for outputs_j in chain.per_step_outputs:  # only the state of an added segment is read after it
+            outputs_j.insert(0, None)
         chain.nodes.insert(0, segment)
         chain.modules.insert(0, _module(segment, chain.nodes[1]))
     else:
@@ -196,6 +198,8 @@ def _extend(chain: Chain, pattern: _Pattern, order: dict, taken: set, backward: 
         if any(user not in members for leaf in state_leaves(chain.outputs[-1]) for user in leaf.users):
             chain.used_outside.append(last)
         chain.outputs.append(_state(outputs, pattern))
+        for outputs_j in chain.per_step_outputs:
+            outputs_j.append(None)
         chain.nodes.append(segment)
         chain.modules.append(_module(segment, chain.nodes[-2]))
     for index, item in enumerate(chain.per_step):

@@ -20,7 +20,8 @@ from .tokens import VIEW_ATTRIBUTES, VIEW_OPS
 GLUE_METHODS = VIEW_OPS | {"contiguous", "size", "narrow", "split", "chunk", "unbind"}
 GLUE_ATTRIBUTES = VIEW_ATTRIBUTES | {"shape", "dtype", "device"}
 GLUE_FUNCTIONS = {
-    torch.ops.seqpar.chain_solve.default, torch.ops.aten.select.int, operator.getitem, torch.stack, torch.cat,
+    torch.ops.seqpar.chain_solve.default, torch.ops.seqpar.chain_outputs.default, torch.ops.aten.select.int,
+    operator.getitem, torch.stack, torch.cat, torch.movedim,
     slice_steps, torch.split, torch.unbind, torch.transpose, torch.t, torch.zeros, torch.zeros_like, torch.ones,
     torch.ones_like,
 }

@@ -28,7 +28,8 @@ from .policy import Decision
 
 
 class StepAdapter:
-    """``step(s, x_leaves, *shared) = chain.step(s, *x_leaves, *shared)``: the runtime's step signature."""
+    """``step(s, x_leaves, *shared) = chain.step(s, *x_leaves, *shared)``: the runtime's step signature
+    (the per-step outputs' ``chain.output_step`` alike)."""
 
     def __init__(self, graph_step: fx.GraphModule):
         self.graph_step = graph_step
@@ -138,6 +139,8 @@ def build_chain_program(
             loop=decision.loop,
             param_slots=param_slots,
             step_key=step_key(chain.step),
+            outputs=None if chain.output_step is None else StepAdapter(chain.output_step),
+            outputs_key=None if chain.output_step is None else step_key(chain.output_step),
             own=True,
         )
     return program

@@ -2,7 +2,9 @@
 
 Guarantees: the rewritten graph computes the chain's final state (and every
 intermediate state read after the chain, and the stacked states a scan's
-per-step outputs hold) with ``seqpar::chain_solve``, on the
+per-step outputs hold) with ``seqpar::chain_solve``, and every per-step
+output read after the chain with ``seqpar::chain_outputs`` (a ``torch.stack``
+of one output at every step becomes a view of the op's stacked output), on the
 state packed to ``(N, w)`` by the program's :class:`StateLayout` (a tuple
 state's tensors side by side per batch element); per-layer
 parameters are handed over unstacked (the op stacks them per call) or stacked in
@@ -43,6 +45,7 @@ def rewrite_chain(gm: fx.GraphModule, chain: Chain, program: ChainProgram, index
     served = {node for position in positions for node in state_leaves(chain.outputs[position]) if node is not None}
     stacked = [] if chain.all_states is None else state_leaves(chain.all_states)
     served |= {node for node in stacked if node is not None}
+    served |= {node for row in chain.per_step_outputs for node in row if node is not None}
     members = set(chain_nodes)
     for node in chain_nodes:
         if node in served:
@@ -67,9 +70,9 @@ def rewrite_chain(gm: fx.GraphModule, chain: Chain, program: ChainProgram, index
                 name = f"_seqpar_chain{index}_step_input{position}"
                 gm.register_buffer(name, constant_stack(item, chain.state_dtype, program.layout.device))
                 xs_nodes.append(graph.get_attr(name))
+        s0 = _pack(graph, chain.start, program.layout)
         states = graph.call_function(
-            torch.ops.seqpar.chain_solve.default,
-            (program.id, _pack(graph, chain.start, program.layout), xs_nodes, list(chain.shared), layer_params),
+            torch.ops.seqpar.chain_solve.default, (program.id, s0, xs_nodes, list(chain.shared), layer_params)
         )
         replacements = {}
         for position in positions:
@@ -79,9 +82,19 @@ def rewrite_chain(gm: fx.GraphModule, chain: Chain, program: ChainProgram, index
         if any(node is not None for node in stacked):
             unpacked = zip(stacked, _unpack(graph, states, program.layout, (chain.length,)))
             replacements.update((old, new) for old, new in unpacked if old is not None)
+        if chain.per_step_outputs:
+            served_outputs = graph.call_function(
+                torch.ops.seqpar.chain_outputs.default,
+                (program.id, s0, states, xs_nodes, list(chain.shared), layer_params),
+            )
+            for index, row in enumerate(chain.per_step_outputs):
+                every = graph.call_function(operator.getitem, (served_outputs, index))
+                replacements.update(_per_step_reads(graph, row, every))
     for old, new in replacements.items():
         new.meta.update({key: value for key, value in old.meta.items() if key in ("example_value", "val")})
         old.replace_all_uses_with(new, delete_user_cb=lambda user: user not in members)
+    for old in [old for old in replacements if old not in members and not old.users]:
+        graph.erase_node(old)  # a stack of a per-step output, served whole
     inputs = {parent for node in chain_nodes for parent in node.all_input_nodes} - members
     for node in reversed(chain_nodes):
         if not node.users:
@@ -94,6 +107,22 @@ def rewrite_chain(gm: fx.GraphModule, chain: Chain, program: ChainProgram, index
     restore_topological_order(graph)
     graph.lint()
     annotate_new_nodes(gm, [node for node in graph.nodes if node not in existing])
+    return replacements
+
+
+def _per_step_reads(graph: fx.Graph, row: list, every: fx.Node) -> dict:
+    """``{old node: new node}`` for one per-step output: ``row[l]`` (read after the chain, or ``None``) becomes
+    ``every[l]``; a ``torch.stack`` of the whole row on dim ``d`` becomes ``every.movedim(0, d)``, one view
+    instead of ``L`` selects and a copy."""
+    replacements = {}
+    for node in {user for old in row if old is not None for user in old.users}:
+        listed = node.args[0] if node.target is torch.stack and node.args else None
+        if isinstance(listed, (list, tuple)) and list(listed) == row and set(node.kwargs) <= {"dim"}:
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            replacements[node] = graph.call_function(torch.movedim, (every, 0, dim))
+    for position, old in enumerate(row):
+        if old is not None:
+            replacements[old] = graph.call_function(torch.ops.aten.select.int, (every, 0, position))
     return replacements
 
 

@@ -17,8 +17,10 @@ with the same ``f``:
   * every other value they read is a classified :class:`PlanInput` (a
     placeholder per segment, a slice ``P[a + l]`` of one tensor
     (:mod:`.slices`), a state-independent value, a literal, or one value all
-    segments share); only the state of a segment is read after the run
-    (``used_outside``).
+    segments share); after the run, only a segment's state (``used_outside``)
+    and its per-step outputs (``output_offsets``: tensors a segment computes
+    besides its state, such as a readout appended to a list, read after the
+    run) are read.
 Plans never overlap. Repeats rejected by a check come back as
 :class:`Rejection` with the reason.
 
@@ -89,6 +91,7 @@ class Plan:
     dep_offsets: list[int]  # offsets of the state-dependent nodes (same in every segment)
     inputs: list[PlanInput]
     used_outside: list[int]
+    output_offsets: list[int] = field(default_factory=list)  # per-step outputs: tensors read after the run
 
     @property
     def end(self) -> int:
@@ -475,45 +478,53 @@ class Detector:
 
     def _plan(self, run: _Run, length: int) -> tuple[Plan | None, str | None]:
         """``(plan, None)``: the first ``length`` valid segments of ``run``, trimmed before the first
-        segment whose non-state value is read after the segments, with their inputs classified;
-        ``(None, why)`` where fewer than 2 remain."""
+        segment with a non-state value read after the segments that cannot be a per-step output, with
+        their inputs classified; ``(None, why)`` where fewer than 2 remain."""
         p, b = run.p, run.b
         dep_offsets = run.first.dep_offsets
-        length, used_outside, trimmed = self._trim_outside_reads(p, b, length, dep_offsets, run.offsets)
+        length, used_outside, output_offsets, trimmed = self._trim_outside_reads(
+            p, b, length, dep_offsets, run.offsets
+        )
         if length < 2:
             return None, trimmed
         inputs = self._classify_inputs(p, b, length, run.inputs, run.literals)
         return Plan(p, b, length, list(run.starts), list(run.offsets), dict(run.first.state_slots), dep_offsets,
-                    inputs, used_outside), None
+                    inputs, used_outside, output_offsets), None
 
     def _trim_outside_reads(self, p: int, b: int, length: int, dep_offsets: list[int],
-                            state_offsets: list[int]) -> tuple[int, list[int], str | None]:
-        """``(length, used_outside, why)``: the segments before the first one whose non-state value is read
-        after the run, the segments (but the last) whose state is read after it, and why it was trimmed."""
+                            state_offsets: list[int]) -> tuple[int, list[int], list[int], str | None]:
+        """``(length, used_outside, output_offsets, why)``: the segments before the first one with a value
+        read after the run that is neither its state nor a per-step output, the segments (but the last) whose
+        state is read after it, the offsets of the per-step outputs read after it, and why it was trimmed.
+
+        A per-step output is a tensor (not a tuple of values) a segment computes from its state besides the
+        next state: the run serves it for every step, computed at the solved states."""
         seq = self.seq
-        trimmed, used_outside = None, []
+        trimmed, used_outside, outputs = None, [], set()
         while length >= 2:
             end = b + length * p
-            used_outside, bad = [], None
+            used_outside, outputs, bad = [], set(), None
             for k in range(length):
                 base = b + k * p
                 for o in dep_offsets:
                     n = seq[base + o]
                     if any(self.pos.get(u, len(seq)) >= end for u in n.users):
-                        if o not in state_offsets:
+                        if o in state_offsets:
+                            if k < length - 1 and used_outside[-1:] != [k]:
+                                used_outside.append(k)
+                        elif isinstance(example(n), torch.Tensor):
+                            outputs.add(o)
+                        else:
                             bad = k
                             trimmed = (f"{n.name} of segment {k}, not the carried state, is read after the "
-                                       "segments (per-step outputs, such as a returned key/value cache); "
-                                       "a chain hands on only its states")
+                                       "segments and is not a tensor (a per-step output must be one)")
                             break
-                        if k < length - 1 and used_outside[-1:] != [k]:
-                            used_outside.append(k)
                 if bad is not None:
                     break
             if bad is None:
                 break
             length = bad
-        return length, used_outside, trimmed
+        return length, used_outside, sorted(outputs), trimmed
 
     def _classify_inputs(self, p: int, b: int, length: int, slots: dict[tuple[int, int], list[Node]],
                          literals: dict[tuple[int, int], list]) -> list[PlanInput]:

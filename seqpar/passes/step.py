@@ -29,11 +29,14 @@ from .segments import Plan
 from .tokens import example, is_invoke_subgraph, rebuild_args
 
 
-def build_step(plan: Plan, seq: list[Node], root: torch.nn.Module) -> fx.GraphModule:
+def build_step(plan: Plan, seq: list[Node], root: torch.nn.Module, returns: list[int] | None = None) -> fx.GraphModule:
     """``step(state, *per_step, *shared) -> next state``, copied from segment 0 of ``plan``.
 
     ``seq`` is the node sequence the plan indexes; ``root`` the graph's module
-    (it holds the bodies of ``invoke_subgraph`` calls).
+    (it holds the bodies of ``invoke_subgraph`` calls). With ``returns`` (offsets
+    in the segment) the graph returns the tuple of those values instead: the
+    per-step outputs ``g(state, *per_step, *shared) -> (y_1, ..)`` for
+    ``plan.output_offsets``, with only the nodes they need.
     """
     b = plan.begin
     graph = fx.Graph()
@@ -79,8 +82,12 @@ def build_step(plan: Plan, seq: list[Node], root: torch.nn.Module) -> fx.GraphMo
 
         args, kwargs = rebuild_args((n.args, n.kwargs), leaf, [0])
         env[n] = _emit(graph, n, args, kwargs, root, twin=mutates(n))
-    outputs = [env[seq[b + q]] for q in plan.state_offsets]
-    graph.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
+    if returns is None:
+        outputs = [env[seq[b + q]] for q in plan.state_offsets]
+        graph.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
+    else:
+        graph.output(tuple(env[seq[b + q]] for q in returns))
+        graph.eliminate_dead_code()
     graph.lint()
     step = fx.GraphModule(torch.nn.Module(), graph, class_name="SeqparStep")
     step.recompile()

@@ -135,6 +135,8 @@ def build_program(
     loop="exact",
     param_slots=(),
     step_key=None,
+    outputs=None,
+    outputs_key=None,
     own=False,
     retrace=False,
 ) -> ChainProgram:
@@ -143,7 +145,8 @@ def build_program(
     The traces are cached under the step's name (``step_key``, by default
     :func:`~seqpar.runtime.step_cache.step_identity`), the shapes, ``jacobian``,
     ``adjoint`` and ``frozen`` (inputs without gradients: ``("xs", i)`` /
-    ``("shared", i)``); the run spec (``solver_options``, ``method``: the
+    ``("shared", i)``) and the per-step outputs function ``outputs`` (named by
+    ``outputs_key``, by default like the step); the run spec (``solver_options``, ``method``: the
     forward solve, "parallel" or "sequential", recorded in the stats with
     ``sequential_reason``; ``loop``: how a sequential forward may run,
     :data:`~seqpar.runtime.spec.LOOP_CHOICES`; ``param_slots``) is the
@@ -162,6 +165,7 @@ def build_program(
         jacobian,
         adjoint,
         frozen,
+        None if outputs is None else step_cache.step_identity(outputs) if outputs_key is None else outputs_key,
     )
     run = dict(
         solver_options=solver_options, method=method, sequential_reason=sequential_reason, loop=loop,
@@ -169,12 +173,14 @@ def build_program(
     )
     program = None if retrace else step_cache.lookup(key)
     if program is None:
-        program = _traced_program(step, layout, length, xs_spec, xs_leaves, shared, jacobian, adjoint, frozen, run)
-        step_cache.store(key, program, step)
+        program = _traced_program(
+            step, layout, length, xs_spec, xs_leaves, shared, jacobian, adjoint, frozen, outputs, run
+        )
+        step_cache.store(key, program, (step, outputs))
     elif own or program.run != run:
         program = program.replace(**run)
         if not own:
-            step_cache.store(key, program, step)
+            step_cache.store(key, program, (step, outputs))
     window = solver_options.get("window")
     if method == "parallel" and window is not None and window < length:  # trace now, not inside the op
         if jacobian == "estimate":
@@ -185,10 +191,12 @@ def build_program(
     return program
 
 
-def _traced_program(step, layout, length, xs_spec, xs_leaves, shared, jacobian, adjoint, frozen, run):
+def _traced_program(step, layout, length, xs_spec, xs_leaves, shared, jacobian, adjoint, frozen, outputs, run):
     """A new :class:`ChainProgram`; a step that closes over tensors gets a ValueError saying so."""
     try:
-        return ChainProgram(step, layout, length, xs_spec, xs_leaves, shared, jacobian, adjoint, frozen, **run)
+        return ChainProgram(
+            step, layout, length, xs_spec, xs_leaves, shared, jacobian, adjoint, frozen, outputs=outputs, **run
+        )
     except AssertionError as error:
         # Every argument is fake while the step is traced; a real tensor (printed
         # as ``tensor(...)`` in the message) can only be one the step closes over

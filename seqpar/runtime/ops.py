@@ -14,8 +14,18 @@ is copied once at the op's boundary). Its fake implementation gives
 aot_autograd and inductor the output shape; its autograd formula is the exact
 adjoint, itself the op ``seqpar::chain_adjoint``; under ``create_graph=True``
 the gradient is instead that of the sequential loop, recorded by autograd, so
-higher-order gradients are exact too. Programs are referred to by an integer id
-because custom ops take tensors and plain values only.
+higher-order gradients are exact too.
+
+``seqpar::chain_outputs(program_id, s0, states, xs, shared, layer_params) ->
+Y`` serves a chain's per-step outputs ``y^j_l = g^j(s_{l-1}, x_l, *shared)``:
+one batched evaluation of the program's ``outputs`` at the solved states,
+``Y^j`` of shape ``(L, *y^j shape)``. Its autograd formula is the batched VJP
+of ``g`` (the op ``seqpar::chain_outputs_vjp``), whose state cotangents reach
+the states and through ``chain_solve``'s adjoint the whole chain:
+``lam_l = dL/ds_l + (dg_{l+1}/ds_l)^T dL/dy_{l+1} + J_{l+1}^T lam_{l+1}``.
+
+Programs are referred to by an integer id because custom ops take tensors and
+plain values only.
 """
 
 from __future__ import annotations
@@ -210,17 +220,22 @@ def chain_adjoint(
     grad_s0, grad_leaves, grad_shared = adjoint_solve(
         program, s0, leaves, shared, states.contiguous(), grad_states.contiguous()
     )
+    return [grad_s0.contiguous()] + _input_gradients(program, xs, shared, layer_params, grad_leaves, grad_shared)
+
+
+def _input_gradients(program, xs, shared, layer_params, grad_leaves, grad_shared) -> list[torch.Tensor]:
+    """``[*d xs, *d shared, *d layer_params]`` from the gradients of the per-step input leaves (layer
+    parameter groups at ``param_slots``, split back per layer) and the shared inputs; zeros for ``None``
+    (integer, frozen or unread inputs)."""
     slots = set(program.param_slots)
     grad_xs = [grad for index, grad in enumerate(grad_leaves) if index not in slots]
-    grad_layers = []  # one per layer parameter; None for a frozen group (zeros are returned for it below)
+    grad_layers = []  # one per layer parameter; None for a frozen group
     for index in sorted(slots):
         group = grad_leaves[index]
         grad_layers += [None] * program.length if group is None else [part.clone() for part in group.unbind(0)]
     inputs = [*xs, *shared, *layer_params]
     grads = [*grad_xs, *grad_shared, *grad_layers]
-    return [grad_s0.contiguous()] + [
-        torch.zeros_like(tensor) if grad is None else grad.contiguous() for tensor, grad in zip(inputs, grads)
-    ]
+    return [torch.zeros_like(tensor) if grad is None else grad.contiguous() for tensor, grad in zip(inputs, grads)]
 
 
 @chain_adjoint.register_fake
@@ -231,13 +246,12 @@ def _chain_adjoint_fake(program_id, s0, xs, shared, layer_params, states, grad_s
 class _ChainSolveFunction(torch.autograd.Function):
     """The op's autograd formula: the exact adjoint (the op ``seqpar::chain_adjoint``); under
     ``create_graph=True`` the gradient of the sequential loop, recorded (:func:`_recorded_gradients`).
-    Takes the op's tensors flat (``s0, *xs, *shared, *layer_params``) with ``counts = (len(xs), len(shared))``."""
+    Takes the op's tensors flat (``s0, *xs, *shared, *layer_params``) with ``counts = (1, len(xs), len(shared))``."""
 
     @staticmethod
     def forward(program_id, counts, *tensors):
-        s0, xs, shared, layer_params = _split(tensors, counts)
         with torch._C._AutoDispatchBelowAutograd():
-            return torch.ops.seqpar.chain_solve.default(program_id, s0, xs, shared, layer_params)
+            return torch.ops.seqpar.chain_solve.default(program_id, *_split(tensors, counts))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -263,24 +277,32 @@ class _ChainSolveFunction(torch.autograd.Function):
 
 
 def _split(tensors, counts):
-    """``(s0, xs, shared, layer_params)`` from the op's tensors flat."""
-    n_xs, n_shared = counts
-    s0, rest = tensors[0], list(tensors[1:])
-    return s0, rest[:n_xs], rest[n_xs : n_xs + n_shared], rest[n_xs + n_shared :]
+    """``(*leading, xs, shared, layer_params)`` from an op's tensors flat; ``counts = (leading, xs, shared)``."""
+    n_leading, n_xs, n_shared = counts
+    leading, rest = list(tensors[:n_leading]), list(tensors[n_leading:])
+    return (*leading, rest[:n_xs], rest[n_xs : n_xs + n_shared], rest[n_xs + n_shared :])
+
+
+def _at_autograd_key(function, kernel, op, program_id, leading, xs, shared, layer_params):
+    """An op at the autograd key: recorded by ``function`` (an autograd.Function taking ``program_id``,
+    the counts and the tensors flat) where a gradient is wanted; otherwise ``kernel``, called directly on
+    plain tensors (no tracing mode, no tensor subclass, no functorch transform: the dispatcher's keys below
+    autograd would all pass them through), else ``op`` through the dispatcher below autograd (fake tensors,
+    functionalization). ``leading``: the op's tensors before ``xs``."""
+    tensors = (*leading, *xs, *shared, *layer_params)
+    if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors):
+        return function.apply(program_id, (len(leading), len(xs), len(shared)), *tensors)
+    if _plain(tensors):
+        return kernel(program_id, *leading, xs, shared, layer_params)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(program_id, *leading, xs, shared, layer_params)
 
 
 def _chain_solve_autograd(program_id, s0, xs, shared, layer_params):
-    """The op at the autograd key: recorded by :class:`_ChainSolveFunction` where a gradient is wanted;
-    otherwise the kernel, called directly on plain tensors (no tracing mode, no tensor subclass, no
-    functorch transform: the dispatcher's keys below autograd would all pass them through), else
-    through the dispatcher below autograd (fake tensors, functionalization)."""
-    tensors = (s0, *xs, *shared, *layer_params)
-    if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors):
-        return _ChainSolveFunction.apply(program_id, (len(xs), len(shared)), *tensors)
-    if _plain(tensors):
-        return chain_solve(program_id, s0, xs, shared, layer_params)
-    with torch._C._AutoDispatchBelowAutograd():
-        return torch.ops.seqpar.chain_solve.default(program_id, s0, xs, shared, layer_params)
+    return _at_autograd_key(
+        _ChainSolveFunction, chain_solve, torch.ops.seqpar.chain_solve.default, program_id, (s0,), xs, shared,
+        layer_params,
+    )
 
 
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)  # a Parameter dispatches as the tensor it wraps
@@ -303,9 +325,119 @@ def _recorded_gradients(program_id, s0, xs, shared, layer_params, grad_states):
     recorded by autograd (``create_graph=True``): exact, and differentiable again. ``None`` where an input
     does not require grad."""
     program = _PROGRAMS[program_id]
-    inputs = [s0, *xs, *shared, *layer_params]
-    wanted = [tensor for tensor in inputs if tensor.requires_grad]
     states = run_steps(program, s0, per_step_inputs(program, list(xs), list(layer_params)), list(shared))
-    found = iter(torch.autograd.grad(states, wanted, grad_states, create_graph=True, allow_unused=True))
+    return _differentiated(states, [s0, *xs, *shared, *layer_params], grad_states)
+
+
+def _differentiated(values, inputs, cotangents):
+    """The gradients of ``<cotangents, values>`` w.r.t. ``inputs``, differentiable again (``None`` where an
+    input does not require grad)."""
+    wanted = [tensor for tensor in inputs if tensor.requires_grad]
+    found = iter(torch.autograd.grad(values, wanted, cotangents, create_graph=True, allow_unused=True))
     return [next(found) if tensor.requires_grad else None for tensor in inputs]
 
+
+
+_LIBRARY.define(
+    "chain_outputs(int program_id, Tensor s0, Tensor states, Tensor[] xs, Tensor[] shared, Tensor[] layer_params)"
+    " -> Tensor[]"
+)
+
+
+def _previous_states(s0: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    """``(s_0, .., s_{L-1})`` ``(L, N, w)``: every step's input state."""
+    return torch.cat([s0.unsqueeze(0), states[:-1]])
+
+
+def chain_outputs(program_id, s0, states, xs, shared, layer_params) -> list[torch.Tensor]:
+    """``[Y^1, .., Y^J]``, ``Y^j_l = g^j(s_{l-1}, x_l, *shared)`` ``(L, *y^j shape)``: the per-step outputs of
+    program ``program_id`` at the states ``states`` ``(L, N, w)`` started at ``s0``, in one batched call."""
+    program = _PROGRAMS[program_id]
+    s0, states, xs, shared = s0.contiguous(), states.contiguous(), _contiguous(xs), _contiguous(shared)
+    leaves = per_step_inputs(program, xs, layer_params)
+    outputs = program.outputs_at(_previous_states(s0, states), leaves, shared)
+    # The op's contract: fresh tensors (a per-step output that is a view of the state would alias the input).
+    return [y.clone(memory_format=torch.contiguous_format) if y._base is not None or not y.is_contiguous() else y
+            for y in outputs]
+
+
+def _chain_outputs_fake(program_id, s0, states, xs, shared, layer_params):
+    return [s0.new_empty(shape, dtype=dtype) for shape, dtype in _PROGRAMS[program_id].output_shapes]
+
+
+_LIBRARY.impl("chain_outputs", chain_outputs, "CompositeExplicitAutograd")
+torch.library.register_fake("seqpar::chain_outputs", _chain_outputs_fake, lib=_LIBRARY)
+
+
+@torch.library.custom_op("seqpar::chain_outputs_vjp", mutates_args=())
+def chain_outputs_vjp(
+    program_id: int,
+    s0: torch.Tensor,
+    states: torch.Tensor,
+    xs: list[torch.Tensor],
+    shared: list[torch.Tensor],
+    layer_params: list[torch.Tensor],
+    grad_outputs: list[torch.Tensor],
+) -> list[torch.Tensor]:
+    """``[d s0, d states, *d xs, *d shared, *d layer_params]`` of ``sum_j <grad_outputs_j, Y^j>``: the batched
+    VJP of ``g`` at every step's input state (state ``s_L`` is no step's input: its cotangent is zero)."""
+    program = _PROGRAMS[program_id]
+    s0, states, xs, shared = s0.contiguous(), states.contiguous(), _contiguous(xs), _contiguous(shared)
+    leaves = per_step_inputs(program, xs, layer_params)
+    grad_prev, grad_leaves, grad_shared = program.outputs_vjp(
+        _previous_states(s0, states), leaves, shared, _contiguous(grad_outputs)
+    )
+    grad_states = torch.cat([grad_prev[1:], torch.zeros_like(states[-1:])])
+    return [grad_prev[0].contiguous(), grad_states] + _input_gradients(
+        program, xs, shared, layer_params, grad_leaves, grad_shared
+    )
+
+
+@chain_outputs_vjp.register_fake
+def _chain_outputs_vjp_fake(program_id, s0, states, xs, shared, layer_params, grad_outputs):
+    return [torch.empty_like(tensor) for tensor in [s0, states, *xs, *shared, *layer_params]]
+
+
+class _ChainOutputsFunction(torch.autograd.Function):
+    """``chain_outputs``' autograd formula: the batched VJP of ``g`` (the op ``seqpar::chain_outputs_vjp``);
+    under ``create_graph=True`` the VJP of the traced batched ``g``, recorded by autograd. Takes the op's
+    tensors flat (``s0, states, *xs, *shared, *layer_params``)."""
+
+    @staticmethod
+    def forward(program_id, counts, *tensors):
+        with torch._C._AutoDispatchBelowAutograd():
+            return tuple(torch.ops.seqpar.chain_outputs.default(program_id, *_split(tensors, counts)))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        program_id, counts, *tensors = inputs
+        ctx.program_id, ctx.counts = program_id, counts
+        ctx.program_object = _PROGRAMS[program_id]  # alive until the backward has run
+        ctx.save_for_backward(*tensors)
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        tensors = ctx.saved_tensors
+        s0, states, xs, shared, layer_params = _split(tensors, ctx.counts)
+        program = _PROGRAMS[ctx.program_id]
+        if torch.is_grad_enabled():  # create_graph=True: the gradient must itself be differentiable
+            leaves = per_step_inputs(program, list(xs), list(layer_params))
+            outputs = program.outputs_at(_previous_states(s0, states), leaves, list(shared))
+            grads = _differentiated(outputs, list(tensors), grad_outputs)
+        else:
+            grads = torch.ops.seqpar.chain_outputs_vjp(
+                ctx.program_id, s0, states, xs, shared, layer_params, [grad.contiguous() for grad in grad_outputs]
+            )
+        return (None, None) + tuple(
+            grad if tensor.is_floating_point() else None for grad, tensor in zip(grads, tensors)
+        )
+
+
+def _chain_outputs_autograd(program_id, s0, states, xs, shared, layer_params):
+    return list(_at_autograd_key(
+        _ChainOutputsFunction, chain_outputs, torch.ops.seqpar.chain_outputs.default, program_id, (s0, states), xs,
+        shared, layer_params,
+    ))
+
+
+_LIBRARY.impl("chain_outputs", _chain_outputs_autograd, "Autograd")

@@ -108,6 +108,13 @@ class ChainProgram:
     backward, where forward mode under ``make_fx`` fails for some, e.g.
     ``layer_norm`` or a state scaled by a Python float).
 
+    ``outputs``, where the chain has per-step outputs, is
+    ``g(s_prev, x_l, *shared) -> (y^1_l, .., y^J_l)``: tensors each step
+    computes besides its state. They are evaluated for all steps at once at
+    the solved states (:attr:`outputs_at`: ``Y^j = (y^j_1, .., y^j_L)``, shapes
+    :attr:`output_shapes`) and differentiated the same way
+    (:attr:`outputs_vjp`); never by a second sequential pass.
+
     How the program runs (its *run spec*, :data:`RUN_FIELDS`) is fixed at
     construction like everything else: ``solver_options`` (the
     ``newton_solve`` keywords, read-only), ``method`` (the forward:
@@ -133,11 +140,13 @@ class ChainProgram:
         jacobian: str,
         adjoint: str,
         frozen: frozenset = frozenset(),
+        outputs: Callable | None = None,
         **run,
     ):
         self._set_run(**run)
         self.id = next(self._ids)
         self.frozen = frozen
+        self.outputs = outputs
         self.step = step
         self.layout = layout
         self.length = length
@@ -173,6 +182,15 @@ class ChainProgram:
         else:
             # lowered: the layout-checked kernels of its backward (group norm) get contiguous inputs
             self.step_vjp = lower_step(self._step_vjp, *one, torch.empty_like(prev[0]))
+        self.outputs_at = self.outputs_vjp = None
+        self.output_shapes = ()
+        if outputs is not None:
+            self.lowered_outputs = lower_step(self.outputs_packed, *one)
+            self.outputs_at = _trace(self._outputs, *examples)
+            (results,) = [node.args[0] for node in self.outputs_at.graph.nodes if node.op == "output"]
+            self.output_shapes = tuple((tuple(node.meta["val"].shape), node.meta["val"].dtype) for node in results)
+            cotangents = [torch.empty(shape, dtype=dtype, device=layout.device) for shape, dtype in self.output_shapes]
+            self.outputs_vjp = _trace(self._outputs_vjp, *examples, cotangents)
         self._built = True
 
     def __setattr__(self, name, value):
@@ -221,6 +239,19 @@ class ChainProgram:
         """One step on a packed state ``(N, w)``: ``pack(f(unpack(s), x_l, *shared))``."""
         x = pytree.tree_unflatten(list(x_leaves), self.xs_spec)
         return self.layout.pack(self.step(self.layout.unpack(s), x, *shared))
+
+    def outputs_packed(self, s: torch.Tensor, x_leaves, shared) -> tuple:
+        """One step's per-step outputs on a packed state ``(N, w)``: ``g(unpack(s), x_l, *shared)``."""
+        x = pytree.tree_unflatten(list(x_leaves), self.xs_spec)
+        return tuple(self.outputs(self.layout.unpack(s), x, *shared))
+
+    def _outputs(self, prev, xs_leaves, shared):
+        """``Y^j_l = g^j(prev_l, x_l)`` for all ``l``: ``(L, N, w) -> ((L, *y^j shape), ..)``."""
+        return vmap(self.lowered_outputs, in_dims=(0, 0, None))(prev, xs_leaves, shared)
+
+    def _outputs_vjp(self, prev, xs_leaves, shared, cotangents):
+        """Cotangents of the per-step outputs: ``(sum_j dg^j_l/ds^T c^j_l, d<c, g>/dx_l, sum_l d<c_l, g_l>/dshared)``."""
+        return _pullback(self._outputs, prev, xs_leaves, shared, tuple(cotangents), self.frozen)
 
     def input_trees(self, xs_leaves, start: int = 0) -> list:
         """``[x_start, ..., x_{L-1}]``: the step's input trees, sliced once (for the sequential loop)."""

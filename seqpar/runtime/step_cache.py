@@ -92,7 +92,8 @@ def lookup(key: tuple):
 
 
 def store(key: tuple, program, step) -> None:
-    """Cache ``program`` under ``key``, keeping ``step`` alive with it; evict beyond :data:`CAPACITY`."""
+    """Cache ``program`` under ``key``, keeping ``step`` (what the key names by identity) alive with it;
+    evict beyond :data:`CAPACITY`."""
     _cache[key] = (program, step)
     _cache.move_to_end(key)
     while len(_cache) > CAPACITY:

@@ -21,7 +21,7 @@ import seqpar
 from seqpar.backend import SeqparBackend
 from seqpar.runtime import rolled, solve_chain
 from seqpar.runtime.ops import call_state
-from tests.zoo import models as zoo
+from seqpar.testing import models as zoo
 
 F64_ATOL = 1e-12
 ROLLED = {"policy": "sequential", "sequential_form": "rolled", "min_chain": 4, "inner": "eager"}

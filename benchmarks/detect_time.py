@@ -3,7 +3,7 @@
     python benchmarks/detect_time.py [--depth 1000 2000 4000] [--repeats 5]
 
 The graphs are the ones Dynamo makes of ``nn.Sequential`` of ``depth`` x
-(``Linear(4, 4)``, ``Tanh``), built directly (``tests/zoo``'s ``mlp_graph``:
+(``Linear(4, 4)``, ``Tanh``), built directly (``seqpar.testing.models.mlp_graph``:
 Dynamo itself needs about 20 s per 1000 layers): ``4 depth + 2`` nodes.
 Reported: median seconds of ``seqpar.passes.detect.find_chains`` over ``--repeats``
 runs, after one warm-up.
@@ -12,16 +12,12 @@ runs, after one warm-up.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from seqpar.passes.detect import find_chains  # noqa: E402
-from tests.zoo.models import mlp_graph  # noqa: E402
-from timing import median_time  # noqa: E402
+from seqpar.passes.detect import find_chains
+from seqpar.testing.models import mlp_graph
+from timing import median_time
 
 
 def main(argv=None):

@@ -33,27 +33,23 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.utils._pytree as pytree
 from torch.func import functional_call
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from seqpar.backend import SeqparBackend  # noqa: E402
-from seqpar.runtime.lyapunov import largest_lyapunov_exponent  # noqa: E402
-from seqpar.runtime.newton import Tolerance, newton_solve  # noqa: E402
-from seqpar.runtime.program import windowed_steps  # noqa: E402
-from seqpar.runtime.program import ChainProgram, StateLayout  # noqa: E402
-from tests.test_denoise import sampling_loop  # noqa: E402
-from timing import median_time  # noqa: E402
+from seqpar.backend import SeqparBackend
+from seqpar.runtime.lyapunov import largest_lyapunov_exponent
+from seqpar.runtime.newton import Tolerance, newton_solve
+from seqpar.runtime.program import windowed_steps
+from seqpar.runtime.program import ChainProgram, StateLayout
+from seqpar.testing.sampling import sampling_loop
+from timing import median_time
 
 
 def loop_as_chain(sched, model, x, noise):
-    """``(step, s0, xs, shared)``: the sampling loop of ``tests.test_denoise.make_sample`` as a runtime chain.
+    """``(step, s0, xs, shared)``: the sampling loop of ``seqpar.testing.sampling.make_sample`` as a runtime chain.
 
     ``step(x, (t, row, z), *params)`` is the scheduler's update at the position
     of ``row`` (a dict of table rows) with the denoiser's parameters

@@ -41,10 +41,7 @@ import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
-
-import seqpar  # noqa: E402
+import seqpar
 
 SIZES = {
     "full": {"mlp": [(L, w, B) for L in (1024, 4096) for w in (4, 16, 32) for B in (1, 64)],
@@ -158,8 +155,8 @@ def gru_rows(device, sizes, repeats):
 
 
 def diffusion_rows(device, sizes, repeats):
-    from diffusion_sampling import loop_as_chain  # needs diffusers (tests.test_denoise builds the tiny UNet)
-    from tests.test_denoise import sampling_loop
+    from diffusion_sampling import loop_as_chain  # needs diffusers (seqpar.testing.sampling builds the tiny UNet)
+    from seqpar.testing.sampling import sampling_loop
 
     for T in sizes:
         loop = sampling_loop("ddpm", "unet", T)

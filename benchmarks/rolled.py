@@ -9,7 +9,7 @@ options=...)`` so that its chain runs in the rolled form (the chain op
 looping over the step, ``seqpar.runtime.rolled``): the MLP rows with
 ``sequential_form="rolled"`` and the default policy (the issue's rows are
 kept sequential by the cost model or, at gain 3, by the Lyapunov probe), the
-zoo rows (``tests/zoo/models.py``) with ``policy="sequential"``,
+zoo rows (``seqpar/testing/models.py``) with ``policy="sequential"``,
 ``sequential_form="rolled"`` and ``inner="eager"`` (what is timed is the
 rolled chain, not inductor on the rest of the graph). ``inductor`` is
 ``torch.compile(model)`` (the unrolled graph; rows with a compile time only).
@@ -32,19 +32,14 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
-
-from seqpar.backend import SeqparBackend  # noqa: E402
-from tests.zoo import models as zoo  # noqa: E402
-from timing import interleaved_medians  # noqa: E402
+from seqpar.backend import SeqparBackend
+from seqpar.testing import models as zoo
+from timing import interleaved_medians
 
 # (L, w, B, gain, time inductor's unrolled code): the three rows and the grid around them.
 MLP_ROWS = [

@@ -26,7 +26,7 @@ except ImportError:
     print("triton missing")
 PY
 status=0
-SEQPAR_TRITON_DEVICE=cuda timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_pcr.py 2>&1 \
+SEQPAR_TRITON_DEVICE=cuda timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/runtime/test_triton_pcr.py 2>&1 \
     | tee "$OUT/triton_tests.log" || status=1
 timeout 330 "$PY" benchmarks/gpu_check.py --out "$OUT" --budget 240 || status=1
 echo "gpu_check: results in $OUT (exit $status)"

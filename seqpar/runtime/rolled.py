@@ -405,7 +405,7 @@ def _bindings() -> dict:
     The generated bindings parse arguments faster than an overload's entry
     point (0.2-0.5 us a call: ``torch.mm`` 1.4 us, ``aten.mm.default._op``
     1.8 us on a 2-core CPU); each takes the traced arguments (the schema's
-    own, ``out=`` included) to the same overload, checked in ``tests/test_rolled.py``.
+    own, ``out=`` included) to the same overload, checked in ``tests/runtime/test_rolled.py``.
     """
     nn_ = torch._C._nn
     table = [  # (packet, overloads, binding)

@@ -12,8 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from seqpar.passes.effects import BATCHNORM_TRAINING, mutates, out_of_place
-from tests.test_backend import F64_ATOL, chain_reports, compile_with
-from tests.test_detect import assert_step_reproduces, node_values, only_chain
+from tests.e2e.test_backend import F64_ATOL, chain_reports, compile_with
+from tests.passes.test_detect import assert_step_reproduces, node_values, only_chain
 
 
 class InplaceBasicBlock(nn.Module):

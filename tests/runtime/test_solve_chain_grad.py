@@ -13,7 +13,7 @@ import torch
 
 from seqpar.runtime import solve_chain
 
-from conftest import lstm_chain, lstm_step, rnn_chain, rnn_step, sequential_loop
+from tests.conftest import lstm_chain, lstm_step, rnn_chain, rnn_step, sequential_loop
 
 GRAD_TOL = 1e-9
 

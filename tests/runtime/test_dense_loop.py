@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from seqpar.backend import SeqparBackend
 from seqpar.runtime.kernels import cpu_dense_loop
 from seqpar.runtime.ops import call_state
-from tests.test_rolled import mlp as rolled_mlp
+from tests.runtime.test_rolled import mlp as rolled_mlp
 
 ACTIVATIONS = {
     "identity": lambda z: z, "relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 
 from seqpar.runtime import solve_chain
 
-from conftest import sequential_loop
+from tests.conftest import sequential_loop
 
 
 def tanh_step(s, x, W, U):

@@ -17,7 +17,7 @@ import torch
 
 import seqpar
 from seqpar.backend import SeqparBackend
-from tests.zoo import models as zoo
+from seqpar.testing import models as zoo
 
 F64_ATOL = 1e-9
 

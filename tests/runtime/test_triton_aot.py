@@ -22,7 +22,7 @@ from seqpar.runtime.kernels import triton_aot, triton_pcr  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @functools.cache

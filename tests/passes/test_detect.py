@@ -14,7 +14,7 @@ from torch.func import jvp, vmap
 from seqpar.passes.chain import map_state, state_leaves
 from seqpar.passes.detect import BATCHNORM_TRAINING, find_chains
 from seqpar.runtime.slicing import slice_steps
-from tests.zoo import models as zoo
+from seqpar.testing import models as zoo
 
 
 # --------------------------------------------------------------------------- #

@@ -2,11 +2,12 @@
 are not spent finding a broken script (issue "Ready for the first GPU" §3)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_gpu_check_script_runs_every_row_on_cpu(tmp_path):
@@ -14,7 +15,8 @@ def test_gpu_check_script_runs_every_row_on_cpu(tmp_path):
         [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--smoke", "--device", "cpu", "--repeats", "1",
          "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=600,
-    )
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))},
+    )  # this checkout's seqpar, as scripts/gpu_check.sh runs it
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     raw = json.loads((tmp_path / "raw.json").read_text())
     rows = {entry["row"] for entry in raw["results"]}

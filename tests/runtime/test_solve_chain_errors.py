@@ -7,7 +7,7 @@ import torch
 
 from seqpar.runtime import solve_chain
 
-from conftest import rnn_chain, rnn_step
+from tests.conftest import rnn_chain, rnn_step
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 import seqpar
-from tests.test_backend import F64_ATOL, chain_reports, compile_with
+from tests.e2e.test_backend import F64_ATOL, chain_reports, compile_with
 
 CONFIGS = {
     "lstm": (nn.LSTM, {}),

@@ -21,7 +21,7 @@ import seqpar
 from seqpar.backend import SeqparBackend
 from seqpar.runtime import ops, rolled, solve_chain
 from seqpar.runtime.ops import call_state
-from tests.zoo import models as zoo
+from seqpar.testing import models as zoo
 
 F64_ATOL = 1e-12
 ROLLED = {"policy": "sequential", "sequential_form": "rolled", "min_chain": 4, "inner": "eager"}
@@ -64,7 +64,7 @@ def test_kept_sequential_mlp_runs_the_generated_loop_and_equals_eager():
 def test_kept_sequential_chain_is_eager_bit_for_bit_in_float32(act, gain):
     # Near-neutral or chaotic chains (Tanh at gain 3): rounding differences grow like exp(lambda l), so only
     # the same kernels in the same order agree after 256 layers. A chain kept sequential because it was asked
-    # for (or because the probe found it unpredictable: tests/test_dense_loop.py) runs eager's kernels.
+    # for (or because the probe found it unpredictable: tests/runtime/test_dense_loop.py) runs eager's kernels.
     model = mlp(depth=256, width=8, gain=gain, act=act, dtype=torch.float32)
     x = torch.randn(1, 8)
     compiled, backend = compile_rolled(model)

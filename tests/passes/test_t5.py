@@ -17,7 +17,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import seqpar  # noqa: E402
-from tests.test_backend import F64_ATOL, chain_reports, compile_with  # noqa: E402
+from tests.e2e.test_backend import F64_ATOL, chain_reports, compile_with  # noqa: E402
 
 LAYERS = 8
 

@@ -21,7 +21,7 @@ import torch
 
 from seqpar.runtime import SolveStats, solve_chain
 
-from conftest import (
+from tests.conftest import (
     euler_chain,
     euler_step,
     lstm_chain,

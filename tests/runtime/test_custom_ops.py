@@ -8,7 +8,7 @@ import torch
 from seqpar.runtime import step_cache
 from seqpar.runtime import solve_chain
 
-from conftest import rnn_chain, rnn_step
+from tests.conftest import rnn_chain, rnn_step
 
 
 def solve_and_reduce(s0, xs, W, U, b):

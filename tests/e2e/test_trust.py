@@ -8,6 +8,7 @@ O(1)); float32 cases state theirs where they appear.
 from __future__ import annotations
 
 import logging
+import sys
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from seqpar.backend import SeqparBackend
 from seqpar.runtime import step_cache
 from seqpar.verify import compare_outputs
 
-from conftest import sequential_loop
+from tests.conftest import sequential_loop
 
 TOL = 1e-9
 
@@ -208,7 +209,7 @@ def test_solve_chain_sees_a_python_float_that_changed_between_calls(monkeypatch,
     W = 0.3 * torch.randn(16, 4, 4, dtype=torch.float64)
     s0 = torch.randn(2, 4, dtype=torch.float64)
     seqpar.solve_chain(scaled_elman, s0, W)
-    monkeypatch.setattr(__import__(__name__), "STEP_SIZE", 2.0)
+    monkeypatch.setattr(sys.modules[__name__], "STEP_SIZE", 2.0)
     torch.testing.assert_close(seqpar.solve_chain(scaled_elman, s0, W), sequential_loop(scaled_elman, s0, W))
     # an attribute read through self is invisible to the cache key: the first-step check retraces
     damped = Damped(0.5)
@@ -268,7 +269,8 @@ def test_gradient_through_a_parallel_ddim_loop_over_a_unet_with_respect_to_the_l
     """Guidance-style optimisation of the initial latent: d(sample)/d(x_T) through a 4-step DDIM loop over a tiny
     diffusers UNet, solved in parallel with the sequential adjoint (group norm's backward on the batched,
     non-contiguous activations), equals eager's (float64)."""
-    from test_denoise import compile_sample, make_sample, sampling_loop
+    from seqpar.testing.sampling import make_sample, sampling_loop
+    from tests.e2e.test_denoise import compile_sample
 
     loop = sampling_loop("ddim", "unet", 4)
     fn, backend = compile_sample(loop.sample, tol=None)

@@ -13,9 +13,9 @@ from torch._higher_order_ops.scan import scan
 
 import seqpar
 from seqpar.passes.detect import find_chains
-from tests.test_backend import F64_ATOL, chain_reports, compile_with, gradients, to_double
-from tests.test_detect import capture
-from tests.zoo import models as zoo
+from tests.e2e.test_backend import F64_ATOL, chain_reports, compile_with, gradients, to_double
+from tests.passes.test_detect import capture
+from seqpar.testing import models as zoo
 
 
 def mlp_blocks(depth=8, width=4):

@@ -9,8 +9,7 @@ import torch.fx as fx
 
 import seqpar.backend as backend_module
 from seqpar.backend import SeqparBackend
-
-from zoo import models
+from seqpar.testing import models
 
 
 class ShapeRecorder(fx.Interpreter):

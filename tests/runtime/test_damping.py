@@ -15,7 +15,7 @@ from seqpar.runtime import newton, solve_chain
 from seqpar.runtime.pcr import solve_affine_recurrence
 from seqpar.runtime.tridiagonal import levenberg_marquardt_step
 
-from conftest import rnn_chain, rnn_step, sequential_loop
+from tests.conftest import rnn_chain, rnn_step, sequential_loop
 
 KINDS = ["full", "diag", "identity"]
 

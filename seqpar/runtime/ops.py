@@ -325,15 +325,29 @@ def _recorded_gradients(program_id, s0, xs, shared, layer_params, grad_states):
     recorded by autograd (``create_graph=True``): exact, and differentiable again. ``None`` where an input
     does not require grad."""
     program = _PROGRAMS[program_id]
-    states = run_steps(program, s0, per_step_inputs(program, list(xs), list(layer_params)), list(shared))
-    return _differentiated(states, [s0, *xs, *shared, *layer_params], grad_states)
+    n_xs, n_shared = len(xs), len(shared)
+
+    def loop(s0, *rest):
+        xs, shared, layer_params = rest[:n_xs], rest[n_xs : n_xs + n_shared], rest[n_xs + n_shared :]
+        return run_steps(program, s0, per_step_inputs(program, list(xs), list(layer_params)), list(shared))
+
+    return _differentiated(loop, [s0, *xs, *shared, *layer_params], grad_states)
 
 
-def _differentiated(values, inputs, cotangents):
-    """The gradients of ``<cotangents, values>`` w.r.t. ``inputs``, differentiable again (``None`` where an
-    input does not require grad)."""
-    wanted = [tensor for tensor in inputs if tensor.requires_grad]
-    found = iter(torch.autograd.grad(values, wanted, cotangents, create_graph=True, allow_unused=True))
+def _differentiated(fn, inputs, cotangents):
+    """The VJP of ``fn(*inputs)`` with ``cotangents`` (``None`` for inputs that do not require grad): ``fn``'s
+    own derivatives only (``torch.func.vjp``: an input computed from another input does not count twice, as it
+    would under ``torch.autograd.grad`` of the whole graph), recorded by autograd, so differentiable again."""
+    wanted = [index for index, tensor in enumerate(inputs) if tensor.requires_grad]
+
+    def of_wanted(*parts):
+        full = list(inputs)
+        for index, part in zip(wanted, parts):
+            full[index] = part
+        return fn(*full)
+
+    _, pullback = torch.func.vjp(of_wanted, *[inputs[index] for index in wanted])
+    found = iter(pullback(cotangents))
     return [next(found) if tensor.requires_grad else None for tensor in inputs]
 
 
@@ -421,9 +435,9 @@ class _ChainOutputsFunction(torch.autograd.Function):
         s0, states, xs, shared, layer_params = _split(tensors, ctx.counts)
         program = _PROGRAMS[ctx.program_id]
         if torch.is_grad_enabled():  # create_graph=True: the gradient must itself be differentiable
-            leaves = per_step_inputs(program, list(xs), list(layer_params))
-            outputs = program.outputs_at(_previous_states(s0, states), leaves, list(shared))
-            grads = _differentiated(outputs, list(tensors), grad_outputs)
+            grads = _differentiated(
+                lambda *flat: _recorded_outputs(program, *_split(flat, ctx.counts)), list(tensors), list(grad_outputs)
+            )
         else:
             grads = torch.ops.seqpar.chain_outputs_vjp(
                 ctx.program_id, s0, states, xs, shared, layer_params, [grad.contiguous() for grad in grad_outputs]
@@ -431,6 +445,15 @@ class _ChainOutputsFunction(torch.autograd.Function):
         return (None, None) + tuple(
             grad if tensor.is_floating_point() else None for grad, tensor in zip(grads, tensors)
         )
+
+
+def _recorded_outputs(program, s0, states, xs, shared, layer_params) -> list[torch.Tensor]:
+    """The per-step outputs evaluated step by step by ``g`` itself (``create_graph=True``: the traced batched
+    graphs are for values, not for autograd to record)."""
+    leaves = per_step_inputs(program, list(xs), list(layer_params))
+    prev = _previous_states(s0, states)
+    rows = [program.outputs_packed(prev[l], [leaf[l] for leaf in leaves], list(shared)) for l in range(program.length)]
+    return [torch.stack(column) for column in zip(*rows)]
 
 
 def _chain_outputs_autograd(program_id, s0, states, xs, shared, layer_params):

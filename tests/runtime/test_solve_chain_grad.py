@@ -148,3 +148,28 @@ def test_sequential_forward_with_parallel_adjoint_gives_the_loop_and_exact_gradi
     want = torch.autograd.grad(expected.square().sum(), (s0, W, b))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-12, rtol=0)
+
+
+def test_second_order_gradients_count_an_input_computed_from_another_input_once():
+    # xs and shared are computed from the same tensor as s0: every path from it counts once, at first and
+    # second order (create_graph differentiates the recorded loop).
+    torch.manual_seed(0)
+    base = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    W = 0.5 * torch.randn(4, 4, dtype=torch.float64)
+
+    def states_of(base, solve):
+        s0 = base.tanh()
+        xs = s0.unsqueeze(0) * torch.linspace(0.1, 1.0, 12, dtype=torch.float64).view(12, 1, 1)
+        shared = (W * s0.sum(),)
+        return solve(rnn_like_step, s0, xs, shared)
+
+    def grad_norm(solve):
+        (grad,) = torch.autograd.grad(states_of(base, solve).sin().sum(), [base], create_graph=True)
+        return grad, torch.autograd.grad(grad.square().sum(), [base])[0]
+
+    for got, want in zip(grad_norm(solve_chain), grad_norm(sequential_loop), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+
+
+def rnn_like_step(s, x, W):
+    return torch.tanh(s @ W.T + x)

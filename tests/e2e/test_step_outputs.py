@@ -1,0 +1,174 @@
+"""Chains whose steps also produce values read after the chain: per-step outputs ``y_l = g(s_{l-1}, x_l)``.
+
+A readout appended to a list and stacked, per-layer values returned in a
+list, a returned key/value cache (test_hf_models, test_t5): the chain is
+solved as before and every per-step output comes from one batched evaluation
+of ``g`` at the solved states, differentiated the same way.
+
+Tolerance: float64 throughout, 1e-9 absolute (``F64_ATOL``, as the zoo): the
+solver stops at a relative update of 1e-10 on chains of at most 32 steps.
+"""
+
+from __future__ import annotations
+
+
+import pytest
+import torch
+import torch.nn as nn
+
+import seqpar
+from tests.e2e.test_backend import F64_ATOL, chain_reports, compile_with
+
+
+class GRUReadout(nn.Module):
+    """A GRU cell over time; each step's readout ``W h_t + b`` is appended and the list stacked on dim 1."""
+
+    def __init__(self, inputs=4, hidden=8, outputs=3):
+        super().__init__()
+        self.hidden = hidden
+        self.cell, self.readout = nn.GRUCell(inputs, hidden), nn.Linear(hidden, outputs)
+
+    def forward(self, x):
+        h, ys = x.new_zeros(x.shape[0], self.hidden), []
+        for t in range(x.shape[1]):
+            h = self.cell(x[:, t], h)
+            ys.append(self.readout(h))
+        return torch.stack(ys, 1)
+
+
+class LayersAndTheirInputs(nn.Module):
+    """Per-layer weights; every layer's input (a view of the state, and a function of it) is returned too."""
+
+    def __init__(self, depth=10, width=6):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+
+    def forward(self, x):
+        views, squares = [], []
+        for layer in self.layers:
+            views.append(x[:, :3])
+            squares.append(x.square())
+            x = torch.tanh(layer(x))
+        return x, views, squares
+
+
+def gru_case(seed=0):
+    torch.manual_seed(seed)
+    return GRUReadout().double(), (torch.randn(2, 16, 4, dtype=torch.float64),)
+
+
+def layers_case(seed=0):
+    torch.manual_seed(seed)
+    return LayersAndTheirInputs().double(), (torch.randn(5, 6, dtype=torch.float64),)
+
+
+def loss_of(outputs):
+    """A loss that reads every output with distinct weights (so a swapped or missing gradient shows)."""
+    leaves = [leaf for leaf in torch.utils._pytree.tree_leaves(outputs) if isinstance(leaf, torch.Tensor)]
+    generator = torch.Generator().manual_seed(1)
+    return sum((torch.randn(leaf.shape, dtype=leaf.dtype, generator=generator) * leaf).sum() for leaf in leaves)
+
+
+def assert_outputs_and_gradients_equal_eager(model, inputs, **options):
+    compiled, backend = compile_with(model, **options)
+    inputs = [x.clone().requires_grad_() for x in inputs]
+    got, want = compiled(*inputs), model(*inputs)
+    torch.testing.assert_close(got, want, atol=F64_ATOL, rtol=0)
+    wrt = [*inputs, *[p for p in model.parameters() if p.requires_grad]]
+    got_grads = torch.autograd.grad(loss_of(got), wrt, allow_unused=True)
+    want_grads = torch.autograd.grad(loss_of(want), wrt, allow_unused=True)
+    for got_grad, want_grad in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(got_grad, want_grad, atol=F64_ATOL, rtol=0)
+    return backend
+
+
+@pytest.mark.parametrize("case", [gru_case, layers_case], ids=["gru_readout", "layers_inputs"])
+@pytest.mark.parametrize("options", [
+    {"policy": "parallel"},
+    {"policy": "parallel", "adjoint": "sequential"},
+    {"policy": "sequential", "sequential_form": "rolled"},
+], ids=["parallel", "parallel_sequential_adjoint", "rolled"])
+def test_per_step_outputs_and_their_gradients_equal_eager(case, options):
+    model, inputs = case()
+    backend = assert_outputs_and_gradients_equal_eager(model, inputs, **options)
+    (chain,) = chain_reports(backend)
+    assert chain.decision != "rejected" and chain.outputs == (1 if case is gru_case else 2)
+
+
+def test_a_stack_of_a_per_step_output_becomes_a_view_of_the_served_outputs():
+    model, inputs = gru_case()
+    compiled, backend = compile_with(model, policy="parallel")
+    with torch.no_grad():
+        compiled(*inputs)
+    (record,) = backend.graphs
+    assert "seqpar.chain_outputs" in record.rewritten_code and "torch.movedim" in record.rewritten_code
+    assert "torch.stack" not in record.rewritten_code and "select" not in record.rewritten_code
+
+
+def test_frozen_readout_weights_get_no_gradient_and_the_rest_stay_exact():
+    model, inputs = gru_case()
+    model.readout.requires_grad_(False)
+    assert_outputs_and_gradients_equal_eager(model, inputs, policy="parallel")
+
+
+def test_double_backward_through_per_step_outputs_equals_eager():
+    model, inputs = gru_case()
+    compiled, _ = compile_with(model, policy="parallel")
+    x = inputs[0].clone().requires_grad_()
+
+    def grad_norm(fn):
+        (grad,) = torch.autograd.grad(loss_of(fn(x)), [x], create_graph=True)
+        return torch.autograd.grad(grad.square().sum(), [model.readout.weight, x])
+
+    for got, want in zip(grad_norm(compiled), grad_norm(model), strict=True):
+        torch.testing.assert_close(got, want, atol=F64_ATOL, rtol=0)
+
+
+def test_verify_accepts_served_outputs():
+    model, inputs = gru_case()
+    compiled, backend = compile_with(model, policy="parallel", verify=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(*inputs), model(*inputs), atol=F64_ATOL, rtol=0)
+    (record,) = backend.graphs
+    assert record.verification and all("MISMATCH" not in line for line in record.verification)
+
+
+def test_explain_counts_the_outputs_and_the_dump_shows_their_graph(tmp_path):
+    model, inputs = gru_case()
+    report = seqpar.explain(model, *inputs, options={"policy": "parallel", "min_chain": 4})
+    (chain,) = report.chains
+    assert chain.outputs == 1 and "outputs" in str(report).splitlines()[1]
+    compiled, _ = compile_with(model, policy="parallel", debug_dir=str(tmp_path))
+    with torch.no_grad():
+        compiled(*inputs)
+    (folder,) = [path for path in tmp_path.iterdir() if path.is_dir()]
+    step, outputs = (folder / "chain_0_step.py").read_text(), (folder / "chain_0_outputs.py").read_text()
+    assert "gru_cell" in step and "linear" in outputs
+
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_mamba():
+    """transformers' Mamba on its reference loop (no mamba_ssm / causal_conv1d kernels on a CPU):
+    ``ssm_state = dA[:, :, i] * ssm_state + dBu[:, :, i]``, each step's ``scan_output`` appended, then stacked."""
+    torch.manual_seed(0)
+    config = transformers.MambaConfig(vocab_size=50, hidden_size=16, state_size=4, num_hidden_layers=2, expand=2,
+                                      conv_kernel=4, use_mambapy=False)
+    config.use_associative_scan = False
+    return transformers.MambaModel(config).double().eval(), torch.randint(0, 50, (2, 12))
+
+
+def test_mamba_reference_loop_is_served_with_its_per_step_outputs():
+    model, ids = tiny_mamba()
+    compiled, backend = compile_with(lambda ids: model(ids).last_hidden_state, policy="parallel")
+    got, want = compiled(ids), model(ids).last_hidden_state
+    torch.testing.assert_close(got, want, atol=F64_ATOL, rtol=0)
+    chains = chain_reports(backend)
+    assert [(chain.kind, chain.outputs) for chain in chains] == [("recurrent", 1)] * 2
+    assert all(chain.decision == "parallel" for chain in chains)
+    weights = [model.layers[0].mixer.A_log, model.layers[1].mixer.x_proj.weight]
+    got_grads = torch.autograd.grad(loss_of(got), weights)
+    want_grads = torch.autograd.grad(loss_of(want), weights)
+    for got_grad, want_grad in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(got_grad, want_grad, atol=F64_ATOL, rtol=0)

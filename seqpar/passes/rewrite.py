@@ -117,7 +117,8 @@ def _per_step_reads(graph: fx.Graph, row: list, every: fx.Node) -> dict:
     replacements = {}
     for node in {user for old in row if old is not None for user in old.users}:
         listed = node.args[0] if node.target is torch.stack and node.args else None
-        if isinstance(listed, (list, tuple)) and list(listed) == row and set(node.kwargs) <= {"dim"}:
+        whole = isinstance(listed, (list, tuple)) and list(listed) == row and set(node.kwargs) <= {"dim"}
+        if whole and all(len(old.users) == 1 for old in row):  # the stack alone reads them: a view is safe
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
             replacements[node] = graph.call_function(torch.movedim, (every, 0, dim))
     for position, old in enumerate(row):

@@ -396,6 +396,8 @@ def chain_outputs_vjp(
     """``[d s0, d states, *d xs, *d shared, *d layer_params]`` of ``sum_j <grad_outputs_j, Y^j>``: the batched
     VJP of ``g`` at every step's input state (state ``s_L`` is no step's input: its cotangent is zero)."""
     program = _PROGRAMS[program_id]
+    if program.outputs_vjp is None:  # no floating-point output: nothing to differentiate
+        return [torch.zeros_like(tensor) for tensor in [s0, states, *xs, *shared, *layer_params]]
     s0, states, xs, shared = s0.contiguous(), states.contiguous(), _contiguous(xs), _contiguous(shared)
     leaves = per_step_inputs(program, xs, layer_params)
     grad_prev, grad_leaves, grad_shared = program.outputs_vjp(
@@ -435,9 +437,13 @@ class _ChainOutputsFunction(torch.autograd.Function):
         s0, states, xs, shared, layer_params = _split(tensors, ctx.counts)
         program = _PROGRAMS[ctx.program_id]
         if torch.is_grad_enabled():  # create_graph=True: the gradient must itself be differentiable
-            grads = _differentiated(
-                lambda *flat: _recorded_outputs(program, *_split(flat, ctx.counts)), list(tensors), list(grad_outputs)
-            )
+            chosen = program.differentiable_outputs
+
+            def differentiable(*flat):
+                outputs = _recorded_outputs(program, *_split(flat, ctx.counts))
+                return [outputs[index] for index in chosen]
+
+            grads = _differentiated(differentiable, list(tensors), [grad_outputs[index] for index in chosen])
         else:
             grads = torch.ops.seqpar.chain_outputs_vjp(
                 ctx.program_id, s0, states, xs, shared, layer_params, [grad.contiguous() for grad in grad_outputs]

@@ -183,14 +183,18 @@ class ChainProgram:
             # lowered: the layout-checked kernels of its backward (group norm) get contiguous inputs
             self.step_vjp = lower_step(self._step_vjp, *one, torch.empty_like(prev[0]))
         self.outputs_at = self.outputs_vjp = None
-        self.output_shapes = ()
+        self.output_shapes, self.differentiable_outputs = (), ()
         if outputs is not None:
             self.lowered_outputs = lower_step(self.outputs_packed, *one)
             self.outputs_at = _trace(self._outputs, *examples)
             (results,) = [node.args[0] for node in self.outputs_at.graph.nodes if node.op == "output"]
             self.output_shapes = tuple((tuple(node.meta["val"].shape), node.meta["val"].dtype) for node in results)
+            self.differentiable_outputs = tuple(
+                index for index, (_, dtype) in enumerate(self.output_shapes) if dtype.is_floating_point
+            )
             cotangents = [torch.empty(shape, dtype=dtype, device=layout.device) for shape, dtype in self.output_shapes]
-            self.outputs_vjp = _trace(self._outputs_vjp, *examples, cotangents)
+            if self.differentiable_outputs:
+                self.outputs_vjp = _trace(self._outputs_vjp, *examples, cotangents)
         self._built = True
 
     def __setattr__(self, name, value):
@@ -250,8 +254,16 @@ class ChainProgram:
         return vmap(self.lowered_outputs, in_dims=(0, 0, None))(prev, xs_leaves, shared)
 
     def _outputs_vjp(self, prev, xs_leaves, shared, cotangents):
-        """Cotangents of the per-step outputs: ``(sum_j dg^j_l/ds^T c^j_l, d<c, g>/dx_l, sum_l d<c_l, g_l>/dshared)``."""
-        return _pullback(self._outputs, prev, xs_leaves, shared, tuple(cotangents), self.frozen)
+        """Cotangents of the per-step outputs: ``(sum_j dg^j_l/ds^T c^j_l, d<c, g>/dx_l, sum_l d<c_l, g_l>/dshared)``
+        over the floating-point outputs (:attr:`differentiable_outputs`; an index or a mask has no derivative)."""
+        chosen = self.differentiable_outputs
+
+        def differentiable(prev, xs_leaves, shared):
+            outputs = self._outputs(prev, xs_leaves, shared)
+            return tuple(outputs[index] for index in chosen)
+
+        return _pullback(differentiable, prev, xs_leaves, shared, tuple(cotangents[index] for index in chosen),
+                         self.frozen)
 
     def input_trees(self, xs_leaves, start: int = 0) -> list:
         """``[x_start, ..., x_{L-1}]``: the step's input trees, sliced once (for the sequential loop)."""

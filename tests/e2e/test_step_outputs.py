@@ -64,7 +64,8 @@ def layers_case(seed=0):
 
 def loss_of(outputs):
     """A loss that reads every output with distinct weights (so a swapped or missing gradient shows)."""
-    leaves = [leaf for leaf in torch.utils._pytree.tree_leaves(outputs) if isinstance(leaf, torch.Tensor)]
+    leaves = [leaf for leaf in torch.utils._pytree.tree_leaves(outputs)
+              if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()]
     generator = torch.Generator().manual_seed(1)
     return sum((torch.randn(leaf.shape, dtype=leaf.dtype, generator=generator) * leaf).sum() for leaf in leaves)
 
@@ -93,6 +94,27 @@ def test_per_step_outputs_and_their_gradients_equal_eager(case, options):
     backend = assert_outputs_and_gradients_equal_eager(model, inputs, **options)
     (chain,) = chain_reports(backend)
     assert chain.decision != "rejected" and chain.outputs == (1 if case is gru_case else 2)
+
+
+class GRUArgmax(GRUReadout):
+    """Also returns each step's ``argmax`` (an integer output: served, not differentiated)."""
+
+    def forward(self, x):
+        h, ys, picks = x.new_zeros(x.shape[0], self.hidden), [], []
+        for t in range(x.shape[1]):
+            h = self.cell(x[:, t], h)
+            ys.append(self.readout(h))
+            picks.append(h.argmax(-1))
+        return torch.stack(ys, 1), torch.stack(picks, 1)
+
+
+def test_integer_per_step_outputs_are_served_and_the_float_ones_differentiated():
+    torch.manual_seed(0)
+    backend = assert_outputs_and_gradients_equal_eager(
+        GRUArgmax().double(), (torch.randn(2, 16, 4, dtype=torch.float64),), policy="parallel"
+    )
+    (chain,) = chain_reports(backend)
+    assert (chain.decision, chain.outputs) == ("parallel", 2)
 
 
 def test_a_stack_of_a_per_step_output_becomes_a_view_of_the_served_outputs():

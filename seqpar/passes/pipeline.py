@@ -2,6 +2,9 @@
 
 Each pass states what it needs and what it guarantees (in its module):
 
+0. ``writes`` (:func:`~.writes.sink_buffer_writes`): per-step writes into
+   one buffer (``out[:, t] = y``) moved after the loop as one write of the
+   stacked values, where nothing reads the buffer in between.
 1. ``detect`` (:func:`~.detect.find_chains`): chains of isomorphic Markov
    segments and the candidates that did not become chains, with reasons.
    Detection never breaks compilation: a failure leaves the graph unchanged.
@@ -35,6 +38,7 @@ from .lower import build_chain_program
 from .policy import Decision, decide
 from .probe import lyapunov_exponent, probe_values
 from .rewrite import remap_chain, rewrite_chain
+from .writes import sink_buffer_writes
 
 
 @dataclass
@@ -64,6 +68,7 @@ def run(gm: fx.GraphModule, example_inputs, original: fx.GraphModule, options: O
     """Find, decide, lower and rewrite the chains of ``gm`` (in place); ``original`` is the graph the probe runs."""
     result = PipelineResult(gm)
     try:
+        sink_buffer_writes(gm)
         chains, result.candidates = find_chains(gm, min_chain=options.min_chain)
     except Exception as error:  # detection must never break compilation
         result.detection_error = f"{type(error).__name__}: {error}"

@@ -71,9 +71,9 @@ def test_a_hugging_face_gpt2_called_with_use_cache_false_is_one_chain_of_its_blo
     assert chain.decision != "rejected", chain.reason  # with a returned key/value cache it would be
 
 
-class GRUWritingABuffer(torch.nn.Module):
-    """A GRU cell over time writing its readout into a buffer (``out[:, t] = y``, as RWKV does): shared
-    weights, rejected for the in-place write."""
+class GRUReadingItsBuffer(torch.nn.Module):
+    """A GRU cell over time writing its readout into a buffer that every step also reads: shared weights,
+    rejected for the in-place write (the buffer is observed while it is written)."""
 
     def __init__(self):
         super().__init__()
@@ -82,13 +82,13 @@ class GRUWritingABuffer(torch.nn.Module):
     def forward(self, x):
         h, out = x.new_zeros(x.shape[0], 8), x.new_zeros(x.shape[0], x.shape[1], 3)
         for t in range(x.shape[1]):
-            h = self.cell(x[:, t], h)
+            h = self.cell(x[:, t], h) * out.mean()
             out[:, t] = self.readout(h)
         return out
 
 
-class LayersWritingABuffer(torch.nn.Module):
-    """Per-layer weights, each layer's output also written into a buffer."""
+class LayersReadingTheirBuffer(torch.nn.Module):
+    """Per-layer weights, each layer's output written into a buffer every layer reads."""
 
     def __init__(self, depth=10):
         super().__init__()
@@ -97,14 +97,14 @@ class LayersWritingABuffer(torch.nn.Module):
     def forward(self, x):
         out = x.new_zeros(len(self.layers), *x.shape)
         for index, layer in enumerate(self.layers):
-            x = torch.tanh(layer(x))
+            x = torch.tanh(layer(x)) * out.mean()
             out[index] = x * 2
         return out
 
 
 @pytest.mark.parametrize("model, inputs, kind", [
-    (GRUWritingABuffer, (2, 12, 4), "recurrent"),
-    (LayersWritingABuffer, (2, 8), "layers"),
+    (GRUReadingItsBuffer, (2, 12, 4), "recurrent"),
+    (LayersReadingTheirBuffer, (2, 8), "layers"),
 ])
 def test_a_rejected_repeat_is_named_by_whether_its_steps_share_weights(model, inputs, kind):
     torch.manual_seed(0)

@@ -194,3 +194,55 @@ def test_mamba_reference_loop_is_served_with_its_per_step_outputs():
     want_grads = torch.autograd.grad(loss_of(want), weights)
     for got_grad, want_grad in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(got_grad, want_grad, atol=F64_ATOL, rtol=0)
+
+
+def tiny_rwkv():
+    """RWKV's CPU loop (``rwkv_linear_attention_cpu``): state ``(num, den, max)``, ``output[:, t] = ...``."""
+    torch.manual_seed(0)
+    config = transformers.RwkvConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, attention_hidden_size=16,
+                                     intermediate_size=32, context_length=64)
+    return transformers.RwkvModel(config).double().eval(), torch.randint(0, 50, (2, 12))
+
+
+def tiny_recurrent_gemma():
+    """RecurrentGemma's RG-LRU loop (``contextualized_states[:, t] = ...``), one recurrent and one attention block."""
+    torch.manual_seed(0)
+    config = transformers.RecurrentGemmaConfig(
+        num_hidden_layers=2, vocab_size=50, hidden_size=16, intermediate_size=32, num_attention_heads=2, head_dim=8,
+        num_key_value_heads=1, lru_width=16, attention_window_size=8, conv1d_width=4,
+        block_types=["recurrent", "attention"],
+    )
+    return transformers.RecurrentGemmaModel(config).double().eval(), torch.randint(0, 50, (2, 12))
+
+
+# Both recurrences run in float32 whatever the model's dtype (RWKV: ``key[:, t].float()``; RG-LRU: its
+# ``acc_dtype``), so the chain is a float32 chain: compared at float32's tolerance, 1e-5 of the values' scale.
+F32_RTOL = 1e-5
+
+
+def assert_close_at_scale(got, want, rtol=F32_RTOL):
+    torch.testing.assert_close(got, want, atol=rtol * want.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("make, chains", [(tiny_rwkv, 2), (tiny_recurrent_gemma, 1)], ids=["rwkv", "recurrent_gemma"])
+def test_recurrences_writing_a_buffer_per_step_are_served(make, chains):
+    model, ids = make()
+    compiled, backend = compile_with(lambda ids: model(ids).last_hidden_state, policy="parallel")
+    with torch.no_grad():
+        assert_close_at_scale(compiled(ids), model(ids).last_hidden_state)
+    found = chain_reports(backend)
+    assert [(chain.kind, chain.decision, chain.outputs) for chain in found] == [("recurrent", "parallel", 1)] * chains
+
+
+def test_recurrent_gemma_gradients_through_the_served_recurrence_equal_eager():
+    # (RWKV's CPU loop cannot be differentiated in eager either: its backward finds a tensor changed in place.)
+    model, ids = tiny_recurrent_gemma()
+    compiled, _ = compile_with(lambda ids: model(ids).last_hidden_state, policy="parallel")
+    got, want = compiled(ids), model(ids).last_hidden_state
+    assert_close_at_scale(got, want)
+    weights = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    got_grads = torch.autograd.grad(loss_of(got), weights, allow_unused=True)
+    want_grads = torch.autograd.grad(loss_of(want), weights, allow_unused=True)
+    for got_grad, want_grad in zip(got_grads, want_grads, strict=True):
+        if want_grad is not None:
+            assert_close_at_scale(got_grad, want_grad)

@@ -106,7 +106,7 @@ def find_chains(gm: fx.GraphModule, *, min_chain: int = 4) -> tuple[list[Chain],
     long_enough = [chain.length >= min_chain for chain in chains]
     chains = [chain for chain, keep in zip(chains, long_enough) if keep]
     built = [plan for plan, keep in zip(built, long_enough) if keep]
-    candidates, kept = [], []
+    candidates, kept, inlined_scans = [], [], []
     rejected.sort(key=lambda r: -(r.end - r.begin))
     for r in rejected:
         overlaps = [t for t in built if not (r.end <= t.begin or t.end <= r.begin)] + \
@@ -114,7 +114,15 @@ def find_chains(gm: fx.GraphModule, *, min_chain: int = 4) -> tuple[list[Chain],
         if r.count < min_chain or overlaps:
             continue
         kept.append((r.begin, r.end))
+        if _from_associative_scan(seq[r.begin: r.end]):
+            inlined_scans.append(r)
+            continue
         candidates.append(_candidate(r, seq))
+    if inlined_scans:
+        candidates.append(Candidate(
+            kind="recurrent", length=max(r.count for r in inlined_scans), modules=[], state_shape=None,
+            reason=ASSOCIATIVE_SCAN_REASON,
+        ))
     scan_chains, scan_candidates = find_scan_chains(gm, min_chain=min_chain)
     if scan_chains:
         order = {node: index for index, node in enumerate(seq)}
@@ -176,6 +184,18 @@ def _per_step_outputs(plan: Plan, seq: list[Node], nodes: list[list[Node]]) -> l
     p, b = plan.period, plan.begin
     found = [[seq[b + k * p + o] for k in range(plan.length)] for o in plan.output_offsets]
     return [[node if any(user not in members for user in node.users) else None for node in row] for row in found]
+
+
+ASSOCIATIVE_SCAN_REASON = (
+    "torch's associative_scan, inlined by Dynamo: the recurrence already runs in O(log L) depth, its levels "
+    "are no chain (transformers' Mamba takes this path under torch.compile; config.use_associative_scan=False "
+    "gives seqpar its reference loop, solved with its per-step outputs)"
+)
+
+
+def _from_associative_scan(nodes: list[Node]) -> bool:
+    """Whether every node comes from ``torch._higher_order_ops.associative_scan`` (by its stack trace)."""
+    return bool(nodes) and all("associative_scan" in (node.meta.get("stack_trace") or "") for node in nodes)
 
 
 def _candidate(rejection: Rejection, seq: list[Node]) -> Candidate:

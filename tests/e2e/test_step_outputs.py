@@ -196,6 +196,20 @@ def test_mamba_reference_loop_is_served_with_its_per_step_outputs():
         torch.testing.assert_close(got_grad, want_grad, atol=F64_ATOL, rtol=0)
 
 
+def test_mambas_compiled_path_an_inlined_associative_scan_is_one_candidate_that_says_what_it_is():
+    torch.manual_seed(0)
+    config = transformers.MambaConfig(vocab_size=50, hidden_size=16, state_size=4, num_hidden_layers=1, expand=2,
+                                      conv_kernel=4, use_mambapy=False)
+    assert config.use_associative_scan  # the default: taken when Dynamo compiles
+    model, ids = transformers.MambaModel(config).double().eval(), torch.randint(0, 50, (1, 16))
+    (candidate,) = seqpar.explain(model, ids, options={"min_chain": 4}).chains
+    assert candidate.decision == "rejected" and "associative_scan" in candidate.reason
+    compiled, _ = compile_with(model, policy="parallel")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids).last_hidden_state, model(ids).last_hidden_state, atol=F64_ATOL,
+                                   rtol=0)
+
+
 def tiny_rwkv():
     """RWKV's CPU loop (``rwkv_linear_attention_cpu``): state ``(num, den, max)``, ``output[:, t] = ...``."""
     torch.manual_seed(0)

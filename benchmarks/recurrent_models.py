@@ -1,0 +1,139 @@
+"""Real recurrent models on their reference PyTorch loops: eager vs seqpar vs inductor.
+
+    .venv/bin/python benchmarks/recurrent_models.py --families mamba rwkv --seq 256 1024 --batch 1
+
+Each family is built from a transformers config at the widths of its
+smallest released checkpoint (random weights, nothing downloaded), cut to one
+layer (RecurrentGemma: one recurrent and one attention block, the smallest
+stack it builds), float32, CPU, ``torch.set_num_threads(--threads)``:
+
+* ``mamba``: state-spaces/mamba-130m (hidden 768, state 16, expand 2), on
+  its reference loop (``use_mambapy=False, use_associative_scan=False``);
+* ``rwkv``: RWKV/rwkv-4-169m-pile (hidden 768, intermediate 3072), on
+  ``rwkv_linear_attention_cpu``;
+* ``recurrent_gemma``: google/recurrentgemma-2b's block widths (hidden and
+  LRU 2560, 10 heads) with the MLP cut to ``--gemma-mlp`` (the 15360-wide MLP
+  is not the recurrence and would take minutes per call on two cores).
+
+For each sequence length: the forward under ``torch.no_grad`` and a training
+step (forward, ``sum of squares``, backward), medians of ``--repeats`` calls
+after a warm-up, eager's time over each (``> 1``: faster than eager); the
+chains seqpar found and its decisions; the largest difference of the hidden
+states from eager's, relative to their scale. Markdown to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+
+from seqpar.backend import SeqparBackend
+from timing import median_time
+
+
+def mamba(hidden=768):
+    import transformers
+
+    config = transformers.MambaConfig(vocab_size=1000, hidden_size=hidden, state_size=16, expand=2, conv_kernel=4,
+                                      num_hidden_layers=1, use_mambapy=False)
+    config.use_associative_scan = False
+    return transformers.MambaModel(config)
+
+
+def rwkv(hidden=768):
+    import transformers
+
+    config = transformers.RwkvConfig(vocab_size=1000, hidden_size=hidden, attention_hidden_size=hidden,
+                                     intermediate_size=4 * hidden, num_hidden_layers=2, context_length=8192)
+    return transformers.RwkvModel(config)
+
+
+def recurrent_gemma(hidden=2560, mlp=2560):
+    import transformers
+
+    config = transformers.RecurrentGemmaConfig(
+        vocab_size=1000, hidden_size=hidden, lru_width=hidden, num_attention_heads=10, head_dim=hidden // 10,
+        num_key_value_heads=1, intermediate_size=mlp, attention_window_size=2048, conv1d_width=4,
+        num_hidden_layers=2, block_types=["recurrent", "attention"],
+    )
+    return transformers.RecurrentGemmaModel(config)
+
+
+FAMILIES = {"mamba": mamba, "rwkv": rwkv, "recurrent_gemma": recurrent_gemma}
+
+
+def hidden_states(model):
+    return lambda ids: model(ids).last_hidden_state
+
+
+def training_step(fn, ids):
+    def step():
+        fn(ids).square().sum().backward()
+
+    return step
+
+
+def forward(fn, ids):
+    def run():
+        with torch.no_grad():
+            fn(ids)
+
+    return run
+
+
+def measure(family: str, seq: int, batch: int, repeats: int, args) -> str:
+    torch.manual_seed(0)
+    model = FAMILIES[family](**({"mlp": args.gemma_mlp} if family == "recurrent_gemma" else {})).eval()
+    ids = torch.randint(0, 1000, (batch, seq))
+    backend = SeqparBackend({})
+    fns = {
+        "eager": hidden_states(model),
+        "seqpar": torch.compile(hidden_states(copy.deepcopy(model)), backend=backend),
+        "inductor": torch.compile(hidden_states(copy.deepcopy(model))),
+    }
+    cells = []
+    with torch.no_grad():
+        reference = fns["eager"](ids)
+        scale = reference.abs().max().item()
+        error = (fns["seqpar"](ids) - reference).abs().max().item() / scale
+    for kind, make in (("forward", forward), ("training", training_step)):
+        try:
+            times = {name: median_time(make(fn, ids), repeats, warmup=1) for name, fn in fns.items()}
+        except RuntimeError as error:  # RWKV's CPU loop changes a tensor its backward needs, in eager too
+            cells += [f"fails: {str(error)[:60]}", "-", "-"]
+            continue
+        cells.append(f"{times['eager'] * 1e3:.1f} ms")
+        cells += [f"{times['eager'] / times[name]:.2f}x" for name in ("seqpar", "inductor")]
+    chains = [chain for graph in backend.graphs for chain in graph.chains]
+    decisions = ", ".join(
+        f"{chain.kind} L={chain.length} {chain.decision}/{chain.method or '-'}/{chain.adjoint or '-'}"
+        f"{' y=' + str(chain.outputs) if chain.outputs else ''}"
+        for chain in chains
+    ) or "none"
+    return f"| {family} | {batch} | {seq} | " + " | ".join(cells) + f" | {error:.1e} | {decisions} |"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    parser.add_argument("--seq", nargs="+", type=int, default=[256, 1024])
+    parser.add_argument("--batch", nargs="+", type=int, default=[1])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--gemma-mlp", type=int, default=2560)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"threads {args.threads}, float32, CPU; ratios are eager's time over each (> 1: faster than eager)\n")
+    print("| family | batch | seq | forward eager | seqpar | inductor | training eager | seqpar | inductor "
+          "| seqpar error | chains (decision/forward/adjoint) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for family in args.families:
+        for batch in args.batch:
+            for seq in args.seq:
+                print(measure(family, seq, batch, args.repeats, args), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -82,7 +82,7 @@ def _plan(group: list[Node], position: dict, aliases: Aliases):
     if rank > target.ndim:
         return None
     size = target.shape[dim]
-    if size == 0:
+    if not isinstance(size, int) or size == 0:  # a symbolic size: no positions to compare
         return None
     indexes = [pattern[2] % size for pattern in patterns]
     stride = indexes[1] - indexes[0]

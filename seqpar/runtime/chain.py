@@ -93,6 +93,7 @@ def solve_chain(
             ``damping`` and is adapted per iteration within ``[1e-6, 1e3] x damping``.
             Costs a block-tridiagonal solve per iteration besides the Newton one;
             on chains Newton already handles it usually needs more iterations.
+            An affine chain's one linear solve is exact and takes none.
         window: at most this many active positions per iteration (sliding
             window, ParaDiGMS); ``None``: the whole chain.
         length: ``L`` when ``xs`` is empty.

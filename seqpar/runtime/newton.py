@@ -268,7 +268,7 @@ def linear_solve(program, s0, xs_leaves, shared, window: int | None = None):
         length=length, jacobian=program.jacobian, iterations=1, converged=True, residual=0.0, evaluations=length,
         jacobian_evaluations=length, window=window, structure=program.step_structure.label,
     )
-    if not all(map(math.isfinite, torch.aminmax(states))):  # NaN and +-inf reach the extremes
+    if not bool(torch.isfinite(torch.stack(torch.aminmax(states))).all()):  # NaN, +-inf reach the extremes
         stats.converged, stats.residual = False, math.inf
         stats.fallback = "non-finite values in the one linear solve of an affine chain"
         log.info("chain of %d steps: %s; solved sequentially", length, stats.fallback)

@@ -40,7 +40,7 @@ DEFAULT_TOLERANCE = {
 LINEAR_CONVERGENCE_FACTOR = 0.1
 # Parallel iterations before the rest of a chain is evaluated sequentially.
 DEFAULT_MAX_ITERS = 40
-# An affine chain's one linear solve on CPU evaluates its positions in runs whose values and blocks take at most
+# An affine chain's one linear solve on CPU evaluates its positions in runs whose Jacobian blocks take at most
 # this many bytes (each run starts from the exact last state of the one before: the same work), at least
 # CPU_LINEAR_RUN_MIN positions: chain-sized temporaries cost a page fault per 4 KiB on every call (glibc returns
 # large blocks to the system) and miss the cache (benchmarks/RESULTS.md, "Structure").

@@ -10,6 +10,9 @@ per-step inputs the op receives as unstacked layer parameters. The program is
 the graph's own (a verification that demotes it demotes no other graph's), its
 traces shared with every chain whose step graph has the same
 :func:`step_key`, shapes and methods.
+
+:func:`chain_structure` lowers the chain's step first (the same trace the
+program is then built on) to prove its Jacobian's structure for the policy.
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from ..runtime.chain import build_program, validated_solver_options
+from ..runtime.chain import build_program, lowered_step, validated_solver_options
 from ..runtime.program import ChainProgram, StateLayout
 from ..runtime.step_cache import value_identity
+from ..runtime.structure import StepStructure, step_structure
 from .chain import Chain, map_state, state_leaves
 from .inputs import stacked_inputs
 from .policy import Decision
@@ -87,12 +91,11 @@ def state_layout(chain: Chain) -> StateLayout:
     )
 
 
-def build_chain_program(
-    chain: Chain, decision: Decision, tol, max_iters, *, standalone: bool = False
-) -> ChainProgram:
-    """Trace the chain's step for the solver, with the decision's methods attached.
+def _trace_examples(chain: Chain) -> tuple[StateLayout, list, list]:
+    """``(layout, xs examples, shared examples)`` to trace the chain's step on: real, uninitialised tensors,
+    ``L`` slices of a slice input and an ``(L, ...)`` tensor per other per-step input.
 
-    Raises ValueError for a chain of symbolic shape (the program is traced for one shape)."""
+    Raises ValueError for a chain of symbolic shape (a program is traced for one shape)."""
     symbolic = [node for node in [*state_leaves(chain.start), *chain.shared]
                 if any(isinstance(size, torch.SymInt) for size in example_value(node).shape)]
     if symbolic:
@@ -101,16 +104,38 @@ def build_chain_program(
             "chains of static shape (torch.compile(..., dynamic=False))"
         )
     layout = state_layout(chain)
-    unstacked = not stacks_parameters_in_graph(chain, decision, standalone)
-    # Examples for tracing (real, uninitialised): L slices of a slice input, an (L, ...) tensor per other input.
     xs_examples = stacked_inputs(
         chain,
         lambda node: _empty_like(example_value(node)),
         lambda nodes: _empty_like(example_value(nodes[0]), (len(nodes),)),
         layout.device,
     )
+    return layout, list(xs_examples), [_empty_like(example_value(node)) for node in chain.shared]
+
+
+def chain_structure(chain: Chain) -> StepStructure:
+    """The structure of the chain's step Jacobian (:mod:`seqpar.runtime.structure`), proven on the step lowered
+    for the runtime (cached: :func:`build_chain_program` builds the program on the same trace).
+
+    Raises what lowering raises (a symbolic shape, a step that cannot be traced)."""
+    layout, xs_examples, shared_examples = _trace_examples(chain)
+    with torch._guards.tracing(None), unset_fake_temporarily():  # outside Dynamo's fake mode, as below
+        lowered = lowered_step(
+            StepAdapter(chain.step), layout, pytree.tree_structure(xs_examples), xs_examples, shared_examples,
+            step_key=step_key(chain.step),
+        )
+    return step_structure(lowered)
+
+
+def build_chain_program(
+    chain: Chain, decision: Decision, tol, max_iters, *, standalone: bool = False
+) -> ChainProgram:
+    """Trace the chain's step for the solver, with the decision's methods attached.
+
+    Raises ValueError for a chain of symbolic shape (the program is traced for one shape)."""
+    layout, xs_examples, shared_examples = _trace_examples(chain)
+    unstacked = not stacks_parameters_in_graph(chain, decision, standalone)
     param_slots = [index for index, item in enumerate(chain.per_step) if item.kind == "parameter" and unstacked]
-    shared_examples = [_empty_like(example_value(node)) for node in chain.shared]
     # Buffers (running statistics, masks) get no gradient; some ops do not differentiate them.
     frozen = frozenset(
         [("xs", i) for i, item in enumerate(chain.per_step)
@@ -127,7 +152,7 @@ def build_chain_program(
             StepAdapter(chain.step),
             layout,
             chain.length,
-            pytree.tree_structure(list(xs_examples)),
+            pytree.tree_structure(xs_examples),
             xs_examples,
             shared_examples,
             jacobian,

@@ -12,7 +12,11 @@ Each pass states what it needs and what it guarantees (in its module):
    Lyapunov exponent from one run of the original graph, before any rewrite
    renames nodes.
 3. ``decide`` (:func:`~.policy.decide`): per chain and direction, parallel or
-   sequential, and the form: the solver, the rolled loop, or left unrolled.
+   sequential, and the form: the solver, the rolled loop, or left unrolled;
+   where the step's Jacobian structure can change that
+   (:func:`~.policy.needs_structure`), the step is lowered first and its
+   structure proven (:func:`~.lower.chain_structure`, the trace the program
+   is then built on).
 4. ``lower`` (:func:`~.lower.build_chain_program`): the chain's step traced
    into a runtime program carrying the decision.
 5. ``rewrite`` (:func:`~.rewrite.rewrite_chain`): the chain's nodes replaced by
@@ -25,20 +29,25 @@ The caller owns ``gm`` (a copy of Dynamo's graph) and compiles what is left.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch.fx as fx
 
 from ..options import Options
 from ..runtime.program import ChainProgram
+from ..runtime.structure import StepStructure
 from .chain import Candidate, Chain, state_leaves
 from .detect import find_chains
 from .glue import has_other_compute
-from .lower import build_chain_program
-from .policy import Decision, decide
+from .lower import build_chain_program, chain_structure
+from .module_paths import span
+from .policy import Decision, decide, needs_structure
 from .probe import lyapunov_exponent, probe_values
 from .rewrite import remap_chain, rewrite_chain
 from .writes import sink_buffer_writes
+
+log = logging.getLogger("seqpar.passes")
 
 
 @dataclass
@@ -78,7 +87,10 @@ def run(gm: fx.GraphModule, example_inputs, original: fx.GraphModule, options: O
     values = probe_values(original, example_inputs, chains) if options.policy == "auto" else {}
     probes = [lyapunov_exponent(chain, values) for chain in chains]
     devices = [state_leaves(chain.start)[0].meta["example_value"].device.type for chain in chains]
-    decisions = [decide(chain, options, device, probe) for chain, device, probe in zip(chains, devices, probes)]
+    structures = [_structure(chain) if needs_structure(chain, options, probe) else None
+                  for chain, probe in zip(chains, probes)]
+    decisions = [decide(chain, options, device, probe, structure)
+                 for chain, device, probe, structure in zip(chains, devices, probes, structures)]
     rewritten = {
         node
         for chain, decision in zip(chains, decisions)
@@ -103,3 +115,14 @@ def run(gm: fx.GraphModule, example_inputs, original: fx.GraphModule, options: O
         outcome.program = program
         gm.recompile()
     return result
+
+
+def _structure(chain: Chain) -> StepStructure | None:
+    """The chain's step structure (:func:`~.lower.chain_structure`), ``None`` where its step cannot be lowered
+    (the lowering pass then says why)."""
+    try:
+        return chain_structure(chain)
+    except Exception as error:
+        log.debug("seqpar: no step structure for the chain at %s: %s: %s", span(chain.modules),
+                  type(error).__name__, error)
+        return None

@@ -2,7 +2,10 @@
 
 The forward solve and the backward (adjoint) solve are decided separately: on
 a CPU the parallel adjoint (one linear PCR solve) wins where the parallel
-forward (several Newton iterations) loses. The cost model's thresholds come
+forward (several Newton iterations) loses. The step's Jacobian structure,
+proven from its traced graph (:mod:`seqpar.runtime.structure`), moves the
+lines: a diagonal step has blocks of ``w`` values, not ``w^2``, at any width,
+and an affine one is solved by one linear solve, not several iterations. The cost model's thresholds come
 from measurements on this project's 2-core CPU (ANCHORS.md, benchmarks/) and
 from DeepPCR / DEER on GPUs; every decision carries a readable reason.
 """
@@ -13,7 +16,8 @@ import math
 from dataclasses import dataclass
 
 from ..options import Options
-from ..runtime.spec import DENSE_WIDTH
+from ..runtime.spec import DENSE_WIDTH, resolve_jacobian
+from ..runtime.structure import StepStructure
 from .chain import Chain
 
 # CPU crossovers, measured on the MLP grid with the compiled CPU kernel (benchmarks/RESULTS.md,
@@ -24,6 +28,13 @@ CPU_FORWARD_MAX_WORK = 8  # batch elements x state width
 CPU_FORWARD_MIN_LENGTH = 1024
 CPU_ADJOINT_MAX_WORK = 256
 CPU_ADJOINT_MIN_LENGTH = 32
+# Diagonal steps (benchmarks/RESULTS.md, "Structure", measured through the backend against the rolled loop):
+# a diagonal affine chain, one linear solve, wins its forward from L = 64 on up to N*w = CPU_LINEAR_FORWARD_MAX_WORK;
+# the diagonal adjoint up to N*w = CPU_DIAGONAL_ADJOINT_MAX_WORK. A diagonal nonlinear step still takes Newton
+# iterations (about 20 on a long chain from the initial state): the dense forward's line holds for it.
+CPU_LINEAR_FORWARD_MAX_WORK = 1024
+CPU_LINEAR_FORWARD_MIN_LENGTH = 64
+CPU_DIAGONAL_ADJOINT_MAX_WORK = 1024
 # GPU (DeepPCR, DEER): Newton + PCR wins up to w ~ 32 from L ~ 64.
 GPU_MAX_WIDTH = 32
 GPU_MIN_LENGTH = 64
@@ -83,9 +94,20 @@ def chain_geometry(chain: Chain) -> tuple[int, int]:
     return batch, width
 
 
-def decide(chain: Chain, options: Options, device_type: str, lyapunov: float | None) -> Decision:
-    """Choose how ``chain`` runs; ``lyapunov`` is the probe's estimate (None: not probed)."""
+def needs_structure(chain: Chain, options: Options, lyapunov: float | None) -> bool:
+    """Whether the step's Jacobian structure can change :func:`decide`'s answer (worth lowering the step for):
+    not for ``policy="sequential"``, an unpredictable chain, or a denoising loop (a denoiser mixes its state)."""
+    unpredictable = options.policy == "auto" and lyapunov is not None and lyapunov > 0
+    return options.policy != "sequential" and not unpredictable and chain.kind != "denoise"
+
+
+def decide(
+    chain: Chain, options: Options, device_type: str, lyapunov: float | None, structure: StepStructure | None = None
+) -> Decision:
+    """Choose how ``chain`` runs; ``lyapunov`` is the probe's estimate (None: not probed); ``structure`` the
+    step's Jacobian structure proven from its traced graph (None: not known, the step is taken as dense)."""
     batch, width = chain_geometry(chain)
+    diagonal = structure is not None and structure.diagonal
     length = chain.length
     jacobian = options.jacobian
     window = options.window
@@ -97,18 +119,18 @@ def decide(chain: Chain, options: Options, device_type: str, lyapunov: float | N
     loop = "exact"
     if jacobian == "auto" and chain.kind == "denoise":
         jacobian, choice = _denoise_jacobian(lyapunov, length if window is None else window)
-    elif jacobian == "auto":
-        jacobian = "full" if width <= DENSE_WIDTH else "identity"
-    dense_ok = width <= DENSE_WIDTH
+    else:
+        jacobian = resolve_jacobian(jacobian, width, diagonal)
+    blocks_ok = width <= DENSE_WIDTH or diagonal  # Jacobian blocks affordable: dense ones only up to DENSE_WIDTH
     shape = f"L={length}, N={batch}, w={width}"
 
     if options.policy == "sequential":
         method, adjoint, why = "sequential", "sequential", "policy='sequential'"
     elif options.policy == "parallel":
         method = "parallel"
-        adjoint = "parallel" if dense_ok and chain.kind != "denoise" else "sequential"
+        adjoint = "parallel" if blocks_ok and chain.kind != "denoise" else "sequential"
         why = "policy='parallel'"
-        if not dense_ok:
+        if not blocks_ok:
             why += f"; adjoint sequential: w={width} > {DENSE_WIDTH}"
         elif chain.kind == "denoise":
             why += "; adjoint sequential: a denoising step's dense Jacobian costs w VJPs, the sequential adjoint one"
@@ -116,14 +138,14 @@ def decide(chain: Chain, options: Options, device_type: str, lyapunov: float | N
         method, adjoint = "sequential", "sequential"
         why = f"unpredictable chain: largest Lyapunov exponent {lyapunov:.3g} > 0 (errors grow like exp(lambda L))"
     else:
-        method, adjoint, why = _cost_model(device_type, batch, width, length, jacobian, chain.kind)
+        method, adjoint, why = _cost_model(device_type, batch, width, length, jacobian, chain.kind, structure)
         why = f"{why} ({shape}, {device_type})"
         if lyapunov is not None:
             why += f"; Lyapunov exponent {lyapunov:.3g}"
         if lyapunov is not None and lyapunov < 0:
             loop = "compiled"
     if options.adjoint != "auto" and options.policy != "sequential":
-        if options.adjoint == "parallel" and not dense_ok:
+        if options.adjoint == "parallel" and not blocks_ok:
             why += f"; adjoint='parallel' ignored: w={width} > {DENSE_WIDTH}"
         else:
             adjoint = options.adjoint
@@ -139,32 +161,55 @@ def decide(chain: Chain, options: Options, device_type: str, lyapunov: float | N
             form = "rolled" if length >= ROLLED_FROM_LENGTH or chain.origin == "scan" else "unrolled"
     if method == "parallel" and chain.kind == "denoise":
         why += f"; {_denoise_solver(jacobian, window, choice)}"
+    if structure is not None and (structure.diagonal or structure.affine):
+        why += f"; {_structure_text(structure, jacobian)}"
     return Decision(method=method, adjoint=adjoint, form=form, jacobian=jacobian, reason=why,
                     window=window if method == "parallel" else None, loop=loop)
 
 
-def _cost_model(device_type, batch, width, length, jacobian, kind):
-    """(forward method, adjoint method, reason) from the measured crossover points."""
-    dense_ok = width <= DENSE_WIDTH
+def _cost_model(device_type, batch, width, length, jacobian, kind, structure=None):
+    """(forward method, adjoint method, reason) from the measured crossover points; a diagonal step (``structure``)
+    has diagonal blocks at any width, a diagonal affine one is one linear solve (its own CPU line)."""
+    diagonal = structure is not None and structure.diagonal
+    blocks_ok = width <= DENSE_WIDTH or diagonal
     if kind == "denoise":
         return _denoise_cost_model(device_type, batch, width, length)
     if device_type == "cuda":
-        forward = dense_ok and width <= GPU_MAX_WIDTH and length >= GPU_MIN_LENGTH
-        if not dense_ok and kind == "residual" and length >= GPU_MIN_LENGTH:
+        narrow = width <= GPU_MAX_WIDTH or diagonal
+        forward = blocks_ok and narrow and length >= GPU_MIN_LENGTH
+        if not blocks_ok and kind == "residual" and length >= GPU_MIN_LENGTH:
             forward = True  # Picard suits near-identity updates
-        adjoint = dense_ok and width <= GPU_MAX_WIDTH
-        reason = (f"GPU cost model (DeepPCR/DEER's published crossovers, w <= {GPU_MAX_WIDTH} from L = {GPU_MIN_LENGTH}: "
-                  "not yet measured on hardware)")
+        adjoint = blocks_ok and narrow
+        reason = (f"GPU cost model (DeepPCR/DEER's published crossovers, w <= {GPU_MAX_WIDTH} (any w for a diagonal "
+                  f"step) from L = {GPU_MIN_LENGTH}: not yet measured on hardware)")
     else:
-        forward = dense_ok and batch * width <= CPU_FORWARD_MAX_WORK and length >= CPU_FORWARD_MIN_LENGTH
-        adjoint = dense_ok and batch * width <= CPU_ADJOINT_MAX_WORK and length >= CPU_ADJOINT_MIN_LENGTH
-        reason = (
-            f"CPU cost model: parallel forward needs N*w <= {CPU_FORWARD_MAX_WORK} and L >= {CPU_FORWARD_MIN_LENGTH}, "
-            f"parallel adjoint N*w <= {CPU_ADJOINT_MAX_WORK} and L >= {CPU_ADJOINT_MIN_LENGTH}"
+        linear = diagonal and structure.affine and jacobian == "full"
+        forward_work, forward_length = (
+            (CPU_LINEAR_FORWARD_MAX_WORK, CPU_LINEAR_FORWARD_MIN_LENGTH)
+            if linear
+            else (CPU_FORWARD_MAX_WORK, CPU_FORWARD_MIN_LENGTH)
         )
-    if not dense_ok:
+        adjoint_work = CPU_DIAGONAL_ADJOINT_MAX_WORK if diagonal else CPU_ADJOINT_MAX_WORK
+        forward = blocks_ok and batch * width <= forward_work and length >= forward_length
+        adjoint = blocks_ok and batch * width <= adjoint_work and length >= CPU_ADJOINT_MIN_LENGTH
+        step = " (diagonal affine step)" if linear else " (diagonal step)" if diagonal else ""
+        reason = (
+            f"CPU cost model{step}: parallel forward needs N*w <= {forward_work} and L >= {forward_length}, "
+            f"parallel adjoint N*w <= {adjoint_work} and L >= {CPU_ADJOINT_MIN_LENGTH}"
+        )
+    if not blocks_ok:
         reason += f"; w={width} > {DENSE_WIDTH}: no dense Jacobian blocks"
     return ("parallel" if forward else "sequential"), ("parallel" if adjoint else "sequential"), reason
+
+
+def _structure_text(structure: StepStructure, jacobian: str) -> str:
+    """What the step's proven structure does to its solve, for the reason."""
+    text = f"{structure.label} step (proven from the traced step graph)"
+    if structure.diagonal and jacobian == "full":
+        text += ": exact diagonal Jacobian blocks at any width"
+    if structure.affine and jacobian == "full":
+        text += ", one linear solve" if structure.diagonal else ": one linear solve"
+    return text
 
 
 def _denoise_cost_model(device_type, batch, width, length):

@@ -11,7 +11,8 @@ a lower block-bidiagonal system in reverse order with transposed blocks. Then
 
 one batched vector-Jacobian product of all steps. ``"parallel"`` solves the
 recursion with the PCR driver on the full Jacobians at the solution (exact even
-when the forward solve used diagonal or identity blocks); ``"sequential"`` runs
+when the forward solve used diagonal or identity blocks; for a step proven
+diagonal they are its diagonal blocks ``(L, N, w)``, at any width); ``"sequential"`` runs
 it as ``L`` vector-Jacobian products, for states too wide for dense blocks.
 Nothing is differentiated through Newton iterations.
 """
@@ -31,7 +32,7 @@ def adjoint_solve(program, s0, xs_leaves, shared, states, grad_states):
     prev = torch.cat([s0.unsqueeze(0), states[:-1]], dim=0)
     if program.adjoint == "parallel":
         _, jacobians = program.full_jacobians(prev, xs_leaves, shared)
-        lam = solve_affine_recurrence(jacobians, grad_states, "full", reverse=True)
+        lam = solve_affine_recurrence(jacobians, grad_states, program.adjoint_kind, reverse=True)
         grad_prev, grad_xs, grad_shared = program.steps_vjp(prev, xs_leaves, shared, lam)
         return grad_prev[0], list(grad_xs), list(grad_shared)
     return _adjoint_sequential(program, prev, xs_leaves, shared, grad_states)

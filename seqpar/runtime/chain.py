@@ -7,6 +7,7 @@ per iteration and returns all states stacked. Differentiable w.r.t. ``s0``,
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from typing import Any, Callable
@@ -15,9 +16,17 @@ import torch
 import torch.utils._pytree as pytree
 
 from . import estimates, ops, step_cache
-from .newton import Tolerance
-from .program import ChainProgram, StateLayout, windowed_steps
-from .spec import ADJOINT_CHOICES, DENSE_WIDTH, FORWARD_CHOICES, JACOBIAN_CHOICES, default_max_iters
+from .newton import Tolerance, evaluated_positions
+from .program import ChainProgram, StateLayout, lower_packed_step, windowed_steps
+from .spec import (
+    ADJOINT_CHOICES,
+    FORWARD_CHOICES,
+    JACOBIAN_CHOICES,
+    default_max_iters,
+    resolve_adjoint,
+    resolve_jacobian,
+)
+from .structure import step_structure
 
 log = logging.getLogger("seqpar.runtime")
 
@@ -58,7 +67,15 @@ def solve_chain(
             diagonal of J), ``"estimate"`` (quasi-Newton with ``J ~ c I`` per
             step from one VJP, :func:`~seqpar.runtime.program.rayleigh_estimate`),
             ``"identity"`` (Picard) or ``"auto"``: full up to 64 state values
-            per batch element, identity above.
+            per batch element, identity above. A step whose Jacobian the
+            traced graph proves diagonal (every state value updated from
+            itself alone: elementwise gates, Mamba's selective scan;
+            :mod:`~seqpar.runtime.structure`) is solved with its exact
+            diagonal blocks, one VJP per position, at any width: ``"auto"``
+            and ``"diag"`` mean ``"full"`` for it, and ``"full"`` is served by
+            the diagonal (exact Newton). A step proven affine in the state
+            (``s_l = A_l s_{l-1} + c_l``) with exact blocks is solved by one
+            linear solve (:func:`~seqpar.runtime.newton.linear_solve`).
         tol: stop when ``max_k |ds_k| <= atol + rtol max_k |s_k|`` for every
             state vector (relative to the state's own magnitude: tiny states
             are solved as accurately as large ones); a float is ``rtol`` (with
@@ -76,6 +93,7 @@ def solve_chain(
             ``damping`` and is adapted per iteration within ``[1e-6, 1e3] x damping``.
             Costs a block-tridiagonal solve per iteration besides the Newton one;
             on chains Newton already handles it usually needs more iterations.
+            An affine chain's one linear solve is exact and takes none.
         window: at most this many active positions per iteration (sliding
             window, ParaDiGMS); ``None``: the whole chain.
         length: ``L`` when ``xs`` is empty.
@@ -83,7 +101,7 @@ def solve_chain(
             the last dim of the first state tensor).
         adjoint: backward solve, ``"parallel"`` (PCR on full Jacobians),
             ``"sequential"`` (one VJP per step) or ``"auto"`` (parallel up to 64
-            state values). Both are exact.
+            state values, and at any width for a diagonal step). Both are exact.
         forward: ``"parallel"`` (the iterative solve) or ``"sequential"`` (the
             plain loop inside the op; with ``adjoint="parallel"`` the fastest
             training step on a CPU, where the parallel forward loses).
@@ -94,15 +112,17 @@ def solve_chain(
         tensors for a tuple state), and the stats if ``return_stats``.
     """
     layout, xs_leaves, xs_spec, shared, length, first = _validate(step, s0, xs, shared, length, batch_ndim)
-    jacobian = _choose(jacobian, JACOBIAN_CHOICES, "jacobian", "full" if layout.width <= DENSE_WIDTH else "identity")
-    adjoint = _choose(adjoint, ADJOINT_CHOICES, "adjoint", "parallel" if layout.width <= DENSE_WIDTH else "sequential")
-    solver_options = validated_solver_options(tol, max_iters, damping, layout.dtype, length, jacobian, window)
-    forward = _choose(forward, FORWARD_CHOICES, "forward", "parallel")
-    if forward == "sequential":
-        jacobian = "identity"  # the forward needs no Jacobians
-    arguments = (step, layout, length, xs_spec, xs_leaves, shared, jacobian, adjoint, solver_options)
+    for value, choices, name in (
+        (jacobian, JACOBIAN_CHOICES, "jacobian"),
+        (adjoint, ADJOINT_CHOICES, "adjoint"),
+        (forward, FORWARD_CHOICES, "forward"),
+    ):
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    arguments = (step, layout, length, xs_spec, xs_leaves, shared)
+    requests = dict(jacobian=jacobian, adjoint=adjoint, forward=forward, options=(tol, max_iters, damping, window))
     packed_s0 = layout.pack(s0).contiguous()
-    program = build_program(*arguments, method=forward)
+    program = _solver_program(*arguments, **requests)
     # Under torch.compile the tensors are fake and Dynamo's own guards see the Python values the step reads.
     if not torch.compiler.is_compiling() and not _first_step_agrees(
         program, packed_s0, xs_leaves, shared, layout.pack(first)
@@ -111,10 +131,60 @@ def solve_chain(
             "seqpar.solve_chain: the step's first state differs from its cached trace: the step reads a Python "
             "value that changed (pass such values as tensors in shared); retraced"
         )
-        program = build_program(*arguments, method=forward, retrace=True)
+        program = _solver_program(*arguments, **requests, retrace=True)
     packed = torch.ops.seqpar.chain_solve(program.id, packed_s0, xs_leaves, shared, [])
     states = layout.unpack(packed)
     return (states, ops.call_state(program).last_stats) if return_stats else states
+
+
+@torch.compiler.disable  # tracing and caching, not computation: Dynamo runs it as it is (one graph break)
+def _solver_program(step, layout, length, xs_spec, xs_leaves, shared, *, jacobian, adjoint, forward, options,
+                    retrace=False) -> ChainProgram:
+    """``solve_chain``'s program: ``"auto"`` resolved for the step's width and structure (proven on its lowered
+    graph, :func:`lowered_step`, before anything else is traced), ``options`` ``(tol, max_iters, damping,
+    window)`` validated; ``retrace``: lower and trace anew."""
+    lowered = lowered_step(step, layout, xs_spec, xs_leaves, shared, retrace=retrace)
+    diagonal = step_structure(lowered).diagonal
+    jacobian = resolve_jacobian(jacobian, layout.width, diagonal)
+    adjoint = resolve_adjoint(adjoint, layout.width, diagonal)
+    tol, max_iters, damping, window = options
+    solver_options = validated_solver_options(tol, max_iters, damping, layout.dtype, length, jacobian, window)
+    if forward == "sequential":
+        jacobian = "identity"  # the forward needs no Jacobians
+    return build_program(
+        step, layout, length, xs_spec, xs_leaves, shared, jacobian, adjoint, solver_options, method=forward,
+        lowered=lowered, retrace=retrace,
+    )
+
+
+def _trace_key(step, step_key, layout, xs_spec, xs_leaves, shared) -> tuple:
+    """What a step's traces depend on besides the methods: its name (``step_key``, by default
+    :func:`~seqpar.runtime.step_cache.step_identity`) and the shapes and dtypes of everything it reads."""
+    return (
+        step_cache.step_identity(step) if step_key is None else step_key,
+        layout,
+        xs_spec,
+        tuple((leaf.shape, leaf.dtype) for leaf in xs_leaves),
+        tuple((tensor.shape, tensor.dtype) for tensor in shared),
+    )
+
+
+def lowered_step(step, layout, xs_spec, xs_leaves, shared, *, step_key=None, retrace=False) -> torch.fx.GraphModule:
+    """The packed step lowered at one position (:func:`~seqpar.runtime.program.lower_packed_step`).
+
+    Cached like the programs (:func:`build_program`, which builds on it), by
+    the step's name and the shapes, so that the step's structure
+    (:func:`~seqpar.runtime.structure.step_structure`) can choose the
+    Jacobians before the program is traced, and that costs no second trace.
+    ``retrace``: lower anew (and cache that).
+    """
+    key = _trace_key(step, step_key, layout, xs_spec, xs_leaves, shared)
+    lowered = None if retrace else step_cache.lookup(key, "lowered")
+    if lowered is None:
+        with _naming_closed_over_tensors():
+            lowered = lower_packed_step(step, layout, xs_spec, xs_leaves, shared)
+        step_cache.store(key, lowered, step, "lowered")
+    return lowered
 
 
 @torch.compiler.disable  # tracing and caching, not computation: Dynamo runs it as it is (one graph break)
@@ -139,6 +209,7 @@ def build_program(
     outputs_key=None,
     own=False,
     retrace=False,
+    lowered=None,
 ) -> ChainProgram:
     """A registered :class:`ChainProgram` for ``step``, its traces reused while step, shapes and methods are the same.
 
@@ -153,15 +224,13 @@ def build_program(
     program's own: a cached program with another run spec is copied with this
     one (:meth:`ChainProgram.replace`). ``own``: the caller gets a program no
     other caller holds (a compiled graph, whose verification may demote its
-    program); ``retrace``: trace anew even when traces are cached.
+    program); ``retrace``: trace anew even when traces are cached;
+    ``lowered``: the step already lowered (:func:`lowered_step`), else
+    :func:`lowered_step` is asked (with ``retrace``).
     """
     key = (
-        step_cache.step_identity(step) if step_key is None else step_key,
-        layout,
+        *_trace_key(step, step_key, layout, xs_spec, xs_leaves, shared),
         length,
-        xs_spec,
-        tuple((leaf.shape, leaf.dtype) for leaf in xs_leaves),
-        tuple((tensor.shape, tensor.dtype) for tensor in shared),
         jacobian,
         adjoint,
         frozen,
@@ -173,30 +242,33 @@ def build_program(
     )
     program = None if retrace else step_cache.lookup(key)
     if program is None:
-        program = _traced_program(
-            step, layout, length, xs_spec, xs_leaves, shared, jacobian, adjoint, frozen, outputs, run
-        )
+        if lowered is None:
+            lowered = lowered_step(step, layout, xs_spec, xs_leaves, shared, step_key=step_key, retrace=retrace)
+        with _naming_closed_over_tensors():
+            program = ChainProgram(
+                step, layout, length, xs_spec, xs_leaves, shared, jacobian, adjoint, frozen, lowered,
+                outputs=outputs, **run,
+            )
         step_cache.store(key, program, (step, outputs))
     elif own or program.run != run:
         program = program.replace(**run)
         if not own:
             step_cache.store(key, program, (step, outputs))
-    window = solver_options.get("window")
-    if method == "parallel" and window is not None and window < length:  # trace now, not inside the op
+    span = evaluated_positions(program, solver_options.get("window"))  # a window, or an affine chain's runs
+    if method == "parallel" and span < length:  # trace now, not inside the op
         if jacobian == "estimate":
-            estimates.prepare(program, window, xs_leaves, shared)
+            estimates.prepare(program, span, xs_leaves, shared)
         else:
-            windowed_steps(program, window, xs_leaves, shared)
+            windowed_steps(program, span, xs_leaves, shared)
     ops.register_program(program)
     return program
 
 
-def _traced_program(step, layout, length, xs_spec, xs_leaves, shared, jacobian, adjoint, frozen, outputs, run):
-    """A new :class:`ChainProgram`; a step that closes over tensors gets a ValueError saying so."""
+@contextlib.contextmanager
+def _naming_closed_over_tensors():
+    """Tracing a step that closes over tensors raises a ValueError saying so."""
     try:
-        return ChainProgram(
-            step, layout, length, xs_spec, xs_leaves, shared, jacobian, adjoint, frozen, outputs=outputs, **run
-        )
+        yield
     except AssertionError as error:
         # Every argument is fake while the step is traced; a real tensor (printed
         # as ``tensor(...)`` in the message) can only be one the step closes over
@@ -255,12 +327,6 @@ def validated_solver_options(tol, max_iters, damping, dtype, length, jacobian="f
     if not (0 <= tolerance.atol < math.inf and 0 <= tolerance.rtol < math.inf and tolerance.atol + tolerance.rtol > 0):
         raise ValueError(f"tol must be finite, non-negative and not both zero, got {tol!r}")
     return {"tol": tolerance, "max_iters": min(max_iters, length), "damping": float(damping), "window": window}
-
-
-def _choose(value, choices, name, auto):
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-    return auto if value == "auto" else value
 
 
 def _validate(step, s0, xs, shared, length, batch_ndim):

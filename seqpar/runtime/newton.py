@@ -33,6 +33,12 @@ which rounds), so every iteration finishes one state bit for bit, and with
 loop sees: the result equals the loop (as far as the batched evaluation of one
 step equals the step; it does for the traced graphs tested).
 
+Affine chains. Where the step is proven affine in the state (``f(s) =
+A_l s + c_l``, :mod:`seqpar.runtime.structure`) and the blocks are its exact
+Jacobian (``"full"``, or ``"diag"`` for a diagonal step), one such update from
+any guess is the solution: :func:`linear_solve` does it once, without a
+convergence test (an exact solve needs no damping and takes none).
+
 Damping (Levenberg-Marquardt, ELK: Gonzalez et al. 2024). With ``damping > 0``
 the step on the active positions is ``(J^T J + lambda I) ds = J^T c``, ``J``
 the bidiagonal matrix of the system above (``I`` on the diagonal, ``-A_l``
@@ -70,7 +76,14 @@ from .estimates import CachedEstimates
 from .pcr import solve_affine_recurrence
 from .program import windowed_steps
 from .sequential import continue_sequentially
-from .spec import DEFAULT_TOLERANCE, LINEAR_CONVERGENCE_FACTOR, accumulation_dtype, decision_every
+from .spec import (
+    CPU_LINEAR_RUN_BYTES,
+    CPU_LINEAR_RUN_MIN,
+    DEFAULT_TOLERANCE,
+    LINEAR_CONVERGENCE_FACTOR,
+    accumulation_dtype,
+    decision_every,
+)
 from .stats import SolveStats
 from .tridiagonal import levenberg_marquardt_step
 
@@ -135,13 +148,18 @@ def newton_solve(
     the last decided start, whose prefix no iteration writes to. The damped
     update adapts ``lambda`` from each iteration's merit and decides every
     iteration.
+
+    An affine chain with exact blocks (:attr:`ChainProgram.one_linear_solve`)
+    is solved by :func:`linear_solve` instead (``window`` bounds its runs of positions; no damping).
     """
     kind = program.solve_kind  # the linear solve's blocks ("diag" for jacobian="estimate")
     length = program.length
     if window is not None and window >= length:
         window = None
+    if program.one_linear_solve:
+        return linear_solve(program, s0, xs_leaves, shared, window)
     work = accumulation_dtype(s0.dtype)
-    stats = SolveStats(length=length, jacobian=program.jacobian, window=window)
+    stats = SolveStats(length=length, jacobian=program.jacobian, window=window, structure=program.step_structure.label)
     # One buffer for s_0 .. s_L: the states are rows 1.., the previous states
     # (the steps' inputs) rows 0..L-1, both views, updated in place.
     buffer = s0.unsqueeze(0).expand(length + 1, *s0.shape).clone()
@@ -209,6 +227,78 @@ def newton_solve(
         stats.sequential_steps = length - start
         stats.evaluations += length - start
     return states, stats
+
+
+def linear_solve(program, s0, xs_leaves, shared, window: int | None = None):
+    """An affine chain ``s_l = A_l s_{l-1} + c_l`` (``A_l``, ``c_l`` independent of the state) in one linear solve.
+
+    One batched evaluation at the previous states ``(s_0, 0, .., 0)`` gives
+    ``F_1 = f(s_0, x_1) = s_1`` (the loop's own first step) and
+    ``F_l = f(0, x_l) = c_l`` for ``l >= 2``, ``(L, N, w)``, with the blocks
+    ``A_l``: the exact Jacobian, the same at every state (``(L, N, w, w)``, or
+    ``(L, N, w)`` for a diagonal step). The states are the solution of
+
+        y_l = A_l y_{l-1} + F_l,    y_1 = F_1,
+
+    by :func:`~seqpar.runtime.pcr.solve_affine_recurrence` (PCR; on CPU the
+    compiled substitution): no Newton iteration and no convergence test, the
+    solve being exact up to rounding. The positions are taken in runs of
+    :func:`linear_run` (``window`` when given; on CPU runs whose blocks fit in
+    cache, each started from the last state of the one before, exact): the
+    same evaluations and the same solve, without the page faults of
+    chain-sized temporaries. Non-finite values (an expanding chain that
+    overflows) hand the whole chain to the sequential loop, and the stats say
+    why. Returns ``(states (L, N, w), stats)`` like :func:`newton_solve`.
+    """
+    length = program.length
+    run = linear_run(program, window)
+    evaluate = program.steps_and_jacobians if run == length else windowed_steps(program, run, xs_leaves, shared)
+    states = s0.new_empty(length, *s0.shape)
+    prev = s0.new_zeros(run, *s0.shape)
+    last = s0
+    for start in range(0, length, run):
+        first = min(start, length - run)  # the evaluated positions [first, first + run)
+        offset = start - first
+        prev[offset] = last
+        values, A = evaluate(prev, [leaf[first : first + run] for leaf in xs_leaves], shared)
+        prev[offset] = 0
+        states[start : first + run] = solve_affine_recurrence(A[offset:], values[offset:], program.solve_kind)
+        last = states[first + run - 1]
+    stats = SolveStats(
+        length=length, jacobian=program.jacobian, iterations=1, converged=True, residual=0.0, evaluations=length,
+        jacobian_evaluations=length, window=window, structure=program.step_structure.label,
+    )
+    if not bool(torch.isfinite(torch.stack(torch.aminmax(states))).all()):  # NaN, +-inf reach the extremes
+        stats.converged, stats.residual = False, math.inf
+        stats.fallback = "non-finite values in the one linear solve of an affine chain"
+        log.info("chain of %d steps: %s; solved sequentially", length, stats.fallback)
+        continue_sequentially(program, s0, xs_leaves, shared, states, 0)
+        stats.sequential_steps = length
+        stats.evaluations += length
+    return states, stats
+
+
+def linear_run(program, window: int | None) -> int:
+    """Positions per batched evaluation of :func:`linear_solve`: ``window`` when given (``< L``); on CPU the
+    most positions whose blocks (``N w`` or ``N w^2`` values each) fit in
+    :data:`~seqpar.runtime.spec.CPU_LINEAR_RUN_BYTES`, at least
+    :data:`~seqpar.runtime.spec.CPU_LINEAR_RUN_MIN`; else (GPU) all ``L``."""
+    length, layout = program.length, program.layout
+    if window is not None and window < length:
+        return window
+    if layout.device.type != "cpu":
+        return length
+    block = layout.width if program.solve_kind == "diag" else layout.width**2
+    per_position = layout.batch_size * block * layout.dtype.itemsize
+    return min(length, max(CPU_LINEAR_RUN_MIN, CPU_LINEAR_RUN_BYTES // per_position))
+
+
+def evaluated_positions(program, window: int | None) -> int:
+    """Positions one batched evaluation of the forward solve covers: :func:`linear_run` for a chain solved by
+    one linear solve, else ``window`` (``L`` when ``None``); the program needs a windowed trace below ``L``."""
+    if program.one_linear_solve:
+        return linear_run(program, window)
+    return program.length if window is None else min(window, program.length)
 
 
 class _TrustRegion:

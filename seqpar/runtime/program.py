@@ -14,6 +14,16 @@ leading ``batch_ndim`` dims are batch dims) becomes a matrix of shape ``(N, w)``
   :func:`rayleigh_estimate`: ``c_l I`` per batch element, solved as a diagonal);
 * the vector-Jacobian products of all steps at once for the adjoint.
 
+What the step's Jacobian is, is proven from the traced step graph
+(:mod:`seqpar.runtime.structure`, :attr:`ChainProgram.step_structure`). A
+*diagonal* step (every state value updated from itself alone: elementwise
+gates, Mamba's selective scan) has ``J = diag(J^T 1)``: its blocks, ``(L, N,
+w)``, are one vector-Jacobian product with a cotangent of ones per position,
+exact, at any width, and a request for full Jacobians is served by them (the
+diagonal is the whole Jacobian). An *affine* step (``f(s) = A_l s + c_l``)
+with exact blocks is solved by one linear solve
+(:func:`seqpar.runtime.newton.linear_solve`).
+
 When the step is ``s -> h(s @ B, s)`` with one matrix product ``B`` (a
 per-step or shared weight, not a function of ``s``) followed only by pointwise
 operations ``h`` (an affine layer and an activation, optionally a residual
@@ -52,6 +62,7 @@ from torch.func import functionalize, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .spec import FORWARD_CHOICES, LOOP_CHOICES, linear_solve_kind
+from .structure import FLAT_VIEWS, acts_elementwise, node_shape, state_dependent, step_structure
 
 # A program's run spec: how it runs, as opposed to what its traces compute.
 RUN_FIELDS = ("solver_options", "method", "sequential_reason", "loop", "param_slots")
@@ -101,12 +112,23 @@ class ChainProgram:
     is its state, its per-step input or a shared tensor. ``xs_leaves`` are the
     per-step inputs flattened (each stacked on dim 0, length ``L``).
     ``frozen`` names inputs that get no gradient (see :func:`_pullback`).
-    ``structure`` is the :class:`AffinePointwise` form of the step when one was
-    found, and ``jacobian_method`` says which Jacobian is used:
-    ``"affine-pointwise"`` (the exact formula) or ``"generic"`` (``w`` VJPs,
-    one per row of every block: reverse mode works for every op with a
-    backward, where forward mode under ``make_fx`` fails for some, e.g.
-    ``layer_norm`` or a state scaled by a Python float).
+    ``lowered``: the packed step already lowered (:func:`lower_packed_step`),
+    shared with other programs of the same step and shapes; lowered here
+    when ``None``.
+
+    ``step_structure`` is the :class:`~seqpar.runtime.structure.StepStructure`
+    proven from the lowered graph (diagonal, affine). ``structure`` is the
+    :class:`AffinePointwise` form of the step when one was found, and
+    ``jacobian_method`` says which Jacobian is used: ``"diagonal"`` (a
+    diagonal step: ``J^T 1``, one VJP), ``"affine-pointwise"`` (the exact
+    formula) or ``"generic"`` (``w`` VJPs, one per row of every block: reverse
+    mode works for every op with a backward, where forward mode under
+    ``make_fx`` fails for some, e.g. ``layer_norm`` or a state scaled by a
+    Python float). ``solve_kind`` is the forward's PCR blocks (``"diag"`` for
+    a diagonal step's ``"full"`` Jacobians and for ``"estimate"``),
+    ``adjoint_kind`` the adjoint's (``"diag"`` for a diagonal step, else
+    ``"full"``); ``one_linear_solve`` says the chain is solved by one linear
+    solve (an affine step whose blocks are its exact Jacobian).
 
     ``outputs``, where the chain has per-step outputs, is
     ``g(s_prev, x_l, *shared) -> (y^1_l, .., y^J_l)``: tensors each step
@@ -140,6 +162,7 @@ class ChainProgram:
         jacobian: str,
         adjoint: str,
         frozen: frozenset = frozenset(),
+        lowered: torch.fx.GraphModule | None = None,
         outputs: Callable | None = None,
         **run,
     ):
@@ -148,23 +171,34 @@ class ChainProgram:
         self.frozen = frozen
         self.outputs = outputs
         self.step = step
+        self.step_packed = packed_step(step, layout, xs_spec)
         self.layout = layout
         self.length = length
         self.xs_spec = xs_spec
         self.jacobian = jacobian
-        self.solve_kind = linear_solve_kind(jacobian)
         self.adjoint = adjoint
         prev = torch.empty(length, layout.batch_size, layout.width, dtype=layout.dtype, device=layout.device)
         examples = (prev, list(xs_leaves), list(shared))
         one = (prev[0], [leaf[0] for leaf in xs_leaves], list(shared))
-        self.lowered = lower_step(self.step_packed, *one)
+        if lowered is None:
+            lowered = lower_packed_step(step, layout, xs_spec, xs_leaves, shared)
+        self.lowered = lowered
+        self.step_structure = step_structure(self.lowered)
+        diagonal = self.step_structure.diagonal
+        self.solve_kind = "diag" if diagonal and jacobian == "full" else linear_solve_kind(jacobian)
+        self.adjoint_kind = "diag" if diagonal else "full"
+        exact = jacobian == "full" or (diagonal and jacobian == "diag")  # the blocks are the Jacobian itself
+        self.one_linear_solve = self.step_structure.affine and exact
         self.structure = None
-        if jacobian in ("full", "diag") or adjoint == "parallel":
-            self.structure = find_affine_pointwise(self.step_packed, *one)
+        if not diagonal and (jacobian in ("full", "diag") or adjoint == "parallel"):
+            self.structure = find_affine_pointwise(self.lowered)
         self.jacobian_method = "generic" if self.structure is None else "affine-pointwise"
         if jacobian == "estimate":
             self.jacobian_method = "estimate"
-        # (f(s), J^T c) at one position, lowered: vmap batches it over cotangents (Jacobian rows, probes).
+        elif diagonal:
+            self.jacobian_method = "diagonal"
+        # (f(s), J^T c) at one position, lowered: vmap batches it over cotangents (Jacobian rows, probes);
+        # a diagonal step's cotangent is ones.
         generic_rows = self.structure is None and (jacobian != "identity" or adjoint == "parallel")
         needs_vjp = jacobian == "estimate" or generic_rows
         self.lowered_state_vjp = lower_step(self._state_vjp, *one, torch.empty_like(prev[0])) if needs_vjp else None
@@ -174,9 +208,7 @@ class ChainProgram:
         )
         if adjoint == "parallel":
             self.full_jacobians = (
-                self.steps_and_jacobians
-                if jacobian == "full"
-                else _trace(self._make_steps_and_jacobians("full"), *examples)
+                self.steps_and_jacobians if exact else _trace(self._make_steps_and_jacobians("full"), *examples)
             )
             self.steps_vjp = _trace(self._steps_vjp, *examples, torch.empty_like(prev))
         else:
@@ -239,11 +271,6 @@ class ChainProgram:
         self.loop = loop
         self.param_slots = tuple(param_slots)
 
-    def step_packed(self, s: torch.Tensor, x_leaves, shared) -> torch.Tensor:
-        """One step on a packed state ``(N, w)``: ``pack(f(unpack(s), x_l, *shared))``."""
-        x = pytree.tree_unflatten(list(x_leaves), self.xs_spec)
-        return self.layout.pack(self.step(self.layout.unpack(s), x, *shared))
-
     def outputs_packed(self, s: torch.Tensor, x_leaves, shared) -> tuple:
         """One step's per-step outputs on a packed state ``(N, w)``: ``g(unpack(s), x_l, *shared)``."""
         x = pytree.tree_unflatten(list(x_leaves), self.xs_spec)
@@ -278,7 +305,7 @@ class ChainProgram:
 
     def _steps(self, prev, xs_leaves, shared):
         """``F_l = f(prev_l, x_l)`` for all ``l``: ``(L, N, w) -> (L, N, w)``."""
-        return vmap(self.lowered, in_dims=(0, 0, None))(prev, xs_leaves, shared)
+        return _at_every_position(self.lowered)(prev, xs_leaves, shared)
 
     def _state_vjp(self, s, x_leaves, shared, cotangent):
         """``(f(s), J^T c)`` at one position: ``s`` and ``c`` of shape ``(N, w)``."""
@@ -290,7 +317,10 @@ class ChainProgram:
 
         ``"full"``: ``J`` ``(L, N, w, w)``; ``"diag"``: its diagonal ``(L, N, w)``,
         by the affine-pointwise formula where :attr:`structure` was found, else
-        from ``w`` VJPs; ``"estimate"``: :func:`rayleigh_estimate`, one VJP.
+        from ``w`` VJPs; for a diagonal step (:attr:`step_structure`) both are
+        ``diag J = J^T 1`` ``(L, N, w)``, one VJP with a cotangent of ones
+        (exact: ``J`` is its diagonal); ``"estimate"``:
+        :func:`rayleigh_estimate`, one VJP.
         """
         width = self.layout.width
         if kind == "estimate":
@@ -298,16 +328,12 @@ class ChainProgram:
             def estimated(s, x_leaves, shared):
                 return rayleigh_estimate(lambda c: self.lowered_state_vjp(s, x_leaves, shared, c), s)
 
-            return lambda prev, xs_leaves, shared: vmap(estimated, in_dims=(0, 0, None))(prev, xs_leaves, shared)
+            return _at_every_position(estimated)
+        if self.step_structure.diagonal:
+            return _at_every_position(lambda s, x, sh: self.lowered_state_vjp(s, x, sh, torch.ones_like(s)))
         if self.structure is not None:
             structure = self.structure
-
-            def fast(prev, xs_leaves, shared):
-                return vmap(lambda s, x, sh: structure.value_and_jacobian(s, x, sh, kind), in_dims=(0, 0, None))(
-                    prev, xs_leaves, shared
-                )
-
-            return fast
+            return _at_every_position(lambda s, x, sh: structure.value_and_jacobian(s, x, sh, kind))
 
         def per_step(s, x_leaves, shared):
             basis = torch.eye(width, dtype=s.dtype, device=s.device).unsqueeze(1).expand(width, *s.shape)
@@ -318,10 +344,7 @@ class ChainProgram:
                 return value, torch.diagonal(rows, dim1=0, dim2=2).contiguous()  # (N, w)
             return value, rows.transpose(0, 1).contiguous()  # (N, w_out, w_in)
 
-        def steps_and_jacobians(prev, xs_leaves, shared):
-            return vmap(per_step, in_dims=(0, 0, None))(prev, xs_leaves, shared)
-
-        return steps_and_jacobians
+        return _at_every_position(per_step)
 
     def _step_vjp(self, s, x_leaves, shared, cotangent):
         """Cotangents of one step: ``(J^T lam, d<lam, f>/dx, d<lam, f>/dshared)``."""
@@ -353,6 +376,28 @@ def rayleigh_estimate(state_vjp, s):
     value, pulled = state_vjp(probe)
     scale = (pulled * probe).mean(dim=-1, keepdim=True)  # <J^T v, v> / w: |v_k| = 1
     return value, scale.expand(s.shape).contiguous()
+
+
+def _at_every_position(per_position):
+    """``(prev (L, N, w), xs_leaves (L, ...), shared) -> per_position`` at every ``l``, batched by ``vmap``."""
+    return lambda prev, xs_leaves, shared: vmap(per_position, in_dims=(0, 0, None))(prev, xs_leaves, shared)
+
+
+def packed_step(step, layout: StateLayout, xs_spec: pytree.TreeSpec) -> Callable:
+    """``(s, x_leaves, shared) -> pack(step(unpack(s), x_l, *shared))``: one step on a packed state ``(N, w)``."""
+
+    def step_packed(s: torch.Tensor, x_leaves, shared) -> torch.Tensor:
+        x = pytree.tree_unflatten(list(x_leaves), xs_spec)
+        return layout.pack(step(layout.unpack(s), x, *shared))
+
+    return step_packed
+
+
+def lower_packed_step(step, layout: StateLayout, xs_spec, xs_leaves, shared) -> torch.fx.GraphModule:
+    """The packed step (:func:`packed_step`) lowered at one position (:func:`lower_step`): ``xs_leaves`` stacked
+    on dim 0 (row 0 is the example), ``shared`` as they are; what :attr:`ChainProgram.lowered` is."""
+    state = torch.empty(layout.batch_size, layout.width, dtype=layout.dtype, device=layout.device)
+    return lower_step(packed_step(step, layout, xs_spec), state, [leaf[0] for leaf in xs_leaves], list(shared))
 
 
 def sign_probe(width: int, dtype, device) -> torch.Tensor:
@@ -490,22 +535,6 @@ def _trace(fn, *example_args):
 
 _aten = torch.ops.aten
 _LINEAR_OPS = (_aten.mm.default, _aten.addmm.default)
-# Reshapes that keep the elements' flat order: element i of the input is element i of the output.
-_FLAT_VIEWS = (
-    _aten.view.default,
-    _aten._unsafe_view.default,
-    _aten.reshape.default,
-    _aten.alias.default,
-    _aten.unsqueeze.default,
-    _aten.squeeze.dim,
-    _aten.squeeze.dims,
-    _aten.squeeze.default,
-    _aten.clone.default,
-)
-
-
-def _is_pointwise(target) -> bool:
-    return isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags
 
 
 @dataclass
@@ -572,35 +601,24 @@ class AffinePointwise:
         return value, jacobian
 
 
-def find_affine_pointwise(step_packed, s, x_leaves, shared) -> AffinePointwise | None:
-    """Recognise ``f(s) = h(s @ B, s)`` (one matrix product, then elementwise ops) on the traced step.
+def find_affine_pointwise(graph_module: torch.fx.GraphModule) -> AffinePointwise | None:
+    """Recognise ``f(s) = h(s @ B, s)`` (one matrix product, then elementwise ops) on the lowered step graph.
 
-    ``step_packed(s, x_leaves, shared)`` maps a packed state ``(N, w)`` to the
-    next. Returns ``None`` (use the generic Jacobian) unless: the state reaches
-    exactly one ``mm``/``addmm`` node, as its first operand, through reshapes
-    that keep the flat order, with shape ``(N, w)``; the other operand ``B``
-    (``(w, w)``) and any bias do not depend on the state; and every other node
-    that depends on the state is a flat-order reshape or a pointwise op whose
-    state-dependent inputs have as many elements as its output, ending in the
-    single ``(N, w)`` output.
+    ``graph_module`` is the packed step at one position (:attr:`ChainProgram.lowered`:
+    state ``(N, w)`` in, next state out). Returns ``None`` (use the generic
+    Jacobian) unless: the state reaches exactly one ``mm``/``addmm`` node, as
+    its first operand, through reshapes that keep the flat order, with shape
+    ``(N, w)``; the other operand ``B`` (``(w, w)``) and any bias do not depend
+    on the state; and every other node that depends on the state acts
+    elementwise (:func:`~seqpar.runtime.structure.acts_elementwise`: a
+    flat-order reshape or a pointwise op), ending in the single ``(N, w)`` output.
     """
-    try:
-        graph_module = make_fx(lambda *args: step_packed(*args), tracing_mode="fake")(s, list(x_leaves), list(shared))
-    except Exception:
-        return None
-    graph_module.graph.eliminate_dead_code()
-    nodes = list(graph_module.graph.nodes)
-    placeholders = [node for node in nodes if node.op == "placeholder"]
-    (output_node,) = [node for node in nodes if node.op == "output"]
+    (output_node,) = [node for node in graph_module.graph.nodes if node.op == "output"]
     outputs = pytree.tree_leaves(output_node.args[0])
-    if not placeholders or len(outputs) != 1 or not isinstance(outputs[0], torch.fx.Node):
+    if len(outputs) != 1 or not isinstance(outputs[0], torch.fx.Node):
         return None
-    state = placeholders[0]
+    state, dependent = state_dependent(graph_module)
     (result,) = outputs
-    dependent = {state}
-    for node in nodes:
-        if node.op == "call_function" and any(arg in dependent for arg in node.all_input_nodes):
-            dependent.add(node)
     linear = [node for node in dependent if node.target in _LINEAR_OPS]
     if len(linear) != 1 or result not in dependent:
         return None
@@ -610,13 +628,9 @@ def find_affine_pointwise(step_packed, s, x_leaves, shared) -> AffinePointwise |
     *bias, operand, weight = linear.args
     if operand not in dependent or weight in dependent or any(b in dependent for b in bias):
         return None
-
-    def shape(node):
-        value = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
-        return tuple(value.shape) if isinstance(value, torch.Tensor) else None
-
-    rows, width = s.shape
-    if shape(operand) != (rows, width) or shape(weight) != (width, width) or shape(linear) != (rows, width):
+    rows, width = node_shape(state)
+    shapes = (node_shape(operand), node_shape(weight), node_shape(linear))
+    if shapes != ((rows, width), (width, width), (rows, width)):
         return None
     head = set()  # the state and its reshapes leading to the product
     frontier = [operand]
@@ -624,32 +638,16 @@ def find_affine_pointwise(step_packed, s, x_leaves, shared) -> AffinePointwise |
         node = frontier.pop()
         if node in head:
             continue
-        if node is not state and node.target not in _FLAT_VIEWS:
+        if node is not state and node.target not in FLAT_VIEWS:
             return None
         head.add(node)
         frontier.extend(arg for arg in node.all_input_nodes if arg in dependent)
-    if state not in head:
+    if state not in head or result in head:  # the output must be reached through the product
         return None
-    numel = rows * width
-    direct = False
-    for node in dependent - head - {linear}:
-        if node.target not in _FLAT_VIEWS and not _is_pointwise(node.target):
-            return None
-        node_shape = shape(node)
-        if node_shape is None or math.prod(node_shape) != numel:
-            return None
-        for arg in node.all_input_nodes:
-            if arg in dependent:
-                arg_shape = shape(arg)
-                if arg_shape is None or math.prod(arg_shape) != numel:
-                    return None
-                direct = direct or arg in head
-        if node.target in _FLAT_VIEWS and any(arg in dependent for arg in node.args[1:] if isinstance(arg, torch.fx.Node)):
-            return None
-    if shape(result) is None or math.prod(shape(result)) != numel:
+    tail = dependent - head - {linear}
+    if not all(acts_elementwise(node, dependent, rows * width) for node in tail):
         return None
-    if result in head:  # the output is the state itself plus nothing through the product
-        return None
+    direct = any(arg in head for node in tail for arg in node.all_input_nodes)
     return AffinePointwise(graph_module, linear, weight, result, direct)
 
 

@@ -40,6 +40,12 @@ DEFAULT_TOLERANCE = {
 LINEAR_CONVERGENCE_FACTOR = 0.1
 # Parallel iterations before the rest of a chain is evaluated sequentially.
 DEFAULT_MAX_ITERS = 40
+# An affine chain's one linear solve on CPU evaluates its positions in runs whose Jacobian blocks take at most
+# this many bytes (each run starts from the exact last state of the one before: the same work), at least
+# CPU_LINEAR_RUN_MIN positions: chain-sized temporaries cost a page fault per 4 KiB on every call (glibc returns
+# large blocks to the system) and miss the cache (benchmarks/RESULTS.md, "Structure").
+CPU_LINEAR_RUN_BYTES = 1 << 20
+CPU_LINEAR_RUN_MIN = 32
 # Newton iterations between two host decisions (convergence, window advance, fallback) on a GPU: each decision
 # reads back a few numbers (one synchronisation, tens of microseconds, and a break in a CUDA graph); between
 # decisions the iterations run on the same active positions, which costs only work (a converged prefix stays
@@ -50,6 +56,28 @@ CUDA_DECISION_EVERY = 4
 def decision_every(device: torch.device) -> int:
     """Iterations per host decision of a Newton loop on ``device`` (:data:`CUDA_DECISION_EVERY` on CUDA, else 1)."""
     return CUDA_DECISION_EVERY if device.type == "cuda" else 1
+
+
+def resolve_jacobian(jacobian: str, width: int, diagonal: bool = False) -> str:
+    """The Jacobian a request means for a step of ``width`` state values per batch element.
+
+    ``"auto"``: ``"full"`` for a diagonal step (its diagonal blocks cost ``w``
+    values, exact at any width: :mod:`seqpar.runtime.structure`) and up to
+    :data:`DENSE_WIDTH`, ``"identity"`` above. ``"diag"`` on a diagonal step is
+    ``"full"``: the diagonal is the whole Jacobian (Newton, with Newton's
+    tolerance). Any other request as it is.
+    """
+    if jacobian == "auto":
+        return "full" if diagonal or width <= DENSE_WIDTH else "identity"
+    return "full" if diagonal and jacobian == "diag" else jacobian
+
+
+def resolve_adjoint(adjoint: str, width: int, diagonal: bool = False) -> str:
+    """``"auto"``: ``"parallel"`` for a diagonal step (diagonal blocks) and up to :data:`DENSE_WIDTH`, else
+    ``"sequential"``; any other request as it is."""
+    if adjoint == "auto":
+        return "parallel" if diagonal or width <= DENSE_WIDTH else "sequential"
+    return adjoint
 
 
 def linear_solve_kind(jacobian: str) -> str:

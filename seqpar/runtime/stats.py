@@ -9,8 +9,11 @@ from dataclasses import dataclass
 class SolveStats:
     """What one chain solve did.
 
-    ``iterations``: parallel iterations run; ``residual``: largest update at the
-    last iteration in units of the tolerance (<= 1 means converged);
+    ``iterations``: parallel iterations run (1 for an affine chain solved by
+    one linear solve, :func:`~seqpar.runtime.newton.linear_solve`);
+    ``residual``: largest update at the last iteration in units of the
+    tolerance (<= 1 means converged; 0 after the one linear solve of an
+    affine chain, which is exact);
     ``fallback``: why the sequential loop finished the chain, ``None`` if it did
     not; ``sequential_steps``: how many steps that loop evaluated;
     ``evaluations``: step evaluations in all (batched positions, counted one
@@ -26,7 +29,11 @@ class SolveStats:
     ``"step calls"``: the step called per step; ``""``: not a sequential solve);
     ``seconds``: the solve's wall time on this call: the sequential loop's
     (without generating it), or the parallel solve's with its parameter
-    stacking (``None``: not measured).
+    stacking (``None``: not measured);
+    ``structure``: the step's Jacobian as the traced graph proves it
+    (:attr:`~seqpar.runtime.structure.StepStructure.label`: ``"diagonal
+    affine"``, ``"diagonal"``, ``"affine"`` or ``"general"``; ``""`` for a
+    sequential solve).
     """
 
     length: int
@@ -42,3 +49,4 @@ class SolveStats:
     window: int | None = None
     loop: str = ""
     seconds: float | None = None
+    structure: str = ""

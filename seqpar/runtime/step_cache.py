@@ -21,7 +21,9 @@ program may be reused only for a step that would trace the same graph:
 
 The cache holds at most :data:`CAPACITY` programs (least recently used go);
 the op registry refers to programs weakly, so an evicted program is freed once
-no autograd graph or compiled graph holds it.
+no autograd graph or compiled graph holds it. Beside it, as many lowered
+steps (``kind="lowered"``: the step traced once, whose structure chooses the
+Jacobians before a program is built on it).
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ CAPACITY = 256
 _SCALARS = (int, float, complex, bool, str, bytes, type(None), type(Ellipsis))
 # Immutable torch values that name themselves by value.
 _TORCH_VALUES = (torch.dtype, torch.device, torch.layout, torch.memory_format)
-_cache: "OrderedDict[tuple, tuple]" = OrderedDict()
+_cache: "OrderedDict[tuple, tuple]" = OrderedDict()  # programs
+_TABLES = {"program": _cache, "lowered": OrderedDict()}
 
 
 def value_identity(value):
@@ -82,23 +85,26 @@ def _filled(cell) -> bool:
     return True
 
 
-def lookup(key: tuple):
-    """The program cached under ``key`` (made most recently used), or ``None``."""
-    entry = _cache.get(key)
+def lookup(key: tuple, kind: str = "program"):
+    """The program (or lowered step, ``kind="lowered"``) cached under ``key`` (made most recently used), or ``None``."""
+    table = _TABLES[kind]
+    entry = table.get(key)
     if entry is None:
         return None
-    _cache.move_to_end(key)
+    table.move_to_end(key)
     return entry[0]
 
 
-def store(key: tuple, program, step) -> None:
-    """Cache ``program`` under ``key``, keeping ``step`` (what the key names by identity) alive with it;
-    evict beyond :data:`CAPACITY`."""
-    _cache[key] = (program, step)
-    _cache.move_to_end(key)
-    while len(_cache) > CAPACITY:
-        _cache.popitem(last=False)
+def store(key: tuple, program, step, kind: str = "program") -> None:
+    """Cache ``program`` (or a lowered step) under ``key``, keeping ``step`` (what the key names by identity)
+    alive with it; evict beyond :data:`CAPACITY`."""
+    table = _TABLES[kind]
+    table[key] = (program, step)
+    table.move_to_end(key)
+    while len(table) > CAPACITY:
+        table.popitem(last=False)
 
 
 def clear() -> None:
-    _cache.clear()
+    for table in _TABLES.values():
+        table.clear()

@@ -196,8 +196,13 @@ def _chain_solve_fake(program_id, s0, xs, shared, layer_params):
     return s0.new_empty(_PROGRAMS[program_id].length, *s0.shape)
 
 
-_LIBRARY.impl("chain_solve", chain_solve, "CompositeExplicitAutograd")
-torch.library.register_fake("seqpar::chain_solve", _chain_solve_fake, lib=_LIBRARY)
+def _register_kernel(name: str, kernel, fake) -> None:
+    """``seqpar::<name>``'s kernel below autograd and its fake implementation (shapes for tracing)."""
+    _LIBRARY.impl(name, kernel, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"seqpar::{name}", fake, lib=_LIBRARY)
+
+
+_register_kernel("chain_solve", chain_solve, _chain_solve_fake)
 
 
 @torch.library.custom_op("seqpar::chain_adjoint", mutates_args=())
@@ -379,8 +384,7 @@ def _chain_outputs_fake(program_id, s0, states, xs, shared, layer_params):
     return [s0.new_empty(shape, dtype=dtype) for shape, dtype in _PROGRAMS[program_id].output_shapes]
 
 
-_LIBRARY.impl("chain_outputs", chain_outputs, "CompositeExplicitAutograd")
-torch.library.register_fake("seqpar::chain_outputs", _chain_outputs_fake, lib=_LIBRARY)
+_register_kernel("chain_outputs", chain_outputs, _chain_outputs_fake)
 
 
 @torch.library.custom_op("seqpar::chain_outputs_vjp", mutates_args=())

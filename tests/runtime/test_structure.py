@@ -30,7 +30,7 @@ from seqpar.runtime.program import lower_step
 from seqpar.runtime.spec import resolve_jacobian
 from seqpar.runtime.structure import StepStructure, find_step_structure
 
-from conftest import sequential_loop
+from tests.conftest import sequential_loop
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 

@@ -472,3 +472,9 @@ def test_scan_loop_asks_for_noise_where_steps_draw_it():
 def test_scan_loop_before_set_timesteps_raises():
     with pytest.raises(ValueError, match="call set_timesteps"):
         traceable(DDIMScheduler()).scan_loop(TinyDenoiser(), torch.zeros(SHAPE))
+
+
+def test_the_adapters_are_reachable_after_import_seqpar_as_the_readme_uses_them():
+    import seqpar
+
+    assert callable(seqpar.diffusion.traceable)

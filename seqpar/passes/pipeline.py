@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 
-from ..options import Options
 from ..runtime.program import ChainProgram
 from ..runtime.structure import StepStructure
 from .chain import Candidate, Chain, state_leaves
@@ -42,7 +41,7 @@ from .detect import find_chains
 from .glue import has_other_compute
 from .lower import build_chain_program, chain_structure
 from .module_paths import span
-from .policy import Decision, decide, needs_structure
+from .policy import Decision, PassOptions, decide, needs_structure
 from .probe import lyapunov_exponent, probe_values
 from .rewrite import remap_chain, rewrite_chain
 from .writes import sink_buffer_writes
@@ -73,7 +72,7 @@ class PipelineResult:
     detection_error: str | None = None
 
 
-def run(gm: fx.GraphModule, example_inputs, original: fx.GraphModule, options: Options) -> PipelineResult:
+def run(gm: fx.GraphModule, example_inputs, original: fx.GraphModule, options: PassOptions) -> PipelineResult:
     """Find, decide, lower and rewrite the chains of ``gm`` (in place); ``original`` is the graph the probe runs."""
     result = PipelineResult(gm)
     try:

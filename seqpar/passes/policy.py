@@ -14,11 +14,25 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
-from ..options import Options
 from ..runtime.spec import DENSE_WIDTH, resolve_jacobian
 from ..runtime.structure import StepStructure
 from .chain import Chain
+
+class PassOptions(Protocol):
+    """What the passes read of the backend's options (:class:`seqpar.options.Options` has these fields and
+    more; the passes do not import the entry above them)."""
+
+    policy: str
+    jacobian: str
+    adjoint: str
+    window: int | str | None
+    sequential_form: str
+    tol: float | None
+    max_iters: int | None
+    min_chain: int
+
 
 # CPU crossovers, measured on the MLP grid with the compiled CPU kernel (benchmarks/RESULTS.md,
 # "MLP grid, session 3"): the parallel forward wins from L = 1024 on up to N*w = 16 (1.2-16x;
@@ -94,7 +108,7 @@ def chain_geometry(chain: Chain) -> tuple[int, int]:
     return batch, width
 
 
-def needs_structure(chain: Chain, options: Options, lyapunov: float | None) -> bool:
+def needs_structure(chain: Chain, options: PassOptions, lyapunov: float | None) -> bool:
     """Whether the step's Jacobian structure can change :func:`decide`'s answer (worth lowering the step for):
     not for ``policy="sequential"``, an unpredictable chain, or a denoising loop (a denoiser mixes its state)."""
     unpredictable = options.policy == "auto" and lyapunov is not None and lyapunov > 0
@@ -102,7 +116,7 @@ def needs_structure(chain: Chain, options: Options, lyapunov: float | None) -> b
 
 
 def decide(
-    chain: Chain, options: Options, device_type: str, lyapunov: float | None, structure: StepStructure | None = None
+    chain: Chain, options: PassOptions, device_type: str, lyapunov: float | None, structure: StepStructure | None = None
 ) -> Decision:
     """Choose how ``chain`` runs; ``lyapunov`` is the probe's estimate (None: not probed); ``structure`` the
     step's Jacobian structure proven from its traced graph (None: not known, the step is taken as dense)."""

@@ -103,7 +103,8 @@ class Chain:
     its state, ``y_l = g(s_{l-1}, x_l, *shared)``), ``None`` where nothing after
     the chain reads it; ``output_step`` is ``g``: a ``GraphModule`` with the
     step's placeholders returning the tuple ``(y^1_l, .., y^J_l)`` (``None``
-    without per-step outputs). ``origin``: "unrolled" (segments of an
+    without per-step outputs), whose state is ``s_l`` (the step's result)
+    where ``outputs_read_next``: ``y_l = g(s_l, x_l, *shared)``. ``origin``: "unrolled" (segments of an
     unrolled loop) or "scan" (one ``torch.ops.higher_order.scan`` call, whose
     ``nodes`` are ``[[scan, *its getitems, ...]]`` and whose intermediate
     ``outputs`` are ``None``: the graph holds no node for them).
@@ -129,6 +130,7 @@ class Chain:
     origin: str = "unrolled"
     per_step_outputs: list[list[fx.Node | None]] = field(default_factory=list)
     output_step: fx.GraphModule | None = None
+    outputs_read_next: bool = False
 
     @property
     def length(self) -> int:

@@ -65,7 +65,7 @@ from .kinds import chain_kind, guess_kind
 from .module_paths import varying_path
 from .scan import find_scan_chains
 from .segments import Detector, Plan, Rejection
-from .step import build_step
+from .step import build_output_step, build_step
 from .tokens import example
 
 log = logging.getLogger(__name__)
@@ -159,6 +159,7 @@ def _chain(plan: Plan, seq: list[Node], gm: fx.GraphModule) -> Chain:
             f"{facts.leaf_batch_ndims[apart[0]]} dim(s) of {plan.starts[apart[0]].name} independent, which the "
             "other tensors do not have; every tensor of a tuple state needs the same leading batch dims"
         )
+    output_step, reads_next = build_output_step(plan, seq, gm) if plan.output_offsets else (None, False)
     return Chain(
         kind=chain_kind(per_step, facts),
         start=as_state(plan.starts),
@@ -173,7 +174,8 @@ def _chain(plan: Plan, seq: list[Node], gm: fx.GraphModule) -> Chain:
         batch_ndim=facts.batch_ndim,
         used_outside=list(plan.used_outside),
         per_step_outputs=_per_step_outputs(plan, seq, nodes),
-        output_step=build_step(plan, seq, gm, returns=plan.output_offsets) if plan.output_offsets else None,
+        output_step=output_step,
+        outputs_read_next=reads_next,
     )
 
 

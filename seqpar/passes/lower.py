@@ -166,6 +166,7 @@ def build_chain_program(
             step_key=step_key(chain.step),
             outputs=None if chain.output_step is None else StepAdapter(chain.output_step),
             outputs_key=None if chain.output_step is None else step_key(chain.output_step),
+            outputs_at_next=chain.outputs_read_next,
             own=True,
         )
     return program

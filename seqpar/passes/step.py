@@ -29,15 +29,65 @@ from .segments import Plan
 from .tokens import example, is_invoke_subgraph, rebuild_args
 
 
-def build_step(plan: Plan, seq: list[Node], root: torch.nn.Module, returns: list[int] | None = None) -> fx.GraphModule:
+def build_step(plan: Plan, seq: list[Node], root: torch.nn.Module) -> fx.GraphModule:
     """``step(state, *per_step, *shared) -> next state``, copied from segment 0 of ``plan``.
 
     ``seq`` is the node sequence the plan indexes; ``root`` the graph's module
-    (it holds the bodies of ``invoke_subgraph`` calls). With ``returns`` (offsets
-    in the segment) the graph returns the tuple of those values instead: the
-    per-step outputs ``g(state, *per_step, *shared) -> (y_1, ..)`` for
-    ``plan.output_offsets``, with only the nodes they need.
+    (it holds the bodies of ``invoke_subgraph`` calls).
     """
+    graph, leaves, env = _copy_segment(plan, seq, root)
+    outputs = [env[seq[plan.begin + q]] for q in plan.state_offsets]
+    graph.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
+    return _module(graph)
+
+
+def build_output_step(plan: Plan, seq: list[Node], root: torch.nn.Module) -> tuple[fx.GraphModule, bool]:
+    """``(g, reads_next)``: the per-step outputs ``g(state, *per_step, *shared) -> (y_1, ..)`` of
+    ``plan.output_offsets``, with only the nodes they need.
+
+    ``reads_next``: the outputs read the state only through the next state the
+    segment computes (a readout ``W s_l``, Mamba's ``C s_l``), and ``g``'s state
+    placeholder is that next state ``s_l``: evaluated at the solved states, the
+    step is not computed again. Otherwise ``g`` takes ``s_{l-1}`` (a layer's
+    key/value cache reads its input).
+    """
+    graph, leaves, env = _copy_segment(plan, seq, root)
+    outputs = [env[seq[plan.begin + q]] for q in plan.output_offsets]
+    graph.output(tuple(outputs))
+    state_nodes = [env[seq[plan.begin + q]] for q in plan.state_offsets]
+    reads_next = _through(leaves, state_nodes, outputs)
+    if reads_next:
+        for node, leaf in zip(state_nodes, leaves):
+            node.replace_all_uses_with(leaf)
+    graph.eliminate_dead_code()
+    return _module(graph), reads_next
+
+
+def _through(leaves: list[Node], state_nodes: list[Node], outputs: list[Node]) -> bool:
+    """Whether every path from the state ``leaves`` to ``outputs`` passes through ``state_nodes`` (and no
+    state node is a leaf itself, or a tuple of values)."""
+    if any(not isinstance(node, Node) or node in leaves for node in state_nodes):
+        return False
+    reached, todo = set(), list(leaves)
+    while todo:
+        node = todo.pop()
+        if node in reached or node in state_nodes:
+            continue
+        reached.add(node)
+        todo.extend(node.users)
+    return not any(output in reached for output in outputs)
+
+
+def _module(graph: fx.Graph) -> fx.GraphModule:
+    graph.lint()
+    module = fx.GraphModule(torch.nn.Module(), graph, class_name="SeqparStep")
+    module.recompile()
+    return module
+
+
+def _copy_segment(plan: Plan, seq: list[Node], root: torch.nn.Module) -> tuple[fx.Graph, list[Node], dict]:
+    """``(graph, leaves, env)``: segment 0's state-dependent nodes copied into a new graph with the step's
+    placeholders (``leaves``: the state's tensors; ``env``: segment node -> its copy), no output yet."""
     b = plan.begin
     graph = fx.Graph()
     state = state_placeholder(graph, plan.starts)
@@ -82,16 +132,7 @@ def build_step(plan: Plan, seq: list[Node], root: torch.nn.Module, returns: list
 
         args, kwargs = rebuild_args((n.args, n.kwargs), leaf, [0])
         env[n] = _emit(graph, n, args, kwargs, root, twin=mutates(n))
-    if returns is None:
-        outputs = [env[seq[b + q]] for q in plan.state_offsets]
-        graph.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
-    else:
-        graph.output(tuple(env[seq[b + q]] for q in returns))
-        graph.eliminate_dead_code()
-    graph.lint()
-    step = fx.GraphModule(torch.nn.Module(), graph, class_name="SeqparStep")
-    step.recompile()
-    return step
+    return graph, leaves, env
 
 
 def state_placeholder(graph: fx.Graph, starts: list[Node]) -> Node:

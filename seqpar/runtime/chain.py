@@ -207,6 +207,7 @@ def build_program(
     step_key=None,
     outputs=None,
     outputs_key=None,
+    outputs_at_next=False,
     own=False,
     retrace=False,
     lowered=None,
@@ -217,7 +218,8 @@ def build_program(
     :func:`~seqpar.runtime.step_cache.step_identity`), the shapes, ``jacobian``,
     ``adjoint`` and ``frozen`` (inputs without gradients: ``("xs", i)`` /
     ``("shared", i)``) and the per-step outputs function ``outputs`` (named by
-    ``outputs_key``, by default like the step); the run spec (``solver_options``, ``method``: the
+    ``outputs_key``, by default like the step; ``outputs_at_next``: it takes
+    the step's result ``s_l``, not ``s_{l-1}``); the run spec (``solver_options``, ``method``: the
     forward solve, "parallel" or "sequential", recorded in the stats with
     ``sequential_reason``; ``loop``: how a sequential forward may run,
     :data:`~seqpar.runtime.spec.LOOP_CHOICES`; ``param_slots``) is the
@@ -235,6 +237,7 @@ def build_program(
         adjoint,
         frozen,
         None if outputs is None else step_cache.step_identity(outputs) if outputs_key is None else outputs_key,
+        outputs_at_next,
     )
     run = dict(
         solver_options=solver_options, method=method, sequential_reason=sequential_reason, loop=loop,
@@ -247,7 +250,7 @@ def build_program(
         with _naming_closed_over_tensors():
             program = ChainProgram(
                 step, layout, length, xs_spec, xs_leaves, shared, jacobian, adjoint, frozen, lowered,
-                outputs=outputs, **run,
+                outputs=outputs, outputs_at_next=outputs_at_next, **run,
             )
         step_cache.store(key, program, (step, outputs))
     elif own or program.run != run:

@@ -363,18 +363,20 @@ _LIBRARY.define(
 )
 
 
-def _previous_states(s0: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-    """``(s_0, .., s_{L-1})`` ``(L, N, w)``: every step's input state."""
-    return torch.cat([s0.unsqueeze(0), states[:-1]])
+def _output_states(program, s0: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    """The states ``g`` is evaluated at, ``(L, N, w)``: every step's result ``(s_1, .., s_L)`` where the program's
+    outputs read it (``outputs_at_next``), else every step's input ``(s_0, .., s_{L-1})``."""
+    return states if program.outputs_at_next else torch.cat([s0.unsqueeze(0), states[:-1]])
 
 
 def chain_outputs(program_id, s0, states, xs, shared, layer_params) -> list[torch.Tensor]:
-    """``[Y^1, .., Y^J]``, ``Y^j_l = g^j(s_{l-1}, x_l, *shared)`` ``(L, *y^j shape)``: the per-step outputs of
-    program ``program_id`` at the states ``states`` ``(L, N, w)`` started at ``s0``, in one batched call."""
+    """``[Y^1, .., Y^J]``, ``Y^j_l = g^j(s_{l-1}, x_l, *shared)`` (or ``g^j(s_l, ..)``, :func:`_output_states`)
+    ``(L, *y^j shape)``: the per-step outputs of program ``program_id`` at the states ``states`` ``(L, N, w)``
+    started at ``s0``, in one batched call."""
     program = _PROGRAMS[program_id]
     s0, states, xs, shared = s0.contiguous(), states.contiguous(), _contiguous(xs), _contiguous(shared)
     leaves = per_step_inputs(program, xs, layer_params)
-    outputs = program.outputs_at(_previous_states(s0, states), leaves, shared)
+    outputs = program.outputs_at(_output_states(program, s0, states), leaves, shared)
     # The op's contract: fresh tensors (a per-step output that is a view of the state would alias the input).
     return [y.clone(memory_format=torch.contiguous_format) if y._base is not None or not y.is_contiguous() else y
             for y in outputs]
@@ -398,17 +400,20 @@ def chain_outputs_vjp(
     grad_outputs: list[torch.Tensor],
 ) -> list[torch.Tensor]:
     """``[d s0, d states, *d xs, *d shared, *d layer_params]`` of ``sum_j <grad_outputs_j, Y^j>``: the batched
-    VJP of ``g`` at every step's input state (state ``s_L`` is no step's input: its cotangent is zero)."""
+    VJP of ``g`` at the states it reads (:func:`_output_states`; a state it does not read gets zeros)."""
     program = _PROGRAMS[program_id]
     if program.outputs_vjp is None:  # no floating-point output: nothing to differentiate
         return [torch.zeros_like(tensor) for tensor in [s0, states, *xs, *shared, *layer_params]]
     s0, states, xs, shared = s0.contiguous(), states.contiguous(), _contiguous(xs), _contiguous(shared)
     leaves = per_step_inputs(program, xs, layer_params)
-    grad_prev, grad_leaves, grad_shared = program.outputs_vjp(
-        _previous_states(s0, states), leaves, shared, _contiguous(grad_outputs)
+    grad_at, grad_leaves, grad_shared = program.outputs_vjp(
+        _output_states(program, s0, states), leaves, shared, _contiguous(grad_outputs)
     )
-    grad_states = torch.cat([grad_prev[1:], torch.zeros_like(states[-1:])])
-    return [grad_prev[0].contiguous(), grad_states] + _input_gradients(
+    if program.outputs_at_next:
+        grad_s0, grad_states = torch.zeros_like(s0), grad_at
+    else:
+        grad_s0, grad_states = grad_at[0], torch.cat([grad_at[1:], torch.zeros_like(states[-1:])])
+    return [grad_s0.contiguous(), grad_states.contiguous()] + _input_gradients(
         program, xs, shared, layer_params, grad_leaves, grad_shared
     )
 
@@ -461,8 +466,8 @@ def _recorded_outputs(program, s0, states, xs, shared, layer_params) -> list[tor
     """The per-step outputs evaluated step by step by ``g`` itself (``create_graph=True``: the traced batched
     graphs are for values, not for autograd to record)."""
     leaves = per_step_inputs(program, list(xs), list(layer_params))
-    prev = _previous_states(s0, states)
-    rows = [program.outputs_packed(prev[l], [leaf[l] for leaf in leaves], list(shared)) for l in range(program.length)]
+    at = _output_states(program, s0, states)
+    rows = [program.outputs_packed(at[l], [leaf[l] for leaf in leaves], list(shared)) for l in range(program.length)]
     return [torch.stack(column) for column in zip(*rows)]
 
 

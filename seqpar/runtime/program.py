@@ -132,7 +132,8 @@ class ChainProgram:
 
     ``outputs``, where the chain has per-step outputs, is
     ``g(s_prev, x_l, *shared) -> (y^1_l, .., y^J_l)``: tensors each step
-    computes besides its state. They are evaluated for all steps at once at
+    computes besides its state (``outputs_at_next``: ``g`` takes the step's
+    result ``s_l`` instead of ``s_{l-1}``). They are evaluated for all steps at once at
     the solved states (:attr:`outputs_at`: ``Y^j = (y^j_1, .., y^j_L)``, shapes
     :attr:`output_shapes`) and differentiated the same way
     (:attr:`outputs_vjp`); never by a second sequential pass.
@@ -164,12 +165,14 @@ class ChainProgram:
         frozen: frozenset = frozenset(),
         lowered: torch.fx.GraphModule | None = None,
         outputs: Callable | None = None,
+        outputs_at_next: bool = False,
         **run,
     ):
         self._set_run(**run)
         self.id = next(self._ids)
         self.frozen = frozen
         self.outputs = outputs
+        self.outputs_at_next = outputs_at_next
         self.step = step
         self.step_packed = packed_step(step, layout, xs_spec)
         self.layout = layout

@@ -127,6 +127,19 @@ def test_a_stack_of_a_per_step_output_becomes_a_view_of_the_served_outputs():
     assert "torch.stack" not in record.rewritten_code and "select" not in record.rewritten_code
 
 
+@pytest.mark.parametrize("case, reads_next", [(gru_case, True), (layers_case, False)],
+                         ids=["readout_of_the_new_state", "views_of_the_layer_input"])
+def test_outputs_that_read_the_new_state_are_evaluated_at_it_without_computing_the_step_again(case, reads_next):
+    model, inputs = case()
+    compiled, backend = compile_with(model, policy="parallel")
+    with torch.no_grad():
+        compiled(*inputs)
+    ((report, program),) = backend.graphs[0].programs
+    assert program.outputs_at_next is reads_next
+    if reads_next:  # g is the readout alone: the GRU cell is not in it
+        assert "gru_cell" in report.step_code and "gru_cell" not in report.output_code
+
+
 def test_frozen_readout_weights_get_no_gradient_and_the_rest_stay_exact():
     model, inputs = gru_case()
     model.readout.requires_grad_(False)

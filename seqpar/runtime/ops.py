@@ -154,11 +154,18 @@ def chain_solve(
     if state.check is not None:
         states, stats = _checked(program, state, s0, leaves, shared, states, stats)
     state.last_stats = stats
-    if states.storage_offset() or not states.is_contiguous():
-        # The solver may return a view into its work buffer; the op's (fake) contract
-        # is a fresh contiguous tensor at offset 0.
-        states = states.clone(memory_format=torch.contiguous_format)
-    return states
+    return _fresh(states, ())  # the solver may return a view into its work buffer; it never aliases an input
+
+
+def _fresh(value: torch.Tensor, inputs) -> torch.Tensor:
+    """``value`` as an op may return it (its fake contract): contiguous, at offset 0 of its storage and sharing
+    no storage with the op's ``inputs``; copied where it is not."""
+    storage = value.untyped_storage().data_ptr()
+    if value.storage_offset() or not value.is_contiguous() or any(
+        tensor.untyped_storage().data_ptr() == storage for tensor in inputs
+    ):
+        return value.clone(memory_format=torch.contiguous_format)
+    return value
 
 
 def _checked(program, state, s0, leaves, shared, states, stats):
@@ -330,11 +337,11 @@ def _recorded_gradients(program_id, s0, xs, shared, layer_params, grad_states):
     recorded by autograd (``create_graph=True``): exact, and differentiable again. ``None`` where an input
     does not require grad."""
     program = _PROGRAMS[program_id]
-    n_xs, n_shared = len(xs), len(shared)
+    counts = (1, len(xs), len(shared))
 
-    def loop(s0, *rest):
-        xs, shared, layer_params = rest[:n_xs], rest[n_xs : n_xs + n_shared], rest[n_xs + n_shared :]
-        return run_steps(program, s0, per_step_inputs(program, list(xs), list(layer_params)), list(shared))
+    def loop(*flat):
+        s0, xs, shared, layer_params = _split(flat, counts)
+        return run_steps(program, s0, per_step_inputs(program, xs, layer_params), shared)
 
     return _differentiated(loop, [s0, *xs, *shared, *layer_params], grad_states)
 
@@ -354,7 +361,6 @@ def _differentiated(fn, inputs, cotangents):
     _, pullback = torch.func.vjp(of_wanted, *[inputs[index] for index in wanted])
     found = iter(pullback(cotangents))
     return [next(found) if tensor.requires_grad else None for tensor in inputs]
-
 
 
 _LIBRARY.define(
@@ -377,9 +383,8 @@ def chain_outputs(program_id, s0, states, xs, shared, layer_params) -> list[torc
     s0, states, xs, shared = s0.contiguous(), states.contiguous(), _contiguous(xs), _contiguous(shared)
     leaves = per_step_inputs(program, xs, layer_params)
     outputs = program.outputs_at(_output_states(program, s0, states), leaves, shared)
-    # The op's contract: fresh tensors (a per-step output that is a view of the state would alias the input).
-    return [y.clone(memory_format=torch.contiguous_format) if y._base is not None or not y.is_contiguous() else y
-            for y in outputs]
+    inputs = (s0, states, *leaves, *shared)  # g sees these (layer parameters stacked in leaves)
+    return [_fresh(y, inputs) for y in outputs]
 
 
 def _chain_outputs_fake(program_id, s0, states, xs, shared, layer_params):

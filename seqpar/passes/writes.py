@@ -49,15 +49,15 @@ def sink_buffer_writes(gm: fx.GraphModule) -> int:
     graph = gm.graph
     writes: dict[Node, list[Node]] = {}
     for node in graph.nodes:
-        if node.op == "call_function" and node.target is operator.setitem and isinstance(node.args[0], Node):
+        if _is_write(node) and isinstance(node.args[0], Node):
             writes.setdefault(node.args[0], []).append(node)
     groups = [group for group in writes.values() if len(group) >= 2]
     if not groups:
         return 0
-    position = {node: index for index, node in enumerate(graph.nodes)}
-    aliases = Aliases(graph)
+    aliases = Aliases(graph)  # a moved group adds a stack (a new tensor) and a write (no value): still valid
     moved = 0
     for group in groups:
+        position = {node: index for index, node in enumerate(graph.nodes)}  # with the nodes earlier moves added
         plan = _plan(group, position, aliases)
         if plan is not None:
             _sink(graph, group, *plan)
@@ -76,15 +76,15 @@ def _plan(group: list[Node], position: dict, aliases: Aliases):
     if not isinstance(target, torch.Tensor) or any(node.kwargs or len(node.args) != 3 for node in group):
         return None
     patterns = [_pattern(node.args[1]) for node in group]
-    if any(pattern is None for pattern in patterns) or len({(p[0], p[1]) for p in patterns}) != 1:
+    if any(pattern is None for pattern in patterns) or len({dim for dim, _ in patterns}) != 1:
         return None
-    dim, rank = patterns[0][0], patterns[0][1]
-    if rank > target.ndim:
+    dim = patterns[0][0]
+    if dim >= target.ndim:
         return None
     size = target.shape[dim]
     if not isinstance(size, int) or size == 0:  # a symbolic size: no positions to compare
         return None
-    indexes = [pattern[2] % size for pattern in patterns]
+    indexes = [index % size for _, index in patterns]
     stride = indexes[1] - indexes[0]
     if stride == 0 or any(b - a != stride for a, b in zip(indexes, indexes[1:])):
         return None
@@ -110,15 +110,14 @@ def _plan(group: list[Node], position: dict, aliases: Aliases):
 
 
 def _pattern(index):
-    """``(dim, rank, i)`` of an index ``i`` or ``(:, .., :, i)`` (``dim`` full slices first, ``rank = dim + 1``),
-    else ``None``."""
+    """``(dim, i)`` of an index ``i`` or ``(:, .., :, i)`` (``dim`` full slices first), else ``None``."""
     items = index if isinstance(index, tuple) else (index,)
     if not items or not all(item == _FULL for item in items[:-1]):
         return None
     last = items[-1]
     if not isinstance(last, int) or isinstance(last, bool):
         return None
-    return len(items) - 1, len(items), last
+    return len(items) - 1, last
 
 
 def _unobserved(buffer: Node, writes: set, first: int, last: int, position: dict, aliases: Aliases) -> bool:

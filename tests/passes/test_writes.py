@@ -105,3 +105,35 @@ def test_writes_that_could_be_observed_stay_and_the_model_stays_exact(kind):
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), atol=F64_ATOL, rtol=0)
     assert all(chain.decision == "rejected" for chain in chain_reports(backend))
+
+
+class TwoBuffers(nn.Module):
+    """Each step writes its readout and its state into two buffers."""
+
+    def __init__(self):
+        super().__init__()
+        self.cell, self.readout = nn.GRUCell(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        steps = x.shape[1]
+        h = x.new_zeros(x.shape[0], 8)
+        readouts, states = x.new_zeros(x.shape[0], steps, 3), x.new_zeros(steps, x.shape[0], 8)
+        for t in range(steps):
+            h = self.cell(x[:, t], h)
+            readouts[:, t] = self.readout(h)
+            states[t] = h
+        return readouts, states
+
+
+def test_every_buffer_written_per_step_is_moved_and_the_values_stay():
+    torch.manual_seed(0)
+    model, x = TwoBuffers().double(), torch.randn(2, 12, 4, dtype=torch.float64)
+    gm, inputs = captured(model, x)
+    with torch.no_grad():
+        before = gm(*inputs)
+    assert sink_buffer_writes(gm) == 2 and len(writes_in(gm)) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(gm(*inputs), before, atol=0, rtol=0)
+    compiled, _ = compile_with(model, policy="parallel")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), atol=F64_ATOL, rtol=0)

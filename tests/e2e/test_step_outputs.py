@@ -273,3 +273,32 @@ def test_recurrent_gemma_gradients_through_the_served_recurrence_equal_eager():
     for got_grad, want_grad in zip(got_grads, want_grads, strict=True):
         if want_grad is not None:
             assert_close_at_scale(got_grad, want_grad)
+
+
+def tiny_xlstm():
+    """xLSTM's native recurrent loop (``mlstm_recurrent_sequence_native``): matrix memory ``C``, normaliser ``n``,
+    stabiliser ``m``, each step's ``h`` appended and stacked. transformers takes it for the part of a sequence
+    shorter than ``chunk_size`` in inference mode: with ``chunk_size`` above the sequence, all of it.
+    (``qk_dim_factor = v_dim_factor = 1`` and ``hidden_size`` a multiple of 64: the model's cache is sized from the
+    dims rounded up to 64, its layers from the unrounded ones.)"""
+    torch.manual_seed(0)
+    config = transformers.xLSTMConfig(vocab_size=50, hidden_size=64, num_heads=4, num_blocks=2, mode="inference",
+                                      chunk_size=4096, qk_dim_factor=1.0, v_dim_factor=1.0)
+    return transformers.xLSTMModel(config).double().eval(), torch.randint(0, 50, (2, 12))
+
+
+def test_xlstm_native_recurrent_loop_is_served_with_its_per_step_outputs_and_gradients():
+    # The mLSTM state is float32 whatever the model's dtype (``inference_state_dtype``): float32 tolerance.
+    model, ids = tiny_xlstm()
+    run = lambda ids: model(ids, use_cache=False).last_hidden_state  # noqa: E731
+    compiled, backend = compile_with(run, policy="parallel")
+    got, want = compiled(ids), run(ids)
+    assert_close_at_scale(got, want)
+    found = [chain for chain in chain_reports(backend) if chain.kind == "recurrent"]  # (q/k/v/o: "layers", rejected)
+    assert [(chain.decision, chain.outputs) for chain in found] == [("parallel", 1)] * 2
+    weights = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    got_grads = torch.autograd.grad(loss_of(got), weights, allow_unused=True)
+    want_grads = torch.autograd.grad(loss_of(want), weights, allow_unused=True)
+    for got_grad, want_grad in zip(got_grads, want_grads, strict=True):
+        if want_grad is not None:
+            assert_close_at_scale(got_grad, want_grad)

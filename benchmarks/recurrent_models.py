@@ -13,7 +13,11 @@ stack it builds), float32, CPU, ``torch.set_num_threads(--threads)``:
   ``rwkv_linear_attention_cpu``;
 * ``recurrent_gemma``: google/recurrentgemma-2b's block widths (hidden and
   LRU 2560, 10 heads) with the MLP cut to ``--gemma-mlp`` (the 15360-wide MLP
-  is not the recurrence and would take minutes per call on two cores).
+  is not the recurrence and would take minutes per call on two cores);
+* ``xlstm``: NX-AI/xLSTM-7b (hidden 4096, 8 heads, mLSTM memory 256 x 512
+  per head), on its native recurrent loop (``mlstm_recurrent_sequence_native``,
+  taken in inference mode for a sequence shorter than ``chunk_size``; the
+  chunk size is set above every sequence), width ``--xlstm-hidden``.
 
 For each sequence length: the forward under ``torch.no_grad`` and a training
 step (forward, ``sum of squares``, backward), medians of ``--repeats`` calls
@@ -61,7 +65,16 @@ def recurrent_gemma(hidden=2560, mlp=2560):
     return transformers.RecurrentGemmaModel(config)
 
 
-FAMILIES = {"mamba": mamba, "rwkv": rwkv, "recurrent_gemma": recurrent_gemma}
+def xlstm(hidden=4096):
+    import transformers
+
+    config = transformers.xLSTMConfig(vocab_size=1000, hidden_size=hidden, num_heads=8, num_blocks=1,
+                                      mode="inference", chunk_size=16384)
+    return transformers.xLSTMModel(config)
+
+
+FAMILIES = {"mamba": mamba, "rwkv": rwkv, "recurrent_gemma": recurrent_gemma, "xlstm": xlstm}
+WIDTH_OPTION = {"recurrent_gemma": ("mlp", "gemma_mlp"), "xlstm": ("hidden", "xlstm_hidden")}
 
 
 def hidden_states(model):
@@ -85,7 +98,8 @@ def forward(fn, ids):
 
 def measure(family: str, seq: int, batch: int, repeats: int, args) -> str:
     torch.manual_seed(0)
-    model = FAMILIES[family](**({"mlp": args.gemma_mlp} if family == "recurrent_gemma" else {})).eval()
+    keyword, option = WIDTH_OPTION.get(family, (None, None))
+    model = FAMILIES[family](**({keyword: getattr(args, option)} if keyword else {})).eval()
     ids = torch.randint(0, 1000, (batch, seq))
     backend = SeqparBackend({})
     fns = {
@@ -124,6 +138,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--gemma-mlp", type=int, default=2560)
+    parser.add_argument("--xlstm-hidden", type=int, default=4096)
     parser.add_argument("--no-inductor", action="store_true", help="leave out inductor's column")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

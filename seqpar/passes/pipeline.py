@@ -24,6 +24,9 @@ Each pass states what it needs and what it guarantees (in its module):
    pointed at the replacements. A chain whose lowering or rewrite fails is
    left unchanged, with the reason in its outcome.
 
+Steps 1-5 repeat on the rewritten graph while a round rewrites a chain
+(:data:`MAX_ROUNDS`): chains another chain's step read as inputs.
+
 The caller owns ``gm`` (a copy of Dynamo's graph) and compiles what is left.
 """
 
@@ -72,17 +75,49 @@ class PipelineResult:
     detection_error: str | None = None
 
 
+# Detection rounds per graph at most: a round finds the recurrences the previous one read as state-independent
+# inputs (RWKV's step carries num, den and a running max: one chain a round).
+MAX_ROUNDS = 6
+
+
 def run(gm: fx.GraphModule, example_inputs, original: fx.GraphModule, options: PassOptions) -> PipelineResult:
-    """Find, decide, lower and rewrite the chains of ``gm`` (in place); ``original`` is the graph the probe runs."""
+    """Find, decide, lower and rewrite the chains of ``gm`` (in place); ``original`` is the graph the probe runs.
+
+    Detection repeats on the rewritten graph while a round rewrites a chain:
+    a segment whose state is one of several recurrences it carries (RWKV's
+    ``num``, with ``den`` and the running ``max`` beside it) reads the others
+    as per-step inputs computed outside the chain, which stay an unrolled
+    sequential loop until the next round finds them as chains of their own.
+    A later round reports the rejected repeats that carry a state and were
+    not reported before (its repeats without one are the solved chains'
+    per-step glue).
+    """
     result = PipelineResult(gm)
     try:
         sink_buffer_writes(gm)
-        chains, result.candidates = find_chains(gm, min_chain=options.min_chain)
     except Exception as error:  # detection must never break compilation
         result.detection_error = f"{type(error).__name__}: {error}"
         return result
-    if not chains:
-        return result
+    for _ in range(MAX_ROUNDS):
+        try:
+            chains, candidates = find_chains(gm, min_chain=options.min_chain)
+        except Exception as error:
+            if not result.outcomes:
+                result.detection_error = f"{type(error).__name__}: {error}"
+            return result
+        if result.outcomes:  # a later round: its stateless repeats are the solved chains' per-step glue
+            candidates = [candidate for candidate in candidates
+                          if candidate.state_shape is not None and candidate not in result.candidates]
+        result.candidates += candidates
+        if not chains or not any(outcome.program is not None
+                                 for outcome in _solve(gm, chains, example_inputs, original, options, result)):
+            return result
+    return result
+
+
+def _solve(gm: fx.GraphModule, chains: list[Chain], example_inputs, original: fx.GraphModule,
+           options: PassOptions, result: PipelineResult) -> list[ChainOutcome]:
+    """Decide, lower and rewrite one round's ``chains`` (outcomes appended to ``result``); this round's outcomes."""
     values = probe_values(original, example_inputs, chains) if options.policy == "auto" else {}
     probes = [lyapunov_exponent(chain, values) for chain in chains]
     devices = [state_leaves(chain.start)[0].meta["example_value"].device.type for chain in chains]
@@ -98,11 +133,13 @@ def run(gm: fx.GraphModule, example_inputs, original: fx.GraphModule, options: P
         for node in segment
     }
     standalone = not has_other_compute(gm, ignore=rewritten)  # nothing but chain ops and glue will be left
-    replacements = {}
-    for index, (chain, decision, probe) in enumerate(zip(chains, decisions, probes)):
+    replacements, outcomes = {}, []
+    for chain, decision, probe in zip(chains, decisions, probes):
         remap_chain(chain, replacements)
         outcome = ChainOutcome(chain, decision, probe)
+        index = len(result.outcomes)
         result.outcomes.append(outcome)
+        outcomes.append(outcome)
         if decision.form == "unrolled":
             continue
         try:
@@ -113,7 +150,7 @@ def run(gm: fx.GraphModule, example_inputs, original: fx.GraphModule, options: P
             continue
         outcome.program = program
         gm.recompile()
-    return result
+    return outcomes
 
 
 def _structure(chain: Chain) -> StepStructure | None:

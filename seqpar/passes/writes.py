@@ -18,9 +18,9 @@ whose writes qualify:
   * every write is ``operator.setitem(buf, index, y)`` with ``index`` an int
     or a tuple of full slices ``:`` and one int, the same pattern in every
     write, the ints (taken modulo the dim's size) evenly spaced, distinct;
-  * every ``y`` is a tensor of the written slice's shape (no broadcasting)
-    and of one dtype, and nothing writes to ``y`` (or an alias of it) between
-    its write and the last;
+  * every ``y`` is a tensor of the written slice's shape (no broadcasting),
+    of one dtype and no alias of ``buf``, and nothing writes to ``y`` (or an
+    alias of it) between its write and the last;
   * no node but the writes reads ``buf`` or an alias of it between the first
     write and the last (the buffer's value there is never observed), and
     every such node has an example value (aliasing is read from them).
@@ -95,6 +95,9 @@ def _plan(group: list[Node], position: dict, aliases: Aliases):
         return None
     if len({value.dtype for value in examples}) != 1:
         return None
+    found = aliases.of(buffer)
+    if found is None or any(value in found for value in values):
+        return None  # a value read from the buffer would be read before the writes it followed
     first, last = position[group[0]], position[group[-1]]
     if not _unobserved(buffer, set(group), first, last, position, aliases):
         return None

@@ -107,6 +107,19 @@ def test_writes_that_could_be_observed_stay_and_the_model_stays_exact(kind):
     assert all(chain.decision == "rejected" for chain in chain_reports(backend))
 
 
+def test_a_value_read_from_the_buffer_itself_stays():
+    # The last write copies out[:, 0], which the first wrote: moved before the writes, it would copy zeros.
+    def fill(x):
+        out = x.new_zeros(x.shape)
+        first = out[:, 0]
+        for t in range(x.shape[1]):
+            out[:, t] = x[:, t] * 2 if t < x.shape[1] - 1 else first
+        return out
+
+    gm, _ = captured(fill, torch.randn(2, 6, 3))
+    assert sink_buffer_writes(gm) == 0 and len(writes_in(gm)) == 6
+
+
 class TwoBuffers(nn.Module):
     """Each step writes its readout and its state into two buffers."""
 

@@ -3,8 +3,9 @@
 Each pass states what it needs and what it guarantees (in its module):
 
 0. ``writes`` (:func:`~.writes.sink_buffer_writes`): per-step writes into
-   one buffer (``out[:, t] = y``) moved after the loop as one write of the
-   stacked values, where nothing reads the buffer in between.
+   one buffer (``out[:, t] = y``, ``out[:, t].copy_(y)``, ``index_put_``,
+   ``index_copy_`` at constant positions) moved after the loop as one write
+   of the stacked values, where nothing reads the buffer in between.
 1. ``detect`` (:func:`~.detect.find_chains`): chains of isomorphic Markov
    segments and the candidates that did not become chains, with reasons.
    Detection never breaks compilation: a failure leaves the graph unchanged.

@@ -23,13 +23,16 @@ For each sequence length: the forward under ``torch.no_grad`` and a training
 step (forward, ``sum of squares``, backward), medians of ``--repeats`` calls
 after a warm-up, eager's time over each (``> 1``: faster than eager); the
 chains seqpar found and its decisions; the largest difference of the hidden
-states from eager's, relative to their scale. Markdown to stdout.
+states from eager's, relative to their scale; the first seqpar call's time
+(Dynamo's trace, seqpar's passes, the inner compile of what is left).
+Markdown to stdout.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import time
 
 import torch
 
@@ -112,7 +115,10 @@ def measure(family: str, seq: int, batch: int, repeats: int, args) -> str:
     with torch.no_grad():
         reference = fns["eager"](ids)
         scale = reference.abs().max().item()
-        error = (fns["seqpar"](ids) - reference).abs().max().item() / scale
+        start = time.perf_counter()
+        solved = fns["seqpar"](ids)
+        compile_seconds = time.perf_counter() - start
+        error = (solved - reference).abs().max().item() / scale
     for kind, make in (("forward", forward), ("training", training_step)):
         try:
             times = {name: median_time(make(fn, ids), repeats, warmup=1) for name, fn in fns.items()}
@@ -127,7 +133,8 @@ def measure(family: str, seq: int, batch: int, repeats: int, args) -> str:
         f"{' y=' + str(chain.outputs) if chain.outputs else ''}"
         for chain in chains
     ) or "none"
-    return f"| {family} | {batch} | {seq} | " + " | ".join(cells) + f" | {error:.1e} | {decisions} |"
+    return (f"| {family} | {batch} | {seq} | " + " | ".join(cells)
+            + f" | {error:.1e} | {compile_seconds:.0f} s | {decisions} |")
 
 
 def main():
@@ -144,8 +151,8 @@ def main():
     torch.set_num_threads(args.threads)
     print(f"threads {args.threads}, float32, CPU; ratios are eager's time over each (> 1: faster than eager)\n")
     print("| family | batch | seq | forward eager | seqpar | inductor | training eager | seqpar | inductor "
-          "| seqpar error | chains (decision/forward/adjoint) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| seqpar error | seqpar first call | chains (decision/forward/adjoint) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for family in args.families:
         for batch in args.batch:
             for seq in args.seq:

@@ -22,7 +22,7 @@ from torch.fx.node import Node
 
 from .tokens import call_arg, example, flatten_args, target_name
 
-_POINTWISE = {
+POINTWISE = {
     "add", "sub", "mul", "truediv", "div", "true_divide", "rsub", "neg", "pos", "pow", "floordiv", "mod",
     "abs", "exp", "exp2", "expm1", "log", "log2", "log10", "log1p", "sqrt", "rsqrt", "sin", "cos", "tan",
     "tanh", "sinh", "cosh", "asin", "acos", "atan", "sigmoid", "relu", "gelu", "silu", "mish", "elu", "selu",
@@ -508,7 +508,7 @@ def _rule_table(*families: tuple[set[str], Any]) -> dict[str, Any]:
 
 # op name -> its rule; an op not here keeps no state dim.
 RULES = _rule_table(
-    (_POINTWISE, _pointwise),
+    (POINTWISE, _pointwise),
     ({"batch_norm"}, _batch_norm),
     ({"linear"}, _linear),
     (MATMUL_OPS, _matmul),

@@ -28,6 +28,12 @@ Each pass states what it needs and what it guarantees (in its module):
 Steps 1-5 repeat on the rewritten graph while a round rewrites a chain
 (:data:`MAX_ROUNDS`): chains another chain's step read as inputs.
 
+6. ``vectorize`` (:func:`~.vectorize.batch_stacks`), where a chain was
+   rewritten: each stack of ``L`` per-step copies of one computation (a
+   chain's per-step inputs, another chain's states selected and stacked
+   again) computed by one batched computation, so that the inner compiler
+   gets ``O(1)`` nodes per chain instead of ``O(L)``.
+
 The caller owns ``gm`` (a copy of Dynamo's graph) and compiles what is left.
 """
 
@@ -48,6 +54,7 @@ from .module_paths import span
 from .policy import Decision, PassOptions, decide, needs_structure
 from .probe import lyapunov_exponent, probe_values
 from .rewrite import remap_chain, rewrite_chain
+from .vectorize import batch_stacks
 from .writes import sink_buffer_writes
 
 log = logging.getLogger("seqpar.passes")
@@ -105,14 +112,19 @@ def run(gm: fx.GraphModule, example_inputs, original: fx.GraphModule, options: P
         except Exception as error:
             if not result.outcomes:
                 result.detection_error = f"{type(error).__name__}: {error}"
-            return result
+            break
         if result.outcomes:  # a later round: its stateless repeats are the solved chains' per-step glue
             candidates = [candidate for candidate in candidates
                           if candidate.state_shape is not None and candidate not in result.candidates]
         result.candidates += candidates
         if not chains or not any(outcome.program is not None
                                  for outcome in _solve(gm, chains, example_inputs, original, options, result)):
-            return result
+            break
+    if any(outcome.program is not None for outcome in result.outcomes):
+        try:
+            batch_stacks(gm)
+        except Exception as error:  # never breaks compilation: each stack is replaced whole or not at all
+            log.debug("seqpar: batching stacks failed: %s: %s", type(error).__name__, error)
     return result
 
 

@@ -154,7 +154,9 @@ def decide(
     else:
         method, adjoint, why = _cost_model(device_type, batch, width, length, jacobian, chain.kind, structure)
         why = f"{why} ({shape}, {device_type})"
-        if lyapunov is not None:
+        if lyapunov == float("-inf"):
+            why += "; Lyapunov exponent -inf (the probed Jacobian products vanish: the state is forgotten)"
+        elif lyapunov is not None:
             why += f"; Lyapunov exponent {lyapunov:.3g}"
         if lyapunov is not None and lyapunov < 0:
             loop = "compiled"

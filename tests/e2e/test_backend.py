@@ -8,6 +8,7 @@ deeper chains; float32 comparisons use 1e-4 relative (the float32 tolerance
 is 1e-5, amplified at most ~10x by these contractive chains).
 """
 
+import copy
 import os
 import subprocess
 import sys
@@ -244,9 +245,14 @@ def test_optimizer_steps_refresh_the_stacked_parameters(make):
 
 
 def test_expansive_chain_falls_back_and_still_equals_eager():
+    """An expansive float32 chain amplifies every rounding (gain 2 over 64 layers): eager's own result is one of
+    many valid roundings, 2.7e-5 from the float64 trajectory here. The fallback must be as close to that
+    trajectory as eager is (twice eager's error at most), not bitwise eager's."""
     model, inputs = zoo.expansive_mlp(depth=64)
+    exact = copy.deepcopy(model).double()(*[x.double() for x in inputs])
     compiled, backend = compile_with(model, policy="parallel", max_iters=5)
-    torch.testing.assert_close(compiled(*inputs), model(*inputs), rtol=1e-5, atol=1e-6)
+    eager_error = (model(*inputs).double() - exact).abs().max()
+    assert (compiled(*inputs).double() - exact).abs().max() <= 2 * eager_error
     (chain,) = chain_reports(backend)
     assert chain.stats["fallback"].startswith("did not converge in 5 iterations")
 

@@ -118,7 +118,7 @@ def measure(family: str, seq: int, batch: int, repeats: int, args) -> str:
         start = time.perf_counter()
         solved = fns["seqpar"](ids)
         compile_seconds = time.perf_counter() - start
-        error = (solved - reference).abs().max().item() / scale
+        difference = (solved - reference).abs().max().item() / scale
     for kind, make in (("forward", forward), ("training", training_step)):
         try:
             times = {name: median_time(make(fn, ids), repeats, warmup=1) for name, fn in fns.items()}
@@ -134,7 +134,7 @@ def measure(family: str, seq: int, batch: int, repeats: int, args) -> str:
         for chain in chains
     ) or "none"
     return (f"| {family} | {batch} | {seq} | " + " | ".join(cells)
-            + f" | {error:.1e} | {compile_seconds:.0f} s | {decisions} |")
+            + f" | {difference:.1e} | {compile_seconds:.0f} s | {decisions} |")
 
 
 def main():

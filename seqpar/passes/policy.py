@@ -44,7 +44,8 @@ CPU_ADJOINT_MAX_WORK = 256
 CPU_ADJOINT_MIN_LENGTH = 32
 # Diagonal steps (benchmarks/RESULTS.md, "Structure", measured through the backend against the rolled loop):
 # a diagonal affine chain, one linear solve, wins its forward from L = 64 on up to N*w = CPU_LINEAR_FORWARD_MAX_WORK;
-# the diagonal adjoint up to N*w = CPU_DIAGONAL_ADJOINT_MAX_WORK. A diagonal nonlinear step still takes Newton
+# the diagonal adjoint up to N*w = CPU_DIAGONAL_ADJOINT_MAX_WORK. A max-plus chain (one pass of the same cost,
+# seqpar.runtime.maxplus) takes the diagonal affine line. A diagonal nonlinear step still takes Newton
 # iterations (about 20 on a long chain from the initial state): the dense forward's line holds for it.
 CPU_LINEAR_FORWARD_MAX_WORK = 1024
 CPU_LINEAR_FORWARD_MIN_LENGTH = 64
@@ -199,7 +200,7 @@ def _cost_model(device_type, batch, width, length, jacobian, kind, structure=Non
         reason = (f"GPU cost model (DeepPCR/DEER's published crossovers, w <= {GPU_MAX_WIDTH} (any w for a diagonal "
                   f"step) from L = {GPU_MIN_LENGTH}: not yet measured on hardware)")
     else:
-        linear = diagonal and structure.affine and jacobian == "full"
+        linear = diagonal and (structure.affine or structure.maxplus) and jacobian == "full"
         forward_work, forward_length = (
             (CPU_LINEAR_FORWARD_MAX_WORK, CPU_LINEAR_FORWARD_MIN_LENGTH)
             if linear
@@ -208,7 +209,7 @@ def _cost_model(device_type, batch, width, length, jacobian, kind, structure=Non
         adjoint_work = CPU_DIAGONAL_ADJOINT_MAX_WORK if diagonal else CPU_ADJOINT_MAX_WORK
         forward = blocks_ok and batch * width <= forward_work and length >= forward_length
         adjoint = blocks_ok and batch * width <= adjoint_work and length >= CPU_ADJOINT_MIN_LENGTH
-        step = " (diagonal affine step)" if linear else " (diagonal step)" if diagonal else ""
+        step = f" ({structure.label} step)" if linear else " (diagonal step)" if diagonal else ""
         reason = (
             f"CPU cost model{step}: parallel forward needs N*w <= {forward_work} and L >= {forward_length}, "
             f"parallel adjoint N*w <= {adjoint_work} and L >= {CPU_ADJOINT_MIN_LENGTH}"
@@ -225,6 +226,8 @@ def _structure_text(structure: StepStructure, jacobian: str) -> str:
         text += ": exact diagonal Jacobian blocks at any width"
     if structure.affine and jacobian == "full":
         text += ", one linear solve" if structure.diagonal else ": one linear solve"
+    if structure.maxplus and jacobian == "full":
+        text += ", one max-plus pass"
     return text
 
 

@@ -22,7 +22,9 @@ in values, shape and dtype; every batched node is run on Dynamo's fake values
 and must give ``(L, *shape)`` and the dtype of the copy it batches (a rank-0
 operand promotes types more weakly than its stack: such a mismatch leaves the
 stack as it was); ops that mutate, draw random numbers or touch global state
-(:func:`~.effects.side_effect`) are never batched; the per-step copies are
+(:func:`~.effects.side_effect`) are never batched, nor a stack whose copies
+have an in-place write between them and the stack (the batched ops run at
+the stack: they could read what the write changed); the per-step copies are
 erased once nothing else reads them.
 """
 
@@ -37,7 +39,7 @@ from torch.fx.node import Node
 
 from ..runtime.slicing import slice_steps
 from .batch_dims import POINTWISE
-from .effects import side_effect
+from .effects import mutates, side_effect
 from .slices import select_index
 from .tokens import call_arg, example, flatten_args, node_token, rebuild_args, target_name
 
@@ -82,6 +84,8 @@ def batch_stacks(gm: fx.GraphModule) -> int:
     module docstring); the number of stacks replaced."""
     plans: dict[tuple, object] = {}
     replaced, copies = 0, []
+    order = {node: index for index, node in enumerate(gm.graph.nodes)}
+    writes = [order[node] for node in gm.graph.nodes if mutates(node) or node.op == "call_module"]
     for node in list(gm.graph.nodes):
         if not (node.op == "call_function" and node.target is torch.stack):
             continue
@@ -90,6 +94,12 @@ def batch_stacks(gm: fx.GraphModule) -> int:
                 or not isinstance(dim, int):
             continue
         split = _split(tuple(column), plans)
+        if split is not None:
+            first = min(order[copy] for copy in _copies(split[1]))
+            if any(first < index < order[node] for index in writes):  # the copies might read what it writes
+                log.debug("seqpar: stack %s left unbatched: a tensor may be written in place among its copies",
+                          node.name)
+                continue
         batched = None if split is None else _emit(gm.graph, node, *split, dim)
         if batched is None:
             continue
@@ -274,20 +284,22 @@ def _node(graph: fx.Graph, emitted: list, op: str, target, args: tuple, kwargs: 
     return node
 
 
+def _copies(plan) -> dict[Node, None]:
+    """The per-step nodes ``plan`` replaces: its columns and its operands' (ordered, without repeats)."""
+    nodes = dict.fromkeys(plan.column)
+    if isinstance(plan, _Batched):
+        for operand in plan.operands:
+            if operand is not None:
+                nodes.update(_copies(operand))
+    return nodes
+
+
 def _erase_unread(graph: fx.Graph, plans: list) -> None:
     """Erase the per-step copies the batched stacks replaced, last first, where nothing else reads them."""
-    column_nodes: dict[Node, None] = {}
-
-    def collect(plan):
-        column_nodes.update(dict.fromkeys(plan.column))
-        if isinstance(plan, _Batched):
-            for operand in plan.operands:
-                if operand is not None:
-                    collect(operand)
-
+    copies: dict[Node, None] = {}
     for plan in plans:
-        collect(plan)
+        copies.update(_copies(plan))
     order = {node: index for index, node in enumerate(graph.nodes)}
-    for node in sorted(column_nodes, key=order.__getitem__, reverse=True):
+    for node in sorted(copies, key=order.__getitem__, reverse=True):
         if not node.users:
             graph.erase_node(node)

@@ -73,6 +73,7 @@ import torch
 
 from .kernels import cpu_scan
 from .estimates import CachedEstimates
+from .maxplus import maxplus_solve
 from .pcr import solve_affine_recurrence
 from .program import windowed_steps
 from .sequential import continue_sequentially
@@ -150,7 +151,8 @@ def newton_solve(
     iteration.
 
     An affine chain with exact blocks (:attr:`ChainProgram.one_linear_solve`)
-    is solved by :func:`linear_solve` instead (``window`` bounds its runs of positions; no damping).
+    is solved by :func:`linear_solve` instead (``window`` bounds its runs of positions; no damping), a max-plus
+    chain (:attr:`ChainProgram.one_maxplus_solve`) by :func:`~seqpar.runtime.maxplus.maxplus_solve`.
     """
     kind = program.solve_kind  # the linear solve's blocks ("diag" for jacobian="estimate")
     length = program.length
@@ -158,6 +160,8 @@ def newton_solve(
         window = None
     if program.one_linear_solve:
         return linear_solve(program, s0, xs_leaves, shared, window)
+    if program.one_maxplus_solve:
+        return maxplus_solve(program, s0, xs_leaves, shared)
     work = accumulation_dtype(s0.dtype)
     stats = SolveStats(length=length, jacobian=program.jacobian, window=window, structure=program.step_structure.label)
     # One buffer for s_0 .. s_L: the states are rows 1.., the previous states

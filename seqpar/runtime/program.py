@@ -62,6 +62,7 @@ from torch.func import functionalize, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .spec import FORWARD_CHOICES, LOOP_CHOICES, linear_solve_kind
+from .maxplus import slope_graph
 from .structure import FLAT_VIEWS, acts_elementwise, node_shape, state_dependent, step_structure
 
 # A program's run spec: how it runs, as opposed to what its traces compute.
@@ -128,7 +129,10 @@ class ChainProgram:
     a diagonal step's ``"full"`` Jacobians and for ``"estimate"``),
     ``adjoint_kind`` the adjoint's (``"diag"`` for a diagonal step, else
     ``"full"``); ``one_linear_solve`` says the chain is solved by one linear
-    solve (an affine step whose blocks are its exact Jacobian).
+    solve (an affine step whose blocks are its exact Jacobian),
+    ``one_maxplus_solve`` by one max-plus pass (a max-plus step,
+    :mod:`seqpar.runtime.maxplus`, whose slopes ``maxplus_slopes`` gives at
+    all positions).
 
     ``outputs``, where the chain has per-step outputs, is
     ``g(s_prev, x_l, *shared) -> (y^1_l, .., y^J_l)``: tensors each step
@@ -192,6 +196,7 @@ class ChainProgram:
         self.adjoint_kind = "diag" if diagonal else "full"
         exact = jacobian == "full" or (diagonal and jacobian == "diag")  # the blocks are the Jacobian itself
         self.one_linear_solve = self.step_structure.affine and exact
+        self.one_maxplus_solve = self.step_structure.maxplus and exact
         self.structure = None
         if not diagonal and (jacobian in ("full", "diag") or adjoint == "parallel"):
             self.structure = find_affine_pointwise(self.lowered)
@@ -206,6 +211,9 @@ class ChainProgram:
         needs_vjp = jacobian == "estimate" or generic_rows
         self.lowered_state_vjp = lower_step(self._state_vjp, *one, torch.empty_like(prev[0])) if needs_vjp else None
         self.steps_at = _trace(self._steps, *examples)
+        self.maxplus_slopes = (
+            _trace(_at_every_position(slope_graph(self.lowered)), *examples) if self.one_maxplus_solve else None
+        )
         self.steps_and_jacobians = (
             None if jacobian == "identity" else _trace(self._make_steps_and_jacobians(jacobian), *examples)
         )

@@ -1,4 +1,4 @@
-"""The structure of a step's Jacobian, proven from its traced graph: diagonal, affine, both or neither.
+"""The structure of a step's Jacobian, proven from its traced graph: diagonal, affine, max-plus, or neither.
 
 The graph is the packed step lowered to aten ops on one position
 (:func:`~seqpar.runtime.program.lower_step`): ``f(s, x_leaves, shared)`` with
@@ -33,9 +33,22 @@ Jacobian over the flat state.
   ``s_l = A_l s_{l-1} + c_l`` is solved exactly by one linear solve
   (:func:`seqpar.runtime.newton.linear_solve`).
 
-Both are proofs about the operations in the graph, not numerical probes: an op
+* **Max-plus** (``f(s) = max(s + a, b)`` elementwise, ``a`` and ``b``
+  independent of the state, ``-inf`` allowed): a diagonal step, not affine,
+  whose every state-dependent node adds a state-independent value to one
+  state-dependent operand (``add``, ``sub`` of a state-independent value),
+  takes a maximum (``maximum`` of any operands, ``clamp_min``) or is a flat
+  reshape (:func:`_maxplus_in_state`). By induction every state-dependent
+  value is ``max(s + a_n, b_n)``: ``(max(s + a, b)) + c = max(s + (a + c),
+  b + c)``, ``max(max(s + a1, b1), max(s + a2, b2)) = max(s + max(a1, a2),
+  max(b1, b2))``. The running maximum that keeps RWKV's and xLSTM's
+  exponentials in range, ``m_t = max(m_{t-1} + w, k_t)``, is one; affine in
+  the max-plus semiring, it is solved in one pass
+  (:mod:`seqpar.runtime.maxplus`).
+
+All are proofs about the operations in the graph, not numerical probes: an op
 outside these lists answers "no" (the general solver), never a wrong "yes".
-A step whose output does not depend on the state (``J = 0``) is both.
+A step whose output does not depend on the state (``J = 0``) is diagonal and affine.
 """
 
 from __future__ import annotations
@@ -155,20 +168,47 @@ def _affine_in_state(node: torch.fx.Node, dependent: set) -> bool:
     )
 
 
+# Max-plus steps: the ops that add a state-independent value to the state-dependent operand at a position in
+# ``adds`` (any one of them), and the ops that take a maximum.
+_MAXPLUS_ADDS = {_aten.add.Tensor: (0, 1), _aten.sub.Tensor: (0,), _aten.add.Scalar: (0,), _aten.sub.Scalar: (0,)}
+_MAXPLUS_MAXIMA = {_aten.maximum.default: (0, 1), _aten.clamp_min.default: (0,), _aten.clamp_min.Tensor: (0,)}
+
+
+def _maxplus_in_state(node: torch.fx.Node, dependent: set) -> bool:
+    """Whether ``node`` maps ``max(s + a, b)`` forms of its state-dependent operands to one (module docstring):
+    a flat reshape of one, one plus (or minus) a state-independent value (``alpha`` 1), a maximum."""
+    positions = [index for index, arg in enumerate(node.args) if isinstance(arg, torch.fx.Node) and arg in dependent]
+    if any(isinstance(leaf, torch.fx.Node) and leaf in dependent for leaf in pytree.tree_leaves(node.kwargs)):
+        return False
+    if node.target in FLAT_VIEWS:
+        return positions == [0]
+    if node.target in _MAXPLUS_ADDS:
+        return len(positions) == 1 and positions[0] in _MAXPLUS_ADDS[node.target] and node.kwargs.get("alpha", 1) == 1
+    if node.target in _MAXPLUS_MAXIMA:
+        return bool(positions) and all(index in _MAXPLUS_MAXIMA[node.target] for index in positions)
+    return False
+
+
+def is_maximum(node: torch.fx.Node) -> bool:
+    """Whether ``node`` is one of the maxima a max-plus step may take."""
+    return node.target in _MAXPLUS_MAXIMA
+
+
 @dataclass(frozen=True)
 class StepStructure:
-    """What a traced step's Jacobian is (see the module docstring): ``diagonal``, ``affine``, and ``how``:
-    the rule that proved each property or the first op that ruled it out, for reports."""
+    """What a traced step's Jacobian is (see the module docstring): ``diagonal``, ``affine``, ``maxplus``, and
+    ``how``: the rule that proved each property or the first op that ruled it out, for reports."""
 
     diagonal: bool
     affine: bool
     how: str
+    maxplus: bool = False
 
     @property
     def label(self) -> str:
-        """``"diagonal affine"``, ``"diagonal"``, ``"affine"`` or ``"general"``."""
-        names = [name for name, held in (("diagonal", self.diagonal), ("affine", self.affine)) if held]
-        return " ".join(names) or "general"
+        """``"diagonal affine"``, ``"diagonal max-plus"``, ``"diagonal"``, ``"affine"`` or ``"general"``."""
+        held = (("diagonal", self.diagonal), ("affine", self.affine), ("max-plus", self.maxplus))
+        return " ".join(name for name, holds in held if holds) or "general"
 
 
 def find_step_structure(graph_module: torch.fx.GraphModule) -> StepStructure:
@@ -198,7 +238,13 @@ def find_step_structure(graph_module: torch.fx.GraphModule) -> StepStructure:
         if nonlinear is None
         else f"not affine: {nonlinear.target} ({nonlinear.name}) is not affine in the state"
     )
-    return StepStructure(mixing is None, nonlinear is None, f"{diagonal}; {affine} (traced step graph)")
+    maxplus = ""
+    if mixing is None and nonlinear is not None:
+        blocker = next((node for node in operations if not _maxplus_in_state(node, dependent)), None)
+        maxplus = ("; max-plus: every state-dependent op adds a state-independent value, takes a maximum or is a "
+                   "flat reshape" if blocker is None else f"; not max-plus: {blocker.target} ({blocker.name})")
+    return StepStructure(mixing is None, nonlinear is None, f"{diagonal}; {affine}{maxplus} (traced step graph)",
+                         maxplus=maxplus.startswith("; max-plus"))
 
 
 _FOUND: "weakref.WeakKeyDictionary[torch.fx.GraphModule, StepStructure]" = weakref.WeakKeyDictionary()

@@ -152,3 +152,19 @@ def test_dim_taking_ops_at_their_default_dims_stay():
                lambda x: torch.stack([x[:, t].view(torch.int64) for t in range(T)])):
         gm, compiled = captured(fn, x)
         assert batch_stacks(gm) == 0
+
+
+def test_copies_with_an_in_place_write_between_them_stay():
+    """Row t reads x before the t-th increment: batched at the stack, every row would read the last x."""
+
+    def fn(x):
+        rows = []
+        for t in range(T):
+            rows.append(x[:, t] * 2.0)
+            x.add_(1.0)
+        return torch.stack(rows)
+
+    x = inputs()[0]
+    gm, compiled = captured(fn, x.clone())
+    assert batch_stacks(gm) == 0
+    torch.testing.assert_close(compiled(x.clone()), fn(x.clone()), rtol=0, atol=0)

@@ -69,6 +69,23 @@ void scan_diagonal(const SCALAR *restrict a, SCALAR *restrict y, long length, lo
 }
 
 /*
+ * The max-plus recurrence of seqpar/runtime/maxplus.py, in place:
+ *
+ *     y_l = max(y_{l-1} + a_l, y_l),   l = 1 .. L-1,
+ *
+ * y holding (y_0, b_1, .., b_{L-1}) on entry, a the slopes, both (L, row) contiguous. fmax would drop a NaN: the
+ * comparison keeps it (a NaN in y_{l-1} + a_l or in b_l stays NaN, as torch.maximum gives).
+ */
+void scan_maxplus(const SCALAR *restrict a, SCALAR *restrict y, long length, long row)
+{
+    for (long l = 1; l < length; ++l)
+        for (long k = 0; k < row; ++k) {
+            const SCALAR carried = y[(l - 1) * row + k] + a[l * row + k], own = y[l * row + k];
+            y[l * row + k] = (carried > own || isnan(carried)) ? carried : own;
+        }
+}
+
+/*
  * One Newton update of the active states, fused: with c_l = F_l - s_l,
  *
  *     y_l = A_l y_{l-1} + c_l   (y_{-1} = 0),    s_l <- s_l + y_l,    s_0 <- F_0,

@@ -5,7 +5,8 @@ The systems are :mod:`seqpar.runtime.pcr`'s affine recurrences
     y_l = A_l y_{l-1} + c_l              (forward, y_{-1} = 0)
     y_l = A_{l+1}^T y_{l+1} + c_l        (reverse, y_L = 0)
 
-with dense ``(L, N, w, w)`` or diagonal ``(L, N, w)`` blocks. On a CPU the
+with dense ``(L, N, w, w)`` or diagonal ``(L, N, w)`` blocks, and the
+max-plus recurrence ``y_l = max(y_{l-1} + a_l, b_l)`` (:func:`maxplus`). On a CPU the
 recursive-doubling and chunked scans of :mod:`~seqpar.runtime.pcr` are bound
 by the cost of launching ~50 small torch operations per solve (0.9 ms at
 ``L = 4096, w = 4``), while substitution does ``L N w^2`` multiply-adds in one
@@ -80,6 +81,18 @@ def solve(A: torch.Tensor, c: torch.Tensor, kind: str, reverse: bool) -> torch.T
     return y
 
 
+def maxplus(a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``y_l <- max(y_{l-1} + a_l, y_l)`` for ``l = 1..L-1``, in place on ``y`` (``(L, N, w)``, contiguous; ``a``
+    of its shape and dtype): the max-plus recurrence of :mod:`seqpar.runtime.maxplus`. Returns ``y``. Check
+    :func:`supports` and :func:`available` first."""
+    library = _loaded(y.dtype)
+    if not y.is_contiguous():
+        raise ValueError("maxplus updates y in place: y must be contiguous")
+    a = a.contiguous()
+    library.scan_maxplus(a.data_ptr(), y.data_ptr(), y.shape[0], y[0].numel())
+    return y
+
+
 def newton_update(A: torch.Tensor, F: torch.Tensor, s: torch.Tensor, kind: str, atol: float, rtol: float):
     """One fused Newton update of the active states ``s`` (``(M, N, w)``, contiguous, updated in place).
 
@@ -126,7 +139,8 @@ def _library(dtype: torch.dtype) -> tuple[ctypes.CDLL | None, str | None]:
     pointer, size = ctypes.c_void_p, ctypes.c_long
     library.scan_dense.argtypes = [pointer, pointer, size, size, size, ctypes.c_int]
     library.scan_diagonal.argtypes = [pointer, pointer, size, size, ctypes.c_int]
-    library.scan_dense.restype = library.scan_diagonal.restype = None
+    library.scan_maxplus.argtypes = [pointer, pointer, size, size]
+    library.scan_dense.restype = library.scan_diagonal.restype = library.scan_maxplus.restype = None
     scalar = _SCALARS[dtype]
     library.newton_update.argtypes = [
         pointer, pointer, pointer, pointer, size, size, size, ctypes.c_int, scalar, scalar,

@@ -157,6 +157,16 @@ def chain_solve(
     return _fresh(states, ())  # the solver may return a view into its work buffer; it never aliases an input
 
 
+def _unaliased(outputs: list[torch.Tensor], inputs) -> list[torch.Tensor]:
+    """An op's list of outputs, each :func:`_fresh` against the ``inputs`` and the outputs before it (a custom op's
+    outputs alias neither its inputs nor each other: the VJP of a per-step output that is the state itself is its
+    cotangent, an input)."""
+    fresh = []
+    for value in outputs:
+        fresh.append(_fresh(value, [*inputs, *fresh]))
+    return fresh
+
+
 def _fresh(value: torch.Tensor, inputs) -> torch.Tensor:
     """``value`` as an op may return it (its fake contract): contiguous, at offset 0 of its storage and sharing
     no storage with the op's ``inputs``; copied where it is not."""
@@ -232,7 +242,8 @@ def chain_adjoint(
     grad_s0, grad_leaves, grad_shared = adjoint_solve(
         program, s0, leaves, shared, states.contiguous(), grad_states.contiguous()
     )
-    return [grad_s0.contiguous()] + _input_gradients(program, xs, shared, layer_params, grad_leaves, grad_shared)
+    gradients = [grad_s0] + _input_gradients(program, xs, shared, layer_params, grad_leaves, grad_shared)
+    return _unaliased(gradients, [s0, *xs, *shared, *layer_params, states, grad_states])
 
 
 def _input_gradients(program, xs, shared, layer_params, grad_leaves, grad_shared) -> list[torch.Tensor]:
@@ -383,8 +394,7 @@ def chain_outputs(program_id, s0, states, xs, shared, layer_params) -> list[torc
     s0, states, xs, shared = s0.contiguous(), states.contiguous(), _contiguous(xs), _contiguous(shared)
     leaves = per_step_inputs(program, xs, layer_params)
     outputs = program.outputs_at(_output_states(program, s0, states), leaves, shared)
-    inputs = (s0, states, *leaves, *shared)  # g sees these (layer parameters stacked in leaves)
-    return [_fresh(y, inputs) for y in outputs]
+    return _unaliased(list(outputs), [s0, states, *leaves, *shared, *layer_params])
 
 
 def _chain_outputs_fake(program_id, s0, states, xs, shared, layer_params):
@@ -418,9 +428,8 @@ def chain_outputs_vjp(
         grad_s0, grad_states = torch.zeros_like(s0), grad_at
     else:
         grad_s0, grad_states = grad_at[0], torch.cat([grad_at[1:], torch.zeros_like(states[-1:])])
-    return [grad_s0.contiguous(), grad_states.contiguous()] + _input_gradients(
-        program, xs, shared, layer_params, grad_leaves, grad_shared
-    )
+    gradients = [grad_s0, grad_states] + _input_gradients(program, xs, shared, layer_params, grad_leaves, grad_shared)
+    return _unaliased(gradients, [s0, states, *xs, *shared, *layer_params, *grad_outputs])
 
 
 @chain_outputs_vjp.register_fake

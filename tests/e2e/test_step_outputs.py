@@ -265,10 +265,18 @@ def test_recurrences_writing_a_buffer_per_step_are_served(make, outputs):
         ("recurrent", "parallel", count) for count in outputs]
 
 
-def test_recurrent_gemma_gradients_through_the_served_recurrence_equal_eager():
+# In float32 the per-step output is the state itself (no cast to the model's dtype), written into the buffer:
+# its VJP is its cotangent, which the op returns as a copy, never as its input.
+@pytest.mark.parametrize("dtype, options", [
+    (torch.float64, {"policy": "parallel"}),
+    (torch.float32, {"policy": "parallel"}),
+    (torch.float32, {"policy": "sequential", "sequential_form": "rolled"}),
+])
+def test_recurrent_gemma_gradients_through_the_served_recurrence_equal_eager(dtype, options):
     # (RWKV's CPU loop cannot be differentiated in eager either: its backward finds a tensor changed in place.)
     model, ids = tiny_recurrent_gemma()
-    compiled, _ = compile_with(lambda ids: model(ids).last_hidden_state, policy="parallel")
+    model = model.to(dtype)
+    compiled, _ = compile_with(lambda ids: model(ids).last_hidden_state, **options)
     got, want = compiled(ids), model(ids).last_hidden_state
     assert_close_at_scale(got, want)
     weights = [parameter for parameter in model.parameters() if parameter.requires_grad]

@@ -100,11 +100,12 @@ def forward(fn, ids):
 
 
 def measure(family: str, seq: int, batch: int, repeats: int, args) -> str:
+    torch._dynamo.reset()  # every row compiles afresh (the rows share the lambda's code: Dynamo's recompile limit)
     torch.manual_seed(0)
     keyword, option = WIDTH_OPTION.get(family, (None, None))
     model = FAMILIES[family](**({keyword: getattr(args, option)} if keyword else {})).eval()
     ids = torch.randint(0, 1000, (batch, seq))
-    backend = SeqparBackend({})
+    backend = SeqparBackend({"policy": args.policy})
     fns = {
         "eager": hidden_states(model),
         "seqpar": torch.compile(hidden_states(copy.deepcopy(model)), backend=backend),
@@ -147,9 +148,12 @@ def main():
     parser.add_argument("--gemma-mlp", type=int, default=2560)
     parser.add_argument("--xlstm-hidden", type=int, default=4096)
     parser.add_argument("--no-inductor", action="store_true", help="leave out inductor's column")
+    parser.add_argument("--policy", default="auto", choices=["auto", "parallel", "sequential"],
+                        help="seqpar's policy (default: auto, the cost model's choice)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"threads {args.threads}, float32, CPU; ratios are eager's time over each (> 1: faster than eager)\n")
+    print(f"threads {args.threads}, float32, CPU, seqpar policy {args.policy!r}; ratios are eager's time over each "
+          "(> 1: faster than eager)\n")
     print("| family | batch | seq | forward eager | seqpar | inductor | training eager | seqpar | inductor "
           "| seqpar error | seqpar first call | chains (decision/forward/adjoint) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")

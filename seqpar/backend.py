@@ -19,6 +19,7 @@ import torch
 import torch.fx as fx
 from torch._dynamo import lookup_backend
 from torch._dynamo.exc import ShortenTraceback
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .debug import log, write_dump, write_hints
 from .options import Options, parse_options
@@ -61,10 +62,15 @@ class SeqparBackend:
         self.graphs: list[GraphRecord] = []
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
+        if any(isinstance(value, torch.SymInt) for value in example_inputs) and pipeline.finds_chains(gm, self.options):
+            log.info("seqpar: Dynamo traced a graph with chains and symbolic sizes (a new batch size or sequence "
+                     "length); seqpar solves chains of static shapes: the graph is compiled per concrete shape at "
+                     "its first call with it")
+            return PerShape(self, gm)
         gm.recompile()
         record = GraphRecord(index=next(_graph_counter), original_code=gm.code)
         self.graphs.append(record)
-        work = _copy_graph_module(gm)
+        work = pipeline.copy_graph_module(gm)
         result = pipeline.run(work, example_inputs, gm, self.options)
         if result.detection_error is not None:
             log.warning("seqpar: chain detection failed on graph %d (%s); compiled unchanged", record.index,
@@ -192,6 +198,52 @@ class InvalidOptions(ShortenTraceback, ValueError):
         super().__init__(message, first_useful_frame=None)
 
 
+class PerShape:
+    """A graph Dynamo traced with symbolic sizes, compiled by ``backend`` once per concrete shape of its inputs.
+
+    Dynamo makes a dim symbolic when a second call changes it (``automatic_dynamic_shapes``): the chains of such
+    a graph have no static length or state shape, so the backend specialises instead. At the first call with
+    given sizes, strides and ints, a copy of the graph gets static fake values (:func:`static_graph`) and goes
+    through the backend as Dynamo's graphs do, with the call's own tensors as example inputs; later calls with
+    the same key reuse it. What each specialisation found is in ``backend.graphs``.
+    """
+
+    def __init__(self, backend: "SeqparBackend", gm: fx.GraphModule):
+        self.backend, self.gm, self.compiled = backend, gm, {}
+
+    def __call__(self, *args):
+        key = tuple((tuple(arg.shape), arg.stride(), arg.dtype, arg.device) if isinstance(arg, torch.Tensor)
+                    else arg for arg in args)
+        compiled = self.compiled.get(key)
+        if compiled is None:
+            compiled = self.compiled[key] = self.backend(static_graph(self.gm, args), list(args))
+        return compiled(*args)
+
+
+def static_graph(gm: fx.GraphModule, args) -> fx.GraphModule:
+    """A copy of ``gm`` whose nodes' fake values (``example_value``, ``val``) have the static shapes that ``args``
+    (one per placeholder: tensors, and ints for symbolic sizes) give them; other meta kept."""
+    static = pipeline.copy_graph_module(gm)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake_args = [mode.from_tensor(arg, static_shapes=True) if isinstance(arg, torch.Tensor) else arg for arg in args]
+    for node in static.graph.nodes:
+        node.meta.pop("example_value", None)
+        node.meta.pop("val", None)
+    with mode:  # in the call's grad mode, as Dynamo traced it: the values' requires_grad is what the passes read
+        _Annotator(static).run(*fake_args)
+    return static
+
+
+class _Annotator(fx.Interpreter):
+    """Runs a graph on fake values and keeps each node's value as its ``example_value`` and ``val``
+    (``FakeTensorProp`` drops ``requires_grad``, which says which inputs the chain ops differentiate)."""
+
+    def run_node(self, node: fx.Node):
+        value = super().run_node(node)
+        node.meta["example_value"] = node.meta["val"] = value
+        return value
+
+
 def seqpar_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None):
     """The ``torch_dynamo_backends`` entry point: ``torch.compile(m, backend="seqpar", options=...)``."""
     try:
@@ -199,16 +251,6 @@ def seqpar_backend(gm: fx.GraphModule, example_inputs, options: dict | None = No
     except ValueError as error:
         raise InvalidOptions(str(error)) from None
     return SeqparBackend(parsed)(gm, example_inputs)
-
-
-def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """A GraphModule with a copy of ``gm``'s graph (same node names and meta), sharing its attributes."""
-    graph = fx.Graph()
-    output = graph.graph_copy(gm.graph, {})
-    graph.output(output)
-    copy = fx.GraphModule(gm, graph)
-    copy.meta.update(gm.meta)
-    return copy
 
 
 def _chain_report(outcome: pipeline.ChainOutcome) -> ChainReport:

@@ -128,6 +128,28 @@ def run(gm: fx.GraphModule, example_inputs, original: fx.GraphModule, options: P
     return result
 
 
+def finds_chains(gm: fx.GraphModule, options: PassOptions) -> bool:
+    """Whether detection (after the writes pass, as in :func:`run`) finds a chain in ``gm``, left unchanged."""
+    work = copy_graph_module(gm)
+    try:
+        sink_buffer_writes(work)
+        chains, _ = find_chains(work, min_chain=options.min_chain)
+    except Exception:  # detection never breaks compilation
+        return False
+    return bool(chains)
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule with a copy of ``gm``'s graph (same node names, meta and calling convention), sharing its
+    attributes: what the passes rewrite, leaving Dynamo's graph as it was."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    graph.set_codegen(gm.graph._codegen)
+    copy = fx.GraphModule(gm, graph)
+    copy.meta.update(gm.meta)
+    return copy
+
+
 def _solve(gm: fx.GraphModule, chains: list[Chain], example_inputs, original: fx.GraphModule,
            options: PassOptions, result: PipelineResult) -> list[ChainOutcome]:
     """Decide, lower and rewrite one round's ``chains`` (outcomes appended to ``result``); this round's outcomes."""

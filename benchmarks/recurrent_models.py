@@ -21,7 +21,7 @@ stack it builds), float32, CPU, ``torch.set_num_threads(--threads)``:
 
 For each sequence length: the forward under ``torch.no_grad`` and a training
 step (forward, ``sum of squares``, backward), medians of ``--repeats`` calls
-after a warm-up, eager's time over each (``> 1``: faster than eager); the
+after ``--warmup`` untimed ones, eager's time over each (``> 1``: faster than eager); the
 chains seqpar found and its decisions; the largest difference of the hidden
 states from eager's, relative to their scale; the first seqpar call's time
 (Dynamo's trace, seqpar's passes, the inner compile of what is left).
@@ -122,7 +122,7 @@ def measure(family: str, seq: int, batch: int, repeats: int, args) -> str:
         difference = (solved - reference).abs().max().item() / scale
     for kind, make in (("forward", forward), ("training", training_step)):
         try:
-            times = {name: median_time(make(fn, ids), repeats, warmup=1) for name, fn in fns.items()}
+            times = {name: median_time(make(fn, ids), repeats, warmup=args.warmup) for name, fn in fns.items()}
         except RuntimeError as error:  # RWKV's CPU loop changes a tensor its backward needs, in eager too
             cells += [f"fails: {str(error)[:60]}", "-", "-"]
             continue
@@ -144,6 +144,8 @@ def main():
     parser.add_argument("--seq", nargs="+", type=int, default=[256, 1024])
     parser.add_argument("--batch", nargs="+", type=int, default=[1])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="untimed calls first (the first compiles; the second still allocates and builds caches)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--gemma-mlp", type=int, default=2560)
     parser.add_argument("--xlstm-hidden", type=int, default=4096)

@@ -11,7 +11,7 @@ op does. :func:`batch_stacks` replaces such a stack by
     stack_l f(P.select(d, a + k l), c) = f~(slice_steps(P, d, a, k, L), c)       (L, *S)
 
 where ``P.select(d, a + k l)`` are the steps' slices of one tensor (an
-arithmetic progression of indexes, :func:`~.slices.select_index`), ``c`` the
+arithmetic progression of indexes, :func:`~.slices.as_slice`), ``c`` the
 operands every copy shares (the same node or literal), and ``f~`` the same ops
 applied once to the stacked operands: a pointwise op (:data:`BATCHABLE`)
 broadcasts ``(L, 1, .., 1, *s_j)`` against shared operands of at most the
@@ -40,7 +40,7 @@ from torch.fx.node import Node
 from ..runtime.slicing import slice_steps
 from .batch_dims import POINTWISE
 from .effects import mutates, side_effect
-from .slices import select_index
+from .slices import as_slice
 from .tokens import call_arg, example, flatten_args, node_token, rebuild_args, target_name
 
 log = logging.getLogger("seqpar.passes")
@@ -137,15 +137,12 @@ def _plan(column: tuple, plans: dict):
 
 
 def _slices(column: tuple) -> _Slices | None:
-    picked = [select_index(node) for node in column]
-    if not all(picked):
+    """The column as evenly spaced selects of one tensor (:func:`~.slices.as_slice` without views: a view of
+    the selects is batched as an op)."""
+    found = as_slice(list(column))
+    if found is None or len(found.chain) != 1:
         return None
-    source, dim, start = picked[0]
-    stride = picked[1][2] - start
-    if stride == 0 or any(p[0] is not source or p[1] != dim or p[2] != start + stride * l
-                          for l, p in enumerate(picked)):
-        return None
-    return _Slices(source, dim, start, stride, column)
+    return _Slices(found.source, found.dim, found.start, found.stride, column)
 
 
 def _batched(column: tuple, plans: dict) -> _Batched | None:

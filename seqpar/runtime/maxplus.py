@@ -30,17 +30,14 @@ with the reason in the stats.
 
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
 
 from .kernels import cpu_scan
-from .sequential import continue_sequentially
+from .sequential import redo_if_not_finite
 from .stats import SolveStats
 from .structure import is_maximum, state_dependent
-
-log = logging.getLogger("seqpar.runtime")
 
 
 def slope_graph(lowered: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -88,11 +85,5 @@ def maxplus_solve(program, s0: torch.Tensor, xs_leaves, shared):
         length=length, jacobian=program.jacobian, iterations=1, converged=True, residual=0.0, evaluations=2 * length,
         jacobian_evaluations=0, structure=program.step_structure.label,
     )
-    if not bool(torch.isfinite(torch.stack(torch.aminmax(states))).all()):
-        stats.converged, stats.residual = False, math.inf
-        stats.fallback = "non-finite values in the max-plus pass"
-        log.info("chain of %d steps: %s; solved sequentially", length, stats.fallback)
-        continue_sequentially(program, s0, xs_leaves, shared, states, 0)
-        stats.sequential_steps = length
-        stats.evaluations += length
+    redo_if_not_finite(program, s0, xs_leaves, shared, states, stats, "the max-plus pass")
     return states, stats

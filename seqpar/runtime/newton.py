@@ -76,7 +76,7 @@ from .estimates import CachedEstimates
 from .maxplus import maxplus_solve
 from .pcr import solve_affine_recurrence
 from .program import windowed_steps
-from .sequential import continue_sequentially
+from .sequential import continue_sequentially, redo_if_not_finite
 from .spec import (
     CPU_LINEAR_RUN_BYTES,
     CPU_LINEAR_RUN_MIN,
@@ -272,13 +272,7 @@ def linear_solve(program, s0, xs_leaves, shared, window: int | None = None):
         length=length, jacobian=program.jacobian, iterations=1, converged=True, residual=0.0, evaluations=length,
         jacobian_evaluations=length, window=window, structure=program.step_structure.label,
     )
-    if not bool(torch.isfinite(torch.stack(torch.aminmax(states))).all()):  # NaN, +-inf reach the extremes
-        stats.converged, stats.residual = False, math.inf
-        stats.fallback = "non-finite values in the one linear solve of an affine chain"
-        log.info("chain of %d steps: %s; solved sequentially", length, stats.fallback)
-        continue_sequentially(program, s0, xs_leaves, shared, states, 0)
-        stats.sequential_steps = length
-        stats.evaluations += length
+    redo_if_not_finite(program, s0, xs_leaves, shared, states, stats, "the one linear solve of an affine chain")
     return states, stats
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 
 import torch
@@ -10,6 +12,8 @@ import torch.utils._pytree as pytree
 from . import dense_step
 from .rolled import loop_for
 from .stats import SolveStats
+
+log = logging.getLogger("seqpar.runtime")
 
 
 def run_steps(program, state, xs_leaves, shared, start: int = 0) -> torch.Tensor:
@@ -67,6 +71,19 @@ def continue_sequentially(program, s0, xs_leaves, shared, states, start: int) ->
     """``states[start:]`` (0-based; ``s_{start+1} .. s_L``) by the sequential loop, in place."""
     if start < program.length:
         states[start:] = run_steps(program, s0 if start == 0 else states[start - 1], xs_leaves, shared, start)
+
+
+def redo_if_not_finite(program, s0, xs_leaves, shared, states, stats, solve: str) -> None:
+    """After a one-pass solve (``solve`` names it): where ``states`` hold a NaN or an infinity (they reach the
+    extremes), all of them by the sequential loop, in place, and ``stats`` say why."""
+    if bool(torch.isfinite(torch.stack(torch.aminmax(states))).all()):
+        return
+    stats.converged, stats.residual = False, math.inf
+    stats.fallback = f"non-finite values in {solve}"
+    log.info("chain of %d steps: %s; solved sequentially", program.length, stats.fallback)
+    continue_sequentially(program, s0, xs_leaves, shared, states, 0)
+    stats.sequential_steps = program.length
+    stats.evaluations += program.length
 
 
 def solve_sequentially(program, s0, xs_leaves, shared, reason: str):

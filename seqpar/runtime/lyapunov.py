@@ -9,6 +9,14 @@ converge in a number of steps independent of ``L``; ``lambda > 0``: errors
 grow like ``exp(lambda L)`` and the chain should stay sequential (Gonzalez,
 Kozachkov et al. 2025).
 
+Each ``log ||J_l v||`` carries the rounding of the norm it is taken of, a
+relative error of order the dtype's ``eps``, so the mean resolves ``lambda``
+to about ``eps``: an estimate with ``|lambda| <= eps`` is reported as ``0``
+(neutral). A chain whose Jacobians have unit spectral radius (xLSTM's memory
+where the forget gate saturates: ``exp(f + m - max(f + m, i)) = 1``) gives
+``|lambda| ~ 1e-9`` in float32 from rounding alone, and was taken as
+unpredictable by its sign.
+
 Where a step has no forward-mode derivative (e.g. the fused CPU attention
 kernel of a UNet), the same exponent comes from reverse mode: the product
 ``J_L ... J_1`` and its transpose have the same singular values, so power
@@ -48,10 +56,12 @@ def largest_lyapunov_exponent(
     tangent = torch.randn(s0.shape, generator=generator, dtype=work).to(device=s0.device, dtype=s0.dtype)
     tangent = tangent / tangent.norm()
     try:
-        return _forward_mode(step, length, s0, xs_leaves, shared, tangent, work)
+        estimate = _forward_mode(step, length, s0, xs_leaves, shared, tangent, work)
     except (RuntimeError, NotImplementedError) as error:  # no forward-mode formula for some op of the step
         log_probe_failure("no forward-mode derivative, estimated in reverse mode", error)
-        return _reverse_mode(step, length, s0, xs_leaves, shared, tangent, work)
+        estimate = _reverse_mode(step, length, s0, xs_leaves, shared, tangent, work)
+    resolution = torch.finfo(s0.dtype if s0.dtype.is_floating_point else work).eps
+    return 0.0 if abs(estimate) <= resolution else estimate
 
 
 def log_probe_failure(what: str, error: BaseException) -> None:

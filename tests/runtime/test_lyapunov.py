@@ -58,3 +58,20 @@ def test_reverse_mode_gives_the_forward_mode_exponent():
 def test_a_chain_that_overflows_has_an_infinite_exponent():
     factors = torch.full((64, 1), 1e300, dtype=torch.float64)
     assert largest_lyapunov_exponent(diagonal_step, 64, torch.ones(1, dtype=torch.float64), [factors], []) == math.inf
+
+
+def test_an_exponent_within_the_rounding_of_the_estimate_is_zero():
+    # An orthogonal step has lambda = 0 exactly; each log-norm of a float32 tangent carries a rounding of
+    # order eps = 1.2e-7, so the estimate is a small number of either sign (xLSTM's memory, whose forget
+    # factor saturates at 1, gave +3.7e-9 and was kept sequential as unpredictable). Reported as 0.
+    torch.manual_seed(0)
+    rotation, _ = torch.linalg.qr(torch.randn(16, 16, dtype=torch.float64))
+    steps = rotation.float().expand(64, 16, 16)
+
+    def rotate(s, x_leaves, shared):
+        return x_leaves[0] @ s
+
+    assert largest_lyapunov_exponent(rotate, 64, torch.randn(16), [steps], []) == 0.0
+    # A growth of 1.001 per step (lambda = 1e-3) is far above the rounding: still seen.
+    growth = torch.full((64, 4), 1.001)
+    assert abs(largest_lyapunov_exponent(diagonal_step, 64, torch.ones(4), [growth], []) - math.log(1.001)) < 1e-5

@@ -49,18 +49,41 @@ def build_output_step(plan: Plan, seq: list[Node], root: torch.nn.Module) -> tup
     segment computes (a readout ``W s_l``, Mamba's ``C s_l``), and ``g``'s state
     placeholder is that next state ``s_l``: evaluated at the solved states, the
     step is not computed again. Otherwise ``g`` takes ``s_{l-1}`` (a layer's
-    key/value cache reads its input).
+    key/value cache reads its input). A next state that is a same-value copy
+    of a node (``C.to(float32)`` of a float32 ``C``, a ``clone``) counts from
+    that node: xLSTM's readout ``q @ C.to(dtype)`` and its carried ``C.to(dtype)``
+    are two casts of one value.
     """
     graph, leaves, env = _copy_segment(plan, seq, root)
     outputs = [env[seq[plan.begin + q]] for q in plan.output_offsets]
     graph.output(tuple(outputs))
-    state_nodes = [env[seq[plan.begin + q]] for q in plan.state_offsets]
+    state_nodes = [_value_source(env[seq[plan.begin + q]]) for q in plan.state_offsets]
     reads_next = _through(leaves, state_nodes, outputs)
     if reads_next:
         for node, leaf in zip(state_nodes, leaves):
             node.replace_all_uses_with(leaf)
     graph.eliminate_dead_code()
     return _module(graph), reads_next
+
+
+# Calls whose result has its input's value where dtype, device and shape are unchanged.
+_SAME_VALUE = (torch.Tensor.to, torch.Tensor.type_as, torch.Tensor.float, torch.Tensor.double, torch.Tensor.half,
+               torch.Tensor.bfloat16, torch.Tensor.clone, torch.clone, torch.Tensor.contiguous,
+               torch.Tensor.detach, torch.detach)
+
+
+def _value_source(node):
+    """The first node, walking back through :data:`_SAME_VALUE` calls, whose value ``node`` has."""
+    while (isinstance(node, Node) and node.op == "call_function" and node.target in _SAME_VALUE and node.args
+           and isinstance(node.args[0], Node) and _same_tensor_type(node, node.args[0])):
+        node = node.args[0]
+    return node
+
+
+def _same_tensor_type(node: Node, source: Node) -> bool:
+    after, before = example(node), example(source)
+    return (isinstance(after, torch.Tensor) and isinstance(before, torch.Tensor) and after.dtype == before.dtype
+            and after.device == before.device and after.shape == before.shape)
 
 
 def _through(leaves: list[Node], state_nodes: list[Node], outputs: list[Node]) -> bool:

@@ -52,6 +52,24 @@ class LayersAndTheirInputs(nn.Module):
         return x, views, squares
 
 
+class GRUCastReadout(GRUReadout):
+    """As xLSTM's cell: the state carried is ``h.to(dtype)`` and the readout reads another ``h.to(dtype)`` (both
+    same-dtype casts of one value)."""
+
+    def forward(self, x):
+        h, ys = x.new_zeros(x.shape[0], self.hidden), []
+        for t in range(x.shape[1]):
+            new = self.cell(x[:, t], h)
+            ys.append(self.readout(new.to(x.dtype)))
+            h = new.to(x.dtype)
+        return torch.stack(ys, 1)
+
+
+def cast_readout_case(seed=0):
+    torch.manual_seed(seed)
+    return GRUCastReadout().double(), (torch.randn(2, 16, 4, dtype=torch.float64),)
+
+
 def gru_case(seed=0):
     torch.manual_seed(seed)
     return GRUReadout().double(), (torch.randn(2, 16, 4, dtype=torch.float64),)
@@ -127,8 +145,8 @@ def test_a_stack_of_a_per_step_output_becomes_a_view_of_the_served_outputs():
     assert "torch.stack" not in record.rewritten_code and "select" not in record.rewritten_code
 
 
-@pytest.mark.parametrize("case, reads_next", [(gru_case, True), (layers_case, False)],
-                         ids=["readout_of_the_new_state", "views_of_the_layer_input"])
+@pytest.mark.parametrize("case, reads_next", [(gru_case, True), (cast_readout_case, True), (layers_case, False)],
+                         ids=["readout_of_the_new_state", "readout_of_a_cast_of_it", "views_of_the_layer_input"])
 def test_outputs_that_read_the_new_state_are_evaluated_at_it_without_computing_the_step_again(case, reads_next):
     model, inputs = case()
     compiled, backend = compile_with(model, policy="parallel")
@@ -136,6 +154,7 @@ def test_outputs_that_read_the_new_state_are_evaluated_at_it_without_computing_t
         compiled(*inputs)
     ((report, program),) = backend.graphs[0].programs
     assert program.outputs_at_next is reads_next
+    torch.testing.assert_close(compiled(*inputs), model(*inputs), atol=F64_ATOL, rtol=0)
     if reads_next:  # g is the readout alone: the GRU cell is not in it
         assert "gru_cell" in report.step_code and "gru_cell" not in report.output_code
 

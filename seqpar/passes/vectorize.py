@@ -17,7 +17,8 @@ applied once to the stacked operands: a pointwise op (:data:`BATCHABLE`)
 broadcasts ``(L, 1, .., 1, *s_j)`` against shared operands of at most the
 per-step rank ``r = len(S)`` exactly as ``s_j`` broadcast in each step, so
 row ``l`` of ``f~`` is ``f`` at step ``l``; ``linear`` maps the leading dims of
-its input independently. Guarantees: each replaced stack equals the original
+its input independently; ``matmul`` of operands of rank >= 2 broadcasts its
+batch dims the same way (xLSTM's outer products ``k_l[..., None] @ v_l[..., None, :]``). Guarantees: each replaced stack equals the original
 in values, shape and dtype; every batched node is run on Dynamo's fake values
 and must give ``(L, *shape)`` and the dtype of the copy it batches (a rank-0
 operand promotes types more weakly than its stack: such a mismatch leaves the
@@ -46,13 +47,18 @@ from .tokens import call_arg, example, flatten_args, node_token, rebuild_args, t
 log = logging.getLogger("seqpar.passes")
 
 # Ops whose L copies equal one call on the stacked operands, by how the call changes: pointwise ops broadcast
-# (shape-taking ``expand`` excluded), ``linear`` maps leading dims, a reshape gets the step dim in front of its
-# shape, a dim-taking op its dims (non-negative ones) moved up by one.
+# (shape-taking ``expand`` excluded), as ``matmul`` broadcasts its batch dims where its varying operands are
+# matrices (rank >= 2 per step: a vector operand would become a matrix), ``linear`` maps leading dims, a
+# reshape gets the step dim in front of its shape, a dim-taking op its dims (non-negative ones) moved up by one,
+# a basic index (ints, slices, ``None``, ``...``) a full slice in front.
 POINTWISE_BATCHABLE = POINTWISE - {"expand", "expand_as"}
+_MATMUL = {"matmul", "__matmul__"}
+_BROADCASTING = POINTWISE_BATCHABLE | _MATMUL
 _LEADING = {"linear"}
 _RESHAPES = {"reshape", "view"}
 _DIMMED = {"unsqueeze", "squeeze", "transpose", "flatten", "softmax", "log_softmax", "sum", "mean", "amax", "amin"}
-BATCHABLE = POINTWISE_BATCHABLE | _LEADING | _RESHAPES | _DIMMED
+_INDEXED = {"getitem"}
+BATCHABLE = _BROADCASTING | _LEADING | _RESHAPES | _DIMMED | _INDEXED
 _DIM_KEYWORDS = {"dim", "dim0", "dim1", "start_dim", "end_dim"}
 # Values of a stack left outside its run of batched copies (steps peeled before a chain) at most.
 _MAX_STRIPPED = 2
@@ -164,20 +170,34 @@ def _batched(column: tuple, plans: dict) -> _Batched | None:
         if not all(isinstance(v, Node) for v in values) or rank is None:
             return None
         operand_rank = _rank(value)
-        aligned = operand_rank is not None and (operand_rank <= rank or name not in POINTWISE_BATCHABLE)
+        aligned = operand_rank is not None and (operand_rank <= rank or name not in _BROADCASTING)
+        if name in _MATMUL and (operand_rank is None or operand_rank < 2):
+            aligned = False
         plan = _plan(tuple(values), plans) if aligned else None
         if plan is None:
             return None
         operands.append(plan)
     varying = [j for j, operand in enumerate(operands) if operand is not None]
-    if not varying or (name not in POINTWISE_BATCHABLE and varying != [0]):
+    if not varying or (name not in _BROADCASTING and varying != [0]):
         return None
     if name in _RESHAPES and not all(type(leaf) is int for leaf in leaves[0][1:]):
         return None  # a shape of literal ints, nothing else (``view(dtype)`` reinterprets bytes)
     if name in _DIMMED and (any(isinstance(leaf, Node) for leaf in leaves[0][1:])
                             or (name != "squeeze" and not _given_dims(first))):
         return None  # dims given as literals; a default dim (all of them, or 0) would take in the step dim
+    if name in _INDEXED and not (isinstance(example(first), torch.Tensor) and _basic_index(first.args[1])):
+        return None  # advanced indexing (tensors, lists) does not keep a leading dim where it is
     return _Batched(first, operands, column)
+
+
+def _basic_index(index) -> bool:
+    """Whether ``index`` is a basic index: ints, slices of ints, ``None`` and ``...``, alone or in a tuple."""
+    items = index if isinstance(index, tuple) else (index,)
+    return all(
+        item is None or item is Ellipsis or type(item) is int
+        or (isinstance(item, slice) and all(b is None or type(b) is int for b in (item.start, item.stop, item.step)))
+        for item in items
+    )
 
 
 def _given_dims(node: Node) -> list[int]:
@@ -230,7 +250,7 @@ def _emit_plan(graph: fx.Graph, plan, length: int, emitted: list, done: dict) ->
                     (plan.source, plan.dim, plan.start, plan.stride, length))
     else:
         template, rank = plan.template, _rank(plan.template)
-        broadcasts = target_name(template) in POINTWISE_BATCHABLE
+        broadcasts = target_name(template) in _BROADCASTING
         operands = {}
         for j, operand in enumerate(plan.operands):
             if operand is not None:
@@ -258,6 +278,9 @@ def _with_step_dim(name: str, args: tuple, kwargs: dict, length: int) -> tuple[t
             return args, {**kwargs, "shape": (length, *kwargs["shape"])}
         shape = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:]
         return (args[0], (length, *shape)), kwargs
+    if name in _INDEXED:
+        index = args[1] if isinstance(args[1], tuple) else (args[1],)
+        return (args[0], (slice(None), *index)), kwargs
     if name in _DIMMED:
         return ((args[0], *(_shifted(arg) for arg in args[1:])),
                 {key: _shifted(value) if key in _DIM_KEYWORDS else value for key, value in kwargs.items()})

@@ -85,12 +85,33 @@ def test_linear_with_a_shared_weight_maps_the_steps_at_once():
     batched_equals_eager(fn, inputs()[0], weight, bias, atol=1e-6)
 
 
+def test_matmul_of_per_step_matrices_broadcasts_its_batch_dims_with_the_steps():
+    def outer(k, v):  # xLSTM's k_l v_l^T per head: (B, H, D, 1) @ (B, H, 1, E)
+        return torch.stack([k[:, :, t][:, :, :, None] @ v[:, :, t][..., None, :] for t in range(T)])
+
+    k, v = torch.randn(B, 2, T, D, dtype=torch.float64), torch.randn(B, 2, T, 3, dtype=torch.float64)
+    gm = batched_equals_eager(outer, k, v)
+    assert ops(gm, "matmul") == 1 and ops(gm, "getitem") == 2
+
+    def with_shared_batch(x, w):  # per step (B, D) @ shared (2, D, 4) -> (2, B, 4): the step dim goes in front of 2
+        return torch.stack([torch.matmul(x[:, t], w) for t in range(T)])
+
+    batched_equals_eager(with_shared_batch, inputs()[0], torch.randn(2, D, 4, dtype=torch.float64), atol=1e-12)
+
+    def vector_times_shared(x, w):  # a per-step vector operand: batched it would be a matrix
+        return torch.stack([torch.matmul(x[0, t], w) for t in range(T)])
+
+    gm, _ = captured(vector_times_shared, inputs()[0], torch.randn(D, 4, dtype=torch.float64))
+    assert batch_stacks(gm) == 0
+
+
 def test_stacks_that_batching_would_change_stay():
     x, w = inputs()
     cases = {
         "an op it does not know": lambda x, w: torch.stack([torch.cumsum(x[:, t], 0) for t in range(T)]),
         "an in-place op": lambda x, w: torch.stack([(x[:, t] * w).relu_() for t in range(T)]),
         "a random draw": lambda x, w: torch.stack([F.dropout(x[:, t], 0.5, training=True) for t in range(T)]),
+        "advanced indexing": lambda x, w: torch.stack([x[:, t][[0, 2]] for t in range(T)]),
         "a weight that differs per step": lambda x, w: torch.stack([x[:, t] * (w + t) for t in range(T)]),
         "steps of different tensors": lambda x, w: torch.stack([x[:, t] if t % 2 else w.expand(B, D)
                                                                 for t in range(T)]),

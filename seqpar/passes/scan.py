@@ -41,10 +41,7 @@ from .effects import side_effect
 from .kinds import chain_kind
 from .module_paths import module_path
 from .step import inline_body, state_placeholder, state_tensors
-from .tokens import example, target_name
-
-# Ops that copy a value unchanged: scan forbids a per-step output that aliases the carry, so models clone it.
-_COPIES = {"clone", "contiguous", "detach", "alias"}
+from .tokens import VALUE_COPIES, example, target_name
 
 
 class _Rejected(Exception):
@@ -181,11 +178,12 @@ def _position(scan: Node):
 
 
 def _copied_carry(output: Node, carry_outputs: list[Node]) -> int | None:
-    """Which carry ``output`` is (through ``clone``-like copies), or ``None``."""
+    """Which carry ``output`` is (through copies, :data:`~.tokens.VALUE_COPIES`: scan forbids a per-step output
+    that aliases the carry, so models clone it), or ``None``."""
     while output.__class__ is Node:
         if output in carry_outputs:
             return carry_outputs.index(output)
-        if output.op not in ("call_function", "call_method") or target_name(output) not in _COPIES:
+        if output.op not in ("call_function", "call_method") or target_name(output) not in VALUE_COPIES:
             return None
         output = output.args[0]
     return None

@@ -26,7 +26,7 @@ from torch.fx.node import Node
 
 from .effects import mutates, out_of_place
 from .segments import Plan
-from .tokens import example, is_invoke_subgraph, rebuild_args
+from .tokens import VALUE_COPIES, example, is_invoke_subgraph, rebuild_args, target_name
 
 
 def build_step(plan: Plan, seq: list[Node], root: torch.nn.Module) -> fx.GraphModule:
@@ -66,15 +66,13 @@ def build_output_step(plan: Plan, seq: list[Node], root: torch.nn.Module) -> tup
     return _module(graph), reads_next
 
 
-# Calls whose result has its input's value where dtype, device and shape are unchanged.
-_SAME_VALUE = (torch.Tensor.to, torch.Tensor.type_as, torch.Tensor.float, torch.Tensor.double, torch.Tensor.half,
-               torch.Tensor.bfloat16, torch.Tensor.clone, torch.clone, torch.Tensor.contiguous,
-               torch.Tensor.detach, torch.detach)
+# Calls whose result has its input's value where dtype, device and shape are unchanged: copies and casts.
+_SAME_VALUE = VALUE_COPIES | {"to", "type_as", "float", "double", "half", "bfloat16"}
 
 
 def _value_source(node):
     """The first node, walking back through :data:`_SAME_VALUE` calls, whose value ``node`` has."""
-    while (isinstance(node, Node) and node.op == "call_function" and node.target in _SAME_VALUE and node.args
+    while (isinstance(node, Node) and node.op == "call_function" and target_name(node) in _SAME_VALUE and node.args
            and isinstance(node.args[0], Node) and _same_tensor_type(node, node.args[0])):
         node = node.args[0]
     return node

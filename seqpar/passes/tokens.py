@@ -25,6 +25,8 @@ _NODE = "<node>"
 VIEW_OPS = frozenset({"t", "transpose", "swapaxes", "swapdims", "permute", "movedim", "view", "reshape",
                       "unsqueeze", "squeeze", "flatten", "unflatten", "expand"})
 VIEW_ATTRIBUTES = frozenset({"T", "mT", "H", "mH"})
+# Calls that return their input's value unchanged (a copy or an alias of it).
+VALUE_COPIES = frozenset({"clone", "contiguous", "detach", "alias"})
 
 
 def is_number(value) -> bool:

@@ -10,9 +10,10 @@ grow like ``exp(lambda L)`` and the chain should stay sequential (Gonzalez,
 Kozachkov et al. 2025).
 
 Each ``log ||J_l v||`` carries the rounding of the norm it is taken of, a
-relative error of order the dtype's ``eps``, so the mean resolves ``lambda``
-to about ``eps``: an estimate with ``|lambda| <= eps`` is reported as ``0``
-(neutral). A chain whose Jacobians have unit spectral radius (xLSTM's memory
+relative error of order ``eps``, so the mean resolves ``lambda`` to about
+``eps``: an estimate with ``|lambda| <= eps`` of the work dtype (float64 for
+float64 states, float32 otherwise: a half-precision chain is not granted
+its own coarser rounding) is reported as ``0`` (neutral). A chain whose Jacobians have unit spectral radius (xLSTM's memory
 where the forget gate saturates: ``exp(f + m - max(f + m, i)) = 1``) gives
 ``|lambda| ~ 1e-9`` in float32 from rounding alone, and was taken as
 unpredictable by its sign.
@@ -60,8 +61,7 @@ def largest_lyapunov_exponent(
     except (RuntimeError, NotImplementedError) as error:  # no forward-mode formula for some op of the step
         log_probe_failure("no forward-mode derivative, estimated in reverse mode", error)
         estimate = _reverse_mode(step, length, s0, xs_leaves, shared, tangent, work)
-    resolution = torch.finfo(s0.dtype if s0.dtype.is_floating_point else work).eps
-    return 0.0 if abs(estimate) <= resolution else estimate
+    return 0.0 if abs(estimate) <= torch.finfo(work).eps else estimate
 
 
 def log_probe_failure(what: str, error: BaseException) -> None:

@@ -18,11 +18,12 @@ broadcasts ``(L, 1, .., 1, *s_j)`` against shared operands of at most the
 per-step rank ``r = len(S)`` exactly as ``s_j`` broadcast in each step, so
 row ``l`` of ``f~`` is ``f`` at step ``l``; ``linear`` maps the leading dims of
 its input independently; ``matmul`` of operands of rank >= 2 broadcasts its
-batch dims the same way (xLSTM's outer products ``k_l[..., None] @ v_l[..., None, :]``). Guarantees: each replaced stack equals the original
-in values, shape and dtype; every batched node is run on Dynamo's fake values
-and must give ``(L, *shape)`` and the dtype of the copy it batches (a rank-0
-operand promotes types more weakly than its stack: such a mismatch leaves the
-stack as it was); ops that mutate, draw random numbers or touch global state
+batch dims the same way (xLSTM's outer products ``k_l[..., None] @ v_l[..., None, :]``).
+Guarantees: each replaced stack equals the original in values, shape and
+dtype; every batched node is run on Dynamo's fake values and must give
+``(L, *shape)`` and the dtype of the copy it batches (a rank-0 operand
+promotes types more weakly than its stack: such a mismatch leaves the stack
+as it was); ops that mutate, draw random numbers or touch global state
 (:func:`~.effects.side_effect`) are never batched, nor a stack whose copies
 have an in-place write between them and the stack (the batched ops run at
 the stack: they could read what the write changed); the per-step copies are
@@ -170,9 +171,8 @@ def _batched(column: tuple, plans: dict) -> _Batched | None:
         if not all(isinstance(v, Node) for v in values) or rank is None:
             return None
         operand_rank = _rank(value)
-        aligned = operand_rank is not None and (operand_rank <= rank or name not in _BROADCASTING)
-        if name in _MATMUL and (operand_rank is None or operand_rank < 2):
-            aligned = False
+        aligned = operand_rank is not None and (operand_rank <= rank or name not in _BROADCASTING) and (
+            name not in _MATMUL or operand_rank >= 2)
         plan = _plan(tuple(values), plans) if aligned else None
         if plan is None:
             return None

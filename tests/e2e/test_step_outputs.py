@@ -101,7 +101,8 @@ def assert_outputs_and_gradients_equal_eager(model, inputs, **options):
     return backend
 
 
-@pytest.mark.parametrize("case", [gru_case, layers_case], ids=["gru_readout", "layers_inputs"])
+@pytest.mark.parametrize("case", [gru_case, cast_readout_case, layers_case],
+                         ids=["gru_readout", "cast_readout", "layers_inputs"])
 @pytest.mark.parametrize("options", [
     {"policy": "parallel"},
     {"policy": "parallel", "adjoint": "sequential"},
@@ -111,7 +112,7 @@ def test_per_step_outputs_and_their_gradients_equal_eager(case, options):
     model, inputs = case()
     backend = assert_outputs_and_gradients_equal_eager(model, inputs, **options)
     (chain,) = chain_reports(backend)
-    assert chain.decision != "rejected" and chain.outputs == (1 if case is gru_case else 2)
+    assert chain.decision != "rejected" and chain.outputs == (2 if case is layers_case else 1)
 
 
 class GRUArgmax(GRUReadout):

@@ -31,6 +31,7 @@ from .passes.module_paths import span
 from .report import ChainReport, format_table, hints_for
 from .runtime.ops import call_state
 from .runtime.precision import in_float64
+from .speed import ORIGINAL, REWRITTEN, SpeedTrial, differentiated, timed_call
 from .verify import judge
 
 _graph_counter = itertools.count()
@@ -49,6 +50,7 @@ class GraphRecord:
     verification: list[str] = field(default_factory=list)
     fell_back: bool = False
     inner_error: str | None = None  # why the inner backend could not compile the graph (it then runs eagerly)
+    speed: SpeedTrial | None = None  # the rewritten graph timed against the original (policy "auto")
 
     def table(self) -> str:
         return format_table(self.chains)
@@ -90,6 +92,8 @@ class SeqparBackend:
             compiled = work.forward  # nothing left for the inner backend to compile: run the rewritten graph
         else:
             compiled = self._inner_compile(work, example_inputs, record)
+        if record.programs and self.options.policy == "auto":
+            record.speed = SpeedTrial()
         write_dump(self.options.debug_dir, record)
         write_hints(self.options.debug_dir,
                     hints_for([chain for graph in self.graphs for chain in graph.chains], len(self.graphs)))
@@ -118,12 +122,23 @@ class SeqparBackend:
         def run(*args):
             record.calls += 1
             due = every and (record.calls == 1 or (every > 1 and record.calls % every == 0))
-            if record.fell_back:
+            trial = record.speed
+            if record.fell_back or (trial is not None and trial.kept == ORIGINAL):
                 return original(*args)
+            timing = (trial is not None and trial.kept is None and record.calls > 1 and not due
+                      and not differentiated(args))
+            if timing and trial.next_form() == ORIGINAL:
+                out, seconds = timed_call(original, args)
+                _add_sample(record, ORIGINAL, seconds)
+                return out
             if due:
                 for _, program in record.programs:
                     call_state(program).check = _check_states
-            out = compiled(*args)
+            if timing:
+                out, seconds = timed_call(compiled, args)
+                _add_sample(record, REWRITTEN, seconds)
+            else:
+                out = compiled(*args)
             if due and record.programs:
                 _record_chain_checks(record)
                 out = _check_graph(record, original, args, out, random_node)
@@ -133,6 +148,17 @@ class SeqparBackend:
 
         run.seqpar_record = record
         return run
+
+
+def _add_sample(record: GraphRecord, form: str, seconds: float) -> None:
+    """One timed call of the speed trial; once it decides, the outcome goes to the log and the chains' reasons."""
+    record.speed.add(form, seconds)
+    if record.speed.kept is None:
+        return
+    summary = record.speed.summary()
+    log.info("seqpar graph %d: %s", record.index, summary)
+    for report, _ in record.programs:
+        report.reason += f"; graph {summary}"
 
 
 def _last_solve(program):

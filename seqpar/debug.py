@@ -54,6 +54,7 @@ def write_dump(debug_dir: str | None, record) -> None:
                 "graph": record.index,
                 "verification": record.verification,
                 "inner_error": record.inner_error,
+                "speed": record.speed.summary() if record.speed is not None else None,
                 "chains": [chain.as_dict() for chain in record.chains],
             },
             indent=2,

@@ -39,7 +39,9 @@ class Options:
                 Picard, ParaDiGMS): an int >= 1, None (the whole chain) or
                 "auto": 32 for denoising chains, the whole chain otherwise.
     min_chain:  shortest chain worth rewriting (segments).
-    policy:     "auto" (cost model + predictability probe), "parallel" or
+    policy:     "auto" (cost model + predictability probe; an inference graph
+                is then timed against the original graph on its first calls and
+                the faster kept: :mod:`seqpar.speed`), "parallel" or
                 "sequential" for every chain.
     sequential_form: how a chain kept sequential is compiled: "unrolled" (left
                 in the graph for the inner backend: its run speed and compile

@@ -1,0 +1,83 @@
+"""Never slower than asked for: the rewritten graph timed against the original on the first calls.
+
+The policy decides per chain from crossovers measured on chains alone
+(:mod:`seqpar.passes.policy`); a whole graph can still lose, where what the
+rewrite leaves around the chains costs more than the chains win (a
+kept-sequential chain whose per-step inputs and states are materialised for
+all ``L`` steps at once, megabytes where eager's loop stays in cache). Under
+policy ``"auto"`` the backend therefore times both forms of a graph that is
+not differentiated (inference: grad disabled, or nothing requiring grad) on
+its calls after the first: the rewritten graph (compiled by the inner
+backend) and the original graph (the ops Dynamo traced, run as they are, as
+eager runs them), alternating, one form per call, ``SAMPLES`` calls each.
+The faster by its fastest call runs from then on:
+
+    original   if  min_k t_original,k < min_k t_rewritten,k,   else rewritten.
+
+The minimum, not the median, because interference (another process, a page
+fault) only ever adds time. A training graph is not timed: its forward alone
+does not tell which form trains faster (the parallel adjoint is where seqpar
+wins most), and the trial would pay for it. Both forms give the original
+graph's values within the stated tolerances, so the calls of the trial differ
+from each other only by rounding; each call runs exactly one form, so
+in-place updates of inputs (running statistics, caches) happen once per call.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+SAMPLES = 3
+REWRITTEN, ORIGINAL = "rewritten", "original"
+
+
+@dataclass
+class SpeedTrial:
+    """Calls of each form timed so far (seconds) and, once both have ``SAMPLES``, the form kept."""
+
+    rewritten: list[float] = field(default_factory=list)
+    original: list[float] = field(default_factory=list)
+    kept: str | None = None
+
+    def next_form(self) -> str:
+        """The form the next timed call runs: the one with fewer samples, the rewritten graph first."""
+        return ORIGINAL if len(self.original) < len(self.rewritten) else REWRITTEN
+
+    def add(self, form: str, seconds: float) -> None:
+        getattr(self, form).append(seconds)
+        if self.kept is None and min(len(self.rewritten), len(self.original)) >= SAMPLES:
+            self.kept = ORIGINAL if min(self.original) < min(self.rewritten) else REWRITTEN
+
+    def summary(self) -> str:
+        """One line for the report: both forms' fastest calls and the form kept."""
+        if self.kept is None:
+            return f"speed trial running ({len(self.rewritten)} + {len(self.original)} of {SAMPLES} + {SAMPLES} calls timed)"
+        ratio = min(self.original) / min(self.rewritten)
+        return (f"timed against the original graph (fastest of {SAMPLES} calls each): rewritten "
+                f"{min(self.rewritten) * 1e3:.3g} ms, original {min(self.original) * 1e3:.3g} ms "
+                f"({ratio:.2f}x): the {self.kept} graph runs from then on")
+
+
+def differentiated(args) -> bool:
+    """Whether a call with these inputs records autograd (grad enabled and some input requires grad)."""
+    return torch.is_grad_enabled() and any(isinstance(arg, torch.Tensor) and arg.requires_grad for arg in args)
+
+
+def timed_call(function, args):
+    """``(function(*args), seconds)``, waiting for the devices the inputs live on before and after."""
+    devices = {arg.device for arg in args if isinstance(arg, torch.Tensor) and arg.device.type != "cpu"}
+    _synchronize(devices)
+    start = time.perf_counter()
+    out = function(*args)
+    _synchronize(devices)
+    return out, time.perf_counter() - start
+
+
+def _synchronize(devices) -> None:
+    for device in devices:
+        module = getattr(torch, device.type, None)
+        if module is not None and hasattr(module, "synchronize"):
+            module.synchronize(device)

@@ -1,0 +1,114 @@
+"""Policy "auto" never slower than the original graph: the speed trial (seqpar.speed) on the first calls.
+
+Timing is not asserted here (tests never time): the trial's clock is replaced
+by one that says how long each form took, and the tests check what the
+backend does with it. Values are compared with eager in float64 on every call
+(solver tolerance 1e-10 relative, F64_ATOL as in test_backend).
+"""
+
+import torch
+import torch.fx as fx
+
+from seqpar.runtime.ops import call_state
+from seqpar.speed import SAMPLES, SpeedTrial
+from seqpar.testing import models as zoo
+
+from .test_backend import F64_ATOL, compile_with, to_double
+
+TRIAL_CALLS = 1 + 2 * SAMPLES  # the first call (compilation, verification) is never timed
+
+
+def fake_clock(monkeypatch, original_seconds: float, rewritten_seconds: float) -> list[str]:
+    """Make every timed call report the given durations; returns the forms in the order they ran."""
+    ran = []
+
+    def timed_call(function, args):
+        form = "original" if isinstance(function, fx.GraphModule) else "rewritten"
+        ran.append(form)
+        return function(*args), original_seconds if form == "original" else rewritten_seconds
+
+    monkeypatch.setattr("seqpar.backend.timed_call", timed_call)
+    return ran
+
+
+def rolled_chain():
+    """A 64-layer tanh MLP: policy auto keeps it sequential in the rolled form (a chain program)."""
+    model, inputs = to_double(*zoo.deep_mlp(depth=64, width=4))
+    return model.eval(), inputs
+
+
+def solves(backend) -> list:
+    return [call_state(program).last_stats for _, program in backend.graphs[0].programs]
+
+
+def test_a_slower_rewrite_hands_the_graph_back_to_the_original(monkeypatch):
+    ran = fake_clock(monkeypatch, original_seconds=1.0, rewritten_seconds=2.0)
+    model, inputs = rolled_chain()
+    compiled, backend = compile_with(model)
+    with torch.no_grad():
+        expected = model(*inputs)
+        for _ in range(TRIAL_CALLS):
+            torch.testing.assert_close(compiled(*inputs), expected, atol=F64_ATOL, rtol=0)
+        assert ran == ["rewritten", "original"] * SAMPLES  # alternating, one form per call
+        graph = backend.graphs[0]
+        assert graph.speed.kept == "original"
+        assert "rewritten 2e+03 ms, original 1e+03 ms (0.50x): the original graph runs" in graph.chains[0].reason
+        before = solves(backend)
+        torch.testing.assert_close(compiled(*inputs), expected, atol=F64_ATOL, rtol=0)
+        assert solves(backend) == before  # the chain op did not run again
+        assert len(ran) == 2 * SAMPLES  # nor is anything timed any more
+
+
+def test_a_faster_rewrite_is_kept(monkeypatch):
+    ran = fake_clock(monkeypatch, original_seconds=2.0, rewritten_seconds=1.0)
+    model, inputs = rolled_chain()
+    compiled, backend = compile_with(model)
+    with torch.no_grad():
+        for _ in range(TRIAL_CALLS + 2):
+            torch.testing.assert_close(compiled(*inputs), model(*inputs), atol=F64_ATOL, rtol=0)
+    assert backend.graphs[0].speed.kept == "rewritten" and len(ran) == 2 * SAMPLES
+    assert "(2.00x): the rewritten graph runs" in backend.graphs[0].chains[0].reason
+
+
+def test_a_differentiated_call_is_not_timed(monkeypatch):
+    # The forward alone does not tell which form trains faster: training calls run the rewrite untimed.
+    ran = fake_clock(monkeypatch, original_seconds=1.0, rewritten_seconds=2.0)
+    model, inputs = rolled_chain()
+    compiled, backend = compile_with(model)
+    for _ in range(TRIAL_CALLS):
+        compiled(*inputs).sum().backward()
+    assert ran == [] and backend.graphs[0].speed.kept is None
+
+
+def test_forced_policies_are_not_timed(monkeypatch):
+    ran = fake_clock(monkeypatch, original_seconds=1.0, rewritten_seconds=2.0)
+    model, inputs = rolled_chain()
+    for policy in ("parallel", "sequential"):
+        compiled, backend = compile_with(model, policy=policy)
+        with torch.no_grad():
+            for _ in range(TRIAL_CALLS):
+                compiled(*inputs)
+        assert backend.graphs[0].speed is None
+    assert ran == []
+
+
+def test_verified_calls_are_not_timed(monkeypatch):
+    # verify=2 checks calls 1, 2, 4, 6, ...: the check's reference run would count against the rewrite.
+    ran = fake_clock(monkeypatch, original_seconds=1.0, rewritten_seconds=2.0)
+    model, inputs = rolled_chain()
+    compiled, backend = compile_with(model, verify=2)
+    with torch.no_grad():
+        for _ in range(6):
+            compiled(*inputs)
+    assert len(ran) == 2 and all(entry.startswith(("call 1:", "call 2:", "call 4:", "call 6:"))
+                                 for entry in backend.graphs[0].verification)
+
+
+def test_the_trial_keeps_the_faster_form_by_its_fastest_call():
+    trial = SpeedTrial()
+    for original, rewritten in zip([5.0, 1.0, 1.0], [2.0, 2.0, 1.5]):
+        assert trial.next_form() == "rewritten"
+        trial.add("rewritten", rewritten)
+        assert trial.kept is None and trial.next_form() == "original"
+        trial.add("original", original)
+    assert trial.kept == "original"  # 1.0 < 1.5: one slow call (5.0) of the original does not decide

@@ -37,6 +37,7 @@ import time
 import torch
 
 from seqpar.backend import SeqparBackend
+from seqpar.speed import DECIDED_AFTER
 from timing import median_time
 
 
@@ -134,6 +135,9 @@ def measure(family: str, seq: int, batch: int, repeats: int, args) -> str:
         f"{' y=' + str(chain.outputs) if chain.outputs else ''}"
         for chain in chains
     ) or "none"
+    kept = [graph.speed.kept for graph in backend.graphs if graph.speed is not None and graph.speed.kept]
+    if kept:
+        decisions += f"; forward graph kept by the speed trial: {', '.join(kept)}"
     return (f"| {family} | {batch} | {seq} | " + " | ".join(cells)
             + f" | {difference:.1e} | {compile_seconds:.0f} s | {decisions} |")
 
@@ -144,8 +148,9 @@ def main():
     parser.add_argument("--seq", nargs="+", type=int, default=[256, 1024])
     parser.add_argument("--batch", nargs="+", type=int, default=[1])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=2,
-                        help="untimed calls first (the first compiles; the second still allocates and builds caches)")
+    parser.add_argument("--warmup", type=int, default=DECIDED_AFTER,
+                        help="untimed calls first (the first compiles; the next ones time the rewritten graph against "
+                             "the original: seqpar.speed)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--gemma-mlp", type=int, default=2560)
     parser.add_argument("--xlstm-hidden", type=int, default=4096)

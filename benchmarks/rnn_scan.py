@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import seqpar  # noqa: E402
 from seqpar.backend import SeqparBackend  # noqa: E402
+from seqpar.speed import DECIDED_AFTER  # noqa: E402
 from timing import median_time  # noqa: E402
 
 
@@ -43,7 +44,7 @@ def row(module: str, steps: int, hidden: int, repeats: int) -> str:
     with torch.no_grad():
         error = float((compiled(x)[0] - rnn(x)[0]).abs().max())
         forward_eager = median_time(lambda: rnn(x), repeats)
-        forward_seqpar = median_time(lambda: compiled(x), repeats)
+        forward_seqpar = median_time(lambda: compiled(x), repeats, warmup=DECIDED_AFTER)  # after seqpar.speed's trial
     train_eager = median_time(lambda: training_step(rnn, x), repeats)
     train_seqpar = median_time(lambda: training_step(compiled, x), repeats)
     chains = [chain for graph in backend.graphs for chain in graph.chains]

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 SAMPLES = 3
+DECIDED_AFTER = 1 + 2 * SAMPLES  # calls after which the trial has decided, where none was verified or differentiated
 REWRITTEN, ORIGINAL = "rewritten", "original"
 
 

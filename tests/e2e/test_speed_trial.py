@@ -10,12 +10,10 @@ import torch
 import torch.fx as fx
 
 from seqpar.runtime.ops import call_state
-from seqpar.speed import SAMPLES, SpeedTrial
+from seqpar.speed import DECIDED_AFTER, SAMPLES, SpeedTrial
 from seqpar.testing import models as zoo
 
 from .test_backend import F64_ATOL, compile_with, to_double
-
-TRIAL_CALLS = 1 + 2 * SAMPLES  # the first call (compilation, verification) is never timed
 
 
 def fake_clock(monkeypatch, original_seconds: float, rewritten_seconds: float) -> list[str]:
@@ -47,7 +45,7 @@ def test_a_slower_rewrite_hands_the_graph_back_to_the_original(monkeypatch):
     compiled, backend = compile_with(model)
     with torch.no_grad():
         expected = model(*inputs)
-        for _ in range(TRIAL_CALLS):
+        for _ in range(DECIDED_AFTER):
             torch.testing.assert_close(compiled(*inputs), expected, atol=F64_ATOL, rtol=0)
         assert ran == ["rewritten", "original"] * SAMPLES  # alternating, one form per call
         graph = backend.graphs[0]
@@ -64,7 +62,7 @@ def test_a_faster_rewrite_is_kept(monkeypatch):
     model, inputs = rolled_chain()
     compiled, backend = compile_with(model)
     with torch.no_grad():
-        for _ in range(TRIAL_CALLS + 2):
+        for _ in range(DECIDED_AFTER + 2):
             torch.testing.assert_close(compiled(*inputs), model(*inputs), atol=F64_ATOL, rtol=0)
     assert backend.graphs[0].speed.kept == "rewritten" and len(ran) == 2 * SAMPLES
     assert "(2.00x): the rewritten graph runs" in backend.graphs[0].chains[0].reason
@@ -75,7 +73,7 @@ def test_a_differentiated_call_is_not_timed(monkeypatch):
     ran = fake_clock(monkeypatch, original_seconds=1.0, rewritten_seconds=2.0)
     model, inputs = rolled_chain()
     compiled, backend = compile_with(model)
-    for _ in range(TRIAL_CALLS):
+    for _ in range(DECIDED_AFTER):
         compiled(*inputs).sum().backward()
     assert ran == [] and backend.graphs[0].speed.kept is None
 
@@ -86,7 +84,7 @@ def test_forced_policies_are_not_timed(monkeypatch):
     for policy in ("parallel", "sequential"):
         compiled, backend = compile_with(model, policy=policy)
         with torch.no_grad():
-            for _ in range(TRIAL_CALLS):
+            for _ in range(DECIDED_AFTER):
                 compiled(*inputs)
         assert backend.graphs[0].speed is None
     assert ran == []

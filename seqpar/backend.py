@@ -126,7 +126,7 @@ class SeqparBackend:
             if record.fell_back or (trial is not None and trial.kept == ORIGINAL):
                 return original(*args)
             timing = (trial is not None and trial.kept is None and record.calls > 1 and not due
-                      and not differentiated(args))
+                      and not differentiated(original, args))
             if timing and trial.next_form() == ORIGINAL:
                 out, seconds = timed_call(original, args)
                 _add_sample(record, ORIGINAL, seconds)
@@ -231,19 +231,31 @@ class PerShape:
     a graph have no static length or state shape, so the backend specialises instead. At the first call with
     given sizes, strides and ints, a copy of the graph gets static fake values (:func:`static_graph`) and goes
     through the backend as Dynamo's graphs do, with the call's own tensors as example inputs; later calls with
-    the same key reuse it. What each specialisation found is in ``backend.graphs``.
+    the same key reuse it. What each specialisation found is in ``backend.graphs``. After
+    ``MAX_SPECIALISATIONS`` keys (a loop over ever new sizes, such as generation with a growing length, would
+    otherwise compile without end and keep every compiled graph), further new keys run the graph as Dynamo
+    traced it, eager's kernels without a compile, and the log says so once.
     """
 
+    MAX_SPECIALISATIONS = 8
+
     def __init__(self, backend: "SeqparBackend", gm: fx.GraphModule):
-        self.backend, self.gm, self.compiled = backend, gm, {}
+        self.backend, self.gm, self.compiled, self.told = backend, gm, {}, False
 
     def __call__(self, *args):
         key = tuple((tuple(arg.shape), arg.stride(), arg.dtype, arg.device) if isinstance(arg, torch.Tensor)
                     else arg for arg in args)
         compiled = self.compiled.get(key)
-        if compiled is None:
+        if compiled is not None:
+            return compiled(*args)
+        if len(self.compiled) < self.MAX_SPECIALISATIONS:
             compiled = self.compiled[key] = self.backend(static_graph(self.gm, args), list(args))
-        return compiled(*args)
+            return compiled(*args)
+        if not self.told:
+            self.told = True
+            log.info("seqpar: a graph with symbolic sizes met more than %d shapes; new shapes run the graph as "
+                     "traced (eager kernels, no chain solved, nothing compiled)", self.MAX_SPECIALISATIONS)
+        return self.gm(*args)
 
 
 def static_graph(gm: fx.GraphModule, args) -> fx.GraphModule:

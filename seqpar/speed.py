@@ -25,6 +25,7 @@ in-place updates of inputs (running statistics, caches) happen once per call.
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 
@@ -62,9 +63,11 @@ class SpeedTrial:
                 f"({ratio:.2f}x): the {self.kept} graph runs from then on")
 
 
-def differentiated(args) -> bool:
-    """Whether a call with these inputs records autograd (grad enabled and some input requires grad)."""
-    return torch.is_grad_enabled() and any(isinstance(arg, torch.Tensor) and arg.requires_grad for arg in args)
+def differentiated(graph: torch.nn.Module, args) -> bool:
+    """Whether a call of ``graph`` with these inputs records autograd: grad enabled and some input, or a
+    parameter the graph holds itself (where Dynamo did not lift it to an input), requires grad."""
+    tensors = itertools.chain(args, graph.parameters())
+    return torch.is_grad_enabled() and any(isinstance(value, torch.Tensor) and value.requires_grad for value in tensors)
 
 
 def timed_call(function, args):

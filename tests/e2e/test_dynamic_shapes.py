@@ -84,3 +84,17 @@ def test_a_symbolic_graph_without_chains_goes_to_the_inner_backend_as_it_is():
         x = torch.randn(batch, 5)
         torch.testing.assert_close(run(x), torch.tanh(x) * 2)
     assert len(graphs) == 2 and not isinstance(graphs[-1], PerShape)  # one symbolic graph serves batch 3 and 4
+
+
+def test_specialisations_stop_at_a_limit_and_later_shapes_run_the_traced_graph(monkeypatch):
+    # A loop over ever new sizes (generation with a growing length) must not compile without end.
+    monkeypatch.setattr(PerShape, "MAX_SPECIALISATIONS", 2)
+    backend = SeqparBackend({"inner": "eager"})
+    graphs = []
+    torch._dynamo.reset()
+    run = torch.compile(recurrence, backend=lambda gm, example: graphs.append(backend(gm, example)) or graphs[-1])
+    for batch in (2, 3, 4, 5, 6):
+        args = inputs(batch)
+        torch.testing.assert_close(run(*args), recurrence(*args), rtol=0, atol=1e-12)
+    per_shape = graphs[-1]
+    assert isinstance(per_shape, PerShape) and len(per_shape.compiled) == 2 and per_shape.told

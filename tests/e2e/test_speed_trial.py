@@ -10,7 +10,7 @@ import torch
 import torch.fx as fx
 
 from seqpar.runtime.ops import call_state
-from seqpar.speed import DECIDED_AFTER, SAMPLES, SpeedTrial
+from seqpar.speed import DECIDED_AFTER, SAMPLES, SpeedTrial, differentiated
 from seqpar.testing import models as zoo
 
 from .test_backend import F64_ATOL, compile_with, to_double
@@ -110,3 +110,12 @@ def test_the_trial_keeps_the_faster_form_by_its_fastest_call():
         assert trial.kept is None and trial.next_form() == "original"
         trial.add("original", original)
     assert trial.kept == "original"  # 1.0 < 1.5: one slow call (5.0) of the original does not decide
+
+
+def test_a_call_is_differentiated_through_its_inputs_or_the_graphs_own_parameters():
+    layer, x = torch.nn.Linear(2, 2), torch.randn(1, 2)
+    assert differentiated(layer, (x,))  # a parameter Dynamo did not lift to an input
+    with torch.no_grad():
+        assert not differentiated(layer, (x.requires_grad_(),))
+    layer.requires_grad_(False)
+    assert differentiated(layer, (x,)) and not differentiated(layer, (x.detach(),))

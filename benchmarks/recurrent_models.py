@@ -9,6 +9,8 @@ stack it builds), float32, CPU, ``torch.set_num_threads(--threads)``:
 
 * ``mamba``: state-spaces/mamba-130m (hidden 768, state 16, expand 2), on
   its reference loop (``use_mambapy=False, use_associative_scan=False``);
+* ``mamba_associative_scan``: the same with transformers' default ``use_associative_scan=True``, which only a
+  compiled call takes (torch's ``associative_scan``; eager runs the loop);
 * ``rwkv``: RWKV/rwkv-4-169m-pile (hidden 768, intermediate 3072), on
   ``rwkv_linear_attention_cpu``;
 * ``recurrent_gemma``: google/recurrentgemma-2b's block widths (hidden and
@@ -41,13 +43,19 @@ from seqpar.speed import DECIDED_AFTER
 from timing import median_time
 
 
-def mamba(hidden=768):
+def mamba(hidden=768, associative_scan=False):
     import transformers
 
     config = transformers.MambaConfig(vocab_size=1000, hidden_size=hidden, state_size=16, expand=2, conv_kernel=4,
                                       num_hidden_layers=1, use_mambapy=False)
-    config.use_associative_scan = False
+    config.use_associative_scan = associative_scan
     return transformers.MambaModel(config)
+
+
+def mamba_associative_scan(hidden=768):
+    """Mamba with its default ``use_associative_scan``: eager runs the reference loop, a compiled call torch's
+    ``associative_scan`` (what inductor's column then measures)."""
+    return mamba(hidden, associative_scan=True)
 
 
 def rwkv(hidden=768):
@@ -77,7 +85,7 @@ def xlstm(hidden=4096):
     return transformers.xLSTMModel(config)
 
 
-FAMILIES = {"mamba": mamba, "rwkv": rwkv, "recurrent_gemma": recurrent_gemma, "xlstm": xlstm}
+FAMILIES = {"mamba": mamba, "mamba_associative_scan": mamba_associative_scan, "rwkv": rwkv, "recurrent_gemma": recurrent_gemma, "xlstm": xlstm}
 WIDTH_OPTION = {"recurrent_gemma": ("mlp", "gemma_mlp"), "xlstm": ("hidden", "xlstm_hidden")}
 
 

@@ -30,7 +30,7 @@ from .passes.glue import has_other_compute
 from .passes.module_paths import span
 from .report import ChainReport, format_table, hints_for
 from .runtime.ops import call_state
-from .runtime.precision import in_float64
+from .runtime.precision import copied, in_float64
 from .speed import ORIGINAL, REWRITTEN, SpeedTrial, differentiated, timed_call
 from .verify import judge
 
@@ -132,6 +132,7 @@ class SeqparBackend:
                 _add_sample(record, ORIGINAL, seconds)
                 return out
             if due:
+                before = copied(args) if record.programs else None  # the inputs as this call found them
                 for _, program in record.programs:
                     call_state(program).check = _check_states
             if timing:
@@ -141,7 +142,7 @@ class SeqparBackend:
                 out = compiled(*args)
             if due and record.programs:
                 _record_chain_checks(record)
-                out = _check_graph(record, original, args, out, random_node)
+                out = _check_graph(record, original, args, before, out, random_node)
             if debug_dir:
                 write_dump(debug_dir, record)
             return out
@@ -166,14 +167,19 @@ def _last_solve(program):
     return lambda: call_state(program).last_stats
 
 
-def _check_graph(record: GraphRecord, original: fx.GraphModule, args, out, random_node):
-    """The compiled graph's outputs ``out`` against the original graph's; on a mismatch the original graph's
-    outputs, and ``record.fell_back`` set so the original graph runs from then on."""
+def _check_graph(record: GraphRecord, original: fx.GraphModule, args, before, out, random_node):
+    """The compiled graph's outputs ``out`` against the original graph's, run on ``before`` (copies of the
+    call's inputs made before it ran; every reference run takes its own copies, so the caller's buffers are
+    updated once, by the compiled call). On a mismatch: the original graph's outputs, the inputs it updated in
+    place (a buffer) given the values it left, and ``record.fell_back`` set so the original graph runs from
+    then on."""
     if random_node is not None:
         record.verification.append(f"call {record.calls}: graph check skipped: {random_node.name} draws random numbers")
         return out
+    reference_inputs = copied(before)
     with torch.no_grad():
-        verdict = judge(original(*args), out, lambda: _in_float64(original, args))
+        expected = original(*reference_inputs)
+        verdict = judge(expected, out, lambda: _in_float64(original, copied(before)))
     ok, detail = verdict.ok, verdict.detail
     record.verification.append(f"call {record.calls}: graph {'ok' if ok else 'MISMATCH'}: {detail}")
     if ok:
@@ -182,7 +188,11 @@ def _check_graph(record: GraphRecord, original: fx.GraphModule, args, out, rando
     record.fell_back = True
     for report, _ in record.programs:
         report.reason += f"; graph verification mismatch at call {record.calls}, original graph used"
-    return original(*args)
+    with torch.no_grad():
+        for value, reference in zip(args, reference_inputs):
+            if isinstance(value, torch.Tensor) and value is not reference and not torch.equal(value, reference):
+                value.copy_(reference)
+    return expected
 
 
 def _in_float64(original: fx.GraphModule, args):

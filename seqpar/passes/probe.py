@@ -4,7 +4,8 @@
 a chain whose largest Lyapunov exponent ``lambda`` is positive amplifies
 perturbations like ``exp(lambda L)``, so Newton's linearisation fails there
 and the chain should stay sequential. :func:`probe_values` runs the original
-graph once on the example inputs and keeps the values the chains read;
+graph once on copies of the example inputs (parameters excepted) and keeps
+the values the chains read;
 :func:`lyapunov_exponent` estimates ``lambda`` along the chain's own
 trajectory (:func:`seqpar.runtime.lyapunov.largest_lyapunov_exponent`).
 Failures are expected (ops without forward-mode derivatives, fake example
@@ -18,6 +19,7 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor
 
 from ..runtime.lyapunov import largest_lyapunov_exponent, log_probe_failure
+from ..runtime.precision import copied
 from .chain import Chain, map_state, state_leaves
 from .inputs import stacked_inputs
 from .module_paths import span
@@ -50,8 +52,8 @@ def probe_values(gm: fx.GraphModule, example_inputs, chains: list[Chain]) -> dic
     wanted |= {node.name for chain in chains for item in chain.per_step for node in item.nodes}
     recorder = _Recorder(gm, wanted)
     try:
-        with torch.no_grad():
-            recorder.run(*example_inputs)
+        with torch.no_grad():  # the random streams: Dynamo restores them after a compile
+            recorder.run(*copied(example_inputs))
     except Exception as error:
         log_probe_failure("skipped, the graph failed on the example inputs", error)
         return {}

@@ -119,3 +119,27 @@ def test_a_call_is_differentiated_through_its_inputs_or_the_graphs_own_parameter
         assert not differentiated(layer, (x.requires_grad_(),))
     layer.requires_grad_(False)
     assert differentiated(layer, (x,)) and not differentiated(layer, (x.detach(),))
+
+
+class CountingMLP(torch.nn.Module):
+    """A rolled chain and an in-place buffer update (a call counter): every call must update it exactly once."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp, self.inputs = rolled_chain()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.float64))
+
+    def forward(self, x):
+        self.calls.add_(1)
+        return self.mlp(x)
+
+
+def test_every_call_of_the_trial_updates_a_buffer_once(monkeypatch):
+    ran = fake_clock(monkeypatch, original_seconds=1.0, rewritten_seconds=2.0)
+    model = CountingMLP()
+    compiled, backend = compile_with(model)
+    with torch.no_grad():
+        for call in range(1, DECIDED_AFTER + 3):
+            torch.testing.assert_close(compiled(*model.inputs), model.mlp(*model.inputs), atol=F64_ATOL, rtol=0)
+            assert model.calls.item() == call
+    assert len(ran) == 2 * SAMPLES and backend.graphs[0].speed.kept == "original"

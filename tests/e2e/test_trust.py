@@ -342,3 +342,50 @@ def test_dynamic_shapes_are_compiled_per_size_and_every_size_solved():
     model = tanh_mlp(16, 8)
     for dynamic in (True, False):
         assert [chain.form for chain in chains_after_two_batch_sizes(model, dynamic)] == ["solver", "solver"]
+
+
+class _CountingDropoutMLP(nn.Module):
+    """Dropout, a call counter updated in place, then a 64-layer chain (kept rolled by policy auto)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.dropout = nn.Dropout(0.5)
+        self.layers = nn.Sequential(*[nn.Sequential(nn.Linear(4, 4), nn.Tanh()) for _ in range(64)]).double()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.float64))
+
+    def forward(self, x):
+        self.calls.add_(1)
+        return self.layers(self.dropout(x))
+
+
+def test_the_compile_time_probe_leaves_buffers_and_the_random_stream_as_they_were():
+    # Policy auto runs the original graph once at compile time (the Lyapunov probe). That run updated the
+    # caller's buffers (the counter read 2 after one call); its random draws are undone by Dynamo, which
+    # restores the random streams after a compile (asserted here all the same: the mask is eager's).
+    model, x = _CountingDropoutMLP(), torch.randn(4, 4, dtype=torch.float64)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=SeqparBackend({"inner": "eager", "min_chain": 4}))
+    with torch.no_grad():
+        torch.manual_seed(1)
+        got = compiled(x)
+        assert model.calls.item() == 1
+        torch.manual_seed(1)
+        torch.testing.assert_close(got, model(x), rtol=0, atol=1e-12)  # the same dropout mask as eager's
+
+
+@pytest.mark.parametrize("policy", ["auto", "parallel"])
+def test_verified_calls_update_buffers_once_and_compare_from_the_inputs_the_call_found(policy):
+    # The graph check reruns the original graph: on copies of the inputs taken before the compiled call, so the
+    # counter is not incremented twice and the reference starts where the compiled call started.
+    model, x = _CountingDropoutMLP().eval(), torch.randn(4, 4, dtype=torch.float64)
+    torch._dynamo.reset()
+    backend = SeqparBackend({"inner": "eager", "min_chain": 4, "policy": policy, "verify": 2})
+    compiled = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        for call in range(1, 5):
+            torch.testing.assert_close(compiled(x), model.layers(x), rtol=0, atol=1e-12)
+            assert model.calls.item() == call
+    graph = backend.graphs[0]
+    assert not graph.fell_back and all("MISMATCH" not in entry for entry in graph.verification)
+    assert any(entry.startswith("call 4: graph ok") for entry in graph.verification)

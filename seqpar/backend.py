@@ -92,7 +92,8 @@ class SeqparBackend:
             compiled = work.forward  # nothing left for the inner backend to compile: run the rewritten graph
         else:
             compiled = self._inner_compile(work, example_inputs, record)
-        if record.programs and self.options.policy == "auto":
+        # Dynamo guards grad mode and the inputs' requires_grad: a graph compiled differentiated stays so.
+        if record.programs and self.options.policy == "auto" and not differentiated(gm, example_inputs):
             record.speed = SpeedTrial()
         write_dump(self.options.debug_dir, record)
         write_hints(self.options.debug_dir,
@@ -125,14 +126,14 @@ class SeqparBackend:
             trial = record.speed
             if record.fell_back or (trial is not None and trial.kept == ORIGINAL):
                 return original(*args)
-            timing = (trial is not None and trial.kept is None and record.calls > 1 and not due
-                      and not differentiated(original, args))
+            timing = trial is not None and trial.kept is None and record.calls > 1 and not due
             if timing and trial.next_form() == ORIGINAL:
                 out, seconds = timed_call(original, args)
                 _add_sample(record, ORIGINAL, seconds)
                 return out
             if due:
-                before = copied(args) if record.programs else None  # the inputs as this call found them
+                # the inputs as this call found them, for the graph check's reference runs
+                before = copied(args) if record.programs and random_node is None else None
                 for _, program in record.programs:
                     call_state(program).check = _check_states
             if timing:
@@ -169,8 +170,8 @@ def _last_solve(program):
 
 def _check_graph(record: GraphRecord, original: fx.GraphModule, args, before, out, random_node):
     """The compiled graph's outputs ``out`` against the original graph's, run on ``before`` (copies of the
-    call's inputs made before it ran; every reference run takes its own copies, so the caller's buffers are
-    updated once, by the compiled call). On a mismatch: the original graph's outputs, the inputs it updated in
+    call's inputs made before it ran, one set per reference run, so the caller's buffers are updated once, by
+    the compiled call). On a mismatch: the original graph's outputs, the inputs it updated in
     place (a buffer) given the values it left, and ``record.fell_back`` set so the original graph runs from
     then on."""
     if random_node is not None:
@@ -179,7 +180,7 @@ def _check_graph(record: GraphRecord, original: fx.GraphModule, args, before, ou
     reference_inputs = copied(before)
     with torch.no_grad():
         expected = original(*reference_inputs)
-        verdict = judge(expected, out, lambda: _in_float64(original, copied(before)))
+        verdict = judge(expected, out, lambda: _in_float64(original, before))  # the last run: takes ``before``
     ok, detail = verdict.ok, verdict.detail
     record.verification.append(f"call {record.calls}: graph {'ok' if ok else 'MISMATCH'}: {detail}")
     if ok:

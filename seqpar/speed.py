@@ -65,7 +65,8 @@ class SpeedTrial:
 
 def differentiated(graph: torch.nn.Module, args) -> bool:
     """Whether a call of ``graph`` with these inputs records autograd: grad enabled and some input, or a
-    parameter the graph holds itself (where Dynamo did not lift it to an input), requires grad."""
+    parameter the graph holds itself (where Dynamo did not lift it to an input), requires grad. Decided once,
+    at compile time: Dynamo guards grad mode and every input's ``requires_grad``."""
     tensors = itertools.chain(args, graph.parameters())
     return torch.is_grad_enabled() and any(isinstance(value, torch.Tensor) and value.requires_grad for value in tensors)
 

@@ -46,8 +46,11 @@ class Options:
     sequential_form: how a chain kept sequential is compiled: "unrolled" (left
                 in the graph for the inner backend: its run speed and compile
                 time), "rolled" (one op looping over stacked parameters: fast
-                to compile, eager run speed), "auto": rolled from 64 steps up
-                and for every ``scan`` (a scan "unrolled" stays a scan).
+                to compile, eager run speed; a contractive chain kept for cost
+                runs a compiled loop where it can: the C loop of a small dense
+                step, or with inner="inductor" its step, with the producers of
+                its per-step inputs, compiled by inductor), "auto": rolled from
+                64 steps up and for every ``scan`` (a scan "unrolled" stays a scan).
     adjoint:    backward solve: "auto" (cost model), "parallel", "sequential".
     inner:      backend for the rest of the graph.
     verify:     0/False: off; True/1: check the first call; N > 1: the first

@@ -76,7 +76,7 @@ def step_cost_text(form: str, stats: dict | None) -> str:
         return ""
     per_step = stats["seconds"] / stats["length"] * 1e6
     how = {"generated": "generated loop", "step calls": "the step called per step",
-           "compiled": "compiled C loop"}.get(stats.get("loop", ""), "")
+           "compiled": "compiled C loop", "fused": "step compiled by inductor"}.get(stats.get("loop", ""), "")
     if not how and stats.get("iterations"):
         how = f"{stats['iterations']} parallel iterations, parameters stacked"
     what = f"{how}; " if how else ""

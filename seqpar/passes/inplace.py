@@ -41,12 +41,12 @@ class Aliases:
     def __init__(self, graph: fx.Graph):
         self._by_storage: dict[StorageWeakRef, list[Node]] = {}
         for node in graph.nodes:
-            for key in _storages(example(node)):
+            for key in storages(example(node)):
                 self._by_storage.setdefault(key, []).append(node)
 
     def of(self, node: Node) -> list[Node] | None:
         """The nodes that alias ``node``'s tensor (``node`` included), or ``None`` where it has none."""
-        keys = _storages(example(node))
+        keys = storages(example(node))
         if len(keys) != 1 or not isinstance(example(node), torch.Tensor):
             return None
         return self._by_storage.get(keys[0], [])
@@ -102,7 +102,7 @@ def _twin_reason(node: Node, twin: tuple, what: str) -> str | None:
     return None
 
 
-def _storages(value) -> list[StorageWeakRef]:
+def storages(value) -> list[StorageWeakRef]:
     """The storages of the tensors in an example value (a tensor, or a tuple/list of them)."""
     items = value if isinstance(value, (tuple, list)) else [value]
     keys = []

@@ -13,7 +13,9 @@ Each pass states what it needs and what it guarantees (in its module):
    Lyapunov exponent from one run of the original graph, before any rewrite
    renames nodes.
 3. ``decide`` (:func:`~.policy.decide`): per chain and direction, parallel or
-   sequential, and the form: the solver, the rolled loop, or left unrolled;
+   sequential, and the form: the solver, the rolled loop, or left unrolled
+   (a rolled loop compiled for cost takes in the producers of its per-step
+   inputs, :mod:`.absorb`, and runs its step compiled by inductor);
    where the step's Jacobian structure can change that
    (:func:`~.policy.needs_structure`), the step is lowered first and its
    structure proven (:func:`~.lower.chain_structure`, the trace the program
@@ -40,12 +42,13 @@ The caller owns ``gm`` (a copy of Dynamo's graph) and compiles what is left.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch.fx as fx
 
 from ..runtime.program import ChainProgram
 from ..runtime.structure import StepStructure
+from .absorb import absorb_producers
 from .chain import Candidate, Chain, state_leaves
 from .detect import find_chains
 from .glue import has_other_compute
@@ -158,7 +161,7 @@ def _solve(gm: fx.GraphModule, chains: list[Chain], example_inputs, original: fx
     devices = [state_leaves(chain.start)[0].meta["example_value"].device.type for chain in chains]
     structures = [_structure(chain) if needs_structure(chain, options, probe) else None
                   for chain, probe in zip(chains, probes)]
-    decisions = [decide(chain, options, device, probe, structure)
+    decisions = [fuse_producers(chain, decide(chain, options, device, probe, structure), options)
                  for chain, device, probe, structure in zip(chains, devices, probes, structures)]
     rewritten = {
         node
@@ -186,6 +189,19 @@ def _solve(gm: fx.GraphModule, chains: list[Chain], example_inputs, original: fx
         outcome.program = program
         gm.recompile()
     return outcomes
+
+
+def fuse_producers(chain: Chain, decision: Decision, options: PassOptions) -> Decision:
+    """Where a chain runs as a compiled sequential loop (``loop="compiled"``: kept sequential for cost, found
+    contractive) and the inner backend is inductor, the producers of its per-step inputs move into its step
+    (:func:`~.absorb.absorb_producers`) and the loop runs the step compiled by inductor (``loop="fused"``)."""
+    if (decision.form, decision.method, decision.loop, options.inner) != ("rolled", "sequential", "compiled", "inductor"):
+        return decision
+    absorbed = absorb_producers(chain)
+    if not absorbed:
+        return decision
+    return replace(decision, loop="fused", reason=f"{decision.reason}; fused loop: the ops computing its per-step "
+                   f"inputs ({', '.join(absorbed)}) run in the step, compiled once by inductor")
 
 
 def _structure(chain: Chain) -> StepStructure | None:

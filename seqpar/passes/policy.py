@@ -32,6 +32,7 @@ class PassOptions(Protocol):
     tol: float | None
     max_iters: int | None
     min_chain: int
+    inner: str
 
 
 # CPU crossovers, measured on the MLP grid with the compiled CPU kernel (benchmarks/RESULTS.md,
@@ -84,7 +85,9 @@ class Decision:
     ``loop``: how a sequential forward may run: ``"exact"`` (eager's kernels in
     eager's order, bit for bit) or ``"compiled"`` (a small dense step may run
     as one compiled C loop, rounding differently: only for a chain the probe
-    found contractive, kept sequential for cost, whose errors do not grow).
+    found contractive, kept sequential for cost, whose errors do not grow), or
+    ``"fused"`` (such a chain whose step took in its inputs' producers, run
+    as its step compiled by inductor: :func:`~.pipeline.fuse_producers`).
     """
 
     method: str

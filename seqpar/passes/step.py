@@ -123,7 +123,7 @@ def _copy_segment(plan: Plan, seq: list[Node], root: torch.nn.Module) -> tuple[f
             value = ph
             for view in inp.views[1:]:
                 args, kwargs = fx.node.map_arg((view.args, view.kwargs), lambda _, value=value: value)
-                value = _emit(graph, view, args, kwargs, root)
+                value = copy_node(graph, view, args, kwargs, root)
         elif source is not None:
             ph.meta = dict(source.meta)
             value = ph
@@ -152,7 +152,7 @@ def _copy_segment(plan: Plan, seq: list[Node], root: torch.nn.Module) -> tuple[f
             return a
 
         args, kwargs = rebuild_args((n.args, n.kwargs), leaf, [0])
-        env[n] = _emit(graph, n, args, kwargs, root, twin=mutates(n))
+        env[n] = copy_node(graph, n, args, kwargs, root, twin=mutates(n))
     return graph, leaves, env
 
 
@@ -173,7 +173,7 @@ def state_tensors(graph: fx.Graph, state: Node, starts: list[Node]) -> list[Node
     return leaves
 
 
-def _emit(graph: fx.Graph, n: Node, args, kwargs, root: torch.nn.Module, twin: bool = False):
+def copy_node(graph: fx.Graph, n: Node, args, kwargs, root: torch.nn.Module, twin: bool = False):
     """Copy ``n`` into ``graph`` with mapped arguments; returns a node or a tuple of nodes.
 
     ``twin``: ``n`` is an in-place op detection allowed (:mod:`.inplace`); its out-of-place twin is emitted.
@@ -212,5 +212,5 @@ def inline_body(graph: fx.Graph, body: fx.GraphModule, operands: list) -> tuple:
             env[n] = n
         else:
             args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda x: env[x] if x.op != "get_attr" else x)
-            env[n] = _emit(graph, n, args, kwargs, body)
+            env[n] = copy_node(graph, n, args, kwargs, body)
     raise ValueError("subgraph body has no output")

@@ -144,7 +144,7 @@ def chain_solve(
         columns = per_step_columns(program, xs, layer_params)
         # The op's forward runs below autograd (its backward is the adjoint): the loop is never recorded.
         reason = state.demoted or program.sequential_reason
-        compiled = not state.demoted and program.loop == "compiled"
+        compiled = not state.demoted and program.loop in ("compiled", "fused")
         states, stats = solve_columns(program, s0, columns, shared, reason, recorded=False, compiled=compiled)
     else:
         begin = time.perf_counter()

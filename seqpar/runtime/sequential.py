@@ -9,7 +9,7 @@ import time
 import torch
 import torch.utils._pytree as pytree
 
-from . import dense_step
+from . import dense_step, fused_loop
 from .rolled import loop_for
 from .stats import SolveStats
 
@@ -42,8 +42,9 @@ def run_columns(program, state, columns, shared, start: int = 0, recorded: bool 
 
 
 def _run_columns(program, state, columns, shared, start, recorded, compiled: bool):
-    """``(states, how)``: :func:`run_columns`, or where ``compiled`` allows it and the step is a small dense
-    layer, the compiled C loop (:mod:`.dense_step`; ``how`` ``"compiled"``, else the loop's kind)."""
+    """``(states, how)``: :func:`run_columns`, or where ``compiled`` allows it, the compiled C loop of a small dense
+    layer (:mod:`.dense_step`; ``how`` ``"compiled"``) or for a program built with ``loop="fused"`` its step
+    compiled by inductor (:mod:`.fused_loop`; ``"fused"``), else the loop's kind."""
     if start >= program.length:
         return state.new_empty(0, *state.shape), ""
     loop = loop_for(program, state, columns, shared)
@@ -53,6 +54,9 @@ def _run_columns(program, state, columns, shared, start, recorded, compiled: boo
         if compiled and dense_step.usable(loop.dense, state):
             if dense_step.run(loop.dense, state, columns, shared, start, program.length, out) is not None:
                 return out, "compiled"
+        if compiled and program.loop == "fused":
+            if fused_loop.run_into(program, state, columns, shared, start, out) is not None:
+                return out, "fused"
         if loop.run_into is not None:
             return loop.run_into(state, columns, shared, start, program.length, out), loop.kind
     if loop.run is not None:

@@ -16,9 +16,10 @@ JACOBIAN_ESTIMATES = {"estimate": "diag"}
 JACOBIAN_CHOICES = ("auto", *JACOBIAN_KINDS, *JACOBIAN_ESTIMATES)
 ADJOINT_CHOICES = ("auto", "parallel", "sequential")
 FORWARD_CHOICES = ("parallel", "sequential")
-# How a sequential forward runs: "exact" (eager's own kernels, bit for bit) or "compiled" (a generated C loop where
-# the step fits it, :mod:`seqpar.runtime.dense_step`; chosen by the policy for cost, never for chaotic chains).
-LOOP_CHOICES = ("exact", "compiled")
+# How a sequential forward runs: "exact" (eager's own kernels, bit for bit), "compiled" (a generated C loop where
+# the step fits it, :mod:`seqpar.runtime.dense_step`) or "fused" (the step compiled by inductor and called per step,
+# :mod:`seqpar.runtime.fused_loop`); the last two are chosen by the policy for cost, never for chaotic chains.
+LOOP_CHOICES = ("exact", "compiled", "fused")
 
 # Widest state (values per batch element) for dense Jacobian blocks (w^2 values each):
 # "auto" takes full Jacobians and the parallel adjoint up to this width.

@@ -1,0 +1,338 @@
+"""The producers of a kept-sequential chain's per-step inputs, moved into its step.
+
+A loop often reads one slice per step of a large tensor that pointwise ops
+computed for every step at once before the loop, broadcasting small tensors.
+Mamba's discretisation:
+
+    dA = exp(A[None, :, None, :] * dt[:, :, :, None])   # (B, d, L, N) from A (d, N) and dt (B, d, L)
+    for l: s = dA[:, :, l] * s + dBu[:, :, l]
+
+writes ``L d N`` values that the loop then reads once each, where the step
+could compute its slice from slices of the small tensors. Selecting commutes
+with pointwise ops and broadcasting: for ``Q = op(a, b, ..)`` of ``n`` dims,
+
+    Q.select(k, i) = op(a', b', ..),   a' = a.select(k - (n - a.ndim), i)   where a varies along that dim,
+                                       a' = a.select(k - (n - a.ndim), 0)   where it has size 1 there,
+                                       a' = a                               where it has no such dim,
+
+and a view that inserts dims (``R[None, :, None]``, ``unsqueeze``) selects
+the source's matching dim, or takes the source whole where ``k`` is an
+inserted dim. Applied from the per-step input's tensor ``P`` back through
+its producers, this rewrites ``x_l = P.select(dim, start + stride l)`` as
+ops on per-step slices of the tensors the producers started from (same
+``dim``-mapped ``start`` and ``stride``) and on shared tensors.
+
+:func:`absorb_producers` does that for the chains whose loop is compiled as
+one step (:mod:`seqpar.runtime.fused_loop`): inductor fuses the absorbed ops
+with the step, so the large tensor is never written. The values are those of
+the same ops on the same numbers, evaluated per slice (the compiled kernels
+round like any inductor code; the policy allows it only for contractive
+chains, whose rounding errors do not grow). Only inference graphs are
+changed: where grad is enabled and a value on the way requires grad, the
+chain keeps its inputs (the graph's autograd differentiates the producers, as
+in eager).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+import torch.fx as fx
+from torch.fx.node import Node
+
+from .batch_dims import POINTWISE
+from .chain import Chain, ChainInput
+from .effects import is_random, mutates
+from .inplace import storages
+from .step import copy_node
+from .tokens import example, target_name
+
+# Pointwise ops that broadcast their tensor arguments against each other (no random draws, no dtype-only
+# arguments read for their type, no expansion to a given size).
+_BROADCASTING = POINTWISE - {
+    "dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d", "dropout3d",
+    "expand", "expand_as", "type_as", "type", "to",
+}
+# Absorb only where the producers expand: the per-step input's tensor holds at least this many times the values
+# of the tensors the absorbed ops read (the memory the loop stops writing and reading).
+MIN_EXPANSION = 2
+# Producers followed back at most this far from the per-step input.
+MAX_DEPTH = 16
+
+
+class _Leaf:
+    """A tensor the absorbed ops read: a per-step slice ``node.select(dim, start + stride l)`` (``dim`` set) or
+    the whole ``node`` (shared by every step; ``pick`` selects index 0 of a size-1 dim, ``None`` keeps it)."""
+
+    def __init__(self, node: Node, dim: int | None = None, pick: int | None = None):
+        self.node, self.dim, self.pick = node, dim, pick
+
+
+class _Call:
+    """An absorbed op: ``node``'s call, selected on ``dim``, with the arguments ``args``/``kwargs`` in which
+    :class:`_Leaf`/:class:`_Call` recipes replace the tensors."""
+
+    def __init__(self, node: Node, dim: int, args, kwargs):
+        self.node, self.dim, self.args, self.kwargs = node, dim, args, kwargs
+
+
+class _NotAbsorbable(Exception):
+    pass
+
+
+def absorb_producers(chain: Chain) -> list[str]:
+    """Move the producers of ``chain``'s slice inputs into its step (and its per-step outputs' graph), in place.
+
+    Returns the names of the ops absorbed (empty: nothing changed). A slice
+    input is rewritten where its tensor is computed by pointwise ops and
+    dim-inserting views, none of which is differentiated, draws random numbers or
+    mutates, from tensors holding at most ``1 / MIN_EXPANSION`` of its values,
+    and where nothing in the graph writes in place to a tensor it reads or
+    recomputes (the step would read it at another time than the producers did).
+    """
+    plans, written = {}, None
+    for position, item in enumerate(chain.per_step):
+        if item.kind != "slice" or not _is_call(item.nodes[0]):
+            continue
+        try:
+            recipe = _recipe(item.nodes[0], item.dim, 0)
+        except _NotAbsorbable:
+            continue
+        written = _written_storages(item.nodes[0].graph) if written is None else written
+        if any(key in written for node in _nodes(recipe) for key in storages(example(node))):
+            continue  # an in-place write changes a value the recipe reads or recomputes, at some point
+        if isinstance(recipe, _Call) and _numel(item.nodes[0]) >= MIN_EXPANSION * _values_read(_leaves(recipe)):
+            plans[position] = recipe
+    if plans:
+        _rewrite(chain, plans)
+    return list(dict.fromkeys(name for recipe in plans.values() for name in _op_names(recipe)))
+
+
+def _written_storages(graph: fx.Graph) -> set:
+    """The storages a node of ``graph`` writes in place (its first argument, or ``out=``)."""
+    written = set()
+    for node in graph.nodes:
+        if mutates(node):
+            for target in (node.args[0] if node.args else None, node.kwargs.get("out")):
+                if isinstance(target, Node):
+                    written.update(storages(example(target)))
+    return written
+
+
+def _nodes(recipe) -> list[Node]:
+    """Every graph node ``recipe`` reads or recomputes."""
+    if isinstance(recipe, _Leaf):
+        return [recipe.node]
+    found = [recipe.node]
+    _map_recipes((recipe.args, recipe.kwargs), lambda part: found.extend(_nodes(part)))
+    return found
+
+
+def _is_call(node: Node) -> bool:
+    return node.op in ("call_function", "call_method")
+
+
+def _numel(node: Node) -> int:
+    value = example(node)
+    return math.prod(value.shape) if isinstance(value, torch.Tensor) else 1
+
+
+def _tensor(node) -> torch.Tensor | None:
+    value = example(node) if isinstance(node, Node) else None
+    if isinstance(value, torch.Tensor) and all(isinstance(size, int) for size in value.shape):
+        return value
+    return None
+
+
+def _recorded(value: torch.Tensor) -> bool:
+    """Whether autograd records ops on ``value`` in this graph (it is compiled in the caller's grad mode)."""
+    return value.requires_grad and torch.is_grad_enabled()
+
+
+def _recipe(node: Node, dim: int, depth: int):
+    """How to compute ``node.select(dim, i)`` from slices of the tensors ``node`` is computed from."""
+    value = _tensor(node)
+    if value is None:
+        raise _NotAbsorbable(node.name)
+    if depth > MAX_DEPTH or not _is_call(node) or _recorded(value) or is_random(node) or mutates(node):
+        return _Leaf(node, dim)
+    name = target_name(node)
+    if name in _BROADCASTING or name in ("float", "double", "half", "bfloat16"):
+        return _pointwise(node, value, dim, depth)
+    if node.op == "call_function" and node.target is operator.getitem:
+        return _indexed(node, dim, depth)
+    if name == "unsqueeze":
+        return _unsqueezed(node, value, dim, depth)
+    return _Leaf(node, dim)
+
+
+def _pointwise(node: Node, value: torch.Tensor, dim: int, depth: int) -> _Call:
+    def select(arg):
+        if not isinstance(arg, Node):
+            return arg
+        operand = _tensor(arg)
+        if operand is None or _recorded(operand):
+            raise _NotAbsorbable(arg.name)
+        k = dim - (value.ndim - operand.ndim)
+        if k < 0:
+            return _Leaf(arg)
+        if operand.shape[k] == value.shape[dim]:
+            return _recipe(arg, k, depth + 1)
+        if operand.shape[k] == 1:
+            return _Leaf(arg, pick=k)
+        raise _NotAbsorbable(arg.name)
+
+    args, kwargs = fx.node.map_aggregate((node.args, node.kwargs), select)
+    return _Call(node, dim, args, kwargs)
+
+
+def _index_entries(index, ndim: int) -> list | None:
+    """``index`` (of a getitem) as a list of ``None`` / ``slice(None)`` entries over every source dim, or ``None``
+    where it does anything else (an int, a tensor, a bounded slice)."""
+    entries = list(index) if isinstance(index, tuple) else [index]
+    if entries.count(Ellipsis) > 1 or any(
+        entry is not None and entry is not Ellipsis and entry != slice(None) for entry in entries
+    ):
+        return None
+    if Ellipsis in entries:
+        at = entries.index(Ellipsis)
+        covered = sum(entry is not None for entry in entries) - 1
+        entries[at : at + 1] = [slice(None)] * (ndim - covered)
+    covered = sum(entry is not None for entry in entries)
+    return entries + [slice(None)] * (ndim - covered) if covered <= ndim else None
+
+
+def _indexed(node: Node, dim: int, depth: int):
+    """``R[index]`` with ``index`` inserting dims (``None``) and keeping others (``:``, ``...``)."""
+    source, index = node.args
+    operand = _tensor(source)
+    entries = _index_entries(index, operand.ndim) if operand is not None else None
+    if entries is None:
+        return _Leaf(node, dim)
+    source_dim = sum(entry is not None for entry in entries[:dim])
+    rest = tuple(entries[:dim] + entries[dim + 1 :])
+    inner = _Leaf(source) if entries[dim] is None else _recipe(source, source_dim, depth + 1)
+    return _Call(node, dim, (inner, rest), {})
+
+
+def _unsqueezed(node: Node, value: torch.Tensor, dim: int, depth: int):
+    """``R.unsqueeze(d)``: ``R`` whole where ``dim == d``, else ``R``'s matching dim selected and ``d`` shifted."""
+    source = node.args[0]
+    inserted = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if not isinstance(inserted, int) or not isinstance(source, Node):
+        return _Leaf(node, dim)
+    inserted %= value.ndim
+    if inserted == dim:
+        return _Leaf(source)
+    source_dim, shifted = (dim, inserted - 1) if dim < inserted else (dim - 1, inserted)
+    return _Call(node, dim, (_recipe(source, source_dim, depth + 1), shifted), {})
+
+
+def _leaves(recipe) -> list[_Leaf]:
+    """The tensors ``recipe`` reads, in order (with repeats)."""
+    if isinstance(recipe, _Leaf):
+        return [recipe]
+    found = []
+    _map_recipes((recipe.args, recipe.kwargs), lambda part: found.extend(_leaves(part)))
+    return found
+
+
+def _values_read(leaves: list[_Leaf]) -> int:
+    """Values of the tensors the ``leaves`` read (all steps' slices of a per-step one), each tensor once."""
+    return sum(_numel(node) for node in dict.fromkeys(leaf.node for leaf in leaves))
+
+
+def _map_recipes(structure, fn):
+    """``structure`` (args and kwargs) with ``fn`` applied to every :class:`_Leaf`/:class:`_Call` in it."""
+    if isinstance(structure, (_Leaf, _Call)):
+        return fn(structure)
+    if isinstance(structure, tuple):
+        return tuple(_map_recipes(item, fn) for item in structure)
+    if isinstance(structure, list):
+        return [_map_recipes(item, fn) for item in structure]
+    if isinstance(structure, dict):
+        return {key: _map_recipes(item, fn) for key, item in structure.items()}
+    if isinstance(structure, slice):
+        return slice(_map_recipes(structure.start, fn), _map_recipes(structure.stop, fn),
+                     _map_recipes(structure.step, fn))
+    return structure
+
+
+def _op_names(recipe) -> list[str]:
+    if not isinstance(recipe, _Call):
+        return []
+    names = [target_name(recipe.node)]
+    _map_recipes((recipe.args, recipe.kwargs), lambda part: names.extend(_op_names(part)))
+    return names
+
+
+def _rewrite(chain: Chain, plans: dict) -> None:
+    """Replace the planned slice inputs (``plans``: position -> recipe) by the tensors their recipes read (new
+    slice inputs after the kept ones, new shared inputs after the old) and rebuild the step graphs on them."""
+    template = chain.per_step
+    kept = [position for position in range(len(template)) if position not in plans]
+    per_step = [template[position] for position in kept]
+    shared = list(chain.shared)
+    slots: dict[tuple, int] = {}  # (node, dim, start, stride) -> per-step slot; (node,) -> shared slot
+    for position, recipe in plans.items():
+        item = template[position]
+        for leaf in _leaves(recipe):
+            key = (leaf.node,) if leaf.dim is None else (leaf.node, leaf.dim, item.start, item.stride)
+            if key in slots:
+                continue
+            if leaf.dim is None:
+                if leaf.node not in shared:
+                    shared.append(leaf.node)
+                slots[key] = shared.index(leaf.node)
+            else:
+                per_step.append(ChainInput("slice", [leaf.node], start=item.start, dim=leaf.dim, stride=item.stride))
+                slots[key] = len(per_step) - 1
+
+    def rebuild(graph_module: fx.GraphModule) -> fx.GraphModule:
+        old = [node for node in graph_module.graph.nodes if node.op == "placeholder"]
+        graph = fx.Graph()
+        state = graph.placeholder(old[0].name)
+        xs = [graph.placeholder(f"x{index}_{item.nodes[0].name}" if item.nodes else f"x{index}_constant")
+              for index, item in enumerate(per_step)]
+        shares = [graph.placeholder(f"shared{index}_{node.name}") for index, node in enumerate(shared)]
+        env = {old[0]: state}
+        for index, position in enumerate(kept):
+            env[old[1 + position]] = xs[index]
+        for index in range(len(chain.shared)):
+            env[old[1 + len(template) + index]] = shares[index]
+        for old_node, new_node in env.items():
+            new_node.meta = dict(old_node.meta)
+
+        emitted = {}  # a producer two inputs share is computed once
+
+        def emit(recipe, item):
+            key = (recipe.node, recipe.dim, getattr(recipe, "pick", None), item.start, item.stride)
+            if key not in emitted:
+                emitted[key] = emit_new(recipe, item)
+            return emitted[key]
+
+        def emit_new(recipe, item):
+            if isinstance(recipe, _Leaf):
+                if recipe.dim is not None:
+                    return xs[slots[(recipe.node, recipe.dim, item.start, item.stride)]]
+                whole = shares[slots[(recipe.node,)]]
+                return whole if recipe.pick is None else graph.call_function(torch.select, (whole, recipe.pick, 0))
+            args, kwargs = _map_recipes((recipe.args, recipe.kwargs), lambda part: emit(part, item))
+            node = copy_node(graph, recipe.node, args, kwargs, graph_module)
+            node.meta = {}  # the producer's example value has every step; this node holds one
+            return node
+
+        for position, recipe in plans.items():
+            env[old[1 + position]] = emit(recipe, template[position])
+        graph.output(graph.graph_copy(graph_module.graph, env))
+        rebuilt = fx.GraphModule(graph_module, graph)
+        rebuilt.graph.eliminate_dead_code()
+        rebuilt.recompile()
+        return rebuilt
+
+    chain.step = rebuild(chain.step)
+    if chain.output_step is not None:
+        chain.output_step = rebuild(chain.output_step)
+    chain.per_step, chain.shared = per_step, shared

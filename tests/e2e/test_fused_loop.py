@@ -1,0 +1,152 @@
+"""The fused loop: a kept-sequential chain's per-step inputs computed in its step, the step compiled by inductor.
+
+Mamba's reference loop (:class:`SelectiveScan` in miniature) computes
+``dA = exp(A[None, :, None, :] * dt[..., None])`` and ``dBu`` for every step
+before the loop, ``L`` times the state's values each, and reads one slice per
+step. Kept sequential for cost (a wide diagonal state), the chain takes those
+producers into its step (``seqpar.passes.absorb``) and runs the step compiled
+by inductor (``seqpar.runtime.fused_loop``). Tolerances: float64 models equal
+eager to 1e-12 relative (the same ops on the same numbers, per slice, in
+another kernel); float32 ones are compared with the float64 model: no further
+from it than eager's own float32 loop is, up to a factor 4 (a few roundings per
+step each, on a contractive chain), or 1e-6 relative.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from seqpar.backend import SeqparBackend
+from seqpar.runtime.ops import call_state
+
+
+class SelectiveScan(nn.Module):
+    """``s_l = exp(A dt_l) * s_{l-1} + dt_l B_l x_l``, ``y_l = s_l C_l``: Mamba's reference loop at width ``d``,
+    state size ``n``; ``views`` writes the broadcasts as ``R[None, :, None, :]`` ("index") or ``unsqueeze``."""
+
+    def __init__(self, d=64, n=24, views="index", noise=False, mutate=False):
+        super().__init__()
+        self.d, self.n, self.views, self.noise, self.mutate = d, n, views, noise, mutate
+        self.A_log = nn.Parameter(torch.log(torch.linspace(1.0, 4.0, n)).repeat(d, 1))
+        self.dt_bias = nn.Parameter(torch.randn(d) * 0.1 - 2.0)
+        self.proj = nn.Linear(d, d + 2 * n)
+
+    def forward(self, x):  # (batch, L, d) -> (batch, d, L)
+        dt, B, C = self.proj(x).split([self.d, self.n, self.n], dim=-1)
+        dt = F.softplus(dt.transpose(1, 2) + self.dt_bias[..., None])  # (batch, d, L)
+        A = -torch.exp(self.A_log)
+        u = x.transpose(1, 2)
+        if self.views == "index":
+            dA = torch.exp(A[None, :, None, :] * dt[:, :, :, None])
+            dBu = dt[..., None] * B[:, None, :, :] * u[:, :, :, None]
+        else:
+            dA = torch.exp(A.unsqueeze(0).unsqueeze(2) * dt.unsqueeze(-1))
+            if self.mutate:  # after dA is computed: a step recomputing dA from dt would read the new dt
+                dt.mul_(1.5)
+            dBu = dt.unsqueeze(-1) * B.unsqueeze(1) * u.unsqueeze(3)
+        if self.noise:  # a random draw per value: the per-step inputs expand nothing
+            dA = dA * (1 + 1e-3 * torch.randn_like(dA))
+            dBu = dBu + 1e-3 * torch.randn_like(dBu)
+        s = torch.zeros(x.shape[0], self.d, self.n, dtype=x.dtype)
+        ys = []
+        for i in range(x.shape[1]):
+            s = dA[:, :, i] * s + dBu[:, :, i]
+            ys.append(torch.matmul(s, C[:, i, :].unsqueeze(-1))[:, :, 0])
+        return torch.stack(ys, dim=-1)
+
+
+def scan_model(dtype=torch.float32, **kwargs):
+    torch.manual_seed(0)
+    return SelectiveScan(**kwargs).to(dtype).eval(), torch.randn(1, 80, 64, dtype=dtype)
+
+
+def compiled(model, grad=False, **options):
+    torch._dynamo.reset()
+    backend = SeqparBackend(options)
+    function = torch.compile(model, backend=backend)
+    return function, backend
+
+
+def chain_of(backend):
+    ((report, program),) = [item for graph in backend.graphs for item in graph.programs]
+    return report, program
+
+
+def relative_error(out, exact):
+    return float((out.double() - exact).abs().max() / exact.abs().max())
+
+
+@pytest.mark.parametrize("views", ["index", "unsqueeze"])
+def test_the_producers_run_in_the_step_compiled_by_inductor(views):
+    model, x = scan_model(views=views)
+    function, backend = compiled(model)
+    with torch.no_grad():
+        outs = [function(x) for _ in range(3)]  # the first call traces under aot_autograd: compiled at the next
+        exact, eager = model.double()(x.double()), model.float()(x)
+    report, program = chain_of(backend)
+    assert report.method == "sequential" and report.form == "rolled" and program.loop == "fused"
+    assert "fused loop: the ops computing its per-step inputs (exp, mul" in report.reason
+    assert call_state(program).last_stats.loop == "fused" and "step compiled by inductor" in report.step_cost
+    for out in outs:
+        assert relative_error(out, exact) <= max(4 * relative_error(eager, exact), 1e-6)
+
+
+def test_a_float64_model_equals_eager():
+    model, x = scan_model(torch.float64)
+    function, backend = compiled(model)
+    with torch.no_grad():
+        outs = [function(x) for _ in range(2)]
+        want = model(x)
+    assert chain_of(backend)[1].loop == "fused"
+    for out in outs:
+        torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12 * float(want.abs().max()))
+
+
+def test_the_fused_loop_reads_the_weights_of_this_call():
+    model, x = scan_model()
+    function, backend = compiled(model)
+    with torch.no_grad():
+        function(x), function(x)
+        model.A_log.data.add_(0.5)
+        model.dt_bias.data.mul_(0.5)
+        model.proj.weight.data.mul_(-1.0)
+        out, want = function(x), model(x)
+    assert call_state(chain_of(backend)[1]).last_stats.loop == "fused"
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def test_training_graphs_keep_the_producers_and_give_eagers_gradients():
+    model, x = scan_model()
+    function, backend = compiled(model)
+    function(x).square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(x).square().sum().backward()
+    assert chain_of(backend)[1].loop != "fused"
+    for got, want in zip(grads, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("options, model_options", [
+    ({"inner": "eager"}, {}), ({"policy": "sequential"}, {}), ({}, {"noise": True}),
+    ({}, {"mutate": True, "views": "unsqueeze"}),
+])
+def test_no_fusion_without_inductor_a_cost_decision_an_expanding_producer_or_stable_values(options, model_options):
+    """inner="eager": nothing is compiled; policy="sequential": eager's kernels, bit for bit; a per-value random
+    draw among the producers: the per-step input holds no more values than what it is computed from; a producer's
+    input written in place after the producer ran: the step would read the new values."""
+    noise = model_options.get("noise", False)
+    model, x = scan_model(**model_options)
+    function, backend = compiled(model, **options)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        out = function(x)
+        torch.manual_seed(1)
+        want = model(x)
+    report, program = chain_of(backend)
+    assert program.loop != "fused" and "fused loop" not in report.reason
+    if not noise:
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))

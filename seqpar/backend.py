@@ -29,6 +29,7 @@ from .passes.effects import is_random
 from .passes.glue import has_other_compute
 from .passes.module_paths import span
 from .report import ChainReport, format_table, hints_for
+from .runtime import fused_loop
 from .runtime.ops import call_state
 from .runtime.precision import copied, in_float64
 from .speed import ORIGINAL, REWRITTEN, SpeedTrial, differentiated, timed_call
@@ -126,7 +127,9 @@ class SeqparBackend:
             trial = record.speed
             if record.fell_back or (trial is not None and trial.kept == ORIGINAL):
                 return original(*args)
-            timing = trial is not None and trial.kept is None and record.calls > 1 and not due
+            # The chain ops' loop trials (fused_loop) decide first: until then the rewritten graph's time varies.
+            timing = (trial is not None and trial.kept is None and record.calls > 1 and not due
+                      and not any(fused_loop.deciding(program) for _, program in record.programs))
             if timing and trial.next_form() == ORIGINAL:
                 out, seconds = timed_call(original, args)
                 _add_sample(record, ORIGINAL, seconds)

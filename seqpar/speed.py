@@ -10,12 +10,11 @@ not differentiated (inference: grad disabled, or nothing requiring grad) on
 its calls after the first: the rewritten graph (compiled by the inner
 backend) and the original graph (the ops Dynamo traced, run as they are, as
 eager runs them), alternating, one form per call, ``SAMPLES`` calls each.
-The faster by its fastest call runs from then on:
+The faster by its fastest call runs from then on (:class:`~seqpar.runtime.trial.Trial`):
 
     original   if  min_k t_original,k < min_k t_rewritten,k,   else rewritten.
 
-The minimum, not the median, because interference (another process, a page
-fault) only ever adds time. A training graph is not timed: its forward alone
+A training graph is not timed: its forward alone
 does not tell which form trains faster (the parallel adjoint is where seqpar
 wins most), and the trial would pay for it. Both forms give the original
 graph's values within the stated tolerances, so the calls of the trial differ
@@ -27,39 +26,31 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, field
 
 import torch
+
+from .runtime import fused_loop
+from .runtime.trial import Trial
 
 SAMPLES = 3
 DECIDED_AFTER = 1 + 2 * SAMPLES  # calls after which the trial has decided, where none was verified or differentiated
 REWRITTEN, ORIGINAL = "rewritten", "original"
 
 
-@dataclass
-class SpeedTrial:
+class SpeedTrial(Trial):
     """Calls of each form timed so far (seconds) and, once both have ``SAMPLES``, the form kept."""
 
-    rewritten: list[float] = field(default_factory=list)
-    original: list[float] = field(default_factory=list)
-    kept: str | None = None
-
-    def next_form(self) -> str:
-        """The form the next timed call runs: the one with fewer samples, the rewritten graph first."""
-        return ORIGINAL if len(self.original) < len(self.rewritten) else REWRITTEN
-
-    def add(self, form: str, seconds: float) -> None:
-        getattr(self, form).append(seconds)
-        if self.kept is None and min(len(self.rewritten), len(self.original)) >= SAMPLES:
-            self.kept = ORIGINAL if min(self.original) < min(self.rewritten) else REWRITTEN
+    def __init__(self):
+        super().__init__(REWRITTEN, ORIGINAL, SAMPLES)
 
     def summary(self) -> str:
         """One line for the report: both forms' fastest calls and the form kept."""
+        rewritten, original = self.times[REWRITTEN], self.times[ORIGINAL]
         if self.kept is None:
-            return f"speed trial running ({len(self.rewritten)} + {len(self.original)} of {SAMPLES} + {SAMPLES} calls timed)"
-        ratio = min(self.original) / min(self.rewritten)
+            return f"speed trial running ({len(rewritten)} + {len(original)} of {SAMPLES} + {SAMPLES} calls timed)"
+        ratio = min(original) / min(rewritten)
         return (f"timed against the original graph (fastest of {SAMPLES} calls each): rewritten "
-                f"{min(self.rewritten) * 1e3:.3g} ms, original {min(self.original) * 1e3:.3g} ms "
+                f"{min(rewritten) * 1e3:.3g} ms, original {min(original) * 1e3:.3g} ms "
                 f"({ratio:.2f}x): the {self.kept} graph runs from then on")
 
 

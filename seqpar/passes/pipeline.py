@@ -14,8 +14,8 @@ Each pass states what it needs and what it guarantees (in its module):
    renames nodes.
 3. ``decide`` (:func:`~.policy.decide`): per chain and direction, parallel or
    sequential, and the form: the solver, the rolled loop, or left unrolled
-   (a rolled loop compiled for cost takes in the producers of its per-step
-   inputs, :mod:`.absorb`, and runs its step compiled by inductor);
+   (a rolled loop compiled for cost may run its step compiled by inductor,
+   with the producers of its per-step inputs taken in: :mod:`.absorb`);
    where the step's Jacobian structure can change that
    (:func:`~.policy.needs_structure`), the step is lowered first and its
    structure proven (:func:`~.lower.chain_structure`, the trace the program
@@ -193,15 +193,15 @@ def _solve(gm: fx.GraphModule, chains: list[Chain], example_inputs, original: fx
 
 def fuse_producers(chain: Chain, decision: Decision, options: PassOptions) -> Decision:
     """Where a chain runs as a compiled sequential loop (``loop="compiled"``: kept sequential for cost, found
-    contractive) and the inner backend is inductor, the producers of its per-step inputs move into its step
-    (:func:`~.absorb.absorb_producers`) and the loop runs the step compiled by inductor (``loop="fused"``)."""
+    contractive) and the inner backend is inductor, its loop may run its step compiled by inductor
+    (``loop="fused"``, :mod:`seqpar.runtime.fused_loop`, timed against the generated loop), and the producers of its
+    per-step inputs move into its step where that saves memory (:func:`~.absorb.absorb_producers`)."""
     if (decision.form, decision.method, decision.loop, options.inner) != ("rolled", "sequential", "compiled", "inductor"):
         return decision
     absorbed = absorb_producers(chain)
-    if not absorbed:
-        return decision
-    return replace(decision, loop="fused", reason=f"{decision.reason}; fused loop: the ops computing its per-step "
-                   f"inputs ({', '.join(absorbed)}) run in the step, compiled once by inductor")
+    taken = f"the ops computing its per-step inputs ({', '.join(absorbed)}) run in the step; " if absorbed else ""
+    return replace(decision, loop="fused", reason=f"{decision.reason}; fused loop: {taken}the step compiled by "
+                   "inductor, timed against the generated loop on the first calls (the faster kept)")
 
 
 def _structure(chain: Chain) -> StepStructure | None:

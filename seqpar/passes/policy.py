@@ -86,8 +86,8 @@ class Decision:
     eager's order, bit for bit) or ``"compiled"`` (a small dense step may run
     as one compiled C loop, rounding differently: only for a chain the probe
     found contractive, kept sequential for cost, whose errors do not grow), or
-    ``"fused"`` (such a chain whose step took in its inputs' producers, run
-    as its step compiled by inductor: :func:`~.pipeline.fuse_producers`).
+    ``"fused"`` (such a chain may also run its step compiled by inductor, its
+    inputs' producers taken in: :func:`~.pipeline.fuse_producers`).
     """
 
     method: str

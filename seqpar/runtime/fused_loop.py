@@ -14,21 +14,30 @@ of the op's state buffer:
         step(s, x_l..., shared..., out[l - start])   # out[l - start] = f(s, x_l, shared)
         s = out[l - start]
 
-Compiled per layout (shapes, strides, dtypes and device of one call's
-arguments), kept with the program's traced step, at most
-:data:`MAX_LAYOUTS` per step; a per-step input whose rows differ in layout,
-a compile that fails or one layout too many runs the rolled loop instead
-(``None``; the reason is logged once); so does a call where the step's
-trace is not recorded (the first call of an inductor graph runs its ops
-under aot_autograd's aliasing check: :class:`~.rolled.UnrecordedTrace`),
-which compiles it at the next call. The states round like inductor's
-code, not eager's kernels: the policy chooses this loop only for chains the
-probe found contractive (``loop="fused"``), like the compiled C loop.
+Which loop runs is measured, per program: the first calls alternate the
+compiled step and the rolled loop's generated code of eager's kernels
+(:data:`SAMPLES` timed calls each, :class:`~.trial.Trial`), and the faster by
+its fastest call runs from then on (a step of two ops, ``tanh(s W^T + b)``,
+loses to eager's two calls: the compiled call costs more than it saves; a
+hand-written LSTM cell of a dozen ops, or Mamba's wide elementwise step,
+wins). Compiled per layout (shapes, strides, dtypes and device of one call's
+arguments), kept with the program's traced step, at most :data:`MAX_LAYOUTS`
+per step. The generated loop runs, untimed, where the step has no compiled
+form: a per-step input whose rows differ in layout, a step that writes in
+place or draws random numbers (eager's order and random stream are kept), a
+compile that fails (the reason is logged once), one layout too many, or a
+call where the step's trace is not recorded (the first call of an inductor
+graph runs its ops under aot_autograd's aliasing check:
+:class:`~.rolled.UnrecordedTrace`; compiled at the next call). The compiled
+step's states round like inductor's code, not eager's kernels: the policy
+builds programs with ``loop="fused"`` only for chains the probe found
+contractive, like the compiled C loop.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import weakref
 
 import torch
@@ -36,7 +45,8 @@ import torch.fx as fx
 
 from torch._inductor.compile_fx import compile_fx
 
-from .rolled import UnrecordedTrace, trace_step
+from .rolled import UnrecordedTrace, draws_random, may_mutate, trace_step
+from .trial import Trial
 
 log = logging.getLogger("seqpar.runtime")
 
@@ -44,23 +54,68 @@ _aten = torch.ops.aten
 # Layouts compiled per traced step at most (a chain of static shapes sees one).
 MAX_LAYOUTS = 4
 
+# Timed calls of each loop before the faster is kept.
+SAMPLES = 2
+FUSED, GENERATED = "fused", "generated"
+
 _COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_TRIALS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # program -> Trial of the two loops
+clock = time.perf_counter  # what the trial times with (tests replace it)
+_LATER = object()  # no compiled step at this call; one at a later call
 
 
-def run_into(program, state: torch.Tensor, columns, shared, start: int, out: torch.Tensor) -> torch.Tensor | None:
-    """``out[l - start] = s_{l+1}`` for ``l = start .. L - 1`` from ``state`` (``s_start``) by the compiled step;
-    ``None`` (``out`` untouched) where the step has no compiled form for these arguments."""
+def run_into(program, state: torch.Tensor, columns, shared, start: int, out: torch.Tensor, generated) -> str | None:
+    """``out[l - start] = s_{l+1}`` for ``l = start .. L - 1`` from ``state`` (``s_start``); returns how: ``"fused"``
+    (the compiled step) or ``"generated"`` (``generated(state, columns, shared, start, L, out)``, the rolled loop's
+    ``run_into``, or ``None`` where it has none), as the program's trial chose, or ``None`` where neither ran.
+
+    The first calls alternate the two (:data:`SAMPLES` each, timed); the faster by its fastest call runs from then
+    on. A call where the step has no compiled form runs the generated loop, untimed."""
+    trial = _TRIALS.get(program)
+    if trial is None:
+        trial = _TRIALS[program] = Trial(FUSED, GENERATED, SAMPLES)
+        if generated is None:
+            trial.kept = FUSED
+    form = trial.kept or trial.next_form()
+    step = _compiled_for(program, state, columns, shared, start, out) if form == FUSED else None
+    if form == FUSED and (step is None or step is _LATER):
+        if step is None:
+            trial.kept = GENERATED  # no compiled form: nothing to time
+        form = None if generated is None else GENERATED
+        timed = False
+    else:
+        timed = trial.kept is None
+    if form is None:
+        return None
+    begin = clock()
+    if form == FUSED:
+        s = state
+        for position in range(start, program.length):
+            row = out[position - start]
+            step(s, *[column[position] for column in columns], *shared, row)
+            s = row
+    else:
+        generated(state, columns, shared, start, program.length, out)
+    if timed:
+        trial.add(form, clock() - begin)
+        if trial.kept is not None:
+            log.info("seqpar: chain of %d steps: the %s loop kept (fastest call: fused %.3g ms, generated %.3g ms)",
+                     program.length, trial.kept, trial.fastest(FUSED) * 1e3, trial.fastest(GENERATED) * 1e3)
+    return form
+
+
+def deciding(program) -> bool:
+    """Whether ``program``'s loop trial has started and not decided (its calls' times still vary by loop)."""
+    trial = _TRIALS.get(program)
+    return trial is not None and trial.kept is None
+
+
+def _compiled_for(program, state, columns, shared, start, out):
+    """The compiled step for this call's arguments; ``None`` where it has none (rows of a column laid out
+    differently, a step that is not compiled), :data:`_LATER` where it is compiled at a later call."""
     if not all(_rows_alike(column) for column in columns):
         return None
-    step = _compiled(program, state, [column[start] for column in columns], shared, out[0])
-    if step is None:
-        return None
-    s = state
-    for position in range(start, program.length):
-        row = out[position - start]
-        step(s, *[column[position] for column in columns], *shared, row)
-        s = row
-    return out
+    return _compiled(program, state, [column[start] for column in columns], shared, out[0])
 
 
 def _rows_alike(column) -> bool:
@@ -88,15 +143,19 @@ def _compiled(program, state, x_leaves, shared, out_row):
         try:
             compiled[key] = _compile(program, state, x_leaves, shared, out_row)
         except UnrecordedTrace:  # this call's dispatch context, not the step: compiled at the next call
-            return None
+            return _LATER
     return compiled[key]
 
 
 def _compile(program, state, x_leaves, shared, out_row):
     try:
         with torch._guards.tracing(None), torch.no_grad():  # outside the caller's tracing context
-            graph_module = writing_step(trace_step(program, state, x_leaves, shared))
-            return compile_fx(graph_module, [state, *x_leaves, *shared, out_row])
+            traced = trace_step(program, state, x_leaves, shared)
+            calls = [node.target for node in traced.graph.nodes if node.op == "call_function"]
+            if any(may_mutate(target) or draws_random(target) for target in calls):
+                raise ValueError("the step writes in place or draws random numbers (eager's order and random "
+                                 "stream are kept)")
+            return compile_fx(writing_step(traced), [state, *x_leaves, *shared, out_row])
     except UnrecordedTrace:
         raise
     except Exception as error:  # the rolled loop runs the step instead

@@ -240,7 +240,7 @@ class _Plan:
         if unknown:
             raise ValueError(f"traced step calls {unknown[0].target!r}, which the loop generator does not write out")
         # Mutations (copied back into inputs by functionalize) and random draws run once per step, in order.
-        self.stateful = any(_mutates(node.target) or _is_random(node.target)
+        self.stateful = any(may_mutate(node.target) or draws_random(node.target)
                             for node in self.calls if node.op == "call_function")
         self.aliases: dict[fx.Node, fx.Node] = {}  # node -> the node whose value it is
         self.absorbed: set[fx.Node] = set()  # t(W) nodes folded into linear
@@ -454,7 +454,7 @@ def _fresh(op) -> bool:
     return isinstance(op, torch._ops.OpOverload) and all(ret.alias_info is None for ret in op._schema.returns)
 
 
-def _mutates(target) -> bool:
+def may_mutate(target) -> bool:
     """Whether ``target`` may write to a tensor (its schema says so, or a composite op that may, e.g.
     ``batch_norm`` updating running statistics)."""
     return isinstance(target, torch._ops.OpOverload) and (
@@ -462,7 +462,7 @@ def _mutates(target) -> bool:
     )
 
 
-def _is_random(target) -> bool:
+def draws_random(target) -> bool:
     return isinstance(target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in target.tags
 
 

@@ -44,7 +44,7 @@ def run_columns(program, state, columns, shared, start: int = 0, recorded: bool 
 def _run_columns(program, state, columns, shared, start, recorded, compiled: bool):
     """``(states, how)``: :func:`run_columns`, or where ``compiled`` allows it, the compiled C loop of a small dense
     layer (:mod:`.dense_step`; ``how`` ``"compiled"``) or for a program built with ``loop="fused"`` its step
-    compiled by inductor (:mod:`.fused_loop`; ``"fused"``), else the loop's kind."""
+    compiled by inductor where that was timed faster (:mod:`.fused_loop`; ``"fused"``), else the loop's kind."""
     if start >= program.length:
         return state.new_empty(0, *state.shape), ""
     loop = loop_for(program, state, columns, shared)
@@ -55,8 +55,9 @@ def _run_columns(program, state, columns, shared, start, recorded, compiled: boo
             if dense_step.run(loop.dense, state, columns, shared, start, program.length, out) is not None:
                 return out, "compiled"
         if compiled and program.loop == "fused":
-            if fused_loop.run_into(program, state, columns, shared, start, out) is not None:
-                return out, "fused"
+            how = fused_loop.run_into(program, state, columns, shared, start, out, loop.run_into)
+            if how is not None:
+                return out, how if how == "fused" else loop.kind
         if loop.run_into is not None:
             return loop.run_into(state, columns, shared, start, program.length, out), loop.kind
     if loop.run is not None:

@@ -1,6 +1,6 @@
 """Chains kept sequential (the rolled form) against eager, and against inductor's unrolled code (issue 11 §2).
 
-    .venv/bin/python benchmarks/rolled.py                 # about 2-3 minutes on a 2-core CPU
+    .venv/bin/python benchmarks/rolled.py                 # about 5 minutes on a 2-core CPU
     .venv/bin/python benchmarks/rolled.py --quick         # the three rows of the issue
 
 Forward passes under ``torch.no_grad``, float32, one thread. Every row
@@ -9,10 +9,14 @@ options=...)`` so that its chain runs in the rolled form (the chain op
 looping over the step, ``seqpar.runtime.rolled``): the MLP rows with
 ``sequential_form="rolled"`` and the default policy (the issue's rows are
 kept sequential by the cost model or, at gain 3, by the Lyapunov probe), the
+hand-written LSTM rows with the default options (kept sequential for cost,
+contractive: the loop may run the step compiled by inductor,
+``seqpar.runtime.fused_loop``), the
 zoo rows (``seqpar/testing/models.py``) with ``policy="sequential"``,
 ``sequential_form="rolled"`` and ``inner="eager"`` (what is timed is the
 rolled chain, not inductor on the rest of the graph). ``inductor`` is
 ``torch.compile(model)`` (the unrolled graph; rows with a compile time only).
+seqpar is timed after ``seqpar.speed.DECIDED_AFTER`` calls (its trials).
 
 Times: medians of ``--repeats`` interleaved turns (eager, seqpar, inductor
 one after another, each turn about 2 ms of calls), so load that comes and
@@ -36,8 +40,10 @@ import time
 
 import torch
 import torch.nn as nn
+import torch.utils._pytree as pytree
 
 from seqpar.backend import SeqparBackend
+from seqpar.speed import DECIDED_AFTER
 from seqpar.testing import models as zoo
 from timing import interleaved_medians
 
@@ -51,6 +57,9 @@ MLP_ROWS = [
     (1024, 16, 1, 1.0, False),
 ]
 QUICK_ROWS = [(64, 16, 64, 1.0, False), (256, 32, 16, 1.0, False), (512, 8, 1, 3.0, False)]
+# (L, hidden, B, time inductor's unrolled code): a hand-written LSTM cell (seqpar.testing.models.hand_lstm, every
+# h_t read) kept sequential for cost with the default options: its loop may run the step compiled by inductor.
+LSTM_ROWS = [(128, 32, 1, True), (256, 32, 1, False), (256, 128, 8, False)]
 ZOO_ROWS = {
     "deep_mlp gelu (16)": lambda: zoo.deep_mlp(depth=16, width=8, act="gelu"),
     "deep_mlp gelu (128)": lambda: zoo.deep_mlp(depth=128, width=8, act="gelu"),
@@ -93,8 +102,10 @@ def measure(name: str, model, inputs, options: dict, inductor: bool, repeats: in
         expected = model(*inputs)
         floor(*inputs)
         start = time.perf_counter()
-        difference = float((compiled(*inputs) - expected).abs().max())
+        difference = _difference(compiled(*inputs), expected)
         seqpar_compile = time.perf_counter() - start
+        for _ in range(DECIDED_AFTER):  # past the speed trials (seqpar.speed, seqpar.runtime.fused_loop)
+            compiled(*inputs)
         if inductor:
             unrolled = torch.compile(copy.deepcopy(model))
             start = time.perf_counter()
@@ -119,6 +130,10 @@ def measure(name: str, model, inputs, options: dict, inductor: bool, repeats: in
     return "| " + " | ".join(cells) + " |"
 
 
+def _difference(got, want) -> float:
+    return max(float((a - b).abs().max()) for a, b in zip(pytree.tree_leaves(got), pytree.tree_leaves(want)))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the issue's three MLP rows only")
@@ -138,6 +153,10 @@ def main():
         x = torch.randn(batch, width)
         print(measure(name, mlp(length, width, gain), (x,), {"sequential_form": "rolled"}, inductor, args.repeats),
               flush=True)
+    if not args.quick:
+        for length, hidden, batch, inductor in LSTM_ROWS:
+            model, inputs = zoo.hand_lstm(steps=length, inputs=hidden, hidden=hidden, batch=batch, outputs="all")
+            print(measure(f"hand LSTM h={hidden} B={batch}", model, inputs, {}, inductor, args.repeats), flush=True)
     if not (args.quick or args.no_zoo):
         options = {"policy": "sequential", "sequential_form": "rolled", "inner": "eager", "min_chain": 4}
         for name, make in ZOO_ROWS.items():

@@ -146,15 +146,15 @@ def trace_step(program, state, x_leaves, shared, eager_ops: bool = True) -> fx.G
     else:
         traced = make_fx(functionalize(step, remove="mutations"), tracing_mode="fake")(state, x_leaves, shared)
     traced.graph.eliminate_dead_code()
-    _check_recorded(traced)
+    check_recorded(traced)
     return traced
 
 
 class UnrecordedTrace(ValueError):
-    """``make_fx`` did not record the step's ops (see :func:`_check_recorded`)."""
+    """``make_fx`` did not record the step's ops (see :func:`check_recorded`)."""
 
 
-def _check_recorded(traced: fx.GraphModule) -> None:
+def check_recorded(traced: fx.GraphModule) -> None:
     """:class:`UnrecordedTrace` where the trace did not record the step: an output that reads no input, or a constant that
     is a fake tensor (a value computed while tracing, not recorded). That happens where the op's kernel runs
     below dispatch keys make_fx needs (the first call of an inductor graph runs inside aot_autograd's

@@ -206,3 +206,33 @@ def test_a_hand_written_lstm_cell_runs_the_fused_loop_equal_to_eager():
     for out in outs:
         for got, want, own in zip(out, exact, eager):
             assert relative_error(got, want) <= max(4 * relative_error(own, want), 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_run_the_fused_loop_within_their_rounding(dtype):
+    """The compiled step rounds like inductor's half-precision code: compared with the float64 model, no further
+    than eager's own loop in that dtype, up to a factor 4."""
+    model, x = scan_model(dtype)
+    function, backend = compiled(model)
+    with torch.no_grad():
+        outs = [function(x) for _ in range(3)]
+        eager = model(x)
+        exact = model.double()(x.double())
+    assert chain_of(backend)[1].loop == "fused"
+    for out in outs:
+        assert out.dtype == dtype
+        assert relative_error(out, exact) <= 4 * relative_error(eager, exact)
+
+
+def test_verify_accepts_the_fused_loops_rounding():
+    """``verify=True`` compares the graph with the original in float64: the fused loop's float32 rounding on a
+    contractive chain passes, and the rewritten graph keeps running."""
+    model, x = scan_model()
+    function, backend = compiled(model, verify=True)
+    with torch.no_grad():
+        outs = [function(x) for _ in range(3)]
+        want = model(x)
+    record = backend.graphs[0]
+    assert not record.fell_back and chain_of(backend)[1].loop == "fused"
+    for out in outs:
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))

@@ -62,8 +62,10 @@ MAX_LAYOUTS = 4
 SAMPLES = 2
 FUSED, GENERATED = "fused", "generated"
 
-_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # program -> {layout: compiled step}
 _TRIALS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # program -> Trial of the two loops
+# program -> (the states buffer, its version, the per-step outputs computed with it) until chain_outputs takes them
+_SERVED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 clock = time.perf_counter  # what the trial times with (tests replace it)
 _LATER = object()  # no compiled step at this call; one at a later call
 
@@ -81,7 +83,8 @@ def run_into(program, state: torch.Tensor, columns, shared, start: int, out: tor
     form, timed = trial.kept or trial.next_form(), trial.kept is None
     if form == GENERATED and generated is None:  # the rolled loop has no such loop (at this call)
         form, timed = FUSED, False
-    step = _compiled_for(program, state, columns, shared, start, out) if form == FUSED else None
+    outputs = _output_buffers(program, out) if form == FUSED and start == 0 else []
+    step = _compiled_for(program, state, columns, shared, start, out, outputs) if form == FUSED else None
     if form == FUSED and (step is None or step is _LATER):
         if step is None:
             trial.kept = GENERATED  # no compiled form: nothing to time
@@ -94,8 +97,10 @@ def run_into(program, state: torch.Tensor, columns, shared, start: int, out: tor
         s = state
         for position in range(start, program.length):
             row = out[position - start]
-            step([s, *[column[position] for column in columns], *shared, row])
+            step([s, *[column[position] for column in columns], *shared, row, *[y[position] for y in outputs]])
             s = row
+        if outputs:
+            _SERVED[program] = (weakref.ref(out), out._version, outputs)
     else:
         generated(state, columns, shared, start, program.length, out)
     if timed:
@@ -105,6 +110,24 @@ def run_into(program, state: torch.Tensor, columns, shared, start: int, out: tor
             log.info("seqpar: chain of %d steps: the %s loop kept (fastest call: fused %.3g ms, generated %.3g ms)",
                      program.length, trial.kept, trial.fastest(FUSED) * 1e3, trial.fastest(GENERATED) * 1e3)
     return form
+
+
+def _output_buffers(program, out: torch.Tensor) -> list[torch.Tensor]:
+    """Buffers for the program's per-step outputs ``Y^j`` ``(L, *y^j shape)``, which the compiled step writes too
+    (none where the program has no per-step outputs)."""
+    if program.outputs is None:
+        return []
+    return [out.new_empty(shape, dtype=dtype) for shape, dtype in program.output_shapes]
+
+
+def served_outputs(program, states: torch.Tensor) -> list[torch.Tensor] | None:
+    """The per-step outputs the fused loop computed while it wrote ``states`` (the op ``chain_outputs`` then
+    returns them instead of evaluating ``g`` again), once; ``None`` where ``states`` is not that unchanged buffer."""
+    entry = _SERVED.pop(program, None)
+    if entry is None:
+        return None
+    written, version, outputs = entry
+    return outputs if written() is states and states._version == version else None
 
 
 def _synchronize(state: torch.Tensor, timed: bool) -> None:
@@ -119,12 +142,12 @@ def deciding(program) -> bool:
     return trial is not None and trial.kept is None
 
 
-def _compiled_for(program, state, columns, shared, start, out):
+def _compiled_for(program, state, columns, shared, start, out, outputs):
     """The compiled step for this call's arguments; ``None`` where it has none (rows of a column laid out
     differently, a step that is not compiled), :data:`_LATER` where it is compiled at a later call."""
     if not all(_rows_alike(column) for column in columns):
         return None
-    return _compiled(program, state, [column[start] for column in columns], shared, out[0])
+    return _compiled(program, state, [column[start] for column in columns], shared, [out[0], *(y[0] for y in outputs)])
 
 
 def _rows_alike(column) -> bool:
@@ -140,28 +163,28 @@ def _layout(tensors) -> tuple:
     return tuple((tuple(t.shape), t.stride(), t.dtype, t.device) for t in tensors)
 
 
-def _compiled(program, state, x_leaves, shared, out_row):
-    """The compiled step for arguments laid out like these (compiled at their first call), or ``None``."""
-    compiled = _COMPILED.setdefault(program.lowered, {})
-    key = _layout([state, *x_leaves, *shared, out_row])
+def _compiled(program, state, x_leaves, shared, rows):
+    """The compiled step for arguments laid out like these (compiled at their first call), or ``None``; ``rows``:
+    the state's row of the buffer and one row of each per-step output's."""
+    compiled = _COMPILED.setdefault(program, {})
+    key = _layout([state, *x_leaves, *shared, *rows])
     if key not in compiled:
         if len(compiled) >= MAX_LAYOUTS:
             log.info("seqpar: fused loop of %d steps: more than %d input layouts; the rolled loop runs",
                      program.length, MAX_LAYOUTS)
             return None
         try:
-            compiled[key] = _compile(program, state, x_leaves, shared, out_row)
+            compiled[key] = _compile(program, [state, *x_leaves, *shared, *rows], len(x_leaves), len(rows) - 1)
         except UnrecordedTrace:  # this call's dispatch context, not the step: compiled at the next call
             return _LATER
     return compiled[key]
 
 
-def _compile(program, state, x_leaves, shared, out_row):
+def _compile(program, arguments, n_inputs: int, n_outputs: int):
     try:
         with torch._guards.tracing(None), torch.no_grad():  # outside the caller's tracing context
-            examples = [tensor.detach() for tensor in (state, *x_leaves, *shared, out_row)]
-            graph_module = writing_step(program, len(x_leaves), examples)
-            return compile_fx_inner(graph_module, examples)
+            examples = [tensor.detach() for tensor in arguments]
+            return compile_fx_inner(writing_step(program, n_inputs, n_outputs, examples), examples)
     except UnrecordedTrace:
         raise
     except Exception as error:  # the rolled loop runs the step instead
@@ -171,23 +194,31 @@ def _compile(program, state, x_leaves, shared, out_row):
         return None
 
 
-def writing_step(program, n_inputs: int, examples) -> fx.GraphModule:
+def writing_step(program, n_inputs: int, n_outputs: int, examples) -> fx.GraphModule:
     """The packed step as a graph of aten ops after inductor's decompositions (what ``compile_fx`` hands its
-    inner compiler), on flat inputs ``s, x_0 .., shared_0 .., out`` and writing its result into ``out``
-    (``aten.copy_``, which inductor stores in place); raises ValueError for a step that writes in place or
-    draws random numbers (eager's order and random stream are kept), :class:`~.rolled.UnrecordedTrace` where
-    the trace was not recorded."""
+    inner compiler), on flat inputs ``s, x_0 .., shared_0 .., out, y_1 .., y_J`` (``J = n_outputs``), writing its
+    result into ``out`` and its per-step outputs into the ``y_j`` (``aten.copy_``, which inductor stores in
+    place); raises ValueError for a step that writes in place or draws random numbers (eager's order and random
+    stream are kept), :class:`~.rolled.UnrecordedTrace` where the trace was not recorded."""
+    n_shared = len(examples) - 2 - n_inputs - n_outputs
 
     def step_into(s, *rest):
-        rest[-1].copy_(program.step_packed(s, list(rest[:n_inputs]), list(rest[n_inputs:-1])))
+        x, shared, out, ys = (rest[:n_inputs], rest[n_inputs : n_inputs + n_shared], rest[n_inputs + n_shared],
+                              rest[n_inputs + n_shared + 1 :])
+        new = program.step_packed(s, list(x), list(shared))
+        out.copy_(new)
+        if ys:
+            values = program.outputs_packed(new if program.outputs_at_next else s, list(x), list(shared))
+            for y, value in zip(ys, values):
+                y.copy_(value)
         return ()
 
     traced = make_fx(step_into, tracing_mode="fake", decomposition_table=select_decomp_table())(*examples)
     check_recorded(traced)
-    out = list(traced.graph.find_nodes(op="placeholder"))[-1]
+    written = list(traced.graph.find_nodes(op="placeholder"))[-1 - n_outputs :]
     for node in traced.graph.nodes:
-        written = node.op == "call_function" and node.target is _aten.copy_.default and node.args[0] is out
-        if node.op == "call_function" and not written and (may_mutate(node.target) or draws_random(node.target)):
+        writes = node.op == "call_function" and node.target is _aten.copy_.default and node.args[0] in written
+        if node.op == "call_function" and not writes and (may_mutate(node.target) or draws_random(node.target)):
             raise ValueError("the step writes in place or draws random numbers (eager's order and random stream "
                              "are kept)")
     return traced

@@ -19,7 +19,9 @@ higher-order gradients are exact too.
 ``seqpar::chain_outputs(program_id, s0, states, xs, shared, layer_params) ->
 Y`` serves a chain's per-step outputs ``y^j_l = g^j(s_{l-1}, x_l, *shared)``:
 one batched evaluation of the program's ``outputs`` at the solved states,
-``Y^j`` of shape ``(L, *y^j shape)``. Its autograd formula is the batched VJP
+``Y^j`` of shape ``(L, *y^j shape)`` (or, where ``chain_solve`` ran the fused
+loop, the outputs that loop wrote along with these very states:
+:func:`~.fused_loop.served_outputs`). Its autograd formula is the batched VJP
 of ``g`` (the op ``seqpar::chain_outputs_vjp``), whose state cotangents reach
 the states and through ``chain_solve``'s adjoint the whole chain:
 ``lam_l = dL/ds_l + (dg_{l+1}/ds_l)^T dL/dy_{l+1} + J_{l+1}^T lam_{l+1}``.
@@ -38,6 +40,7 @@ from typing import Callable
 
 import torch
 
+from . import fused_loop
 from .adjoint import adjoint_solve
 from .newton import newton_solve
 from .precision import in_float64
@@ -391,6 +394,9 @@ def chain_outputs(program_id, s0, states, xs, shared, layer_params) -> list[torc
     ``(L, *y^j shape)``: the per-step outputs of program ``program_id`` at the states ``states`` ``(L, N, w)``
     started at ``s0``, in one batched call."""
     program = _PROGRAMS[program_id]
+    served = fused_loop.served_outputs(program, states)  # computed in the fused loop along with these states
+    if served is not None:
+        return served
     s0, states, xs, shared = s0.contiguous(), states.contiguous(), _contiguous(xs), _contiguous(shared)
     leaves = per_step_inputs(program, xs, layer_params)
     outputs = program.outputs_at(_output_states(program, s0, states), leaves, shared)

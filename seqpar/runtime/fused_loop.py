@@ -76,13 +76,18 @@ def run_into(program, state: torch.Tensor, columns, shared, start: int, out: tor
     ``run_into``, or ``None`` where it has none), as the program's trial chose, or ``None`` where neither ran.
 
     The first calls alternate the two (:data:`SAMPLES` each, timed); the faster by its fastest call runs from then
-    on. A call where the step has no compiled form runs the generated loop, untimed."""
+    on. A call where the step has no compiled form runs the generated loop, untimed; a rolled loop without a
+    generated loop after its first call leaves the compiled step (the graph's speed trial still times the
+    whole)."""
     trial = _TRIALS.get(program)
     if trial is None:
         trial = _TRIALS[program] = Trial(FUSED, GENERATED, SAMPLES)
-    form, timed = trial.kept or trial.next_form(), trial.kept is None
-    if form == GENERATED and generated is None:  # the rolled loop has no such loop (at this call)
-        form, timed = FUSED, False
+    form = trial.kept or trial.next_form()
+    if form == GENERATED and generated is None:  # the rolled loop has no such loop
+        if trial.times[FUSED]:  # not at the first call either: nothing to time the compiled step against
+            trial.kept = FUSED
+        form = FUSED
+    timed = trial.kept is None
     outputs = _output_buffers(program, out) if form == FUSED and start == 0 else []
     step = _compiled_for(program, state, columns, shared, start, out, outputs) if form == FUSED else None
     if form == FUSED and (step is None or step is _LATER):

@@ -14,6 +14,8 @@ step each, on a contractive chain), or 1e-6 relative.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn as nn
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from seqpar.backend import SeqparBackend
 from seqpar.runtime import fused_loop
 from seqpar.runtime.ops import call_state
+from seqpar.speed import DECIDED_AFTER
 from seqpar.testing import models as zoo
 
 
@@ -251,5 +254,25 @@ def test_the_per_step_outputs_come_from_the_fused_loop(monkeypatch):
         want = model(x)
     program = chain_of(backend)[1]
     assert fused_loop._TRIALS[program].kept == "fused" and served[-1] is not None
+    for out in outs:
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def test_a_loop_without_a_generated_form_keeps_the_compiled_step_and_lets_the_graph_trial_run(monkeypatch):
+    """Where the rolled loop has no writing form (``run_into``), the loop trial has nothing to time the compiled
+    step against: it keeps it after the first call, and the graph's speed trial (which waits for loop trials)
+    still decides."""
+    from seqpar.runtime import sequential
+
+    real_loop_for = sequential.loop_for
+    monkeypatch.setattr(sequential, "loop_for",
+                        lambda *args: dataclasses.replace(real_loop_for(*args), run_into=None))
+    model, x = scan_model()
+    function, backend = compiled(model)
+    with torch.no_grad():
+        outs = [function(x) for _ in range(DECIDED_AFTER + 2)]
+        want = model(x)
+    assert fused_loop._TRIALS[chain_of(backend)[1]].kept == "fused"
+    assert backend.graphs[0].speed.kept is not None
     for out in outs:
         torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))

@@ -45,8 +45,6 @@ import weakref
 import torch
 import torch.fx as fx
 
-from torch._inductor.compile_fx import compile_fx_inner
-from torch._inductor.decomposition import select_decomp_table
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from .rolled import UnrecordedTrace, check_recorded, draws_random, may_mutate
@@ -186,6 +184,9 @@ def _compiled(program, state, x_leaves, shared, rows):
 
 
 def _compile(program, arguments, n_inputs: int, n_outputs: int):
+    # inductor's compiler is imported at the first compile: 0.7 s that `import seqpar` need not pay
+    from torch._inductor.compile_fx import compile_fx_inner
+
     try:
         with torch._guards.tracing(None), torch.no_grad():  # outside the caller's tracing context
             examples = [tensor.detach() for tensor in arguments]
@@ -217,6 +218,8 @@ def writing_step(program, n_inputs: int, n_outputs: int, examples) -> fx.GraphMo
             for y, value in zip(ys, values):
                 y.copy_(value)
         return ()
+
+    from torch._inductor.decomposition import select_decomp_table  # at first use, as compile_fx_inner
 
     traced = make_fx(step_into, tracing_mode="fake", decomposition_table=select_decomp_table())(*examples)
     check_recorded(traced)

@@ -86,7 +86,8 @@ def run_into(program, state: torch.Tensor, columns, shared, start: int, out: tor
             trial.kept = FUSED
         form = FUSED
     timed = trial.kept is None
-    outputs = _output_buffers(program, out) if form == FUSED and start == 0 else []
+    # The outputs are served against the states buffer's version: an inference tensor has none to check.
+    outputs = _output_buffers(program, out) if form == FUSED and start == 0 and not out.is_inference() else []
     step = _compiled_for(program, state, columns, shared, start, out, outputs) if form == FUSED else None
     if form == FUSED and (step is None or step is _LATER):
         if step is None:

@@ -276,3 +276,18 @@ def test_a_loop_without_a_generated_form_keeps_the_compiled_step_and_lets_the_gr
     assert backend.graphs[0].speed.kept is not None
     for out in outs:
         torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def test_inference_mode_and_a_second_sequence_length():
+    """Under ``torch.inference_mode`` (tensors without version counters) the loop runs, the outputs are evaluated
+    by ``chain_outputs``; a new length compiles another graph and program."""
+    model, x = scan_model()
+    function, backend = compiled(model)
+    with torch.inference_mode():
+        outs = [function(x) for _ in range(DECIDED_AFTER + 2)]
+        want = model(x)
+        longer = torch.randn(1, 96, 64)
+        out_longer, want_longer = function(longer), model(longer)
+    assert backend.graphs[0].programs[0][1].loop == "fused"
+    for got, expected in [*((out, want) for out in outs), (out_longer, want_longer)]:
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))

@@ -191,7 +191,12 @@ def _compile(program, arguments, n_inputs: int, n_outputs: int):
     try:
         with torch._guards.tracing(None), torch.no_grad():  # outside the caller's tracing context
             examples = [tensor.detach() for tensor in arguments]
-            return compile_fx_inner(writing_step(program, n_inputs, n_outputs, examples), examples)
+            compiled = compile_fx_inner(writing_step(program, n_inputs, n_outputs, examples), examples)
+            # One call through the wrapper (its first call ends inductor's compile bookkeeping: autotuning caches);
+            # it writes the first step's values into the rows the loop writes first. Later calls go straight to the
+            # generated code, about 1.2 us a step less.
+            compiled(list(arguments))
+            return getattr(compiled, "current_callable", None) or compiled
     except UnrecordedTrace:
         raise
     except Exception as error:  # the rolled loop runs the step instead

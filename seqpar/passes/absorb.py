@@ -35,7 +35,6 @@ in eager).
 
 from __future__ import annotations
 
-import math
 import operator
 
 import torch
@@ -94,20 +93,24 @@ def absorb_producers(chain: Chain) -> list[str]:
     """
     plans, written = {}, None
     for position, item in enumerate(chain.per_step):
-        if item.kind != "slice" or not _is_call(item.nodes[0]):
+        if item.kind != "slice":
             continue
         try:
             recipe = _recipe(item.nodes[0], item.dim, 0)
         except _NotAbsorbable:
             continue
+        parts = _parts(recipe)
+        leaves = {part.node for part in parts if isinstance(part, _Leaf)}
+        if not isinstance(recipe, _Call) or _numel(item.nodes[0]) < MIN_EXPANSION * sum(map(_numel, leaves)):
+            continue  # nothing to absorb, or the producers do not expand
         written = _written_storages(item.nodes[0].graph) if written is None else written
-        if any(key in written for node in _nodes(recipe) for key in storages(example(node))):
+        if any(key in written for part in parts for key in storages(example(part.node))):
             continue  # an in-place write changes a value the recipe reads or recomputes, at some point
-        if isinstance(recipe, _Call) and _numel(item.nodes[0]) >= MIN_EXPANSION * _values_read(_leaves(recipe)):
-            plans[position] = recipe
+        plans[position] = recipe
     if plans:
         _rewrite(chain, plans)
-    return list(dict.fromkeys(name for recipe in plans.values() for name in _op_names(recipe)))
+    names = (target_name(part.node) for recipe in plans.values() for part in _parts(recipe) if isinstance(part, _Call))
+    return list(dict.fromkeys(names))
 
 
 def _written_storages(graph: fx.Graph) -> set:
@@ -121,13 +124,12 @@ def _written_storages(graph: fx.Graph) -> set:
     return written
 
 
-def _nodes(recipe) -> list[Node]:
-    """Every graph node ``recipe`` reads or recomputes."""
-    if isinstance(recipe, _Leaf):
-        return [recipe.node]
-    found = [recipe.node]
-    _map_recipes((recipe.args, recipe.kwargs), lambda part: found.extend(_nodes(part)))
-    return found
+def _parts(recipe) -> list:
+    """``recipe`` and every :class:`_Call`/:class:`_Leaf` in it, outermost first (with repeats)."""
+    parts = [recipe]
+    if isinstance(recipe, _Call):
+        _map_recipes((recipe.args, recipe.kwargs), lambda part: parts.extend(_parts(part)))
+    return parts
 
 
 def _is_call(node: Node) -> bool:
@@ -136,7 +138,7 @@ def _is_call(node: Node) -> bool:
 
 def _numel(node: Node) -> int:
     value = example(node)
-    return math.prod(value.shape) if isinstance(value, torch.Tensor) else 1
+    return value.numel() if isinstance(value, torch.Tensor) else 1
 
 
 def _tensor(node) -> torch.Tensor | None:
@@ -221,27 +223,13 @@ def _unsqueezed(node: Node, value: torch.Tensor, dim: int, depth: int):
     """``R.unsqueeze(d)``: ``R`` whole where ``dim == d``, else ``R``'s matching dim selected and ``d`` shifted."""
     source = node.args[0]
     inserted = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    if not isinstance(inserted, int) or not isinstance(source, Node):
+    if not isinstance(inserted, int) or _tensor(source) is None:
         return _Leaf(node, dim)
     inserted %= value.ndim
     if inserted == dim:
         return _Leaf(source)
     source_dim, shifted = (dim, inserted - 1) if dim < inserted else (dim - 1, inserted)
     return _Call(node, dim, (_recipe(source, source_dim, depth + 1), shifted), {})
-
-
-def _leaves(recipe) -> list[_Leaf]:
-    """The tensors ``recipe`` reads, in order (with repeats)."""
-    if isinstance(recipe, _Leaf):
-        return [recipe]
-    found = []
-    _map_recipes((recipe.args, recipe.kwargs), lambda part: found.extend(_leaves(part)))
-    return found
-
-
-def _values_read(leaves: list[_Leaf]) -> int:
-    """Values of the tensors the ``leaves`` read (all steps' slices of a per-step one), each tensor once."""
-    return sum(_numel(node) for node in dict.fromkeys(leaf.node for leaf in leaves))
 
 
 def _map_recipes(structure, fn):
@@ -260,14 +248,6 @@ def _map_recipes(structure, fn):
     return structure
 
 
-def _op_names(recipe) -> list[str]:
-    if not isinstance(recipe, _Call):
-        return []
-    names = [target_name(recipe.node)]
-    _map_recipes((recipe.args, recipe.kwargs), lambda part: names.extend(_op_names(part)))
-    return names
-
-
 def _rewrite(chain: Chain, plans: dict) -> None:
     """Replace the planned slice inputs (``plans``: position -> recipe) by the tensors their recipes read (new
     slice inputs after the kept ones, new shared inputs after the old) and rebuild the step graphs on them."""
@@ -278,7 +258,7 @@ def _rewrite(chain: Chain, plans: dict) -> None:
     slots: dict[tuple, int] = {}  # (node, dim, start, stride) -> per-step slot; (node,) -> shared slot
     for position, recipe in plans.items():
         item = template[position]
-        for leaf in _leaves(recipe):
+        for leaf in (part for part in _parts(recipe) if isinstance(part, _Leaf)):
             key = (leaf.node,) if leaf.dim is None else (leaf.node, leaf.dim, item.start, item.stride)
             if key in slots:
                 continue

@@ -291,3 +291,30 @@ def test_inference_mode_and_a_second_sequence_length():
     assert backend.graphs[0].programs[0][1].loop == "fused"
     for got, expected in [*((out, want) for out in outs), (out_longer, want_longer)]:
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_float64_gradients_and_weights_after_an_optimizer_step_or_load_state_dict():
+    """A training graph's forward may run the fused loop (its producers stay outside): float64 gradients with
+    respect to every parameter and the input equal eager's to 1e-12; then an SGD step and a ``load_state_dict``
+    change every weight in place, and inference calls see the new ones."""
+    model, x = scan_model(torch.float64)
+    x.requires_grad_(True)
+    function, backend = compiled(model)
+    function(x).square().sum().backward()
+    got = [p.grad.clone() for p in model.parameters()] + [x.grad.clone()]
+    model.zero_grad()
+    x.grad = None
+    model(x).square().sum().backward()
+    want = [p.grad for p in model.parameters()] + [x.grad]
+    assert chain_of(backend)[1].loop == "fused"
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12 * float(b.abs().max()))
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    state = {name: value * 0.7 for name, value in model.state_dict().items()}
+    inputs = x.detach()
+    with torch.no_grad():
+        stepped = [function(inputs), model(inputs)]
+        model.load_state_dict(state)
+        loaded = [function(inputs), model(inputs)]
+    for out, expected in (stepped, loaded):
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12 * float(expected.abs().max()))

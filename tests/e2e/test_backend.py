@@ -9,6 +9,7 @@ is 1e-5, amplified at most ~10x by these contractive chains).
 """
 
 import copy
+import logging
 import os
 import subprocess
 import sys
@@ -357,6 +358,26 @@ def test_unknown_option_raises_value_error_through_torch_compile():
         compiled(torch.randn(2))
     torch._dynamo.reset()
 
+
+def test_torch_guard_filter_passes_through_options_next_to_seqpar_options(caplog):
+    """README's advice for deep stacks: torch's own ``guard_filter_fn`` (Dynamo's per-parameter guards dropped)
+    goes in the same ``options`` dict as seqpar's; the chain is still solved, equals eager in float64, and sees
+    weights updated in place (the parameters are read at every call, only their guards are gone)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[m for _ in range(64) for m in (torch.nn.Linear(4, 4), torch.nn.Tanh())]).double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    compiled = torch.compile(model, backend="seqpar", options={
+        "guard_filter_fn": torch.compiler.skip_guard_on_inbuilt_nn_modules_unsafe,
+        "policy": "parallel", "inner": "eager",
+    })
+    with torch.no_grad(), caplog.at_level(logging.INFO, logger="seqpar"):
+        assert (compiled(x) - model(x)).abs().max() < F64_ATOL
+        assert any("layers chain of 64 (parallel)" in record.getMessage() for record in caplog.records)
+        for p in model.parameters():
+            p.mul_(0.9)
+        assert (compiled(x) - model(x)).abs().max() < F64_ATOL
+    torch._dynamo.reset()
 
 def test_backend_is_registered_through_the_entry_point_without_import():
     code = (

@@ -47,7 +47,7 @@ class ScannedLayers(nn.Module):
 
     def __init__(self, blocks):
         super().__init__()
-        blocks = _validated_blocks(blocks)
+        blocks = validated_blocks(blocks)
         params, buffers = stack_module_state(blocks)
         self.length = len(blocks)
         self.parameter_names = list(params)
@@ -108,7 +108,7 @@ def scan_layers(blocks) -> ScannedLayers:
     return ScannedLayers(blocks)
 
 
-def _validated_blocks(blocks) -> list[nn.Module]:
+def validated_blocks(blocks) -> list[nn.Module]:
     """The blocks as a list; ``ValueError`` naming the first block that differs from block 0 in
     type, parameter or buffer names, shapes or dtypes, or in training mode."""
     if isinstance(blocks, nn.Module) and not isinstance(blocks, (nn.Sequential, nn.ModuleList)):

@@ -35,10 +35,10 @@ def adjoint_solve(program, s0, xs_leaves, shared, states, grad_states):
         lam = solve_affine_recurrence(jacobians, grad_states, program.adjoint_kind, reverse=True)
         grad_prev, grad_xs, grad_shared = program.steps_vjp(prev, xs_leaves, shared, lam)
         return grad_prev[0], list(grad_xs), list(grad_shared)
-    return _adjoint_sequential(program, prev, xs_leaves, shared, grad_states)
+    return sequential_adjoint(program, prev, xs_leaves, shared, grad_states)
 
 
-def _adjoint_sequential(program, prev, xs_leaves, shared, grad_states):
+def sequential_adjoint(program, prev, xs_leaves, shared, grad_states):
     """The same recursion as ``L`` vector-Jacobian products, last step first."""
     grad_xs = [torch.zeros_like(leaf) if leaf.is_floating_point() else None for leaf in xs_leaves]
     grad_shared = [torch.zeros_like(tensor) if tensor.is_floating_point() else None for tensor in shared]

@@ -111,6 +111,20 @@ def solve_chain(
         The states ``s_1 .. s_L`` stacked on a new dim 0 (a tuple of such
         tensors for a tuple state), and the stats if ``return_stats``.
     """
+    program, packed_s0, xs_leaves, shared = prepare_chain(
+        step, s0, xs, shared, jacobian=jacobian, tol=tol, max_iters=max_iters, damping=damping, window=window,
+        length=length, batch_ndim=batch_ndim, adjoint=adjoint, forward=forward,
+    )
+    packed = torch.ops.seqpar.chain_solve(program.id, packed_s0, xs_leaves, shared, [])
+    states = program.layout.unpack(packed)
+    return (states, ops.call_state(program).last_stats) if return_stats else states
+
+
+def prepare_chain(step, s0, xs, shared, *, jacobian, tol, max_iters, damping, window, length, batch_ndim, adjoint,
+                  forward):
+    """:func:`solve_chain`'s arguments validated and its program built: ``(program, packed s0 (N, w), xs leaves,
+    shared)``. Bad arguments raise ``ValueError`` naming them; a cached trace whose first step no longer agrees
+    with the step (it reads a Python value that changed) is traced anew, with a warning."""
     layout, xs_leaves, xs_spec, shared, length, first = _validate(step, s0, xs, shared, length, batch_ndim)
     for value, choices, name in (
         (jacobian, JACOBIAN_CHOICES, "jacobian"),
@@ -132,9 +146,7 @@ def solve_chain(
             "value that changed (pass such values as tensors in shared); retraced"
         )
         program = _solver_program(*arguments, **requests, retrace=True)
-    packed = torch.ops.seqpar.chain_solve(program.id, packed_s0, xs_leaves, shared, [])
-    states = layout.unpack(packed)
-    return (states, ops.call_state(program).last_stats) if return_stats else states
+    return program, packed_s0, xs_leaves, shared
 
 
 @torch.compiler.disable  # tracing and caching, not computation: Dynamo runs it as it is (one graph break)

@@ -199,7 +199,7 @@ def newton_solve(
             values = estimates(prev, xs_leaves, shared, first, evaluated)
             stats.jacobian_evaluations = estimates.estimated
         elif window is None:
-            values = _evaluate_all(program, kind, prev, xs_leaves, shared)
+            values = evaluate_all(program, kind, prev, xs_leaves, shared)
         else:
             values = evaluate(prev[first : first + window], [leaf[first : first + window] for leaf in xs_leaves], shared)
         if estimates is None and kind != "identity":
@@ -362,7 +362,7 @@ def _update(states, start, stop, values, A, kind, tol, work, decide: bool = True
     largest = float(per_step.max())
     # A non-finite update makes the largest ratio non-finite (the check costs nothing otherwise).
     finite = math.isfinite(largest) or bool(torch.isfinite(update).all())
-    return _first_above(per_step), largest, finite
+    return first_above(per_step), largest, finite
 
 
 def tolerance_ratios(update: torch.Tensor, new_states: torch.Tensor, tol: Tolerance) -> torch.Tensor:
@@ -371,7 +371,7 @@ def tolerance_ratios(update: torch.Tensor, new_states: torch.Tensor, tol: Tolera
     return update.abs().amax(dim=-1).div_(scale)
 
 
-def _first_above(per_step: torch.Tensor) -> int:
+def first_above(per_step: torch.Tensor) -> int:
     """The first position whose ratio is above 1, ``len(per_step)`` when none (NaN, ``0 / 0``, is not above)."""
     above = torch.nonzero(per_step > 1.0)
     return int(above[0]) if above.numel() else per_step.shape[0]
@@ -410,7 +410,7 @@ def _damped_update(states, start, stop, values, A, kind, region, tol, work):
     scaled = tolerance_ratios(newton, active + newton, tol)
     scaled.masked_fill_(newton.abs().amax(dim=-1) == 0, 0.0).nan_to_num_(nan=math.inf)  # 0 / 0 converged, NaN not
     per_step = scaled.flatten(1).amax(dim=1)
-    converged = _first_above(per_step)
+    converged = first_above(per_step)
     step[:converged] = newton[:converged]
     states[start:stop] = (active + step).to(states.dtype)
     states[start] = values[0]  # exact: f of an exact previous state
@@ -432,7 +432,7 @@ def _lm_step_from_exact_first(A, c, kind, damping):
     return step
 
 
-def _evaluate_all(program, kind, prev, xs_leaves, shared):
+def evaluate_all(program, kind, prev, xs_leaves, shared):
     """``F`` (identity) or ``(F, A)`` at all ``L`` positions."""
     if kind == "identity":
         return program.steps_at(prev, xs_leaves, shared)

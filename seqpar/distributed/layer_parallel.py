@@ -1,0 +1,94 @@
+"""``LayerParallel``: a stack of identical blocks split over the ranks, run as one distributed chain solve.
+
+``s_{l+1} = block_l(s_l)`` for the ``L`` blocks of a stack is a chain whose
+per-step inputs are the blocks' parameters. Rank ``p`` keeps the blocks of
+its contiguous share (``L // P`` each, the first ``L % P`` ranks one more),
+as a pipeline stage does; the other ranks' blocks are dropped. A forward
+stacks the local blocks' parameters (differentiably: gradients land on the
+blocks' own parameters) and solves the chain with
+:func:`seqpar.distributed.solve_chain`; the stack's output, the last rank's
+last state, is then broadcast to every rank. Its gradient is taken from the
+last rank (every rank is expected to compute the same loss of the same
+output, as with any replicated value); the input's gradient is rank 0's,
+on every rank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.func import functional_call
+
+from ..scan_layers import validated_blocks
+from .group import Ranks
+from .solve import solve_chain
+
+
+def shares(length: int, size: int) -> list[int]:
+    """Blocks per rank for ``length`` blocks over ``size`` ranks: ``length // size``, the first ``length % size``
+    ranks one more (contiguous, rank 0 first)."""
+    return [length // size + (1 if rank < length % size else 0) for rank in range(size)]
+
+
+class LayerParallel(nn.Module):
+    """The stack ``blocks`` (``nn.Sequential``, ``nn.ModuleList`` or a list of modules of one structure, the whole
+    stack, the same on every rank) with this rank's share of its blocks, forward and backward solved across
+    ``group`` (default: the world). ``solver_options`` go to :func:`seqpar.distributed.solve_chain`; its
+    ``batch_ndim`` defaults to 1 here (the blocks may mix everything but the first dim, as attention does).
+
+    ``first``: the global index of this rank's first block; ``blocks``: its blocks (``state_dict`` keys
+    ``blocks.<local index>.*``)."""
+
+    def __init__(self, blocks, group=None, **solver_options):
+        super().__init__()
+        every = validated_blocks(blocks)
+        ranks = Ranks(group, what="seqpar.distributed.LayerParallel")
+        counts = shares(len(every), ranks.size)
+        if min(counts) < 1:
+            raise ValueError(f"LayerParallel: {len(every)} blocks cannot give each of {ranks.size} ranks one")
+        self.group = group
+        self.total = len(every)
+        self.first = sum(counts[:ranks.rank])
+        self.blocks = nn.ModuleList(every[self.first:self.first + counts[ranks.rank]])
+        self.last_rank = ranks.size - 1
+        self.solver_options = {"batch_ndim": 1, **solver_options}
+        self._template = (self.blocks[0],)  # structure only: its tensors are swapped for each block's rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``block_{L-1}(... block_0(x))`` on every rank (``x`` the same on every rank)."""
+        if any(isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats and module.training
+               for module in self.blocks.modules()):
+            raise ValueError("LayerParallel: BatchNorm in training mode updates running statistics, which a "
+                             "parallel solve cannot do; call .eval() or keep the blocks sequential")
+        names = [name for name, _ in self.blocks[0].named_parameters()]
+        buffers = [name for name, _ in self.blocks[0].named_buffers()]
+        rows = {name: torch.stack([dict(block.named_parameters())[name] for block in self.blocks])
+                for name in names}
+        rows.update({name: torch.stack([dict(block.named_buffers())[name] for block in self.blocks])
+                     for name in buffers})
+        template = self._template[0]
+
+        def step(s, row):
+            return functional_call(template, row, (s,))
+
+        states = solve_chain(step, x, rows, group=self.group, **self.solver_options)
+        return _FromRank.apply(states[-1], self.last_rank, self.group)
+
+    def extra_repr(self) -> str:
+        return f"blocks {self.first}..{self.first + len(self.blocks) - 1} of {self.total}"
+
+
+class _FromRank(torch.autograd.Function):
+    """``value`` of rank ``source`` on every rank; backward: the gradient of ``source``'s own result reaches
+    its ``value`` (every rank computes the same loss of the same value), the other ranks' ``value`` get zero."""
+
+    @staticmethod
+    def forward(ctx, value, source, group):
+        ranks = Ranks(group, what="seqpar.distributed.LayerParallel")
+        ctx.source, ctx.mine = source, ranks.rank == source
+        row = ranks.broadcast(value.detach() if ctx.mine else None, value.numel(), source, value.device)
+        return row.view(value.shape).to(value.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad if ctx.mine else torch.zeros_like(grad)), None, None

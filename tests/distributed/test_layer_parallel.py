@@ -1,0 +1,92 @@
+"""seqpar.distributed.LayerParallel over 2 and 4 gloo ranks: forward, gradients and an optimizer step equal to the
+whole nn.Sequential run eagerly (float64; tolerance 1e-12 as in test_solve_chain: Newton to 1e-10 relative,
+quadratic, so states and gradients are exact to rounding)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from seqpar.testing.ranks import run_ranks
+
+F64 = 1e-12
+
+
+def stack(depth, width=4, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(*[nn.Sequential(nn.Linear(width, width), nn.Tanh()) for _ in range(depth)]).double()
+
+
+def training_case(rank, world, depth, frozen_rank=None):
+    """Forward, backward and two SGD steps of LayerParallel against the same stack run eagerly on every rank.
+    ``frozen_rank``: that rank's blocks do not require grad (and neither does the input)."""
+    from seqpar.distributed import LayerParallel
+    from seqpar.distributed.layer_parallel import shares
+
+    eager = stack(depth)
+    model = LayerParallel(copy.deepcopy(eager))
+    first = model.first
+    counts = shares(depth, world)
+    if frozen_rank is not None:
+        start = sum(counts[:frozen_rank])
+        for block in list(eager)[start:start + counts[frozen_rank]]:
+            block.requires_grad_(False)
+        if rank == frozen_rank:
+            model.requires_grad_(False)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 4, dtype=torch.float64, generator=generator)
+    target = torch.randn(3, 4, dtype=torch.float64, generator=generator)
+    errors = []
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad] or [torch.zeros(1)], lr=0.1)
+    eager_optimizer = torch.optim.SGD([p for p in eager.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(2):
+        x_mine, x_eager = x.clone().requires_grad_(frozen_rank is None), x.clone().requires_grad_(frozen_rank is None)
+        out, expected = model(x_mine), eager(x_eager)
+        (out - target).square().sum().backward()
+        (expected - target).square().sum().backward()
+        local = list(eager)[first:first + len(model.blocks)]
+        grads = [(a.grad - b.grad).abs().max().item() for block, ref in zip(model.blocks, local)
+                 for a, b in zip(block.parameters(), ref.parameters()) if a.requires_grad]
+        errors.append(dict(out=(out - expected).abs().max().item(), grads=max(grads, default=0.0),
+                           x=0.0 if frozen_rank is not None else (x_mine.grad - x_eager.grad).abs().max().item()))
+        optimizer.step(), eager_optimizer.step()
+        optimizer.zero_grad(), eager_optimizer.zero_grad()
+    return dict(errors=errors, first=first, blocks=len(model.blocks), repr=repr(model))
+
+
+def scenarios(rank, world):
+    return dict(
+        even=training_case(rank, world, depth=12),
+        uneven=training_case(rank, world, depth=world + 1),
+        frozen=training_case(rank, world, depth=8, frozen_rank=0),
+    )
+
+
+_RESULTS = {}
+
+
+def results(world):
+    if world not in _RESULTS:
+        _RESULTS[world] = run_ranks(scenarios, world)
+    return _RESULTS[world]
+
+
+WORLDS = pytest.mark.parametrize("world", [2, 4])
+
+
+@WORLDS
+@pytest.mark.parametrize("case", ["even", "uneven", "frozen"])
+def test_forward_gradients_and_sgd_steps_equal_the_eager_stack(world, case):
+    for result in results(world):
+        for step in result[case]["errors"]:
+            assert step["out"] < F64 and step["grads"] < F64 and step["x"] < F64, (case, result[case])
+
+
+@WORLDS
+def test_each_rank_keeps_its_contiguous_share(world):
+    shares = [(result["uneven"]["first"], result["uneven"]["blocks"]) for result in results(world)]
+    assert shares == [(0, 2)] + [(index + 1, 1) for index in range(1, world)]
+    assert "blocks 0..1 of" in results(world)[0]["uneven"]["repr"]

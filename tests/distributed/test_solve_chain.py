@@ -1,0 +1,318 @@
+"""seqpar.distributed.solve_chain over 2 and 4 gloo ranks spawned by the tests themselves.
+
+Every scenario runs on every rank of one spawned group (``seqpar.testing.ranks.run_ranks``: file store, 60 s on
+every collective, 300 s in all, processes killed after); each rank builds the whole problem from fixed seeds,
+solves its share across the group and compares with the sequential loop of the whole chain, run locally.
+
+Tolerances: float64 chains are solved to ``|ds| <= 1e-10 (1 + |s|)`` and Newton converges quadratically, so
+states and gradients (the exact adjoint at that solution) equal the loop to ~1e-15 relative; 1e-12 leaves room
+for the conditioning of 24-40 steps. The chaotic logistic map (Lyapunov exponent ~0.5 a step) amplifies rounding
+by up to e^{0.5 L}: its states are compared to 1e-6. float32: 1e-5 relative (the float32 tolerance).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from seqpar.testing.ranks import run_ranks
+
+F64 = 1e-12
+GENERATOR_SEED = 0
+
+
+def share(length, world, rank, counts=None):
+    counts = counts or [length // world + (1 if r < length % world else 0) for r in range(world)]
+    start = sum(counts[:rank])
+    return start, start + counts[rank]
+
+
+def loop(step, s0, xs, shared=()):
+    """The chain's states by the plain loop (differentiable), ``(L, *s0.shape)``."""
+    states, s = [], s0
+    for index in range(xs[0].shape[0]):
+        s = step(s, tuple(x[index] for x in xs), *shared)
+        states.append(s)
+    return torch.stack(states)
+
+
+def mlp_step(s, x, U):
+    W, b = x
+    return torch.tanh(s @ W.T + b + 0.1 * s @ U)
+
+
+def mlp_problem(length=24, batch=3, width=4, dtype=torch.float64, seed=GENERATOR_SEED):
+    generator = torch.Generator().manual_seed(seed)
+    W = torch.randn(length, width, width, dtype=dtype, generator=generator) * 0.5
+    b = torch.randn(length, width, dtype=dtype, generator=generator)
+    U = torch.randn(width, width, dtype=dtype, generator=generator) * 0.3
+    s0 = torch.randn(batch, width, dtype=dtype, generator=generator)
+    cotangent = torch.randn(length, batch, width, dtype=dtype, generator=generator)
+    return W, b, U, s0, cotangent
+
+
+def mlp_case(rank, world, counts=None, s0_grad=True, xs_grad=True, shared_grad=True, **options):
+    """States and every gradient of a tanh chain with a shared matrix, against the loop's."""
+    import seqpar.distributed as sd
+
+    W, b, U, s0, cotangent = mlp_problem()
+    first, stop = share(W.shape[0], world, rank, counts)
+    mine = [t.clone().requires_grad_(xs_grad) for t in (W[first:stop], b[first:stop])]
+    U_mine, s0_mine = U.clone().requires_grad_(shared_grad), s0.clone().requires_grad_(s0_grad)
+    states, stats = sd.solve_chain(mlp_step, s0_mine, tuple(mine), (U_mine,), return_stats=True, **options)
+    (states * cotangent[first:stop]).sum().backward()
+    full = [t.clone().requires_grad_() for t in (W, b, U, s0)]
+    expected = loop(mlp_step, full[3], (full[0], full[1]), (full[2],))
+    (expected * cotangent).sum().backward()
+    result = dict(
+        states=(states - expected[first:stop]).abs().max().item(),
+        iterations=stats.iterations, converged=stats.converged, fallback=stats.fallback,
+        sequential_steps=stats.sequential_steps,
+    )
+    if shared_grad:
+        result["grad_U"] = (U_mine.grad - full[2].grad).abs().max().item()
+    if xs_grad:
+        result["grad_W"] = (mine[0].grad - full[0].grad[first:stop]).abs().max().item()
+        result["grad_b"] = (mine[1].grad - full[1].grad[first:stop]).abs().max().item()
+    if s0_grad:
+        result["grad_s0"] = (s0_mine.grad - full[3].grad).abs().max().item()
+    return result
+
+
+def logistic_case(rank, world):
+    """A chaotic diagonal chain: s = 3.9 s (1 - s) + 1e-3 x_l."""
+    import seqpar.distributed as sd
+
+    length = 40
+    generator = torch.Generator().manual_seed(3)
+    xs = torch.rand(length, 2, 3, dtype=torch.float64, generator=generator)
+    s0 = torch.rand(2, 3, dtype=torch.float64, generator=generator) * 0.8 + 0.1
+
+    def step(s, x):
+        return 3.9 * s * (1 - s) + 1e-3 * x
+
+    first, stop = share(length, world, rank)
+    states, stats = sd.solve_chain(step, s0, xs[first:stop], return_stats=True)
+    expected = loop(lambda s, x: step(s, x[0]), s0, (xs,))
+    return dict(states=(states - expected[first:stop]).abs().max().item(), converged=stats.converged,
+                fallback=stats.fallback)
+
+
+def diagonal_affine_case(rank, world):
+    """A selective-scan-like affine diagonal chain s = a_l * s + b_l: one linear solve, exact."""
+    import seqpar.distributed as sd
+
+    length = 33
+    generator = torch.Generator().manual_seed(5)
+    a = torch.rand(length, 2, 16, dtype=torch.float64, generator=generator)
+    bx = torch.randn(length, 2, 16, dtype=torch.float64, generator=generator)
+    s0 = torch.randn(2, 16, dtype=torch.float64, generator=generator)
+    first, stop = share(length, world, rank)
+    mine = [t[first:stop].clone().requires_grad_() for t in (a, bx)]
+    states, stats = sd.solve_chain(lambda s, x: x[0] * s + x[1], s0, tuple(mine), return_stats=True)
+    states.sum().backward()
+    full = [t.clone().requires_grad_() for t in (a, bx)]
+    expected = loop(lambda s, x: x[0] * s + x[1], s0, tuple(full))
+    expected.sum().backward()
+    return dict(states=(states - expected[first:stop]).abs().max().item(), iterations=stats.iterations,
+                grad_a=(mine[0].grad - full[0].grad[first:stop]).abs().max().item())
+
+
+def wide_picard_case(rank, world):
+    """w = 80 > 64: Picard forward and the rank-after-rank sequential adjoint (the "auto" choices there)."""
+    import seqpar.distributed as sd
+
+    length, width = 16, 80
+    generator = torch.Generator().manual_seed(7)
+    W = torch.randn(width, width, dtype=torch.float64, generator=generator) * (0.5 / width**0.5)
+    xs = torch.randn(length, 1, width, dtype=torch.float64, generator=generator)
+    s0 = torch.randn(1, width, dtype=torch.float64, generator=generator)
+
+    def step(s, x, W):
+        return torch.tanh(s @ W.T + x)
+
+    first, stop = share(length, world, rank)
+    W_mine = W.clone().requires_grad_()
+    x_mine = xs[first:stop].clone().requires_grad_()
+    states, stats = sd.solve_chain(step, s0, x_mine, (W_mine,), return_stats=True)
+    states.square().sum().backward()
+    W_full, x_full = W.clone().requires_grad_(), xs.clone().requires_grad_()
+    expected = loop(lambda s, x, W: step(s, x[0], W), s0, (x_full,), (W_full,))
+    expected.square().sum().backward()
+    return dict(states=(states - expected[first:stop]).abs().max().item(), jacobian=stats.jacobian,
+                grad_W=(W_mine.grad - W_full.grad).abs().max().item(),
+                grad_x=(x_mine.grad - x_full.grad[first:stop]).abs().max().item())
+
+
+def float32_case(rank, world):
+    import seqpar.distributed as sd
+
+    W, b, U, s0, _ = mlp_problem(dtype=torch.float64)
+    first, stop = share(W.shape[0], world, rank)
+    states = sd.solve_chain(mlp_step, s0.float(), (W[first:stop].float(), b[first:stop].float()), (U.float(),))
+    expected = loop(mlp_step, s0, (W, b), (U,))[first:stop]
+    return ((states.double() - expected).abs().max() / expected.abs().max()).item()
+
+
+def error_of(call):
+    try:
+        call()
+    except Exception as error:  # noqa: BLE001
+        return type(error).__name__, str(error)
+    return None
+
+
+def bad_input_cases(rank, world):
+    import seqpar.distributed as sd
+
+    W, b, U, s0, _ = mlp_problem()
+    first, stop = share(W.shape[0], world, rank)
+    xs = (W[first:stop], b[first:stop])
+    wrong_dtype = (xs[0].float(), xs[1].float()) if rank == 1 else xs
+    other_s0 = s0 + (1e-9 if rank == world - 1 else 0.0)
+    empty = (W[:0], b[:0]) if rank == 1 else xs
+    return dict(
+        dtype=error_of(lambda: sd.solve_chain(mlp_step, s0, wrong_dtype, (U,))),
+        s0=error_of(lambda: sd.solve_chain(mlp_step, other_s0, xs, (U,))),
+        empty=error_of(lambda: sd.solve_chain(mlp_step, s0, empty, (U,))),
+        damping=error_of(lambda: sd.solve_chain(mlp_step, s0, xs, (U,), damping=1.0)),
+        after=mlp_case(rank, world),  # the group still works after every error above
+    )
+
+
+def scenarios(rank, world):
+    """Every scenario's measurements on this rank (one spawned group runs them all)."""
+    uneven = [1, 23] if world == 2 else [1, 20, 1, 2]
+    return dict(
+        mlp=mlp_case(rank, world),
+        uneven=mlp_case(rank, world, counts=uneven),
+        not_converged=mlp_case(rank, world, max_iters=2),
+        sequential=mlp_case(rank, world, forward="sequential"),
+        s0_grad_on_rank_0=mlp_case(rank, world, xs_grad=rank != 0, s0_grad=rank == 0),
+        no_grad_on_rank_0=mlp_case(rank, world, xs_grad=rank != 0, s0_grad=False, shared_grad=False),
+        logistic=logistic_case(rank, world),
+        diagonal_affine=diagonal_affine_case(rank, world),
+        wide_picard=wide_picard_case(rank, world),
+        float32=float32_case(rank, world),
+        bad_input=bad_input_cases(rank, world),
+    )
+
+
+_RESULTS = {}
+
+
+def results(world):
+    if world not in _RESULTS:
+        _RESULTS[world] = run_ranks(scenarios, world)
+    return _RESULTS[world]
+
+
+WORLDS = pytest.mark.parametrize("world", [2, 4])
+
+
+def assert_mlp_exact(result):
+    for name in ("states", "grad_U", "grad_W", "grad_b", "grad_s0"):
+        if name in result:
+            assert result[name] < F64, (name, result)
+
+
+@WORLDS
+def test_states_and_every_gradient_equal_the_loop(world):
+    for result in results(world):
+        assert_mlp_exact(result["mlp"])
+        assert result["mlp"]["converged"] and result["mlp"]["iterations"] < 12
+
+
+@WORLDS
+def test_uneven_shares_and_a_rank_with_one_step(world):
+    for result in results(world):
+        assert_mlp_exact(result["uneven"])
+
+
+@WORLDS
+def test_not_converging_finishes_rank_after_rank_with_the_reason_on_every_rank(world):
+    for rank, result in enumerate(results(world)):
+        case = result["not_converged"]
+        assert_mlp_exact(case)
+        assert not case["converged"] and "did not converge in 2 iterations" in case["fallback"]
+    assert sum(result["not_converged"]["sequential_steps"] for result in results(world)) > 0
+
+
+@WORLDS
+def test_forward_sequential_runs_rank_after_rank(world):
+    for result in results(world):
+        assert_mlp_exact(result["sequential"])
+        assert result["sequential"]["fallback"] == "forward='sequential'"
+
+
+@WORLDS
+def test_ranks_whose_inputs_need_no_gradient_still_join_the_backward(world):
+    for result in results(world):
+        assert_mlp_exact(result["s0_grad_on_rank_0"])
+        assert_mlp_exact(result["no_grad_on_rank_0"])
+
+
+@WORLDS
+def test_a_chaotic_chain_equals_the_loop(world):
+    for result in results(world):
+        assert result["logistic"]["states"] < 1e-6, result["logistic"]
+
+
+@WORLDS
+def test_an_affine_diagonal_chain_takes_one_linear_solve(world):
+    for result in results(world):
+        case = result["diagonal_affine"]
+        assert case["iterations"] == 1 and case["states"] < F64 and case["grad_a"] < F64, case
+
+
+@WORLDS
+def test_wide_states_use_picard_and_the_rank_after_rank_adjoint(world):
+    for result in results(world):
+        case = result["wide_picard"]
+        assert case["jacobian"] == "identity"
+        assert case["states"] < 1e-9 and case["grad_W"] < 1e-9 and case["grad_x"] < 1e-9, case
+
+
+@WORLDS
+def test_float32_within_its_tolerance(world):
+    for result in results(world):
+        assert result["float32"] < 1e-5
+
+
+@WORLDS
+def test_bad_input_on_one_rank_raises_value_error_on_every_rank(world):
+    for rank, result in enumerate(results(world)):
+        case = result["bad_input"]
+        name, message = case["dtype"]
+        assert name == "ValueError" and "dtype" in message and (rank == 1 or "rank 1" in message), case["dtype"]
+        name, message = case["s0"]
+        assert name == "ValueError" and "s0 (values) differs" in message
+        name, message = case["empty"]
+        assert name == "ValueError" and "holds no steps" in message
+        name, message = case["damping"]
+        assert name == "ValueError" and "damping is not available across ranks" in message
+        assert_mlp_exact(case["after"])
+
+
+def raise_before_the_solve(rank, world):
+    import seqpar.distributed as sd
+
+    if rank == 1:
+        raise RuntimeError("this rank failed before the solve")
+    W, b, U, s0, _ = mlp_problem()
+    first, stop = share(W.shape[0], world, rank)
+    started = time.monotonic()
+    error = error_of(lambda: sd.solve_chain(mlp_step, s0, (W[first:stop], b[first:stop]), (U,)))
+    return error, time.monotonic() - started
+
+
+def test_a_rank_that_dies_leaves_the_others_an_error_within_the_group_timeout():
+    started = time.monotonic()
+    with pytest.raises(RuntimeError) as raised:
+        run_ranks(raise_before_the_solve, 2, group_timeout=8.0, timeout=120.0)
+    assert time.monotonic() - started < 60
+    assert "this rank failed before the solve" in str(raised.value)
+    # rank 0 answered (its solve timed out with an error) rather than hanging: only rank 1 is reported
+    assert "1 of 2 ranks failed" in str(raised.value)

@@ -30,6 +30,8 @@ class Ranks:
                              "on every rank of the group")
         self.group = group
         self.rank = dist.get_rank(group)
+        if self.rank < 0:
+            raise ValueError(f"{what}: this process (global rank {dist.get_rank()}) is not a member of the group")
         self.size = dist.get_world_size(group)
         self.what = what
 

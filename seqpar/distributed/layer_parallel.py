@@ -53,19 +53,19 @@ class LayerParallel(nn.Module):
         self.last_rank = ranks.size - 1
         self.solver_options = {"batch_ndim": 1, **solver_options}
         self._template = (self.blocks[0],)  # structure only: its tensors are swapped for each block's rows
+        self._names = [name for name, _ in self.blocks[0].named_parameters()] + \
+            [name for name, _ in self.blocks[0].named_buffers()]
+        self._statistics = [module for module in self.blocks.modules()
+                            if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``block_{L-1}(... block_0(x))`` on every rank (``x`` the same on every rank)."""
-        if any(isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats and module.training
-               for module in self.blocks.modules()):
+        if any(module.training for module in self._statistics):
             raise ValueError("LayerParallel: BatchNorm in training mode updates running statistics, which a "
                              "parallel solve cannot do; call .eval() or keep the blocks sequential")
-        names = [name for name, _ in self.blocks[0].named_parameters()]
-        buffers = [name for name, _ in self.blocks[0].named_buffers()]
-        rows = {name: torch.stack([dict(block.named_parameters())[name] for block in self.blocks])
-                for name in names}
-        rows.update({name: torch.stack([dict(block.named_buffers())[name] for block in self.blocks])
-                     for name in buffers})
+        # Read at every call (never cached): parameters replaced or updated in place are seen.
+        per_block = [[*block.parameters(), *block.buffers()] for block in self.blocks]
+        rows = {name: torch.stack([tensors[index] for tensors in per_block]) for index, name in enumerate(self._names)}
         template = self._template[0]
 
         def step(s, row):

@@ -68,6 +68,7 @@ _KINDS = ("identity", "diag", "full")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+@torch.compiler.disable  # collectives and host decisions: inside a compiled function it runs as it is
 def solve_chain(step, s0, xs, shared=(), *, group=None, **solver_options):
     """This rank's states of the chain ``s_l = step(s_{l-1}, x_l, *shared)`` whose steps are split over ``group``.
 

@@ -9,12 +9,14 @@ iteration (:mod:`seqpar.runtime.newton`, in its update form)
 runs on every rank at once: each evaluates its steps and blocks at its
 current states (its first step at its *entry state*, the previous rank's last
 state), reduces its block of the system to the affine map of its boundary
-``d_out = Phi d_in + e`` (:mod:`.boundary`), the ranks all-gather those ``P``
-maps (``N (w^2 + w)`` values each, independent of ``L``), every rank folds the
-maps before it into its own ``d_in`` and solves its block from it, and a second
-all-gather hands each rank its new entry state (the previous rank's new last
-state, bit for bit) and every rank's convergence. Two all-gathers of ``P``
-rows per iteration, nothing of size ``L`` on the wire.
+``d_out = Phi d_in + e`` (:mod:`.boundary`), and the ranks all-gather those
+``P`` maps (``N (w^2 + w)`` values each, independent of ``L``) together with
+the status of the previous update; every rank folds the maps before it into
+its own ``d_in`` and solves its block from it, and adds the scanned update to
+its entry state exactly as its left neighbour adds it to its last state (the
+two stay equal bit for bit). One all-gather of ``P`` rows per iteration,
+nothing of size ``L`` on the wire; convergence is seen one exchange late (one
+linearisation more than on one device).
 
 As on one device, positions before the global *start* (the first position
 whose update is above tolerance) are final and not updated, and the state at
@@ -254,7 +256,20 @@ class _DistributedChain(torch.autograd.Function):
 
 
 def _forward(chain, s0, xs_leaves, shared):
-    """``(states (L_p, N, w), entry state (N, w), stats)`` of this rank (see the module doc)."""
+    """``(states (L_p, N, w), entry state (N, w), stats)`` of this rank (see the module doc).
+
+    Iteration ``k`` linearises at the current states from the start ``a_k``
+    (positions before it final) and exchanges, in one all-gather, every
+    rank's boundary map and the status of update ``k - 1`` (first position
+    above tolerance, largest ratio, finiteness); then every rank applies
+    update ``k``. So convergence is seen one exchange late: the update that
+    converged is followed by one linearisation that is not used, and a
+    last, status-only exchange follows the last update. The start moves on
+    by at least one per iteration (the state at ``a_k`` becomes exact,
+    ``f`` of final states) and past the positions the previous update found
+    converged. Each rank's entry state is the previous rank's last state
+    bit for bit: both add the same scanned update to the same value.
+    """
     ranks, program = chain.ranks, chain.program
     length, total, offset, rank = program.length, chain.total, chain.offset, ranks.rank
     kind = program.solve_kind
@@ -263,52 +278,59 @@ def _forward(chain, s0, xs_leaves, shared):
     map_width = _map_width(kind, batch, width)
     stats = SolveStats(length=length, jacobian=program.jacobian, structure=program.step_structure.label)
     states = s0.unsqueeze(0).expand(length, batch, width).clone()
-    s_in = s0.clone()  # the entry state: s0 on rank 0, the previous rank's last state after each exchange
-    start = 0  # global: positions before it are final
+    s_in = s0.clone()  # the entry state: s0 on rank 0, the previous rank's last state
+    start = last_start = 0  # global: positions before ``start`` are final; ``last_start``: the last update's
+    status = failure = None  # the last update's status row (None before the first); a local error to report
     reason = "forward='sequential'" if chain.method == "sequential" else None
-    while reason is None and start < total:
-        if stats.iterations == chain.max_iters:
-            reason = f"did not converge in {chain.max_iters} iterations (at step {start + 1} of {total})"
-            break
-        stats.iterations += 1
+    while reason is None:
+        updating = start < total and stats.iterations < chain.max_iters and not (
+            program.one_linear_solve and stats.iterations == 1)  # an affine chain's one solve is the solution
         first = min(max(start - offset, 0), length)  # this rank's first active position
-        start_rank = chain.rank_of(start)
-        failure = summary = None
-        try:
-            if first < length:
-                prev = torch.cat([s_in.unsqueeze(0), states[:-1]])
-                values = evaluate_all(program, kind, prev, xs_leaves, shared)
-                values, A = (values, None) if kind == "identity" else values
-                values, A = values[first:], None if A is None else A[first:].to(work)
+        start_rank = chain.rank_of(min(start, total - 1))
+        local = None
+        if failure is None and updating and first < length:
+            try:
+                local = _linearised(program, kind, work, s_in, states, first, xs_leaves, shared,
+                                    with_map=rank > start_rank)
                 stats.evaluations += length
-                stats.jacobian_evaluations += 0 if A is None else length
-                c = values.to(work) - states[first:].to(work)
-                e = solve_affine_recurrence(A, c, kind)
-                summary = _map_row(A if rank > start_rank else None, e[-1], kind, map_width)
-        except Exception as error:  # noqa: BLE001 - every rank learns of it at the collective
-            failure = error
-        rows = ranks.gather(summary, map_width + batch * width, s0.device, failure)
-        maps = [None if other < start_rank else _map_of(rows[other], kind, batch, width, work)
+                stats.jacobian_evaluations += 0 if kind == "identity" else length
+            except Exception as error:  # noqa: BLE001 - every rank learns of it at the collective
+                failure = error
+        row = torch.cat([_NO_UPDATE.to(s0.device) if status is None else status,
+                         local.map_row if local is not None else torch.zeros(map_width + batch * width,
+                                                                             dtype=torch.float64,
+                                                                             device=s0.device)])
+        rows = ranks.gather(row, _STATUS + map_width + batch * width, s0.device, failure)
+        if status is not None:
+            stats.residual = float(torch.nan_to_num(rows[:, 1], nan=0.0).max())
+            if not bool(rows[:, 2].all()):
+                reason, start = f"non-finite values at iteration {stats.iterations}", last_start
+                break
+            reached = int(rows[:, 0].min())  # the first position above tolerance after the last update
+            if reached >= total or start >= total or program.one_linear_solve:
+                break
+            if not updating:
+                reason = f"did not converge in {chain.max_iters} iterations"
+                start = max(last_start + 1, reached)
+                break
+            next_start = max(start + 1, reached)
+        else:
+            next_start = start + 1
+        maps = [None if other < start_rank else _map_of(rows[other, _STATUS:], kind, batch, width, work)
                 for other in range(ranks.size)]
-        d_in = entry_values(maps, kind)[rank]
-        status = None
+        entries = entry_values(maps, kind) + [None]
         try:
-            status = _update(states, first, values if first < length else None, A if first < length else None,
-                             c if first < length else None, e if first < length else None, d_in, kind,
-                             chain, exact_first=rank == start_rank)
+            if local is not None:
+                status = _update(states, local, entries[rank], entries[rank + 1], chain,
+                                 exact_first=rank == start_rank and (first < length - 1 or rank == ranks.size - 1))
+            else:
+                status = _frozen_status(states, chain)
+            if entries[rank] is not None:
+                s_in = (s_in.to(work) + entries[rank]).to(s0.dtype)
         except Exception as error:  # noqa: BLE001
             failure = error
-        rows = ranks.gather(status, 3 + batch * width, s0.device, failure)
-        if rank > 0:
-            s_in = rows[rank - 1, 3:].view(batch, width).to(s0.dtype)
-        stats.residual = float(torch.nan_to_num(rows[:, 1], nan=0.0).max())
-        if not bool(rows[:, 2].all()):
-            reason = f"non-finite values at iteration {stats.iterations}"
-            break
-        # The state at the start is exact now (f of exact states): the start moves on by at least one.
-        start = max(start + 1, int(rows[:, 0].min()))
-        if program.one_linear_solve:  # exact blocks of an affine chain: one solve is the solution
-            start = total
+        stats.iterations += 1
+        last_start, start = start, next_start
     stats.converged = reason is None
     if reason is not None:
         stats.fallback = reason
@@ -318,14 +340,44 @@ def _forward(chain, s0, xs_leaves, shared):
     return states, s_in, stats
 
 
+_STATUS = 3  # a status row: [first position above tolerance (global; the chain's length if none), largest, finite]
+_NO_UPDATE = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
+
+
 def _map_width(kind: str, batch: int, width: int) -> int:
     """Values of ``Phi`` in a rank's map row: ``N w^2`` (full), ``N w`` (diag), 0 (identity)."""
     return {"full": batch * width * width, "diag": batch * width, "identity": 0}[kind]
 
 
-def _map_row(A, last, kind, map_width):
-    """A rank's map ``(Phi, e_last)`` as one float64 row; ``A=None``: ``Phi`` not needed (zeros)."""
-    Phi = block_product(A, kind) if A is not None else None
+@dataclass
+class _Linearised:
+    """One rank's linearisation from its first active position ``first``: the steps ``F``, the blocks ``A``
+    (``None``: identity), ``c = F - s`` and ``e`` (the update from a zero entry update), all from ``first`` on,
+    and its map row ``(Phi, e_last)`` as float64."""
+
+    first: int
+    values: torch.Tensor
+    A: torch.Tensor | None
+    c: torch.Tensor
+    e: torch.Tensor
+    map_row: torch.Tensor
+
+
+def _linearised(program, kind, work, s_in, states, first, xs_leaves, shared, *, with_map) -> _Linearised:
+    """Evaluate the steps (and blocks) at ``(s_in, s_1, .., s_{L-1})`` and reduce the active positions to their
+    map; ``with_map=False``: ``Phi`` is not needed (the entry update is exactly zero) and sent as zeros."""
+    prev = torch.cat([s_in.unsqueeze(0), states[:-1]])
+    values = evaluate_all(program, kind, prev, xs_leaves, shared)
+    values, A = (values, None) if kind == "identity" else values
+    values, A = values[first:], None if A is None else A[first:].to(work)
+    c = values.to(work) - states[first:].to(work)
+    e = solve_affine_recurrence(A, c, kind)
+    Phi = block_product(A, kind) if with_map else None
+    return _Linearised(first, values, A, c, e, _map_row(Phi, e[-1], _map_width(kind, *states.shape[1:])))
+
+
+def _map_row(Phi, last, map_width):
+    """A map ``(Phi, last)`` as one float64 row; ``Phi=None`` (not needed, or identity blocks): zeros."""
     head = torch.zeros(map_width, dtype=torch.float64, device=last.device) if Phi is None else Phi.flatten()
     return torch.cat([head.to(torch.float64), last.flatten().to(torch.float64)])
 
@@ -338,25 +390,30 @@ def _map_of(row, kind, batch, width, work):
     return Phi, row[map_width:].view(batch, width).to(work)
 
 
-def _update(states, first, values, A, c, e, d_in, kind, chain, *, exact_first):
-    """Apply this rank's update from its entry update ``d_in`` (``None``: zero) and return its status row:
-    ``[global first position above tolerance (the chain's length if none), largest ratio, finite, last state]``."""
-    length = states.shape[0]
-    if first == length:
-        return torch.cat([torch.tensor([chain.total, 0.0, 1.0], dtype=torch.float64, device=states.device),
-                          states[-1].flatten().to(torch.float64)])
-    update = e if d_in is None else solve_affine_recurrence(A, fold_entry(c, A, kind, d_in), kind)
+def _update(states, local, d_in, d_out, chain, *, exact_first):
+    """Apply this rank's update from its entry update ``d_in`` (``None``: zero); its last state gets the scanned
+    ``d_out`` the next rank adds to its entry state (the same sum, bit for bit). Returns the status row."""
+    first, kind = local.first, chain.program.solve_kind
+    last = states[-1].clone()
+    update = local.e if d_in is None else solve_affine_recurrence(local.A, fold_entry(local.c, local.A, kind, d_in),
+                                                                  kind)
     new = states[first:].to(update.dtype) + update
     states[first:] = new.to(states.dtype)
     if exact_first:
-        states[first] = values[0]  # f of an exact state: exact, not s + (F - s)
+        states[first] = local.values[0]  # f of final states: exact, not s + (F - s)
+    if d_out is not None:
+        states[-1] = (last.to(d_out.dtype) + d_out).to(states.dtype)
     ratios = tolerance_ratios(update, new, chain.tol).flatten(1).amax(dim=1)
     above = first_above(ratios)
     position = chain.total if above == ratios.shape[0] else chain.offset + first + above
     largest = float(torch.nan_to_num(ratios, nan=0.0).max())
     finite = bool(torch.isfinite(update).all())
-    return torch.cat([torch.tensor([position, largest, finite], dtype=torch.float64, device=states.device),
-                      states[-1].flatten().to(torch.float64)])
+    return torch.tensor([position, largest, finite], dtype=torch.float64, device=states.device)
+
+
+def _frozen_status(states, chain):
+    """The status row of a rank none of whose positions is active: nothing above tolerance, finite."""
+    return torch.tensor([chain.total, 0.0, 1.0], dtype=torch.float64, device=states.device)
 
 
 def _finish_sequentially(chain, s0, s_in, xs_leaves, shared, states, start, stats):
@@ -421,7 +478,8 @@ def _parallel_adjoint(chain, prev, xs_leaves, shared, grad_states):
         lam = solve_affine_recurrence(J, grad_states, kind, reverse=True)  # from lam_in = 0
         if ranks.rank > 0:  # what this rank hands its left neighbour: J_0^T lam_0 + Phi^T lam_in
             d = apply_map(J[0].to(work), lam[0].to(work), kind, transpose=True)
-            summary = _map_row(J.to(work) if ranks.rank < ranks.size - 1 else None, d, kind, map_width)
+            Phi = block_product(J.to(work), kind) if ranks.rank < ranks.size - 1 else None
+            summary = _map_row(Phi, d, map_width)
     except Exception as error:  # noqa: BLE001
         failure = error
     rows = ranks.gather(summary, map_width + batch * width, prev.device, failure)

@@ -53,8 +53,8 @@ class LayerParallel(nn.Module):
         self.last_rank = ranks.size - 1
         self.solver_options = {"batch_ndim": 1, **solver_options}
         self._template = (self.blocks[0],)  # structure only: its tensors are swapped for each block's rows
-        self._names = [name for name, _ in self.blocks[0].named_parameters()] + \
-            [name for name, _ in self.blocks[0].named_buffers()]
+        self._paths = [(name, (*name.split("."),)) for name, _ in
+                       [*self.blocks[0].named_parameters(), *self.blocks[0].named_buffers()]]
         self._statistics = [module for module in self.blocks.modules()
                             if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats]
 
@@ -64,8 +64,7 @@ class LayerParallel(nn.Module):
             raise ValueError("LayerParallel: BatchNorm in training mode updates running statistics, which a "
                              "parallel solve cannot do; call .eval() or keep the blocks sequential")
         # Read at every call (never cached): parameters replaced or updated in place are seen.
-        per_block = [[*block.parameters(), *block.buffers()] for block in self.blocks]
-        rows = {name: torch.stack([tensors[index] for tensors in per_block]) for index, name in enumerate(self._names)}
+        rows = {name: torch.stack([_tensor_at(block, path) for block in self.blocks]) for name, path in self._paths}
         template = self._template[0]
 
         def step(s, row):
@@ -76,6 +75,15 @@ class LayerParallel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"blocks {self.first}..{self.first + len(self.blocks) - 1} of {self.total}"
+
+
+def _tensor_at(block: nn.Module, path: tuple) -> torch.Tensor:
+    """``block``'s parameter or buffer at ``path`` (``("0", "weight")``), looked up in the modules' own dicts."""
+    module = block
+    for name in path[:-1]:
+        module = module._modules[name]
+    tensors = module._parameters if path[-1] in module._parameters else module._buffers
+    return tensors[path[-1]]
 
 
 class _FromRank(torch.autograd.Function):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 
 
 class RankFailure(RuntimeError):
@@ -21,13 +22,19 @@ class RankFailure(RuntimeError):
 
 
 class Ranks:
-    """The process ``group`` (default: the world) as a chain split over it sees it: ``rank``, ``size``, and the
-    collectives :meth:`gather`, :meth:`broadcast`, :meth:`sum` whose inputs carry a local failure."""
+    """The process ``group`` (default: the world; a one-dimensional ``DeviceMesh`` stands for its group) as a
+    chain split over it sees it: ``rank``, ``size``, and the collectives :meth:`gather`, :meth:`broadcast`,
+    :meth:`sum` whose inputs carry a local failure."""
 
     def __init__(self, group=None, *, what: str = "seqpar.distributed"):
         if not dist.is_available() or not dist.is_initialized():
             raise ValueError(f"{what} needs torch.distributed initialised (torch.distributed.init_process_group) "
                              "on every rank of the group")
+        if isinstance(group, DeviceMesh):
+            if group.ndim != 1:
+                raise ValueError(f"{what}: the device mesh has {group.ndim} dimensions; pass a one-dimensional "
+                                 "mesh (mesh[name]) or its process group")
+            group = group.get_group()
         self.group = group
         self.rank = dist.get_rank(group)
         if self.rank < 0:

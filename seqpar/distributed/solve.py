@@ -174,14 +174,15 @@ def _prepared(ranks, step, s0, xs, shared, options):
     return chain, packed_s0, xs_leaves, shared, dummy
 
 
-# The agreement row: [length, N, w, dtype, solve kind, adjoint kind, method, #shared, shared grad pattern,
-#                     s0 fingerprint (2), shared fingerprint (2), wants grad, grad enabled, s0 requires grad]
+# The agreement row: [length, N, w, dtype, solve kind, adjoint kind, parallel adjoint, #shared, shared grad
+#   pattern, s0 fingerprint (2), shared fingerprint (2), wants grad, grad enabled, s0 requires grad,
+#   max_iters (-1: default), forward, atol, rtol]
 _AGREED = {
     "state shape and dtype": (1, 4), "jacobian and adjoint": (4, 7), "shared tensors": (7, 9),
-    "s0 (values)": (9, 11), "shared (values)": (11, 13),
+    "s0 (values)": (9, 11), "shared (values)": (11, 13), "solver options (max_iters, forward, tol)": (16, 20),
 }
 _GRAD, _GRAD_ENABLED, _S0_GRAD = 13, 14, 15
-_AGREEMENT_WIDTH = 16
+_AGREEMENT_WIDTH = 20
 
 
 def _prepare_locally(ranks, step, s0, xs, shared, options):
@@ -213,6 +214,7 @@ def _prepare_locally(ranks, step, s0, xs, shared, options):
         _KINDS.index(program.solve_kind), _KINDS.index(program.adjoint_kind), program.adjoint == "parallel",
         len(shared), shared_pattern, *_fingerprint([packed_s0]), *_fingerprint(shared),
         wants_grad, torch.is_grad_enabled(), packed_s0.requires_grad,
+        -1 if options.get("max_iters") is None else options["max_iters"], method == "sequential", tol.atol, tol.rtol,
     ], dtype=torch.float64)
     return program, packed_s0, xs_leaves, shared, tol, options.get("max_iters"), method, row
 

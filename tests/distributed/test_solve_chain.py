@@ -178,8 +178,44 @@ def bad_input_cases(rank, world):
         s0=error_of(lambda: sd.solve_chain(mlp_step, other_s0, xs, (U,))),
         empty=error_of(lambda: sd.solve_chain(mlp_step, s0, empty, (U,))),
         damping=error_of(lambda: sd.solve_chain(mlp_step, s0, xs, (U,), damping=1.0)),
+        max_iters=error_of(lambda: sd.solve_chain(mlp_step, s0, xs, (U,), max_iters=3 if rank == 0 else 4)),
         after=mlp_case(rank, world),  # the group still works after every error above
     )
+
+
+def mesh_case(rank, world):
+    """The group given as a one-dimensional DeviceMesh."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return mlp_case(rank, world, group=init_device_mesh("cpu", (world,)))
+
+
+def injected_failure_cases(rank, world):
+    """Rank 1 raises inside the forward's second linearisation, then inside the adjoint's reverse solve: every
+    rank raises (rank 1 its own error, the others a RankFailure naming it), and the group still works after."""
+    from unittest import mock
+
+    import seqpar.distributed.solve as solve
+
+    calls = {"evaluate": 0}
+    evaluate, recurrence = solve.evaluate_all, solve.solve_affine_recurrence
+
+    def failing_evaluate(*args, **kwargs):
+        calls["evaluate"] += 1
+        if rank == 1 and calls["evaluate"] == 2:
+            raise RuntimeError("injected forward failure")
+        return evaluate(*args, **kwargs)
+
+    def failing_recurrence(*args, reverse=False, **kwargs):
+        if rank == 1 and reverse:
+            raise RuntimeError("injected adjoint failure")
+        return recurrence(*args, reverse=reverse, **kwargs)
+
+    with mock.patch.object(solve, "evaluate_all", failing_evaluate):
+        forward = error_of(lambda: mlp_case(rank, world))
+    with mock.patch.object(solve, "solve_affine_recurrence", failing_recurrence):
+        backward = error_of(lambda: mlp_case(rank, world))
+    return dict(forward=forward, backward=backward, after=mlp_case(rank, world))
 
 
 def scenarios(rank, world):
@@ -197,6 +233,8 @@ def scenarios(rank, world):
         wide_picard=wide_picard_case(rank, world),
         float32=float32_case(rank, world),
         bad_input=bad_input_cases(rank, world),
+        mesh=mesh_case(rank, world),
+        injected=injected_failure_cases(rank, world),
     )
 
 
@@ -293,6 +331,28 @@ def test_bad_input_on_one_rank_raises_value_error_on_every_rank(world):
         assert name == "ValueError" and "holds no steps" in message
         name, message = case["damping"]
         assert name == "ValueError" and "damping is not available across ranks" in message
+        name, message = case["max_iters"]  # different iteration caps would leave ranks at different collectives
+        assert name == "ValueError" and "solver options (max_iters, forward, tol) differs" in message
+        assert_mlp_exact(case["after"])
+
+
+@WORLDS
+def test_a_device_mesh_stands_for_its_group(world):
+    for result in results(world):
+        assert_mlp_exact(result["mesh"])
+
+
+@WORLDS
+def test_a_rank_failing_inside_the_forward_or_the_adjoint_raises_on_every_rank(world):
+    for rank, result in enumerate(results(world)):
+        case = result["injected"]
+        for phase in ("forward", "backward"):
+            name, message = case[phase]
+            if rank == 1:
+                assert name == "RuntimeError" and f"injected {'forward' if phase == 'forward' else 'adjoint'} failure" \
+                    in message, case
+            else:
+                assert name == "RankFailure" and "rank 1: RuntimeError: injected" in message, case
         assert_mlp_exact(case["after"])
 
 

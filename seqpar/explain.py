@@ -43,6 +43,9 @@ def explain(model_or_fn, *args, options: dict | None = None, **kwargs) -> Report
     report = Report(graph_count=len(backend.graphs))
     for graph in backend.graphs:
         report.chains += graph.chains
+    if isinstance(model_or_fn, torch.nn.Module):  # chains solved outside the graph (seqpar.distributed)
+        report.chains += [module.seqpar_chain_report(name) for name, module in model_or_fn.named_modules()
+                          if hasattr(module, "seqpar_chain_report")]
     report.hints = hints_for(report.chains, report.graph_count)
     return report
 

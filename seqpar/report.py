@@ -13,8 +13,9 @@ class ChainReport:
     """One chain as ``seqpar.explain`` and the debug dump show it.
 
     ``kind``: "layers", "residual", "denoise", "recurrent" or "transformer";
-    ``decision``: "parallel" (a direction solved in parallel), "sequential" or
-    "rejected"; ``method``/``adjoint``: forward and backward solves;
+    ``decision``: "parallel" (a direction solved in parallel), "sequential",
+    "rejected" or "distributed" (a ``seqpar.distributed.LayerParallel`` stack,
+    solved across ranks outside the compiled graph); ``method``/``adjoint``: forward and backward solves;
     ``form``: "solver", "rolled", "unrolled", "scan" (a ``scan`` call left
     to the inner backend) or "" for rejected ones; ``origin``: "unrolled"
     (segments of a loop Dynamo unrolled) or "scan" (one ``scan`` call);

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
+from ..report import ChainReport
 from ..scan_layers import validated_blocks
 from .group import Ranks
 from .solve import solve_chain
@@ -51,6 +52,8 @@ class LayerParallel(nn.Module):
         self.first = sum(counts[:ranks.rank])
         self.blocks = nn.ModuleList(every[self.first:self.first + counts[ranks.rank]])
         self.last_rank = ranks.size - 1
+        self.ranks = ranks.size
+        self._last_stats, self._state_shape = None, None
         self.solver_options = {"batch_ndim": 1, **solver_options}
         self._template = (self.blocks[0],)  # structure only: its tensors are swapped for each block's rows
         self._paths = [(name, (*name.split("."),)) for name, _ in
@@ -58,6 +61,7 @@ class LayerParallel(nn.Module):
         self._statistics = [module for module in self.blocks.modules()
                             if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats]
 
+    @torch.compiler.disable  # collectives: inside a compiled model it runs as it is (Dynamo breaks the graph here)
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``block_{L-1}(... block_0(x))`` on every rank (``x`` the same on every rank)."""
         if any(module.training for module in self._statistics):
@@ -70,8 +74,23 @@ class LayerParallel(nn.Module):
         def step(s, row):
             return functional_call(template, row, (s,))
 
-        states = solve_chain(step, x, rows, group=self.group, **self.solver_options)
+        states, self._last_stats = solve_chain(step, x, rows, group=self.group, return_stats=True,
+                                               **self.solver_options)
+        self._state_shape = tuple(x.shape)
         return _FromRank.apply(states[-1], self.last_rank, self.group)
+
+    def seqpar_chain_report(self, name: str) -> ChainReport:
+        """This stack as ``seqpar.explain`` lists it (``name``: its path in the model): a chain solved across
+        ranks, outside any compiled graph; ``stats`` are this rank's last solve's."""
+        return ChainReport(
+            kind="layers", length=self.total, state_shape=self._state_shape,
+            modules=[f"{name}.blocks" if name else "blocks"], decision="distributed",
+            reason=(f"split over {self.ranks} ranks by seqpar.distributed.LayerParallel (blocks {self.first}.."
+                    f"{self.first + len(self.blocks) - 1} on this rank); solved by collectives outside the "
+                    "compiled graph"),
+            jacobian=self._last_stats.jacobian if self._last_stats else "", method="parallel", adjoint="parallel",
+            form="solver", last_solve=lambda: self._last_stats,
+        )
 
     def extra_repr(self) -> str:
         return f"blocks {self.first}..{self.first + len(self.blocks) - 1} of {self.total}"

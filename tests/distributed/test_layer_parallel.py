@@ -57,8 +57,28 @@ def training_case(rank, world, depth, frozen_rank=None):
     return dict(errors=errors, first=first, blocks=len(model.blocks), repr=repr(model))
 
 
+def compiled_and_explained(rank, world):
+    """Inside a model compiled with seqpar: the stack runs as it is (a graph break), the rest compiled; explain
+    lists it as a distributed chain."""
+    import seqpar
+    from seqpar.distributed import LayerParallel
+
+    eager = stack(6)
+    head = nn.Linear(4, 4).double()
+    model = nn.Sequential(copy.deepcopy(head), LayerParallel(copy.deepcopy(eager)))
+    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    compiled = torch.compile(model, backend="seqpar")
+    error = (compiled(x) - eager(head(x))).abs().max().item()
+    report = seqpar.explain(model, x)
+    (chain,) = [chain for chain in report.chains if chain.decision == "distributed"]
+    torch._dynamo.reset()
+    return dict(error=error, modules=chain.modules, reason=chain.reason, length=chain.length,
+                iterations=chain.stats["iterations"], table=str(report))
+
+
 def scenarios(rank, world):
     return dict(
+        compiled=compiled_and_explained(rank, world),
         even=training_case(rank, world, depth=12),
         uneven=training_case(rank, world, depth=world + 1),
         frozen=training_case(rank, world, depth=8, frozen_rank=0),
@@ -83,6 +103,16 @@ def test_forward_gradients_and_sgd_steps_equal_the_eager_stack(world, case):
     for result in results(world):
         for step in result[case]["errors"]:
             assert step["out"] < F64 and step["grads"] < F64 and step["x"] < F64, (case, result[case])
+
+
+@WORLDS
+def test_inside_a_compiled_model_it_runs_as_it_is_and_explain_lists_it(world):
+    for result in results(world):
+        case = result["compiled"]
+        assert case["error"] < F64
+        assert case["modules"] == ["1.blocks"] and case["length"] == 6 and case["iterations"] >= 1
+        assert f"split over {world} ranks by seqpar.distributed.LayerParallel" in case["reason"]
+        assert "distributed" in case["table"]
 
 
 @WORLDS

@@ -47,10 +47,29 @@ class LayerParallel(nn.Module):
         counts = shares(len(every), ranks.size)
         if min(counts) < 1:
             raise ValueError(f"LayerParallel: {len(every)} blocks cannot give each of {ranks.size} ranks one")
+        first = sum(counts[:ranks.rank])
+        self._keep(every[first:first + counts[ranks.rank]], ranks, group, first, len(every), solver_options)
+
+    @classmethod
+    def from_share(cls, blocks, group=None, **solver_options) -> "LayerParallel":
+        """The stack from this rank's blocks only (for a stack too large for one device, each rank builds its own
+        contiguous share; shares may be uneven, rank 0 holds the first blocks). Every rank of ``group`` calls
+        it together (one all-gather of the shares' sizes)."""
+        mine = validated_blocks(blocks)
+        ranks = Ranks(group, what="seqpar.distributed.LayerParallel")
+        device = next((tensor.device for tensor in mine[0].parameters()), torch.device("cpu"))
+        counts = [int(count) for count in ranks.gather(torch.tensor([float(len(mine))]), 1, device)[:, 0].tolist()]
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module._keep(mine, ranks, group, sum(counts[:ranks.rank]), sum(counts), solver_options)
+        return module
+
+    def _keep(self, blocks, ranks, group, first, total, solver_options):
+        """Hold ``blocks`` (this rank's, global index ``first`` of ``total``)."""
         self.group = group
-        self.total = len(every)
-        self.first = sum(counts[:ranks.rank])
-        self.blocks = nn.ModuleList(every[self.first:self.first + counts[ranks.rank]])
+        self.total = total
+        self.first = first
+        self.blocks = nn.ModuleList(blocks)
         self.last_rank = ranks.size - 1
         self.ranks = ranks.size
         self._last_stats, self._state_shape = None, None

@@ -57,6 +57,24 @@ def training_case(rank, world, depth, frozen_rank=None):
     return dict(errors=errors, first=first, blocks=len(model.blocks), repr=repr(model))
 
 
+def from_share_case(rank, world):
+    """Each rank builds only its own blocks (uneven shares): forward and gradients equal the whole stack's."""
+    from seqpar.distributed import LayerParallel
+
+    counts = [3, 5] if world == 2 else [1, 3, 2, 2]
+    eager = stack(sum(counts))
+    first = sum(counts[:rank])
+    model = LayerParallel.from_share([copy.deepcopy(block) for block in list(eager)[first:first + counts[rank]]])
+    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    out, expected = model(x), eager(x)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    local = list(eager)[first:first + counts[rank]]
+    grads = max((a.grad - b.grad).abs().max().item() for block, ref in zip(model.blocks, local)
+                for a, b in zip(block.parameters(), ref.parameters()))
+    return dict(out=(out - expected).abs().max().item(), grads=grads, first=model.first, total=model.total)
+
+
 def compiled_and_explained(rank, world):
     """Inside a model compiled with seqpar: the stack runs as it is (a graph break), the rest compiled; explain
     lists it as a distributed chain."""
@@ -78,6 +96,7 @@ def compiled_and_explained(rank, world):
 
 def scenarios(rank, world):
     return dict(
+        from_share=from_share_case(rank, world),
         compiled=compiled_and_explained(rank, world),
         even=training_case(rank, world, depth=12),
         uneven=training_case(rank, world, depth=world + 1),
@@ -103,6 +122,15 @@ def test_forward_gradients_and_sgd_steps_equal_the_eager_stack(world, case):
     for result in results(world):
         for step in result[case]["errors"]:
             assert step["out"] < F64 and step["grads"] < F64 and step["x"] < F64, (case, result[case])
+
+
+@WORLDS
+def test_each_rank_may_build_only_its_own_share(world):
+    counts = [3, 5] if world == 2 else [1, 3, 2, 2]
+    for rank, result in enumerate(results(world)):
+        case = result["from_share"]
+        assert case["out"] < F64 and case["grads"] < F64, case
+        assert (case["first"], case["total"]) == (sum(counts[:rank]), sum(counts))
 
 
 @WORLDS

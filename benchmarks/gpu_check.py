@@ -19,7 +19,15 @@ over seqpar's, measured in the same run):
   batch 1: cuDNN against ``seqpar.scan_rnn`` compiled with ``backend="seqpar"``;
 * ``diffusion``: DDPM sampling with the tests' tiny UNet at T = 1000 (needs
   diffusers): the loop against windowed Picard (``solve_chain`` on the
-  scheduler's step, window 32).
+  scheduler's step, window 32);
+* ``fused``: Mamba's reference loop (``seqpar.testing.models.SelectiveScan``,
+  width 768, state 16, L = 1024, batch 1) compiled with ``backend="seqpar"``:
+  kept sequential, its step compiled by inductor (Triton on CUDA) and called
+  per step (the fused loop), against the eager loop, timed after the speed
+  trials (``seqpar.speed.DECIDED_AFTER`` calls);
+* ``distributed``: ``seqpar.distributed.solve_chain`` in a one-rank group
+  (NCCL on CUDA, gloo on CPU) against ``seqpar.solve_chain`` on the MLP chain
+  (L = 4096, w = 16): the collectives' path on the device, and its overhead.
 
 Writes ``table.md`` (one markdown table) and ``raw.json`` (every time, the
 errors against the sequential result, the device, torch and triton versions)
@@ -45,8 +53,10 @@ import seqpar
 
 SIZES = {
     "full": {"mlp": [(L, w, B) for L in (1024, 4096) for w in (4, 16, 32) for B in (1, 64)],
-             "diag": [(2048, 1536 * 16)], "gru": [1024, 4096], "diffusion": [1000]},
-    "smoke": {"mlp": [(64, 4, 2)], "diag": [(64, 32)], "gru": [32], "diffusion": [20]},
+             "diag": [(2048, 1536 * 16)], "gru": [1024, 4096], "diffusion": [1000], "fused": [(1024, 768, 16)],
+             "distributed": [(4096, 16)]},
+    "smoke": {"mlp": [(64, 4, 2)], "diag": [(64, 32)], "gru": [32], "diffusion": [20], "fused": [(32, 32, 8)],
+              "distributed": [(64, 4)]},
 }
 
 
@@ -178,7 +188,61 @@ def diffusion_rows(device, sizes, repeats):
                "forward_s": times, "rel_err": relative_error(got[-1], want[-1])}
 
 
-ROWS = {"mlp": mlp_rows, "diag": diag_rows, "gru": gru_rows, "diffusion": diffusion_rows}
+def fused_rows(device, sizes, repeats):
+    from seqpar.backend import SeqparBackend
+    from seqpar.speed import DECIDED_AFTER
+    from seqpar.testing.models import SelectiveScan
+
+    for L, d, n in sizes:
+        torch.manual_seed(3)
+        model = SelectiveScan(d=d, n=n).to(device).eval()
+        x = torch.randn(1, L, d, device=device)
+        torch._dynamo.reset()
+        backend = SeqparBackend({})
+        compiled = torch.compile(model, backend=backend)
+        with torch.no_grad():
+            compile_start = time.perf_counter()
+            compiled(x)
+            compile_seconds = time.perf_counter() - compile_start
+            for _ in range(DECIDED_AFTER):  # past the loop's and the graph's speed trials
+                compiled(x)
+            got, want = compiled(x), model(x)
+            times = (timed(lambda: model(x), device, repeats), timed(lambda: compiled(x), device, repeats))
+        loops = [program.loop for graph in backend.graphs for _, program in graph.programs]
+        yield {"row": "fused", "case": f"Mamba loop L={L} d={d} n={n} B=1 (loop: {', '.join(loops) or 'none'})",
+               "baseline": "eager loop", "forward_s": times, "compile_s": compile_seconds,
+               "rel_err": relative_error(got, want)}
+
+
+def distributed_rows(device, sizes, repeats):
+    import torch.distributed as dist
+
+    import seqpar.distributed as sd
+
+    def step(s, x):
+        return torch.tanh(torch.nn.functional.linear(s, x[0], x[1]))
+
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                            world_size=1)
+    try:
+        for L, w in sizes:
+            generator = torch.Generator().manual_seed(4)
+            W = (torch.randn(L, w, w, generator=generator) * 0.9 / w**0.5).to(device)
+            b = (torch.randn(L, w, generator=generator) * 0.1).to(device)
+            s0 = torch.randn(1, w, generator=generator).to(device)
+            with torch.no_grad():
+                want, got = seqpar.solve_chain(step, s0, (W, b)), sd.solve_chain(step, s0, (W, b))
+                times = (timed(lambda: seqpar.solve_chain(step, s0, (W, b)), device, repeats),
+                         timed(lambda: sd.solve_chain(step, s0, (W, b)), device, repeats))
+            yield {"row": "distributed", "case": f"one rank ({dist.get_backend()}) L={L} w={w} B=1",
+                   "baseline": "seqpar.solve_chain", "forward_s": times, "rel_err": relative_error(got, want)}
+    finally:
+        dist.destroy_process_group()
+
+
+# In order of value per second: rows not started when the budget is spent are skipped (diffusion is the longest).
+ROWS = {"mlp": mlp_rows, "diag": diag_rows, "fused": fused_rows, "gru": gru_rows, "distributed": distributed_rows,
+        "diffusion": diffusion_rows}
 
 
 def table(results: list[dict]) -> str:

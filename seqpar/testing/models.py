@@ -673,3 +673,38 @@ def scan_lstm(steps: int = 12, inputs: int = 3, hidden: int = 5, batch: int = 2,
     torch.manual_seed(seed)
     model = ScanLSTM(inputs, hidden, outputs, reverse)
     return model, (torch.randn(batch, steps, inputs), 0.1 * torch.randn(batch, hidden), torch.zeros(batch, hidden))
+
+
+class SelectiveScan(nn.Module):
+    """``s_l = exp(A dt_l) * s_{l-1} + dt_l B_l x_l``, ``y_l = s_l C_l``: Mamba's reference loop at width ``d``,
+    state size ``n``; ``views`` writes the broadcasts as ``R[None, :, None, :]`` ("index") or ``unsqueeze``."""
+
+    def __init__(self, d=64, n=24, views="index", noise=False, mutate=False):
+        super().__init__()
+        self.d, self.n, self.views, self.noise, self.mutate = d, n, views, noise, mutate
+        self.A_log = nn.Parameter(torch.log(torch.linspace(1.0, 4.0, n)).repeat(d, 1))
+        self.dt_bias = nn.Parameter(torch.randn(d) * 0.1 - 2.0)
+        self.proj = nn.Linear(d, d + 2 * n)
+
+    def forward(self, x):  # (batch, L, d) -> (batch, d, L)
+        dt, B, C = self.proj(x).split([self.d, self.n, self.n], dim=-1)
+        dt = F.softplus(dt.transpose(1, 2) + self.dt_bias[..., None])  # (batch, d, L)
+        A = -torch.exp(self.A_log)
+        u = x.transpose(1, 2)
+        if self.views == "index":
+            dA = torch.exp(A[None, :, None, :] * dt[:, :, :, None])
+            dBu = dt[..., None] * B[:, None, :, :] * u[:, :, :, None]
+        else:
+            dA = torch.exp(A.unsqueeze(0).unsqueeze(2) * dt.unsqueeze(-1))
+            if self.mutate:  # after dA is computed: a step recomputing dA from dt would read the new dt
+                dt.mul_(1.5)
+            dBu = dt.unsqueeze(-1) * B.unsqueeze(1) * u.unsqueeze(3)
+        if self.noise:  # a random draw per value: the per-step inputs expand nothing
+            dA = dA * (1 + 1e-3 * torch.randn_like(dA))
+            dBu = dBu + 1e-3 * torch.randn_like(dBu)
+        s = x.new_zeros(x.shape[0], self.d, self.n)
+        ys = []
+        for i in range(x.shape[1]):
+            s = dA[:, :, i] * s + dBu[:, :, i]
+            ys.append(torch.matmul(s, C[:, i, :].unsqueeze(-1))[:, :, 0])
+        return torch.stack(ys, dim=-1)

@@ -1,6 +1,6 @@
 """The fused loop: a kept-sequential chain's per-step inputs computed in its step, the step compiled by inductor.
 
-Mamba's reference loop (:class:`SelectiveScan` in miniature) computes
+Mamba's reference loop (:class:`seqpar.testing.models.SelectiveScan` in miniature) computes
 ``dA = exp(A[None, :, None, :] * dt[..., None])`` and ``dBu`` for every step
 before the loop, ``L`` times the state's values each, and reads one slice per
 step. Kept sequential for cost (a wide diagonal state), the chain takes those
@@ -18,8 +18,6 @@ import dataclasses
 
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 from seqpar.backend import SeqparBackend
 from seqpar.runtime import fused_loop
@@ -28,44 +26,9 @@ from seqpar.speed import DECIDED_AFTER
 from seqpar.testing import models as zoo
 
 
-class SelectiveScan(nn.Module):
-    """``s_l = exp(A dt_l) * s_{l-1} + dt_l B_l x_l``, ``y_l = s_l C_l``: Mamba's reference loop at width ``d``,
-    state size ``n``; ``views`` writes the broadcasts as ``R[None, :, None, :]`` ("index") or ``unsqueeze``."""
-
-    def __init__(self, d=64, n=24, views="index", noise=False, mutate=False):
-        super().__init__()
-        self.d, self.n, self.views, self.noise, self.mutate = d, n, views, noise, mutate
-        self.A_log = nn.Parameter(torch.log(torch.linspace(1.0, 4.0, n)).repeat(d, 1))
-        self.dt_bias = nn.Parameter(torch.randn(d) * 0.1 - 2.0)
-        self.proj = nn.Linear(d, d + 2 * n)
-
-    def forward(self, x):  # (batch, L, d) -> (batch, d, L)
-        dt, B, C = self.proj(x).split([self.d, self.n, self.n], dim=-1)
-        dt = F.softplus(dt.transpose(1, 2) + self.dt_bias[..., None])  # (batch, d, L)
-        A = -torch.exp(self.A_log)
-        u = x.transpose(1, 2)
-        if self.views == "index":
-            dA = torch.exp(A[None, :, None, :] * dt[:, :, :, None])
-            dBu = dt[..., None] * B[:, None, :, :] * u[:, :, :, None]
-        else:
-            dA = torch.exp(A.unsqueeze(0).unsqueeze(2) * dt.unsqueeze(-1))
-            if self.mutate:  # after dA is computed: a step recomputing dA from dt would read the new dt
-                dt.mul_(1.5)
-            dBu = dt.unsqueeze(-1) * B.unsqueeze(1) * u.unsqueeze(3)
-        if self.noise:  # a random draw per value: the per-step inputs expand nothing
-            dA = dA * (1 + 1e-3 * torch.randn_like(dA))
-            dBu = dBu + 1e-3 * torch.randn_like(dBu)
-        s = torch.zeros(x.shape[0], self.d, self.n, dtype=x.dtype)
-        ys = []
-        for i in range(x.shape[1]):
-            s = dA[:, :, i] * s + dBu[:, :, i]
-            ys.append(torch.matmul(s, C[:, i, :].unsqueeze(-1))[:, :, 0])
-        return torch.stack(ys, dim=-1)
-
-
 def scan_model(dtype=torch.float32, **kwargs):
     torch.manual_seed(0)
-    return SelectiveScan(**kwargs).to(dtype).eval(), torch.randn(1, 80, 64, dtype=dtype)
+    return zoo.SelectiveScan(**kwargs).to(dtype).eval(), torch.randn(1, 80, 64, dtype=dtype)
 
 
 def compiled(model, grad=False, **options):

@@ -38,6 +38,7 @@ contractive, like the compiled C loop.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 import weakref
@@ -98,10 +99,12 @@ def run_into(program, state: torch.Tensor, columns, shared, start: int, out: tor
     _synchronize(state, timed)
     begin = clock()
     if form == FUSED:
+        # Each step's arguments from views made at once (unbind), not indexed per step: ~1 us a step less.
+        steps = program.length - start
+        inputs = zip(*(column[start:] for column in columns)) if columns else itertools.repeat((), steps)
         s = state
-        for position in range(start, program.length):
-            row = out[position - start]
-            step([s, *[column[position] for column in columns], *shared, row, *[y[position] for y in outputs]])
+        for x_row, row, *y_rows in zip(inputs, out[:steps].unbind(0), *(y.unbind(0) for y in outputs)):
+            step([s, *x_row, *shared, row, *y_rows])
             s = row
         if outputs:
             _SERVED[program] = (weakref.ref(out), out._version, outputs)

@@ -89,6 +89,8 @@ def run_into(program, state: torch.Tensor, columns, shared, start: int, out: tor
     timed = trial.kept is None
     # The outputs are served against the states buffer's version: an inference tensor has none to check.
     outputs = _output_buffers(program, out) if form == FUSED and start == 0 and not out.is_inference() else []
+    if form == FUSED and state.stride() != out[0].stride():  # an expanded or transposed initial state
+        state = torch.empty_strided(out[0].shape, out[0].stride(), dtype=out.dtype, device=out.device).copy_(state)
     step = _compiled_for(program, state, columns, shared, start, out, outputs) if form == FUSED else None
     if form == FUSED and (step is None or step is _LATER):
         if step is None:
@@ -151,8 +153,15 @@ def deciding(program) -> bool:
 
 def _compiled_for(program, state, columns, shared, start, out, outputs):
     """The compiled step for this call's arguments; ``None`` where it has none (rows of a column laid out
-    differently, a step that is not compiled), :data:`_LATER` where it is compiled at a later call."""
-    if not all(_rows_alike(column) for column in columns):
+    differently, a step that is not compiled), :data:`_LATER` where it is compiled at a later call.
+
+    Every call of the compiled step then sees the layouts it was compiled for (its size asserts are left out):
+    the state it reads is the initial state once and a row of ``out`` after, so both must be laid out alike
+    (:func:`run_into` copies an initial state laid out otherwise); on an accelerator every row must also share
+    the first row's alignment (Triton specialises on 16-byte aligned pointers)."""
+    aligned = state.device.type == "cpu" or all(
+        _alignment(rows) for rows in (out.unbind(0), *(y.unbind(0) for y in outputs), *columns))
+    if not aligned or not all(_rows_alike(column) for column in columns) or state.stride() != out[0].stride():
         return None
     return _compiled(program, state, [column[start] for column in columns], shared, [out[0], *(y[0] for y in outputs)])
 
@@ -164,6 +173,12 @@ def _rows_alike(column) -> bool:
     first = column[0]
     return all(row.shape == first.shape and row.stride() == first.stride() and row.dtype == first.dtype
                and row.device == first.device for row in column)
+
+
+def _alignment(rows) -> bool:
+    """Whether every row's data pointer has the first row's alignment to 16 bytes."""
+    first = rows[0].data_ptr() % 16
+    return all(row.data_ptr() % 16 == first for row in rows)
 
 
 def _layout(tensors) -> tuple:
@@ -194,7 +209,9 @@ def _compile(program, arguments, n_inputs: int, n_outputs: int):
     try:
         with torch._guards.tracing(None), torch.no_grad():  # outside the caller's tracing context
             examples = [tensor.detach() for tensor in arguments]
-            compiled = compile_fx_inner(writing_step(program, n_inputs, n_outputs, examples), examples)
+            # No size asserts in the generated code (~2 us a step): _compiled_for calls it with these layouts only.
+            with torch._inductor.config.patch(size_asserts=False):
+                compiled = compile_fx_inner(writing_step(program, n_inputs, n_outputs, examples), examples)
             # One call through the wrapper (its first call ends inductor's compile bookkeeping: autotuning caches);
             # it writes the first step's values into the rows the loop writes first. Later calls go straight to the
             # generated code, about 1.2 us a step less.

@@ -10,7 +10,9 @@ so a row's time is the slowest rank's), median of ``--repeats`` turns:
 
 * ``eager, one process``: the stack on the whole batch in rank 0 alone (the others wait);
 * ``seqpar.solve_chain, one process``: the single-device solver on rank 0 alone, on pre-stacked weights;
-* ``seqpar.distributed``: ``LayerParallel`` on the whole batch, all ranks;
+* ``seqpar.distributed``: ``LayerParallel(forward="parallel")`` on the whole batch, all ranks, and
+  ``LayerParallel`` with its default, which times the forward in parallel against rank after rank on its
+  first calls and keeps the faster (the row names the form it kept);
 * ``pipelining GPipe`` / ``1F1B``: the same split as ``PipelineStage`` s, ``M`` microbatches of ``B`` rows
   (1F1B needs ``M >= P``).
 
@@ -62,7 +64,8 @@ def measure(rank, world, depth, width, batch, microbatches, repeats, kinds):
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
     model = stack(depth, width)
-    parallel = LayerParallel(model)
+    parallel = LayerParallel(model, forward="parallel")
+    default = LayerParallel(model)  # times both forwards on its first calls and keeps the faster
     local = nn.Sequential(*parallel.blocks)
     weights = torch.stack([block[0].weight.detach() for block in model])
     biases = torch.stack([block[0].bias.detach() for block in model])
@@ -100,13 +103,23 @@ def measure(rank, world, depth, width, batch, microbatches, repeats, kinds):
         def train_parallel():
             loss_fn(parallel(x), target).backward()
 
+        def train_default():
+            loss_fn(default(x), target).backward()
+
+        for _ in range(4):  # past the default's trial (the kept form is per group and model, not per batch)
+            with torch.no_grad():
+                default(x)
+
         for kind in kinds:
             train = kind == "training"
             with torch.set_grad_enabled(train):
                 candidates = {
                     "eager, one process": (train_eager if train else lambda: model(x), True),
                     "seqpar.solve_chain, one process": (None if train else solver, True),
-                    "seqpar.distributed (LayerParallel)": (train_parallel if train else lambda: parallel(x), False),
+                    "seqpar.distributed (LayerParallel, forward in parallel)": (
+                        train_parallel if train else lambda: parallel(x), False),
+                    f"LayerParallel default (kept: forward {default.forward_form})": (
+                        train_default if train else lambda: default(x), False),
                     "pipelining GPipe": (pipelined(ScheduleGPipe, train), False),
                     "pipelining 1F1B": (pipelined(Schedule1F1B, train) if train and count >= world else None, False),
                 }
@@ -115,7 +128,7 @@ def measure(rank, world, depth, width, batch, microbatches, repeats, kinds):
                         continue
                     seconds = timed(fn, repeats, alone=alone)
                     rows.append(dict(kind=kind, microbatches=count, rows=total, name=name, seconds=seconds))
-            model.zero_grad(set_to_none=True), parallel.zero_grad(set_to_none=True)
+            model.zero_grad(set_to_none=True), parallel.zero_grad(set_to_none=True), default.zero_grad(set_to_none=True)
     return rows
 
 

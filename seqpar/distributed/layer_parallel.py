@@ -11,18 +11,37 @@ last state, is then broadcast to every rank. Its gradient is taken from the
 last rank (every rank is expected to compute the same loss of the same
 output, as with any replicated value); the input's gradient is rank 0's,
 on every rank.
+
+Never slower for having asked: unless ``forward=`` is given, the first
+calls alternate the forward in parallel (Newton across ranks) and rank after
+rank (the exact loop, what a pipeline does for one sample), two timed calls
+each, and keep the faster by the slowest rank's time (so every rank keeps the
+same); the log and ``seqpar.explain`` say which and why. The backward is the
+split adjoint either way.
 """
 
 from __future__ import annotations
+
+import logging
+import time
 
 import torch
 import torch.nn as nn
 from torch.func import functional_call
 
 from ..report import ChainReport
+from ..runtime.trial import Trial
 from ..scan_layers import validated_blocks
 from .group import Ranks
 from .solve import solve_chain
+
+
+log = logging.getLogger("seqpar.distributed")
+
+# Timed calls of each forward (in parallel, rank after rank) before the faster is kept: the minimum of two, so
+# that the first call's tracing does not decide.
+SAMPLES = 2
+_FORMS = {"parallel": "in parallel (Newton across ranks)", "sequential": "rank after rank (the exact loop)"}
 
 
 def shares(length: int, size: int) -> list[int]:
@@ -74,6 +93,9 @@ class LayerParallel(nn.Module):
         self.ranks = ranks.size
         self._last_stats, self._state_shape = None, None
         self.solver_options = {"batch_ndim": 1, **solver_options}
+        # Never slower for having asked: unless forward= is given, the first calls time the parallel solve against
+        # rank after rank (what a pipeline does for one sample) and keep the faster.
+        self._trial = None if "forward" in solver_options else Trial("parallel", "sequential", SAMPLES)
         self._template = (self.blocks[0],)  # structure only: its tensors are swapped for each block's rows
         self._paths = [(name, (*name.split("."),)) for name, _ in
                        [*self.blocks[0].named_parameters(), *self.blocks[0].named_buffers()]]
@@ -93,10 +115,31 @@ class LayerParallel(nn.Module):
         def step(s, row):
             return functional_call(template, row, (s,))
 
+        trial = self._trial
+        form = self.solver_options.get("forward", "parallel") if trial is None else trial.kept or trial.next_form()
+        timed = trial is not None and trial.kept is None
+        _synchronize(x, timed)
+        begin = time.perf_counter()
         states, self._last_stats = solve_chain(step, x, rows, group=self.group, return_stats=True,
-                                               **self.solver_options)
+                                               **{**self.solver_options, "forward": form})
+        if timed:  # every rank keeps the same form: the slowest rank's time decides
+            _synchronize(x, timed)
+            elapsed = torch.tensor([time.perf_counter() - begin], dtype=torch.float64, device=x.device)
+            trial.add(form, float(Ranks(self.group).gather(elapsed, 1, x.device).max()))
+            if trial.kept is not None:
+                log.info("seqpar.distributed: LayerParallel of %d blocks: forward %s kept (fastest call: in "
+                         "parallel %.3g ms, rank after rank %.3g ms)", self.total, _FORMS[trial.kept],
+                         trial.fastest("parallel") * 1e3, trial.fastest("sequential") * 1e3)
         self._state_shape = tuple(x.shape)
         return _FromRank.apply(states[-1], self.last_rank, self.group)
+
+    @property
+    def forward_form(self) -> str | None:
+        """How the forward runs: ``"parallel"`` (Newton across ranks) or ``"sequential"`` (rank after rank, the
+        exact loop); ``None`` while the first calls still time both (or as ``forward=`` says when given)."""
+        if self._trial is None:
+            return self.solver_options.get("forward", "parallel")
+        return self._trial.kept
 
     def seqpar_chain_report(self, name: str) -> ChainReport:
         """This stack as ``seqpar.explain`` lists it (``name``: its path in the model): a chain solved across
@@ -106,13 +149,28 @@ class LayerParallel(nn.Module):
             modules=[f"{name}.blocks" if name else "blocks"], decision="distributed",
             reason=(f"split over {self.ranks} ranks by seqpar.distributed.LayerParallel (blocks {self.first}.."
                     f"{self.first + len(self.blocks) - 1} on this rank); solved by collectives outside the "
-                    "compiled graph"),
-            jacobian=self._last_stats.jacobian if self._last_stats else "", method="parallel", adjoint="parallel",
+                    f"compiled graph; {self._form_reason()}"),
+            jacobian=self._last_stats.jacobian if self._last_stats else "",
+            method=self.forward_form or "undecided", adjoint="parallel",
             form="solver", last_solve=lambda: self._last_stats,
         )
 
+    def _form_reason(self) -> str:
+        trial = self._trial
+        if trial is None:
+            return f"forward {_FORMS[self.forward_form]} (forward={self.forward_form!r} given)"
+        if trial.kept is None:
+            return "forward: its first calls time the parallel solve against rank after rank"
+        return (f"forward {_FORMS[trial.kept]}, the faster on this group's first calls (in parallel "
+                f"{trial.fastest('parallel') * 1e3:.3g} ms, rank after rank {trial.fastest('sequential') * 1e3:.3g} ms)")
+
     def extra_repr(self) -> str:
         return f"blocks {self.first}..{self.first + len(self.blocks) - 1} of {self.total}"
+
+
+def _synchronize(x: torch.Tensor, timed: bool) -> None:
+    if timed and x.device.type != "cpu":
+        torch.accelerator.synchronize(x.device)
 
 
 def _tensor_at(block: nn.Module, path: tuple) -> torch.Tensor:

@@ -90,7 +90,9 @@ def solve_chain(step, s0, xs, shared=(), *, group=None, **solver_options):
     rank's :class:`~seqpar.runtime.SolveStats`). ``damping``, ``window`` and
     ``jacobian="estimate"`` are not available across ranks (``ValueError``).
     Bad arguments on any rank raise ``ValueError`` on every rank (an ``s0``
-    or ``shared`` that differs between ranks too, by a float64 fingerprint).
+    or ``shared`` that differs between ranks too, by a float64 fingerprint),
+    as do higher-order gradients (``create_graph=True``), which are not
+    available across ranks.
     """
     ranks = Ranks(group, what="seqpar.distributed.solve_chain")
     return_stats = solver_options.pop("return_stats", False)
@@ -251,9 +253,10 @@ class _DistributedChain(torch.autograd.Function):
         chain = ctx.chain
         s_in, states, *inputs = ctx.saved_tensors
         xs_leaves, shared = inputs[:chain.xs_count], inputs[chain.xs_count:]
+        higher_order = torch.is_grad_enabled()  # create_graph=True: refused on every rank (never silent zeros)
         with torch.no_grad():
             grad_s0, grad_xs, grad_shared = _backward(chain, s_in, states, list(xs_leaves), list(shared),
-                                                      grad_states.contiguous())
+                                                      grad_states.contiguous(), higher_order)
         return (None, grad_s0, *grad_xs, *grad_shared, *([None] * ctx.dummies))
 
 
@@ -440,14 +443,22 @@ def _finish_sequentially(chain, s0, s_in, xs_leaves, shared, states, start, stat
     return s_in
 
 
-def _backward(chain, s_in, states, xs_leaves, shared, grad_states):
-    """``(d s0, [d xs leaves], [d shared])`` of this rank: the adjoint split over the ranks (module doc)."""
+def _backward(chain, s_in, states, xs_leaves, shared, grad_states, higher_order=False):
+    """``(d s0, [d xs leaves], [d shared])`` of this rank: the adjoint split over the ranks (module doc).
+    ``higher_order`` (``create_graph=True``): a ``ValueError`` on every rank (the gradient would not be
+    differentiable again: its graph would silently miss the chain)."""
     ranks, program = chain.ranks, chain.program
     prev = torch.cat([s_in.unsqueeze(0), states[:-1]])
     batch, width = s_in.shape
     failure = result = None
+    if higher_order:
+        failure = ValueError("seqpar.distributed.solve_chain: higher-order gradients (create_graph=True) are not "
+                             "available across ranks; differentiate once, or solve on one device "
+                             "(seqpar.solve_chain records the loop for them)")
     if program.adjoint == "parallel":
-        result, failure = _parallel_adjoint(chain, prev, xs_leaves, shared, grad_states)
+        result, failure = _parallel_adjoint(chain, prev, xs_leaves, shared, grad_states, failure)
+    else:
+        ranks.gather(None, 0, s_in.device, failure)  # agreed before the rank-after-rank adjoint
     if result is None and failure is None:  # sequential adjoint, or maps that are not finite
         result = _adjoint_rank_after_rank(chain, prev, xs_leaves, shared, grad_states)
     ranks.gather(None, 0, s_in.device, failure)  # a rank that failed above raises everywhere here
@@ -466,16 +477,19 @@ def _backward(chain, s_in, states, xs_leaves, shared, grad_states):
     return grad_s0, list(grad_xs), summed
 
 
-def _parallel_adjoint(chain, prev, xs_leaves, shared, grad_states):
+def _parallel_adjoint(chain, prev, xs_leaves, shared, grad_states, failure=None):
     """The adjoint by the ranks' transposed maps: ``(result, failure)``; ``result=None`` without a failure when
-    some map is not finite (the caller runs it rank after rank then, on every rank alike)."""
+    some map is not finite (the caller runs it rank after rank then, on every rank alike). ``failure``: this
+    rank's reason not to run it, raised on every rank at the first exchange."""
     ranks, program = chain.ranks, chain.program
     kind = program.adjoint_kind
     work = accumulation_dtype(grad_states.dtype)
     batch, width = prev.shape[1:]
     map_width = _map_width(kind, batch, width)
-    failure = summary = None
+    summary = None
     try:
+        if failure is not None:
+            raise failure
         _, J = program.full_jacobians(prev, xs_leaves, shared)
         lam = solve_affine_recurrence(J, grad_states, kind, reverse=True)  # from lam_in = 0
         if ranks.rank > 0:  # what this rank hands its left neighbour: J_0^T lam_0 + Phi^T lam_in

@@ -164,6 +164,14 @@ def error_of(call):
     return None
 
 
+def double_backward(step, s0, xs, shared):
+    import seqpar.distributed as sd
+
+    s0 = s0.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(sd.solve_chain(step, s0, xs, shared).sum(), s0, create_graph=True)
+    grad.sum().backward()
+
+
 def bad_input_cases(rank, world):
     import seqpar.distributed as sd
 
@@ -179,6 +187,7 @@ def bad_input_cases(rank, world):
         empty=error_of(lambda: sd.solve_chain(mlp_step, s0, empty, (U,))),
         damping=error_of(lambda: sd.solve_chain(mlp_step, s0, xs, (U,), damping=1.0)),
         max_iters=error_of(lambda: sd.solve_chain(mlp_step, s0, xs, (U,), max_iters=3 if rank == 0 else 4)),
+        double=error_of(lambda: double_backward(mlp_step, s0, xs, (U,))),
         after=mlp_case(rank, world),  # the group still works after every error above
     )
 
@@ -331,6 +340,8 @@ def test_bad_input_on_one_rank_raises_value_error_on_every_rank(world):
         assert name == "ValueError" and "holds no steps" in message
         name, message = case["damping"]
         assert name == "ValueError" and "damping is not available across ranks" in message
+        name, message = case["double"]  # higher-order gradients: a clear error on every rank, never zeros
+        assert name == "ValueError" and "higher-order gradients (create_graph=True) are not available" in message
         name, message = case["max_iters"]  # different iteration caps would leave ranks at different collectives
         assert name == "ValueError" and "solver options (max_iters, forward, tol) differs" in message
         assert_mlp_exact(case["after"])

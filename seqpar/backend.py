@@ -30,6 +30,7 @@ from .passes.glue import has_other_compute
 from .passes.module_paths import span
 from .report import ChainReport, format_table, hints_for
 from .runtime import fused_loop
+from .runtime.errors import brief
 from .runtime.ops import call_state
 from .runtime.precision import copied, in_float64
 from .speed import ORIGINAL, REWRITTEN, SpeedTrial, differentiated, timed_call
@@ -109,9 +110,8 @@ class SeqparBackend:
         except Exception as error:
             if self.options.inner == "eager":
                 raise
-            first_line = (str(error).strip().splitlines() or [""])[0][:200]
-            record.inner_error = (f"inner backend {self.options.inner!r} failed ({type(error).__name__}: "
-                                  f"{first_line}); the graph runs eagerly")
+            record.inner_error = (f"inner backend {self.options.inner!r} failed ({brief(error)}); "
+                                  "the graph runs eagerly")
             log.warning("seqpar graph %d: %s", record.index, record.inner_error)
             return work
 

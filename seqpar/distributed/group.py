@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
+from ..runtime.errors import first_line
+
 
 class RankFailure(RuntimeError):
     """Raised on every rank of a group when one of its ranks failed during a distributed chain solve."""
@@ -85,7 +87,7 @@ class Ranks:
         failed = [index for index, flag in enumerate(flags.tolist()) if flag]
         if not failed:
             return
-        message = None if failure is None else (type(failure).__name__, str(failure).split("\n", 1)[0])
+        message = None if failure is None else (type(failure).__name__, first_line(failure))
         messages = [None] * self.size
         dist.all_gather_object(messages, message, group=self.group)
         if failure is not None:

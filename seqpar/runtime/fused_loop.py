@@ -48,6 +48,7 @@ import torch.fx as fx
 
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from .errors import brief
 from .rolled import UnrecordedTrace, check_recorded, draws_random, may_mutate
 from .trial import Trial
 
@@ -220,9 +221,8 @@ def _compile(program, arguments, n_inputs: int, n_outputs: int):
     except UnrecordedTrace:
         raise
     except Exception as error:  # the rolled loop runs the step instead
-        first_line = (str(error).strip().splitlines() or [""])[0][:200]
-        log.info("seqpar: fused loop of %d steps not compiled (%s: %s); the rolled loop runs",
-                 program.length, type(error).__name__, first_line)
+        log.info("seqpar: fused loop of %d steps not compiled (%s); the rolled loop runs", program.length,
+                 brief(error))
         return None
 
 

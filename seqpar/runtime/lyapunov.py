@@ -38,6 +38,8 @@ import math
 import torch
 from torch.func import jvp, vjp
 
+from .errors import brief
+
 log = logging.getLogger("seqpar.runtime")
 
 
@@ -70,8 +72,7 @@ def log_probe_failure(what: str, error: BaseException) -> None:
     Errors raised through FX carry the generated code and the original stack in
     their message: those lines, and the traceback, are details for DEBUG.
     """
-    lines = str(error).strip().splitlines()
-    log.info("seqpar: predictability probe: %s (%s: %s)", what, type(error).__name__, lines[0] if lines else "")
+    log.info("seqpar: predictability probe: %s (%s)", what, brief(error))
     log.debug("seqpar: predictability probe: %s", what, exc_info=error)
 
 

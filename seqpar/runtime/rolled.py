@@ -56,6 +56,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.func import functionalize
 
 from . import dense_step
+from .errors import brief
 from .dense_step import DenseStep
 
 _aten = torch.ops.aten
@@ -115,8 +116,7 @@ def loop_for(program, state: torch.Tensor, columns, shared) -> RolledLoop:
                 retry = True
                 reasons.append(f"{type(error).__name__}: {error}")
             except Exception as error:  # a step the generator does not cover keeps the plain loop
-                first_line = (str(error).strip().splitlines() or [""])[0][:200]
-                reasons.append(f"{type(error).__name__}: {first_line}")
+                reasons.append(brief(error))
         else:
             loop = RolledLoop("step calls", reason="; ".join(dict.fromkeys(reasons)))
             if retry:

@@ -73,7 +73,6 @@ def timed_call(function, args):
 
 
 def _synchronize(devices) -> None:
+    """Wait for the queued work of the accelerators ``devices`` (CPU work is done when a call returns)."""
     for device in devices:
-        module = getattr(torch, device.type, None)
-        if module is not None and hasattr(module, "synchronize"):
-            module.synchronize(device)
+        torch.accelerator.synchronize(device)

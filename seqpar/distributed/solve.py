@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import torch
 import torch.utils._pytree as pytree
 
-from ..runtime.adjoint import sequential_adjoint
+from ..runtime.adjoint import adjoint_solve
 from ..runtime.chain import prepare_chain
 from ..runtime.newton import Tolerance, evaluate_all, first_above, tolerance_ratios
 from ..runtime.pcr import solve_affine_recurrence
@@ -460,7 +460,7 @@ def _backward(chain, s_in, states, xs_leaves, shared, grad_states, higher_order=
     else:
         ranks.gather(None, 0, s_in.device, failure)  # agreed before the rank-after-rank adjoint
     if result is None and failure is None:  # sequential adjoint, or maps that are not finite
-        result = _adjoint_rank_after_rank(chain, prev, xs_leaves, shared, grad_states)
+        result = _adjoint_rank_after_rank(chain, s_in, states, xs_leaves, shared, grad_states)
     ranks.gather(None, 0, s_in.device, failure)  # a rank that failed above raises everywhere here
     grad_in, grad_xs, grad_shared = result
     grad_s0 = None
@@ -514,21 +514,23 @@ def _parallel_adjoint(chain, prev, xs_leaves, shared, grad_states, failure=None)
         return None, error
 
 
-def _adjoint_rank_after_rank(chain, prev, xs_leaves, shared, grad_states):
-    """The adjoint as ``L`` VJPs per rank, the last rank first, each handing ``dLoss/d(entry state)`` left."""
+def _adjoint_rank_after_rank(chain, s_in, states, xs_leaves, shared, grad_states):
+    """The adjoint rank after rank, the last rank first, each solving its own steps' recursion from the
+    ``dLoss/d(entry state)`` of the rank after it (:func:`~seqpar.runtime.adjoint.adjoint_solve`: its blocks by
+    PCR, or ``L`` VJPs for a sequential adjoint) and handing its own to the rank before."""
     ranks, program = chain.ranks, chain.program
-    batch, width = prev.shape[1:]
+    batch, width = s_in.shape
     lam_in, result = None, None
     for source in reversed(range(ranks.size)):
         failure = None
         if ranks.rank == source:
             try:
                 g = grad_states if lam_in is None else fold_entry(grad_states, None, "full", lam_in, reverse=True)
-                result = sequential_adjoint(program, prev, xs_leaves, shared, g)
+                result = adjoint_solve(program, s_in, xs_leaves, shared, states, g)
             except Exception as error:  # noqa: BLE001
                 failure = error
-        handed = ranks.broadcast(result[0] if ranks.rank == source else None, batch * width, source, prev.device,
-                                 failure)
+        handed = ranks.broadcast(result[0] if ranks.rank == source and failure is None else None, batch * width,
+                                 source, s_in.device, failure)
         if ranks.rank == source - 1:
             lam_in = handed.view(batch, width).to(grad_states.dtype)
     return result

@@ -227,6 +227,34 @@ def injected_failure_cases(rank, world):
     return dict(forward=forward, backward=backward, after=mlp_case(rank, world))
 
 
+def non_finite_cases(rank, world):
+    """Rank 1's first forward update and its adjoint's boundary map made infinite: the forward finishes rank
+    after rank from the start (the reason on every rank), the adjoint runs rank after rank; both exact."""
+    from unittest import mock
+
+    import seqpar.distributed.solve as solve
+
+    recurrence, product = solve.solve_affine_recurrence, solve.block_product
+    calls = {"forward": 0}
+
+    def infinite_once(A, c, kind, reverse=False, **kwargs):
+        y = recurrence(A, c, kind, reverse=reverse, **kwargs)
+        if rank == 1 and not reverse:
+            calls["forward"] += 1
+            if calls["forward"] <= 2:  # both solves of the first iteration (from a zero entry, and from the scan's)
+                y = y + float("inf")
+        return y
+
+    def infinite_product(A, kind):
+        return product(A, kind) * float("inf") if rank == 1 else product(A, kind)
+
+    with mock.patch.object(solve, "solve_affine_recurrence", infinite_once):
+        forward = mlp_case(rank, world)
+    with mock.patch.object(solve, "block_product", infinite_product):
+        adjoint = mlp_case(rank, world)
+    return dict(forward=forward, adjoint=adjoint)
+
+
 def scenarios(rank, world):
     """Every scenario's measurements on this rank (one spawned group runs them all)."""
     uneven = [1, 23] if world == 2 else [1, 20, 1, 2]
@@ -243,6 +271,7 @@ def scenarios(rank, world):
         float32=float32_case(rank, world),
         bad_input=bad_input_cases(rank, world),
         mesh=mesh_case(rank, world),
+        non_finite=non_finite_cases(rank, world),
         injected=injected_failure_cases(rank, world),
     )
 
@@ -345,6 +374,17 @@ def test_bad_input_on_one_rank_raises_value_error_on_every_rank(world):
         name, message = case["max_iters"]  # different iteration caps would leave ranks at different collectives
         assert name == "ValueError" and "solver options (max_iters, forward, tol) differs" in message
         assert_mlp_exact(case["after"])
+
+
+@WORLDS
+def test_non_finite_values_fall_back_to_the_exact_loop_forward_and_backward(world):
+    for result in results(world):
+        forward, adjoint = result["non_finite"]["forward"], result["non_finite"]["adjoint"]
+        assert_mlp_exact(forward)
+        assert forward["fallback"] == "non-finite values at iteration 1" and not forward["converged"]
+        # With 4 ranks rank 1's adjoint map is infinite (with 2 it is the last rank, whose map no rank needs):
+        # the adjoint runs rank after rank, exact.
+        assert_mlp_exact(adjoint)
 
 
 @WORLDS

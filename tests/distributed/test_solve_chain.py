@@ -271,6 +271,7 @@ def scenarios(rank, world):
         float32=float32_case(rank, world),
         bad_input=bad_input_cases(rank, world),
         mesh=mesh_case(rank, world),
+        quasi_newton=mlp_case(rank, world, jacobian="diag"),
         non_finite=non_finite_cases(rank, world),
         injected=injected_failure_cases(rank, world),
     )
@@ -385,6 +386,16 @@ def test_non_finite_values_fall_back_to_the_exact_loop_forward_and_backward(worl
         # With 4 ranks rank 1's adjoint map is infinite (with 2 it is the last rank, whose map no rank needs):
         # the adjoint runs rank after rank, exact.
         assert_mlp_exact(adjoint)
+
+
+@WORLDS
+def test_quasi_newton_with_diagonal_blocks_converges_to_the_loop(world):
+    """Linear convergence, stopped at 1e-11 relative (the float64 tolerance for inexact blocks): states within
+    1e-9 of the loop's; the adjoint uses the full Jacobians, exact at those states."""
+    for result in results(world):
+        case = result["quasi_newton"]
+        assert case["converged"] and case["states"] < 1e-9, case
+        assert max(case[name] for name in ("grad_U", "grad_W", "grad_b", "grad_s0")) < 1e-8, case
 
 
 @WORLDS

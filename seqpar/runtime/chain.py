@@ -26,6 +26,7 @@ from .spec import (
     resolve_adjoint,
     resolve_jacobian,
 )
+from .rolled import draws_random
 from .structure import step_structure
 
 log = logging.getLogger("seqpar.runtime")
@@ -156,6 +157,13 @@ def _solver_program(step, layout, length, xs_spec, xs_leaves, shared, *, jacobia
     graph, :func:`lowered_step`, before anything else is traced), ``options`` ``(tol, max_iters, damping,
     window)`` validated; ``retrace``: lower and trace anew."""
     lowered = lowered_step(step, layout, xs_spec, xs_leaves, shared, retrace=retrace)
+    random = sorted({str(node.target) for node in lowered.graph.nodes if draws_random(node.target)})
+    if random:
+        raise ValueError(
+            f"step draws random numbers ({', '.join(random)}): a chain solved in parallel evaluates each step "
+            "several times, and every evaluation would draw anew; draw them up front and pass them through xs "
+            "(dropout: call the model in eval mode, or pass the masks)"
+        )
     diagonal = step_structure(lowered).diagonal
     jacobian = resolve_jacobian(jacobian, layout.width, diagonal)
     adjoint = resolve_adjoint(adjoint, layout.width, diagonal)

@@ -176,3 +176,12 @@ def test_invalid_options(chain, option, value, message):
     s0, xs, shared = chain
     with pytest.raises(ValueError, match=message):
         solve_chain(rnn_step, s0, xs, shared, **{option: value})
+
+
+@pytest.mark.parametrize("forward", ["parallel", "sequential"])
+def test_a_step_that_draws_random_numbers(chain, forward):
+    """Dropout in a step: every evaluation of a parallel solve would draw anew, so it is refused by name."""
+    s0, xs, shared = chain
+    dropout = torch.nn.Dropout(0.5)
+    with pytest.raises(ValueError, match=r"step draws random numbers \(aten\.bernoulli\.p\).*eval mode"):
+        solve_chain(lambda s, x, *w: dropout(rnn_step(s, x, *w)), s0, xs, shared, forward=forward)

@@ -122,7 +122,8 @@ LONG_UNROLLED = {"layers": 256, "residual": 256, "transformer": 64, "denoise": 1
 def hints_for(chains: list[ChainReport], graph_count: int) -> list[str]:
     """What the user could change, from the chains of ``graph_count`` graphs compiled for one function:
     a call split into many graphs (a sampling loop whose scheduler breaks the graph), and long chains that
-    reached the backend unrolled (the rolled way to write them, which Dynamo traces once)."""
+    reached the backend unrolled (the rolled way to write them, which Dynamo traces once; for blocks, also
+    torch's guard filter against the per-call guards on every parameter)."""
     hints = []
     if graph_count >= FRAGMENTED_GRAPHS:
         hints.append(
@@ -141,8 +142,11 @@ def hints_for(chains: list[ChainReport], graph_count: int) -> list[str]:
             )
         else:
             hints.append(
-                f"chain {index}: Dynamo traced {chain.length} blocks one by one; seqpar.scan_layers(blocks) runs "
-                "identical blocks as one scan over their stacked parameters, so Dynamo traces one block"
+                f"chain {index}: Dynamo traced {chain.length} blocks one by one, and guards every parameter at "
+                "every call; seqpar.scan_layers(blocks) runs identical blocks as one scan over their stacked "
+                "parameters, so Dynamo traces one block and guards two tensors; or keep the blocks and pass "
+                "options={'guard_filter_fn': torch.compiler.skip_guard_on_inbuilt_nn_modules_unsafe} (torch's "
+                "opt-in: no recompile when a parameter's shape, dtype or requires_grad changes)"
             )
     return hints
 

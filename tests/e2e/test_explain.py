@@ -110,3 +110,11 @@ def test_a_rejected_repeat_is_named_by_whether_its_steps_share_weights(model, in
     torch.manual_seed(0)
     (chain,) = seqpar.explain(model(), torch.randn(*inputs)).chains
     assert chain.decision == "rejected" and chain.kind == kind
+
+
+def test_a_deep_unrolled_stack_gets_the_two_ways_around_dynamos_per_parameter_costs():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[m for _ in range(256) for m in (torch.nn.Linear(2, 2), torch.nn.Tanh())])
+    report = seqpar.explain(model, torch.randn(1, 2))
+    (hint,) = [hint for hint in report.hints if "blocks one by one" in hint]
+    assert "seqpar.scan_layers(blocks)" in hint and "skip_guard_on_inbuilt_nn_modules_unsafe" in hint

@@ -7,7 +7,9 @@ linear steps are block-bidiagonal systems solved by Parallel Cyclic Reduction.
 ``seqpar.scan_layers(blocks)`` runs a deep stack as one ``scan`` that Dynamo
 traces once (seconds to compile instead of minutes); ``seqpar.scan_rnn(lstm)``
 turns an ``nn.RNN``/``nn.LSTM``/``nn.GRU`` into scans over time, solved in parallel;
-``seqpar.diffusion.traceable(scheduler)`` makes a diffusers sampling loop one graph.
+``seqpar.diffusion.traceable(scheduler)`` makes a diffusers sampling loop one graph;
+``seqpar.distributed`` (imported on its own: ``import seqpar.distributed``) splits a chain's steps over the
+ranks of a ``torch.distributed`` group (``solve_chain``, ``LayerParallel``).
 """
 
 from . import diffusion

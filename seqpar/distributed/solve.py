@@ -113,7 +113,6 @@ class _Chain:
     tol: Tolerance
     max_iters: int
     method: str
-    any_grad: bool
     s0_grad: bool
     shared_grads: tuple
     xs_count: int
@@ -168,8 +167,8 @@ def _prepared(ranks, step, s0, xs, shared, options):
         raise ValueError(f"seqpar.distributed.solve_chain: ranks {off} run with gradients disabled while others need "
                          "them; backward is collective, so every rank must record the solve")
     shared_grads = tuple(tensor.requires_grad for tensor in shared)
-    chain = _Chain(ranks, program, offsets, tol, max_iters, method, any_grad,
-                   any(bool(other[_S0_GRAD]) for other in table), shared_grads, len(xs_leaves))
+    chain = _Chain(ranks, program, offsets, tol, max_iters, method, any(bool(other[_S0_GRAD]) for other in table),
+                   shared_grads, len(xs_leaves))
     dummy = ()
     if any_grad and not wants_grad[ranks.rank]:  # the states must require grad here too: backward is collective
         dummy = (torch.zeros((), device=device, requires_grad=True),)

@@ -161,8 +161,9 @@ class LayerParallel(nn.Module):
             return f"forward {_FORMS[self.forward_form]} (forward={self.forward_form!r} given)"
         if trial.kept is None:
             return "forward: its first calls time the parallel solve against rank after rank"
+        parallel, sequential = trial.fastest("parallel") * 1e3, trial.fastest("sequential") * 1e3
         return (f"forward {_FORMS[trial.kept]}, the faster on this group's first calls (in parallel "
-                f"{trial.fastest('parallel') * 1e3:.3g} ms, rank after rank {trial.fastest('sequential') * 1e3:.3g} ms)")
+                f"{parallel:.3g} ms, rank after rank {sequential:.3g} ms)")
 
     def extra_repr(self) -> str:
         return f"blocks {self.first}..{self.first + len(self.blocks) - 1} of {self.total}"

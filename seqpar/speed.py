@@ -30,7 +30,7 @@ import time
 import torch
 
 from .runtime import fused_loop
-from .runtime.trial import Trial
+from .runtime.trial import Trial, synchronize
 
 SAMPLES = 3
 DECIDED_AFTER = 1 + 2 * SAMPLES  # calls after which the trial has decided, where none was verified or differentiated
@@ -65,14 +65,10 @@ def differentiated(graph: torch.nn.Module, args) -> bool:
 def timed_call(function, args):
     """``(function(*args), seconds)``, waiting for the devices the inputs live on before and after."""
     devices = {arg.device for arg in args if isinstance(arg, torch.Tensor) and arg.device.type != "cpu"}
-    _synchronize(devices)
+    for device in devices:
+        synchronize(device)
     start = time.perf_counter()
     out = function(*args)
-    _synchronize(devices)
-    return out, time.perf_counter() - start
-
-
-def _synchronize(devices) -> None:
-    """Wait for the queued work of the accelerators ``devices`` (CPU work is done when a call returns)."""
     for device in devices:
-        torch.accelerator.synchronize(device)
+        synchronize(device)
+    return out, time.perf_counter() - start

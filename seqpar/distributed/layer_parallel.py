@@ -30,7 +30,7 @@ import torch.nn as nn
 from torch.func import functional_call
 
 from ..report import ChainReport
-from ..runtime.trial import Trial
+from ..runtime.trial import Trial, synchronize
 from ..scan_layers import validated_blocks
 from .group import Ranks
 from .solve import solve_chain
@@ -118,12 +118,13 @@ class LayerParallel(nn.Module):
         trial = self._trial
         form = self.solver_options.get("forward", "parallel") if trial is None else trial.kept or trial.next_form()
         timed = trial is not None and trial.kept is None
-        _synchronize(x, timed)
+        if timed:
+            synchronize(x.device)
         begin = time.perf_counter()
         states, self._last_stats = solve_chain(step, x, rows, group=self.group, return_stats=True,
                                                **{**self.solver_options, "forward": form})
         if timed:  # every rank keeps the same form: the slowest rank's time decides
-            _synchronize(x, timed)
+            synchronize(x.device)
             elapsed = torch.tensor([time.perf_counter() - begin], dtype=torch.float64, device=x.device)
             trial.add(form, float(Ranks(self.group).gather(elapsed, 1, x.device).max()))
             if trial.kept is not None:
@@ -167,11 +168,6 @@ class LayerParallel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"blocks {self.first}..{self.first + len(self.blocks) - 1} of {self.total}"
-
-
-def _synchronize(x: torch.Tensor, timed: bool) -> None:
-    if timed and x.device.type != "cpu":
-        torch.accelerator.synchronize(x.device)
 
 
 def _tensor_at(block: nn.Module, path: tuple) -> torch.Tensor:

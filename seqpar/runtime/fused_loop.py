@@ -50,7 +50,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from .errors import brief
 from .rolled import UnrecordedTrace, check_recorded, draws_random, may_mutate
-from .trial import Trial
+from .trial import Trial, synchronize
 
 log = logging.getLogger("seqpar.runtime")
 
@@ -99,7 +99,8 @@ def run_into(program, state: torch.Tensor, columns, shared, start: int, out: tor
         if generated is None:
             return None
         form, timed = GENERATED, False
-    _synchronize(state, timed)
+    if timed:
+        synchronize(state.device)
     begin = clock()
     if form == FUSED:
         # Each step's arguments from views made at once (unbind), not indexed per step: ~1 us a step less.
@@ -114,7 +115,7 @@ def run_into(program, state: torch.Tensor, columns, shared, start: int, out: tor
     else:
         generated(state, columns, shared, start, program.length, out)
     if timed:
-        _synchronize(state, timed)
+        synchronize(state.device)
         trial.add(form, clock() - begin)
         if trial.kept is not None:
             log.info("seqpar: chain of %d steps: the %s loop kept (fastest call: fused %.3g ms, generated %.3g ms)",
@@ -140,12 +141,6 @@ def served_outputs(program, states: torch.Tensor) -> list[torch.Tensor] | None:
     return outputs if written() is states and states._version == version else None
 
 
-def _synchronize(state: torch.Tensor, timed: bool) -> None:
-    """Wait for the device's queued work where a timed call runs on an accelerator (4 calls per program)."""
-    if timed and state.device.type != "cpu":
-        torch.accelerator.synchronize(state.device)
-
-
 def deciding(program) -> bool:
     """Whether ``program``'s loop trial has started and not decided (its calls' times still vary by loop)."""
     trial = _TRIALS.get(program)
@@ -162,7 +157,7 @@ def _compiled_for(program, state, columns, shared, start, out, outputs):
     the first row's alignment (Triton specialises on 16-byte aligned pointers)."""
     aligned = state.device.type == "cpu" or all(
         _alignment(rows) for rows in (out.unbind(0), *(y.unbind(0) for y in outputs), *columns))
-    if not aligned or not all(_rows_alike(column) for column in columns) or state.stride() != out[0].stride():
+    if not aligned or not all(_rows_alike(column) for column in columns):
         return None
     return _compiled(program, state, [column[start] for column in columns], shared, [out[0], *(y[0] for y in outputs)])
 

@@ -11,6 +11,8 @@ against the generated loop of eager's kernels, :mod:`.fused_loop`) are two.
 
 from __future__ import annotations
 
+import torch
+
 
 class Trial:
     """Timed calls of ``first`` and ``second`` so far (seconds, by form) and, once both have ``samples``, the
@@ -32,3 +34,10 @@ class Trial:
 
     def fastest(self, form: str) -> float:
         return min(self.times[form])
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queued work before a clock is read (an accelerator runs asynchronously; CPU work is
+    done when a call returns)."""
+    if device.type != "cpu":
+        torch.accelerator.synchronize(device)

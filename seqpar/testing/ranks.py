@@ -7,12 +7,15 @@ with ``group_timeout`` seconds on every collective, calls
 ``worker(rank, world, *args)`` and sends back its picklable result. The
 parent waits at most ``timeout`` seconds in all, then kills whatever is left:
 no process outlives the call. A rank that raised, or did not answer, makes it
-raise ``RuntimeError`` with that rank's traceback.
+raise ``RuntimeError`` with that rank's traceback. ``run_ranks_once`` keeps
+each ``(worker, world)``'s results, so that many tests can read one spawned
+group's measurements.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import queue as queues
 import tempfile
@@ -63,6 +66,12 @@ def run_ranks(worker, world: int, *args, timeout: float = 300.0, group_timeout: 
             text += f"\nranks {silent} did not answer within {timeout:.0f} s"
         raise RuntimeError(f"run_ranks: {len(failed) + len(silent)} of {world} ranks failed:{text}")
     return [answers[rank][1] for rank in range(world)]
+
+
+@functools.cache
+def run_ranks_once(worker, world: int) -> list:
+    """:func:`run_ranks` of ``worker`` on ``world`` ranks, run at the first call and kept."""
+    return run_ranks(worker, world)
 
 
 def _rank_main(worker, rank, world, store, group_timeout, threads, results, args):

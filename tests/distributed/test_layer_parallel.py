@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from seqpar.testing.ranks import run_ranks
+from seqpar.testing.ranks import run_ranks_once
 
 F64 = 1e-12
 
@@ -104,13 +104,8 @@ def scenarios(rank, world):
     )
 
 
-_RESULTS = {}
-
-
 def results(world):
-    if world not in _RESULTS:
-        _RESULTS[world] = run_ranks(scenarios, world)
-    return _RESULTS[world]
+    return run_ranks_once(scenarios, world)
 
 
 WORLDS = pytest.mark.parametrize("world", [2, 4])

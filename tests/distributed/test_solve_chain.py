@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 
-from seqpar.testing.ranks import run_ranks
+from seqpar.testing.ranks import run_ranks, run_ranks_once
 
 F64 = 1e-12
 GENERATOR_SEED = 0
@@ -277,13 +277,8 @@ def scenarios(rank, world):
     )
 
 
-_RESULTS = {}
-
-
 def results(world):
-    if world not in _RESULTS:
-        _RESULTS[world] = run_ranks(scenarios, world)
-    return _RESULTS[world]
+    return run_ranks_once(scenarios, world)
 
 
 WORLDS = pytest.mark.parametrize("world", [2, 4])

@@ -23,7 +23,8 @@ stack it builds), float32, CPU, ``torch.set_num_threads(--threads)``:
 
 For each sequence length: the forward under ``torch.no_grad`` and a training
 step (forward, ``sum of squares``, backward), medians of ``--repeats`` calls
-after ``--warmup`` untimed ones, eager's time over each (``> 1``: faster than eager); the
+after ``--warmup`` untimed ones, eager's time over each (``> 1``: faster than eager); with
+``--bound``, the most any rewrite of the recurrence can gain (:func:`recurrence_free_bound`); the
 chains seqpar found and its decisions; the largest difference of the hidden
 states from eager's, relative to their scale; the first seqpar call's time
 (Dynamo's trace, seqpar's passes, the inner compile of what is left).
@@ -108,6 +109,23 @@ def forward(fn, ids):
     return run
 
 
+def recurrence_free_bound(run, seq: int, eager_seconds: float) -> float:
+    """Amdahl's bound on the speed-up of a call whose recurrence costs nothing: ``T_eager / T_outside``.
+
+    ``T_outside`` is the self time of the ops of one profiled eager call that do not run once per step: ops are
+    grouped by name and input shapes, and a group called fewer than ``seq`` times is outside the loop (the
+    projections, attention, convolutions, norms; a loop's ops, forward or backward, run at least once per step).
+    These are large ops, timed by the profiler to within its per-op overhead; ``T_eager`` is measured without it.
+    """
+    from torch.profiler import profile
+
+    with profile(record_shapes=True) as profiled:
+        run()
+    outside = sum(group.self_cpu_time_total for group in profiled.key_averages(group_by_input_shape=True)
+                  if group.count < seq) * 1e-6
+    return eager_seconds / outside
+
+
 def warmup(kind: str, name: str, args) -> int:
     """Untimed calls before timing: seqpar's forward also runs its speed trial (``seqpar.speed``) first."""
     return max(args.warmup, DECIDED_AFTER) if (kind, name) == ("forward", "seqpar") else args.warmup
@@ -136,15 +154,16 @@ def measure(family: str, seq: int, batch: int, repeats: int, args) -> str:
         difference = (solved - reference).abs().max().item() / scale
     for kind, make in (("forward", forward), ("training", training_step)):
         if kind not in args.kinds:
-            cells += ["not run", "-", "-"]
+            cells += ["not run", "-", "-", "-"]
             continue
         try:
             times = {name: median_time(make(fn, ids), repeats, warmup=warmup(kind, name, args)) for name, fn in fns.items()}
         except RuntimeError as error:  # RWKV's CPU loop changes a tensor its backward needs, in eager too
-            cells += [f"fails: {str(error)[:60]}", "-", "-"]
+            cells += [f"fails: {str(error)[:60]}", "-", "-", "-"]
             continue
         cells.append(f"{times['eager'] * 1e3:.1f} ms")
         cells += [f"{times['eager'] / times[name]:.2f}x" if name in times else "-" for name in ("seqpar", "inductor")]
+        cells.append(f"{recurrence_free_bound(make(fns['eager'], ids), seq, times['eager']):.2f}x" if args.bound else "-")
     chains = [chain for graph in backend.graphs for chain in graph.chains]
     decisions = ", ".join(
         f"{chain.kind} L={chain.length} {chain.decision}/{chain.method or '-'}/{chain.adjoint or '-'}"
@@ -171,6 +190,8 @@ def main():
     parser.add_argument("--gemma-mlp", type=int, default=2560)
     parser.add_argument("--xlstm-hidden", type=int, default=4096)
     parser.add_argument("--no-inductor", action="store_true", help="leave out inductor's column")
+    parser.add_argument("--bound", action="store_true",
+                        help="profile one more eager call per kind: the speed-up a free recurrence would give")
     parser.add_argument("--kinds", nargs="+", default=["forward", "training"], choices=["forward", "training"],
                         help="what to time (eager's training step at 4096 steps takes minutes a call)")
     parser.add_argument("--policy", default="auto", choices=["auto", "parallel", "sequential"],
@@ -179,9 +200,9 @@ def main():
     torch.set_num_threads(args.threads)
     print(f"threads {args.threads}, float32, CPU, seqpar policy {args.policy!r}; ratios are eager's time over each "
           "(> 1: faster than eager)\n")
-    print("| family | batch | seq | forward eager | seqpar | inductor | training eager | seqpar | inductor "
-          "| seqpar error | seqpar first call | chains (decision/forward/adjoint) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| family | batch | seq | forward eager | seqpar | inductor | bound | training eager | seqpar | inductor "
+          "| bound | seqpar error | seqpar first call | chains (decision/forward/adjoint) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for family in args.families:
         for batch in args.batch:
             for seq in args.seq:

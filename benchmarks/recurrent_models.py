@@ -24,7 +24,8 @@ stack it builds), float32, CPU, ``torch.set_num_threads(--threads)``:
 For each sequence length: the forward under ``torch.no_grad`` and a training
 step (forward, ``sum of squares``, backward), medians of ``--repeats`` calls
 after ``--warmup`` untimed ones, eager's time over each (``> 1``: faster than eager); with
-``--bound``, the most any rewrite of the recurrence can gain (:func:`recurrence_free_bound`); the
+``--bound``, the most a free recurrence can gain, then a backend that leaves only the dense products
+(:func:`recurrence_free_bounds`); the
 chains seqpar found and its decisions; the largest difference of the hidden
 states from eager's, relative to their scale; the first seqpar call's time
 (Dynamo's trace, seqpar's passes, the inner compile of what is left).
@@ -34,10 +35,13 @@ Markdown to stdout.
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from seqpar.backend import SeqparBackend
 from seqpar.speed import DECIDED_AFTER
@@ -109,21 +113,44 @@ def forward(fn, ids):
     return run
 
 
-def recurrence_free_bound(run, seq: int, eager_seconds: float) -> float:
-    """Amdahl's bound on the speed-up of a call whose recurrence costs nothing: ``T_eager / T_outside``.
+class OpTimes(TorchDispatchMode):
+    """Seconds and calls per aten op and input shapes, for the calls made while active (forward and backward)."""
 
-    ``T_outside`` is the self time of the ops of one profiled eager call that do not run once per step: ops are
-    grouped by name and input shapes, and a group called fewer than ``seq`` times is outside the loop (the
-    projections, attention, convolutions, norms; a loop's ops, forward or backward, run at least once per step).
-    These are large ops, timed by the profiler to within its per-op overhead; ``T_eager`` is measured without it.
+    def __init__(self):
+        super().__init__()
+        self.groups = collections.defaultdict(lambda: [0, 0.0])  # (op, shapes) -> [calls, seconds]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        start = time.perf_counter()
+        result = func(*args, **(kwargs or {}))
+        group = self.groups[(func, tuple(tuple(arg.shape) for arg in tree_leaves((args, kwargs))
+                                         if isinstance(arg, torch.Tensor)))]
+        group[0] += 1
+        group[1] += time.perf_counter() - start
+        return result
+
+
+# Dense products: what no rewrite of a loop makes faster on a CPU already running BLAS / oneDNN at its peak.
+DENSE_OPS = {"mm", "addmm", "bmm", "baddbmm", "convolution", "convolution_backward",
+             "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward"}
+
+
+def recurrence_free_bounds(run, seq: int, eager_seconds: float) -> tuple[float, float]:
+    """Amdahl's bounds on the speed-up of eager's call ``run`` (``eager_seconds`` a call): ``T / T_outside``, the
+    recurrence free and everything else at eager's speed, and ``T / T_dense``, only the dense products outside
+    the loop left (no backend beats that on a CPU whose BLAS runs at its peak).
+
+    ``T_outside`` and ``T_dense`` come from one more call with every aten op timed, grouped by name and input
+    shapes: a group called fewer than ``seq`` times is outside the loop (projections, attention, convolutions,
+    norms; a loop's ops, forward or backward, run at least once per step). These are large ops, timed to within
+    a microsecond each; the loop's Python and dispatch overhead, which a rewrite also removes, counts in ``T``.
     """
-    from torch.profiler import profile
-
-    with profile(record_shapes=True) as profiled:
+    with OpTimes() as timed:
         run()
-    outside = sum(group.self_cpu_time_total for group in profiled.key_averages(group_by_input_shape=True)
-                  if group.count < seq) * 1e-6
-    return eager_seconds / outside
+    outside = [(func.overloadpacket.__name__, seconds) for (func, _), (calls, seconds) in timed.groups.items()
+               if calls < seq]
+    return (eager_seconds / sum(seconds for _, seconds in outside),
+            eager_seconds / sum(seconds for name, seconds in outside if name in DENSE_OPS))
 
 
 def warmup(kind: str, name: str, args) -> int:
@@ -163,7 +190,8 @@ def measure(family: str, seq: int, batch: int, repeats: int, args) -> str:
             continue
         cells.append(f"{times['eager'] * 1e3:.1f} ms")
         cells += [f"{times['eager'] / times[name]:.2f}x" if name in times else "-" for name in ("seqpar", "inductor")]
-        cells.append(f"{recurrence_free_bound(make(fns['eager'], ids), seq, times['eager']):.2f}x" if args.bound else "-")
+        cells.append("{:.2f}x / {:.2f}x".format(*recurrence_free_bounds(make(fns["eager"], ids), seq, times["eager"]))
+                     if args.bound else "-")
     chains = [chain for graph in backend.graphs for chain in graph.chains]
     decisions = ", ".join(
         f"{chain.kind} L={chain.length} {chain.decision}/{chain.method or '-'}/{chain.adjoint or '-'}"
@@ -191,7 +219,8 @@ def main():
     parser.add_argument("--xlstm-hidden", type=int, default=4096)
     parser.add_argument("--no-inductor", action="store_true", help="leave out inductor's column")
     parser.add_argument("--bound", action="store_true",
-                        help="profile one more eager call per kind: the speed-up a free recurrence would give")
+                        help="time one more eager call per kind op by op: the speed-up a free recurrence would give "
+                             "(the rest as eager runs it / only the dense products left)")
     parser.add_argument("--kinds", nargs="+", default=["forward", "training"], choices=["forward", "training"],
                         help="what to time (eager's training step at 4096 steps takes minutes a call)")
     parser.add_argument("--policy", default="auto", choices=["auto", "parallel", "sequential"],

@@ -23,6 +23,7 @@ import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from ..runtime.chain import build_program, lowered_step, validated_solver_options
+from ..runtime.precision import autocast_as, autocast_state
 from ..runtime.program import ChainProgram, StateLayout
 from ..runtime.step_cache import value_identity
 from ..runtime.structure import StepStructure, step_structure
@@ -33,13 +34,21 @@ from .policy import Decision
 
 class StepAdapter:
     """``step(s, x_leaves, *shared) = chain.step(s, *x_leaves, *shared)``: the runtime's step signature
-    (the per-step outputs' ``chain.output_step`` alike)."""
+    (the per-step outputs' ``chain.output_step`` alike), run under the autocast settings in force when the graph
+    was compiled. The graph's ops are those Dynamo traced under the caller's autocast, without its casts; the
+    compiled graph around the chain op runs with autocast off (aot_autograd applied it when tracing), so the
+    step applies it itself: a ``bfloat16`` autocast region gives the step eager's ``bfloat16`` products.
+    Dynamo guards the autocast state: the graph runs under no other."""
 
     def __init__(self, graph_step: fx.GraphModule):
         self.graph_step = graph_step
+        self.autocast = autocast_state()
 
     def __call__(self, state, x_leaves, *shared):
-        return self.graph_step(state, *x_leaves, *shared)
+        if not self.autocast:
+            return self.graph_step(state, *x_leaves, *shared)
+        with autocast_as(self.autocast):
+            return self.graph_step(state, *x_leaves, *shared)
 
 
 def example_value(node: fx.Node) -> torch.Tensor:

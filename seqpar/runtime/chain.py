@@ -17,6 +17,7 @@ import torch.utils._pytree as pytree
 
 from . import estimates, ops, step_cache
 from .newton import Tolerance, evaluated_positions
+from .precision import autocast_state
 from .program import ChainProgram, StateLayout, lower_packed_step, windowed_steps
 from .spec import (
     ADJOINT_CHOICES,
@@ -179,9 +180,11 @@ def _solver_program(step, layout, length, xs_spec, xs_leaves, shared, *, jacobia
 
 def _trace_key(step, step_key, layout, xs_spec, xs_leaves, shared) -> tuple:
     """What a step's traces depend on besides the methods: its name (``step_key``, by default
-    :func:`~seqpar.runtime.step_cache.step_identity`) and the shapes and dtypes of everything it reads."""
+    :func:`~seqpar.runtime.step_cache.step_identity`), the shapes and dtypes of everything it reads and the
+    autocast settings in force (the trace takes their casts)."""
     return (
         step_cache.step_identity(step) if step_key is None else step_key,
+        autocast_state(),
         layout,
         xs_spec,
         tuple((leaf.shape, leaf.dtype) for leaf in xs_leaves),

@@ -1,10 +1,35 @@
-"""Inputs of reference runs: widened to float64 (the precision the checks of a solve compare against), and
-copied, so that a second run of a computation leaves the caller's tensors as they were."""
+"""Precision a computation runs at: the autocast settings a step was traced under and runs under again, and
+inputs of reference runs, widened to float64 (the precision the checks of a solve compare against) and copied,
+so that a second run of a computation leaves the caller's tensors as they were."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.utils._pytree as pytree
+
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu", "xla", torch._C._get_privateuse1_backend_name())
+
+
+def autocast_state() -> tuple:
+    """The autocast settings in force: ``(device type, dtype)`` for every device type autocast is enabled for
+    (empty where it is off everywhere). Part of what a traced step depends on: under autocast its matrix
+    products take ``dtype``."""
+    return tuple((device, torch.get_autocast_dtype(device)) for device in _AUTOCAST_DEVICES
+                 if torch.is_autocast_enabled(device))
+
+
+@contextlib.contextmanager
+def autocast_as(state: tuple):
+    """Run under the autocast settings ``state`` (from :func:`autocast_state`), whatever is in force outside."""
+    with contextlib.ExitStack() as stack:
+        for device in _AUTOCAST_DEVICES:
+            if torch.is_autocast_enabled(device):
+                stack.enter_context(torch.autocast(device, enabled=False))
+        for device, dtype in state:
+            stack.enter_context(torch.autocast(device, dtype=dtype))
+        yield
 
 
 def in_float64(tree):

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 import seqpar
 from seqpar.backend import SeqparBackend
+from seqpar.testing.models import hand_lstm
 from seqpar.runtime import step_cache
 from seqpar.verify import compare_outputs
 
@@ -44,6 +45,11 @@ def compiled(model, **options):
 
 def chain_reports(backend):
     return [chain for graph in backend.graphs for chain in graph.chains if chain.decision != "rejected"]
+
+
+def distance(a, b):
+    """``max |a - b| / max |b|``, in float64."""
+    return float((a.detach().double() - b.detach()).abs().max() / b.detach().abs().max())
 
 
 def gradients(model, x, out):
@@ -301,11 +307,80 @@ def test_half_precision_chains_are_as_close_to_float64_as_eager(dtype, policy):
     fn, _ = compiled(model, policy=policy)
     got = values_and_gradients(model, x, fn(x))
 
-    def distance(a, b):
-        return float((a.detach().double() - b.detach()).abs().max() / b.detach().abs().max())
-
     for g, e, reference in zip(got, eager, exact, strict=True):
         assert distance(g, reference) <= 2 * distance(e, reference) + 2 * torch.finfo(dtype).eps
+
+
+@pytest.mark.parametrize("policy", ["auto", "parallel", "sequential"])
+def test_a_bfloat16_autocast_region_is_as_close_to_float64_as_eager(policy):
+    """A float32 model called inside ``torch.autocast("cpu", bfloat16)`` (the chain op runs with autocast off:
+    a kept-sequential step crashed on a bfloat16 state against float32 weights): values and gradients at most
+    twice as far from the float64 model's as eager's, plus four bfloat16 ulps times the amplification of
+    rounding errors the float32 model shows for that tensor (the input's gradient through 48 layers is ill
+    conditioned: float32 gives it ~1e-5 relative, 100 ulps; eager's bfloat16 error on it varies from 1% to 70%
+    with the seed, and one float32 run estimates the amplification within a factor of about 2); called outside the region afterwards, float32 values (no trace made under autocast reused)."""
+    model, exact_model = tanh_mlp(48, 8, dtype=torch.float32), tanh_mlp(48, 8)
+    x = torch.randn(4, 8, requires_grad=True)
+    exact_x = x.detach().double().requires_grad_()
+    exact = [exact_model(exact_x), *gradients(exact_model, exact_x, exact_model(exact_x))]
+    fn, backend = compiled(model, policy=policy)
+
+    def values_and_gradients(call, autocast=True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = call(x)
+        return [out, *gradients(model, x, out.float())]
+
+    amplification = [max(1.0, distance(f, e) / torch.finfo(torch.float32).eps)
+                     for f, e in zip(values_and_gradients(model, autocast=False), exact, strict=True)]
+    eager = values_and_gradients(model)
+    for _ in range(8):  # past the speed trial: both forms
+        got = values_and_gradients(fn)
+        for g, e, reference, growth in zip(got, eager, exact, amplification, strict=True):
+            allowed = 2 * distance(e, reference) + 4 * torch.finfo(torch.bfloat16).eps * growth
+            assert distance(g, reference) <= allowed
+    assert chain_reports(backend)
+    plain = fn(x)
+    assert plain.dtype == torch.float32
+    torch.testing.assert_close(plain, model(x), rtol=1e-5, atol=1e-5 * float(model(x).abs().max()))
+
+
+def test_a_fused_loop_under_autocast_is_as_close_to_float64_as_eager():
+    """The hand-written LSTM's kept-sequential loop (compiled by inductor, the autocast casts traced into its
+    step) in a bfloat16 autocast region: every ``h_t`` as close to float64 as eager's (see above)."""
+    model, (x,) = hand_lstm(96, 4, 16, 2, outputs="all")
+    exact = model.double()(x.double())[0]
+    model.float()
+    fn, backend = compiled(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        eager = model(x)[0]
+        for _ in range(8):
+            assert distance(fn(x)[0], exact) <= 2 * distance(eager, exact) + 2 * torch.finfo(torch.bfloat16).eps
+    assert [chain.stats["loop"] for chain in chain_reports(backend)] == ["fused"]
+
+
+def test_solve_chain_keeps_a_trace_per_autocast_state(caplog):
+    """A step traced inside an autocast region is not the step outside it: no stale trace, no retrace warning,
+    eager's values in both."""
+    weight = torch.randn(8, 8) * 0.3
+    s0, xs = torch.randn(2, 8), torch.randn(64, 2, 8)
+
+    def step(s, x, w):
+        return torch.tanh(s @ w + x)
+
+    def loop():
+        states, s = [], s0
+        for x in xs:
+            s = step(s, x, weight)
+            states.append(s)
+        return torch.stack(states)
+
+    step_cache.clear()
+    with caplog.at_level(logging.WARNING, logger="seqpar"):
+        for autocast in (True, False, True):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                want, got = loop(), seqpar.solve_chain(step, s0, xs, (weight,))
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert "retraced" not in caplog.text
 
 
 def test_double_backward_through_a_compiled_chain_equals_eager():

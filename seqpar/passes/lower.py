@@ -23,7 +23,7 @@ import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from ..runtime.chain import build_program, lowered_step, validated_solver_options
-from ..runtime.precision import autocast_as, autocast_state
+from ..runtime.precision import autocast_as, autocast_state, computing_dtype
 from ..runtime.program import ChainProgram, StateLayout
 from ..runtime.step_cache import value_identity
 from ..runtime.structure import StepStructure, step_structure
@@ -152,9 +152,8 @@ def build_chain_program(
         + [("shared", i) for i, node in enumerate(chain.shared) if node.op == "placeholder" and not _requires_grad(node)]
     )
     jacobian = decision.jacobian if decision.method == "parallel" else "identity"
-    solver_options = validated_solver_options(
-        tol, max_iters, None, chain.state_dtype, chain.length, jacobian, decision.window
-    )
+    precision = computing_dtype(chain.state_dtype, layout.device.type)
+    solver_options = validated_solver_options(tol, max_iters, None, precision, chain.length, jacobian, decision.window)
     # Trace outside Dynamo's tracing context: its fake mode would make the sizes symbolic.
     with torch._guards.tracing(None), unset_fake_temporarily():
         program = build_program(

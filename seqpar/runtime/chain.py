@@ -17,7 +17,7 @@ import torch.utils._pytree as pytree
 
 from . import estimates, ops, step_cache
 from .newton import Tolerance, evaluated_positions
-from .precision import autocast_state
+from .precision import autocast_state, computing_dtype
 from .program import ChainProgram, StateLayout, lower_packed_step, windowed_steps
 from .spec import (
     ADJOINT_CHOICES,
@@ -169,7 +169,8 @@ def _solver_program(step, layout, length, xs_spec, xs_leaves, shared, *, jacobia
     jacobian = resolve_jacobian(jacobian, layout.width, diagonal)
     adjoint = resolve_adjoint(adjoint, layout.width, diagonal)
     tol, max_iters, damping, window = options
-    solver_options = validated_solver_options(tol, max_iters, damping, layout.dtype, length, jacobian, window)
+    precision = computing_dtype(layout.dtype, layout.device.type)
+    solver_options = validated_solver_options(tol, max_iters, damping, precision, length, jacobian, window)
     if forward == "sequential":
         jacobian = "identity"  # the forward needs no Jacobians
     return build_program(

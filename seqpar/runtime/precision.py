@@ -20,6 +20,16 @@ def autocast_state() -> tuple:
                  if torch.is_autocast_enabled(device))
 
 
+def computing_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
+    """The precision a step on ``dtype`` states computes at: autocast's dtype where an autocast region covers
+    ``device_type`` and ``dtype`` is float32 (the dtype autocast lowers), else ``dtype``. A solve's default
+    tolerance follows it: float32 states whose products round to bfloat16 cannot converge to float32's
+    tolerance (every step's value carries bfloat16 rounding)."""
+    if dtype == torch.float32 and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return dtype
+
+
 @contextlib.contextmanager
 def autocast_as(state: tuple):
     """Run under the autocast settings ``state`` (from :func:`autocast_state`), whatever is in force outside."""

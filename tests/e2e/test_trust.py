@@ -311,8 +311,8 @@ def test_half_precision_chains_are_as_close_to_float64_as_eager(dtype, policy):
         assert distance(g, reference) <= 2 * distance(e, reference) + 2 * torch.finfo(dtype).eps
 
 
-@pytest.mark.parametrize("policy", ["auto", "parallel", "sequential"])
-def test_a_bfloat16_autocast_region_is_as_close_to_float64_as_eager(policy):
+@pytest.mark.parametrize("options", [{}, {"policy": "parallel"}, {"policy": "sequential", "sequential_form": "rolled"}])
+def test_a_bfloat16_autocast_region_is_as_close_to_float64_as_eager(options):
     """A float32 model called inside ``torch.autocast("cpu", bfloat16)`` (the chain op runs with autocast off:
     a kept-sequential step crashed on a bfloat16 state against float32 weights): values and gradients at most
     twice as far from the float64 model's as eager's, plus four bfloat16 ulps times the amplification of
@@ -323,7 +323,7 @@ def test_a_bfloat16_autocast_region_is_as_close_to_float64_as_eager(policy):
     x = torch.randn(4, 8, requires_grad=True)
     exact_x = x.detach().double().requires_grad_()
     exact = [exact_model(exact_x), *gradients(exact_model, exact_x, exact_model(exact_x))]
-    fn, backend = compiled(model, policy=policy)
+    fn, backend = compiled(model, **options)
 
     def values_and_gradients(call, autocast=True):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):

@@ -89,8 +89,11 @@ def solve_chain(step, s0, xs, shared=(), *, group=None, **solver_options):
     runs rank after rank from the start; ``return_stats``: also return this
     rank's :class:`~seqpar.runtime.SolveStats`). ``damping``, ``window`` and
     ``jacobian="estimate"`` are not available across ranks (``ValueError``).
-    Bad arguments on any rank raise ``ValueError`` on every rank (an ``s0``
-    or ``shared`` that differs between ranks too, by a float64 fingerprint),
+    A rank may pass a step of its own (a chain whose steps differ by share)
+    where the state's shape and dtype, the Jacobian kinds and the proven
+    structure (affine or not) agree. Bad arguments on any rank raise
+    ``ValueError`` on every rank (an ``s0``, ``shared`` or step structure
+    that differs between ranks too; values by a float64 fingerprint),
     as do higher-order gradients (``create_graph=True``), which are not
     available across ranks.
     """
@@ -177,13 +180,14 @@ def _prepared(ranks, step, s0, xs, shared, options):
 
 # The agreement row: [length, N, w, dtype, solve kind, adjoint kind, parallel adjoint, #shared, shared grad
 #   pattern, s0 fingerprint (2), shared fingerprint (2), wants grad, grad enabled, s0 requires grad,
-#   max_iters (-1: default), forward, atol, rtol]
+#   max_iters (-1: default), forward, atol, rtol, affine]
 _AGREED = {
     "state shape and dtype": (1, 4), "jacobian and adjoint": (4, 7), "shared tensors": (7, 9),
     "s0 (values)": (9, 11), "shared (values)": (11, 13), "solver options (max_iters, forward, tol)": (16, 20),
+    "step structure (affine: one linear solve)": (20, 21),
 }
 _GRAD, _GRAD_ENABLED, _S0_GRAD = 13, 14, 15
-_AGREEMENT_WIDTH = 20
+_AGREEMENT_WIDTH = 21
 
 
 def _prepare_locally(ranks, step, s0, xs, shared, options):
@@ -216,6 +220,7 @@ def _prepare_locally(ranks, step, s0, xs, shared, options):
         len(shared), shared_pattern, *_fingerprint([packed_s0]), *_fingerprint(shared),
         wants_grad, torch.is_grad_enabled(), packed_s0.requires_grad,
         -1 if options.get("max_iters") is None else options["max_iters"], method == "sequential", tol.atol, tol.rtol,
+        program.one_linear_solve,
     ], dtype=torch.float64)
     return program, packed_s0, xs_leaves, shared, tol, options.get("max_iters"), method, row
 

@@ -188,8 +188,34 @@ def bad_input_cases(rank, world):
         damping=error_of(lambda: sd.solve_chain(mlp_step, s0, xs, (U,), damping=1.0)),
         max_iters=error_of(lambda: sd.solve_chain(mlp_step, s0, xs, (U,), max_iters=3 if rank == 0 else 4)),
         double=error_of(lambda: double_backward(mlp_step, s0, xs, (U,))),
+        structure=error_of(lambda: sd.solve_chain(rank_steps(rank, affine_on_rank_0=True), s0[:, :1].clone(),
+                                                  (b[first:stop, :1],))),
         after=mlp_case(rank, world),  # the group still works after every error above
+        own_steps=own_steps_case(rank, world),
     )
+
+
+def rank_steps(rank, affine_on_rank_0=False):
+    """A diagonal step of this rank's own: affine on rank 0 when asked (one linear solve), else nonlinear."""
+    if affine_on_rank_0 and rank == 0:
+        return lambda s, x: 0.5 * s + x[0]
+    return (lambda s, x: torch.tanh(0.5 * s + x[0])) if rank % 2 == 0 else (lambda s, x: torch.sin(0.5 * s + x[0]))
+
+
+def own_steps_case(rank, world):
+    """Every rank with a step of its own (tanh, sin, tanh, ..): the states of that chain, as the loop gives them."""
+    import seqpar.distributed as sd
+
+    _, b, _, s0, _ = mlp_problem()
+    counts = [b.shape[0] // world] * world
+    counts[-1] += b.shape[0] - sum(counts)
+    expected, s = [], s0
+    for owner, count in enumerate(counts):
+        expected.append(loop(rank_steps(owner), s, (b[sum(counts[:owner]) : sum(counts[: owner + 1])],)))
+        s = expected[-1][-1]
+    first, stop = share(b.shape[0], world, rank, counts)
+    states = sd.solve_chain(rank_steps(rank), s0, (b[first:stop],))
+    return (states - torch.cat(expected)[first:stop]).abs().max().item()
 
 
 def mesh_case(rank, world):
@@ -369,7 +395,10 @@ def test_bad_input_on_one_rank_raises_value_error_on_every_rank(world):
         assert name == "ValueError" and "higher-order gradients (create_graph=True) are not available" in message
         name, message = case["max_iters"]  # different iteration caps would leave ranks at different collectives
         assert name == "ValueError" and "solver options (max_iters, forward, tol) differs" in message
+        name, message = case["structure"]  # an affine rank takes one solve, the others iterate: never a hang
+        assert name == "ValueError" and "step structure (affine: one linear solve) differs" in message
         assert_mlp_exact(case["after"])
+        assert case["own_steps"] < 1e-12
 
 
 @WORLDS

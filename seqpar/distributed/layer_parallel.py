@@ -13,15 +13,18 @@ output, as with any replicated value); the input's gradient is rank 0's,
 on every rank.
 
 Never slower for having asked: unless ``forward=`` is given, the first
-calls alternate the forward in parallel (Newton across ranks) and rank after
-rank (the exact loop, what a pipeline does for one sample), two timed calls
-each, and keep the faster by the slowest rank's time (so every rank keeps the
-same); the log and ``seqpar.explain`` say which and why. The backward is the
+calls with each input layout (shape, dtype, grad mode: the crossover moves
+with the batch; :data:`MAX_TRIALS` kept) alternate the forward in parallel
+(Newton across ranks) and rank after rank (the exact loop, what a pipeline
+does for one sample), two timed calls each, and keep the faster by the
+slowest rank's time (so every rank keeps the same); the log and
+``seqpar.explain`` say which and why. The backward is the
 split adjoint either way.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 
@@ -41,6 +44,8 @@ log = logging.getLogger("seqpar.distributed")
 # Timed calls of each forward (in parallel, rank after rank) before the faster is kept: the minimum of two, so
 # that the first call's tracing does not decide.
 SAMPLES = 2
+# Input layouts (shape, dtype, grad mode) with a trial of their own at most; the least recently used goes.
+MAX_TRIALS = 8
 _FORMS = {"parallel": "in parallel (Newton across ranks)", "sequential": "rank after rank (the exact loop)"}
 
 
@@ -93,9 +98,11 @@ class LayerParallel(nn.Module):
         self.ranks = ranks.size
         self._last_stats, self._state_shape = None, None
         self.solver_options = {"batch_ndim": 1, **solver_options}
-        # Never slower for having asked: unless forward= is given, the first calls time the parallel solve against
-        # rank after rank (what a pipeline does for one sample) and keep the faster.
-        self._trial = None if "forward" in solver_options else Trial("parallel", "sequential", SAMPLES)
+        # Never slower for having asked: unless forward= is given, the first calls with each input layout (the
+        # crossover moves with the batch) time the parallel solve against rank after rank (what a pipeline does
+        # for one sample) and keep the faster. ``x`` is the same on every rank: every rank picks the same trial.
+        self._trials = None if "forward" in solver_options else collections.OrderedDict()
+        self._trial_key = None  # the last call's
         self._template = (self.blocks[0],)  # structure only: its tensors are swapped for each block's rows
         self._paths = [(name, (*name.split("."),)) for name, _ in
                        [*self.blocks[0].named_parameters(), *self.blocks[0].named_buffers()]]
@@ -115,7 +122,7 @@ class LayerParallel(nn.Module):
         def step(s, row):
             return functional_call(template, row, (s,))
 
-        trial = self._trial
+        trial = self._trial_for(x)
         form = self.solver_options.get("forward", "parallel") if trial is None else trial.kept or trial.next_form()
         timed = trial is not None and trial.kept is None
         if timed:
@@ -134,13 +141,31 @@ class LayerParallel(nn.Module):
         self._state_shape = tuple(x.shape)
         return _FromRank.apply(states[-1], self.last_rank, self.group)
 
+    def _trial_for(self, x: torch.Tensor) -> Trial | None:
+        """The trial of ``x``'s layout (made at its first call), or ``None`` where ``forward=`` was given."""
+        if self._trials is None:
+            return None
+        self._trial_key = (tuple(x.shape), x.dtype, torch.is_grad_enabled())
+        trial = self._trials.pop(self._trial_key, None) or Trial("parallel", "sequential", SAMPLES)
+        self._trials[self._trial_key] = trial
+        while len(self._trials) > MAX_TRIALS:
+            self._trials.popitem(last=False)
+        return trial
+
+    @property
+    def _trial(self) -> Trial | None:
+        """The last call's trial."""
+        return None if self._trials is None else self._trials.get(self._trial_key)
+
     @property
     def forward_form(self) -> str | None:
-        """How the forward runs: ``"parallel"`` (Newton across ranks) or ``"sequential"`` (rank after rank, the
-        exact loop); ``None`` while the first calls still time both (or as ``forward=`` says when given)."""
-        if self._trial is None:
+        """How the last call's forward ran, or runs from then on: ``"parallel"`` (Newton across ranks) or
+        ``"sequential"`` (rank after rank, the exact loop); ``None`` while the first calls with its input layout
+        still time both, or before any call (as ``forward=`` says when given)."""
+        if self._trials is None:
             return self.solver_options.get("forward", "parallel")
-        return self._trial.kept
+        trial = self._trial
+        return None if trial is None else trial.kept
 
     def seqpar_chain_report(self, name: str) -> ChainReport:
         """This stack as ``seqpar.explain`` lists it (``name``: its path in the model): a chain solved across
@@ -157,14 +182,14 @@ class LayerParallel(nn.Module):
         )
 
     def _form_reason(self) -> str:
-        trial = self._trial
-        if trial is None:
+        if self._trials is None:
             return f"forward {_FORMS[self.forward_form]} (forward={self.forward_form!r} given)"
-        if trial.kept is None:
-            return "forward: its first calls time the parallel solve against rank after rank"
+        trial = self._trial
+        if trial is None or trial.kept is None:
+            return "forward: the first calls with each input shape time the parallel solve against rank after rank"
         parallel, sequential = trial.fastest("parallel") * 1e3, trial.fastest("sequential") * 1e3
-        return (f"forward {_FORMS[trial.kept]}, the faster on this group's first calls (in parallel "
-                f"{parallel:.3g} ms, rank after rank {sequential:.3g} ms)")
+        return (f"forward {_FORMS[trial.kept]}, the faster on this group's first calls with input shape "
+                f"{self._trial_key[0]} (in parallel {parallel:.3g} ms, rank after rank {sequential:.3g} ms)")
 
     def extra_repr(self) -> str:
         return f"blocks {self.first}..{self.first + len(self.blocks) - 1} of {self.total}"

@@ -94,8 +94,26 @@ def compiled_and_explained(rank, world):
                 method=chain.method, stats=chain.stats, table=str(report), form=model[1].forward_form)
 
 
+def trial_per_shape_case(rank, world):
+    """A forward decided at one batch size times both forms again at another (the crossover moves with the
+    batch), and keeps the first size's decision; values exact throughout."""
+    from seqpar.distributed import LayerParallel
+
+    eager = stack(6)
+    model = LayerParallel(copy.deepcopy(eager))
+    small, large = (torch.randn(batch, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(batch))
+                    for batch in (1, 32))
+    forms, errors = [], []
+    with torch.no_grad():
+        for x in (small,) * 4 + (large,) + (small,) + (large,) * 3:
+            errors.append((model(x) - eager(x)).abs().max().item())
+            forms.append(model.forward_form)
+    return dict(forms=forms, error=max(errors))
+
+
 def scenarios(rank, world):
     return dict(
+        per_shape=trial_per_shape_case(rank, world),
         from_share=from_share_case(rank, world),
         compiled=compiled_and_explained(rank, world),
         even=training_case(rank, world, depth=12),
@@ -117,6 +135,18 @@ def test_forward_gradients_and_sgd_steps_equal_the_eager_stack(world, case):
     for result in results(world):
         for step in result[case]["errors"]:
             assert step["out"] < F64 and step["grads"] < F64 and step["x"] < F64, (case, result[case])
+
+
+@WORLDS
+def test_each_input_shape_gets_its_own_forward_trial(world):
+    for result in results(world):
+        case = result["per_shape"]
+        forms = case["forms"]
+        assert case["error"] < F64
+        assert forms[:3] == [None] * 3 and forms[3] in ("parallel", "sequential")  # decided after 2 + 2 calls
+        assert forms[4] is None and forms[5] == forms[3]  # the large batch's trial starts; the small one's stays
+        assert forms[6:8] == [None, None] and forms[8] in ("parallel", "sequential")
+    assert len({tuple(result["per_shape"]["forms"]) for result in results(world)}) == 1  # every rank alike
 
 
 @WORLDS
@@ -145,7 +175,7 @@ def test_the_faster_forward_is_kept_by_every_rank_and_explain_says_which(world):
     for result in results(world):
         case = result["compiled"]
         assert case["method"] == case["form"]
-        assert "the faster on this group's first calls (in parallel" in case["reason"]
+        assert "the faster on this group's first calls with input shape (3, 4) (in parallel" in case["reason"]
         if case["form"] == "sequential":
             assert case["stats"]["fallback"] == "forward='sequential'"
         else:

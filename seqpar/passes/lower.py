@@ -127,13 +127,16 @@ def chain_structure(chain: Chain) -> StepStructure:
     for the runtime (cached: :func:`build_chain_program` builds the program on the same trace).
 
     Raises what lowering raises (a symbolic shape, a step that cannot be traced)."""
-    layout, xs_examples, shared_examples = _trace_examples(chain)
+    return step_structure(_lowered(chain, *_trace_examples(chain)))
+
+
+def _lowered(chain: Chain, layout, xs_examples, shared_examples) -> fx.GraphModule:
+    """The chain's step lowered on these examples (cached under its :func:`step_key`)."""
     with torch._guards.tracing(None), unset_fake_temporarily():  # outside Dynamo's fake mode, as below
-        lowered = lowered_step(
+        return lowered_step(
             StepAdapter(chain.step), layout, pytree.tree_structure(xs_examples), xs_examples, shared_examples,
             step_key=step_key(chain.step),
         )
-    return step_structure(lowered)
 
 
 def build_chain_program(
@@ -152,7 +155,7 @@ def build_chain_program(
         + [("shared", i) for i, node in enumerate(chain.shared) if node.op == "placeholder" and not _requires_grad(node)]
     )
     jacobian = decision.jacobian if decision.method == "parallel" else "identity"
-    precision = computing_dtype(chain.state_dtype, layout.device.type)
+    precision = computing_dtype(_lowered(chain, layout, xs_examples, shared_examples), chain.state_dtype)
     solver_options = validated_solver_options(tol, max_iters, None, precision, chain.length, jacobian, decision.window)
     # Trace outside Dynamo's tracing context: its fake mode would make the sizes symbolic.
     with torch._guards.tracing(None), unset_fake_temporarily():

@@ -169,7 +169,7 @@ def _solver_program(step, layout, length, xs_spec, xs_leaves, shared, *, jacobia
     jacobian = resolve_jacobian(jacobian, layout.width, diagonal)
     adjoint = resolve_adjoint(adjoint, layout.width, diagonal)
     tol, max_iters, damping, window = options
-    precision = computing_dtype(layout.dtype, layout.device.type)
+    precision = computing_dtype(lowered, layout.dtype)
     solver_options = validated_solver_options(tol, max_iters, damping, precision, length, jacobian, window)
     if forward == "sequential":
         jacobian = "identity"  # the forward needs no Jacobians

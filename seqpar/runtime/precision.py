@@ -20,14 +20,18 @@ def autocast_state() -> tuple:
                  if torch.is_autocast_enabled(device))
 
 
-def computing_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
-    """The precision a step on ``dtype`` states computes at: autocast's dtype where an autocast region covers
-    ``device_type`` and ``dtype`` is float32 (the dtype autocast lowers), else ``dtype``. A solve's default
-    tolerance follows it: float32 states whose products round to bfloat16 cannot converge to float32's
-    tolerance (every step's value carries bfloat16 rounding)."""
-    if dtype == torch.float32 and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return dtype
+def computing_dtype(lowered: torch.fx.GraphModule, dtype: torch.dtype) -> torch.dtype:
+    """The precision a traced step computes at: the coarsest floating dtype of a value in ``lowered`` (the step
+    traced to aten ops, its nodes' ``val``), ``dtype`` (the state's) where none is coarser. Float32 states whose
+    products round to bfloat16 (an autocast region, or casts in the step) carry bfloat16 rounding in every step's
+    value and never converge to float32's tolerance: a solve's default tolerance follows this dtype."""
+    coarsest = dtype
+    for node in lowered.graph.nodes:
+        value = node.meta.get("val")
+        if (isinstance(value, torch.Tensor) and value.is_floating_point()
+                and torch.finfo(value.dtype).eps > torch.finfo(coarsest).eps):
+            coarsest = value.dtype
+    return coarsest
 
 
 @contextlib.contextmanager

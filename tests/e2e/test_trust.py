@@ -392,6 +392,36 @@ def test_solve_chain_keeps_a_trace_per_autocast_state_and_converges_at_its_preci
     assert "retraced" not in caplog.text
 
 
+def test_the_default_tolerance_follows_the_coarsest_precision_the_step_computes_at():
+    """A float32 step with bfloat16 products written in it converges (at bfloat16's tolerance) as close to
+    float64 as its loop, plus two ulps; an elementwise step inside an autocast region (nothing it computes is
+    lowered) keeps float32's tolerance: its loop's values to 1e-5."""
+    torch.manual_seed(0)
+    weight, s0, xs = torch.randn(8, 8) * 0.3, torch.randn(2, 8), torch.randn(64, 2, 8)
+
+    def rounded_step(s, x, w):
+        return torch.tanh((s.bfloat16() @ w.bfloat16()).float() + x)
+
+    def elementwise_step(s, x, w):
+        return torch.tanh(0.5 * s + x) * w[0, 0]
+
+    def loop(step, s, xs, w):
+        states = []
+        for x in xs:
+            s = step(s, x, w)
+            states.append(s)
+        return torch.stack(states)
+
+    got, stats = seqpar.solve_chain(rounded_step, s0, xs, (weight,), return_stats=True)
+    assert stats.converged and stats.fallback is None
+    exact = loop(lambda s, x, w: torch.tanh(s @ w + x), s0.double(), xs.double(), weight.double())
+    want = loop(rounded_step, s0, xs, weight)
+    assert distance(got, exact) <= distance(want, exact) + 2 * torch.finfo(torch.bfloat16).eps
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = seqpar.solve_chain(elementwise_step, s0, xs, (weight,))
+        torch.testing.assert_close(got, loop(elementwise_step, s0, xs, weight), rtol=1e-5, atol=1e-5)
+
+
 def test_double_backward_through_a_compiled_chain_equals_eager():
     """A Hessian-vector product through ``torch.compile(backend="seqpar")`` (a graph of the chain op alone runs
     without the inner compiler, so the op's create_graph path is used)."""

@@ -23,7 +23,8 @@ stack it builds), float32, CPU, ``torch.set_num_threads(--threads)``:
 
 For each sequence length: the forward under ``torch.no_grad`` and a training
 step (forward, ``sum of squares``, backward), medians of ``--repeats`` calls
-after ``--warmup`` untimed ones, eager's time over each (``> 1``: faster than eager); with
+after ``--warmup`` untimed ones (``--interleaved``: in turns), eager's time over each (``> 1``: faster than
+eager); with
 ``--bound``, the most a free recurrence can gain, then a backend that leaves only the dense products
 (:func:`recurrence_free_bounds`); the
 chains seqpar found and its decisions; the largest difference of the hidden
@@ -45,7 +46,7 @@ from torch.utils._pytree import tree_leaves
 
 from seqpar.backend import SeqparBackend
 from seqpar.speed import DECIDED_AFTER
-from timing import median_time
+from timing import interleaved_medians, median_time
 
 
 def mamba(hidden=768, associative_scan=False):
@@ -153,6 +154,17 @@ def recurrence_free_bounds(run, seq: int, eager_seconds: float) -> tuple[float, 
             eager_seconds / sum(seconds for name, seconds in outside if name in DENSE_OPS))
 
 
+def timed(calls: dict, kind: str, repeats: int, args) -> dict:
+    """Median seconds of each call after its warm-up: one form after the other, or with ``--interleaved`` in
+    turns (one call of each per turn: load that comes and goes, and the order, fall on every form alike)."""
+    if not args.interleaved:
+        return {name: median_time(call, repeats, warmup=warmup(kind, name, args)) for name, call in calls.items()}
+    for name, call in calls.items():
+        for _ in range(warmup(kind, name, args) - args.warmup):
+            call()
+    return interleaved_medians(calls, repeats, budget=0.0, warmup=args.warmup)
+
+
 def warmup(kind: str, name: str, args) -> int:
     """Untimed calls before timing: seqpar's forward also runs its speed trial (``seqpar.speed``) first."""
     return max(args.warmup, DECIDED_AFTER) if (kind, name) == ("forward", "seqpar") else args.warmup
@@ -184,7 +196,7 @@ def measure(family: str, seq: int, batch: int, repeats: int, args) -> str:
             cells += ["not run", "-", "-", "-"]
             continue
         try:
-            times = {name: median_time(make(fn, ids), repeats, warmup=warmup(kind, name, args)) for name, fn in fns.items()}
+            times = timed({name: make(fn, ids) for name, fn in fns.items()}, kind, repeats, args)
         except RuntimeError as error:  # RWKV's CPU loop changes a tensor its backward needs, in eager too
             cells += [f"fails: {str(error)[:60]}", "-", "-", "-"]
             continue
@@ -218,6 +230,9 @@ def main():
     parser.add_argument("--gemma-mlp", type=int, default=2560)
     parser.add_argument("--xlstm-hidden", type=int, default=4096)
     parser.add_argument("--no-inductor", action="store_true", help="leave out inductor's column")
+    parser.add_argument("--interleaved", action="store_true",
+                        help="time eager, seqpar and inductor in turns (calls of a second or more vary 10-30%% "
+                             "between phases of one process; default: one after the other)")
     parser.add_argument("--bound", action="store_true",
                         help="time one more eager call per kind op by op: the speed-up a free recurrence would give "
                              "(the rest as eager runs it / only the dense products left)")

@@ -23,13 +23,13 @@ stack it builds), float32, CPU, ``torch.set_num_threads(--threads)``:
 
 For each sequence length: the forward under ``torch.no_grad`` and a training
 step (forward, ``sum of squares``, backward), medians of ``--repeats`` calls
-after ``--warmup`` untimed ones (``--interleaved``: in turns), eager's time over each (``> 1``: faster than
-eager); with
-``--bound``, the most a free recurrence can gain, then a backend that leaves only the dense products
-(:func:`recurrence_free_bounds`); the
-chains seqpar found and its decisions; the largest difference of the hidden
-states from eager's, relative to their scale; the first seqpar call's time
-(Dynamo's trace, seqpar's passes, the inner compile of what is left).
+after ``--warmup`` untimed ones (``--interleaved``: in turns), eager's time
+over each (``> 1``: faster than eager); with ``--bound``, the most a free
+recurrence can gain, then a backend that leaves only the dense products
+(:func:`recurrence_free_bounds`); the chains seqpar found and its decisions;
+the largest difference of the hidden states from eager's, relative to their
+scale; the first seqpar call's time (Dynamo's trace, seqpar's passes, the
+inner compile of what is left).
 Markdown to stdout.
 """
 

@@ -154,20 +154,21 @@ def recurrence_free_bounds(run, seq: int, eager_seconds: float) -> tuple[float, 
             eager_seconds / sum(seconds for name, seconds in outside if name in DENSE_OPS))
 
 
-def timed(calls: dict, kind: str, repeats: int, args) -> dict:
+def timed(calls: dict, repeats: int, args) -> dict:
     """Median seconds of each call after its warm-up: one form after the other, or with ``--interleaved`` in
     turns (one call of each per turn: load that comes and goes, and the order, fall on every form alike)."""
     if not args.interleaved:
-        return {name: median_time(call, repeats, warmup=warmup(kind, name, args)) for name, call in calls.items()}
+        return {name: median_time(call, repeats, warmup=warmup(name, args)) for name, call in calls.items()}
     for name, call in calls.items():
-        for _ in range(warmup(kind, name, args) - args.warmup):
+        for _ in range(warmup(name, args) - args.warmup):
             call()
     return interleaved_medians(calls, repeats, budget=0.0, warmup=args.warmup)
 
 
-def warmup(kind: str, name: str, args) -> int:
-    """Untimed calls before timing: seqpar's forward also runs its speed trial (``seqpar.speed``) first."""
-    return max(args.warmup, DECIDED_AFTER) if (kind, name) == ("forward", "seqpar") else args.warmup
+def warmup(name: str, args) -> int:
+    """Untimed calls before timing: seqpar's forward and training steps also run its speed trial
+    (``seqpar.speed``) first."""
+    return max(args.warmup, DECIDED_AFTER) if name == "seqpar" else args.warmup
 
 
 def measure(family: str, seq: int, batch: int, repeats: int, args) -> str:
@@ -196,7 +197,7 @@ def measure(family: str, seq: int, batch: int, repeats: int, args) -> str:
             cells += ["not run", "-", "-", "-"]
             continue
         try:
-            times = timed({name: make(fn, ids) for name, fn in fns.items()}, kind, repeats, args)
+            times = timed({name: make(fn, ids) for name, fn in fns.items()}, repeats, args)
         except RuntimeError as error:  # RWKV's CPU loop changes a tensor its backward needs, in eager too
             cells += [f"fails: {str(error)[:60]}", "-", "-", "-"]
             continue
@@ -225,7 +226,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2,
                         help="untimed calls first (the first compiles; the second still allocates and builds caches; "
-                             "seqpar's forward takes at least seqpar.speed.DECIDED_AFTER: its speed trial)")
+                             "seqpar's take at least seqpar.speed.DECIDED_AFTER: its speed trial)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--gemma-mlp", type=int, default=2560)
     parser.add_argument("--xlstm-hidden", type=int, default=4096)

@@ -46,7 +46,7 @@ def row(module: str, steps: int, hidden: int, repeats: int) -> str:
         forward_eager = median_time(lambda: rnn(x), repeats)
         forward_seqpar = median_time(lambda: compiled(x), repeats, warmup=DECIDED_AFTER)  # after seqpar.speed's trial
     train_eager = median_time(lambda: training_step(rnn, x), repeats)
-    train_seqpar = median_time(lambda: training_step(compiled, x), repeats)
+    train_seqpar = median_time(lambda: training_step(compiled, x), repeats, warmup=DECIDED_AFTER)
     chains = [chain for graph in backend.graphs for chain in graph.chains]
     decision = ", ".join(sorted({f"{chain.method}/{chain.adjoint}" for chain in chains})) or "no chain"
     return (f"| {module} | {steps} | {hidden} | {decision} | {forward_eager * 1e3:.2f} | {forward_seqpar * 1e3:.2f} | "

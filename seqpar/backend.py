@@ -95,8 +95,8 @@ class SeqparBackend:
         else:
             compiled = self._inner_compile(work, example_inputs, record)
         # Dynamo guards grad mode and the inputs' requires_grad: a graph compiled differentiated stays so.
-        if record.programs and self.options.policy == "auto" and not differentiated(gm, example_inputs):
-            record.speed = SpeedTrial()
+        if record.programs and self.options.policy == "auto":
+            record.speed = SpeedTrial(differentiated(gm, example_inputs), lambda summary: _decided(record, summary))
         write_dump(self.options.debug_dir, record)
         write_hints(self.options.debug_dir,
                     hints_for([chain for graph in self.graphs for chain in graph.chains], len(self.graphs)))
@@ -127,12 +127,14 @@ class SeqparBackend:
             trial = record.speed
             if record.fell_back or (trial is not None and trial.kept == ORIGINAL):
                 return original(*args)
+            if trial is not None:
+                trial.next_call()
             # The chain ops' loop trials (fused_loop) decide first: until then the rewritten graph's time varies.
             timing = (trial is not None and trial.kept is None and record.calls > 1 and not due
                       and not any(fused_loop.deciding(program) for _, program in record.programs))
             if timing and trial.next_form() == ORIGINAL:
                 out, seconds = timed_call(original, args)
-                _add_sample(record, ORIGINAL, seconds)
+                trial.timed(ORIGINAL, seconds, out)
                 return out
             if due:
                 # the inputs as this call found them, for the graph check's reference runs
@@ -141,7 +143,7 @@ class SeqparBackend:
                     call_state(program).check = _check_states
             if timing:
                 out, seconds = timed_call(compiled, args)
-                _add_sample(record, REWRITTEN, seconds)
+                trial.timed(REWRITTEN, seconds, out)
             else:
                 out = compiled(*args)
             if due and record.programs:
@@ -155,12 +157,8 @@ class SeqparBackend:
         return run
 
 
-def _add_sample(record: GraphRecord, form: str, seconds: float) -> None:
-    """One timed call of the speed trial; once it decides, the outcome goes to the log and the chains' reasons."""
-    record.speed.add(form, seconds)
-    if record.speed.kept is None:
-        return
-    summary = record.speed.summary()
+def _decided(record: GraphRecord, summary: str) -> None:
+    """The speed trial's outcome, to the log and the chains' reasons."""
     log.info("seqpar graph %d: %s", record.index, summary)
     for report, _ in record.programs:
         report.reason += f"; graph {summary}"

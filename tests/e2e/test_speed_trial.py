@@ -10,22 +10,31 @@ import torch
 import torch.fx as fx
 
 from seqpar.runtime.ops import call_state
+from seqpar import speed
 from seqpar.speed import DECIDED_AFTER, SAMPLES, SpeedTrial, differentiated
 from seqpar.testing import models as zoo
 
 from .test_backend import F64_ATOL, compile_with, to_double
 
 
-def fake_clock(monkeypatch, original_seconds: float, rewritten_seconds: float) -> list[str]:
-    """Make every timed call report the given durations; returns the forms in the order they ran."""
-    ran = []
+def fake_clock(monkeypatch, original_seconds: float, rewritten_seconds: float,
+               backward_seconds: dict[str, float] | None = None) -> list[str]:
+    """Make every timed call report the given durations, and every timed backward (where the call is
+    differentiated) ``backward_seconds`` of the form whose call it ends; returns the forms in the order they
+    ran."""
+    ran, real_time_backward = [], speed.time_backward
 
     def timed_call(function, args):
         form = "original" if isinstance(function, fx.GraphModule) else "rewritten"
         ran.append(form)
         return function(*args), original_seconds if form == "original" else rewritten_seconds
 
+    def time_backward(outputs, finished):
+        form = ran[-1]
+        return real_time_backward(outputs, lambda _seconds: finished(backward_seconds[form]))
+
     monkeypatch.setattr("seqpar.backend.timed_call", timed_call)
+    monkeypatch.setattr("seqpar.speed.time_backward", time_backward)
     return ran
 
 
@@ -68,14 +77,63 @@ def test_a_faster_rewrite_is_kept(monkeypatch):
     assert "(2.00x): the rewritten graph runs" in backend.graphs[0].chains[0].reason
 
 
-def test_a_differentiated_call_is_not_timed(monkeypatch):
-    # The forward alone does not tell which form trains faster: training calls run the rewrite untimed.
-    ran = fake_clock(monkeypatch, original_seconds=1.0, rewritten_seconds=2.0)
+def training_step(compiled, model, inputs):
+    """One call and backward of ``compiled``: its output and input gradient against eager's (float64)."""
+    x = inputs[0].clone().requires_grad_()
+    expected_x = inputs[0].clone().requires_grad_()
+    out, expected = compiled(x), model(expected_x)
+    out.sum().backward()
+    expected.sum().backward()
+    torch.testing.assert_close(out, expected, atol=F64_ATOL, rtol=0)
+    torch.testing.assert_close(x.grad, expected_x.grad, atol=F64_ATOL, rtol=0)
+
+
+def test_a_training_graph_is_timed_forward_and_backward(monkeypatch):
+    # The rewritten forward is faster, its backward slower by more: the original trains faster.
+    ran = fake_clock(monkeypatch, original_seconds=2.0, rewritten_seconds=1.0,
+                     backward_seconds={"original": 1.0, "rewritten": 3.0})
     model, inputs = rolled_chain()
     compiled, backend = compile_with(model)
-    for _ in range(DECIDED_AFTER):
-        compiled(*inputs).sum().backward()
-    assert ran == [] and backend.graphs[0].speed is None
+    training_step(compiled, model, inputs)
+    trial = backend.graphs[0].speed
+    assert trial.with_backward
+    compiled(inputs[0].clone().requires_grad_())
+    assert ran == ["rewritten"] and trial.times == {"rewritten": [], "original": []}  # counted at its backward
+    for _ in range(2 * SAMPLES):
+        training_step(compiled, model, inputs)
+    assert ran == ["rewritten"] + ["rewritten", "original"] * SAMPLES
+    assert trial.kept == "original" and trial.times == {"rewritten": [4.0] * SAMPLES, "original": [3.0] * SAMPLES}
+    assert ("calls, forward and backward each): rewritten 4e+03 ms, original 3e+03 ms (0.75x): the original graph runs"
+            in backend.graphs[0].chains[0].reason)
+    before = solves(backend)
+    training_step(compiled, model, inputs)
+    assert solves(backend) == before and len(ran) == 2 * SAMPLES + 1
+
+
+def test_a_faster_parallel_backward_keeps_the_rewrite_for_training(monkeypatch):
+    ran = fake_clock(monkeypatch, original_seconds=1.0, rewritten_seconds=2.0,
+                     backward_seconds={"original": 10.0, "rewritten": 1.0})
+    model, inputs = rolled_chain()
+    compiled, backend = compile_with(model)
+    for _ in range(DECIDED_AFTER + 2):
+        training_step(compiled, model, inputs)
+    assert backend.graphs[0].speed.kept == "rewritten" and len(ran) == 2 * SAMPLES
+    assert "(3.67x): the rewritten graph runs" in backend.graphs[0].chains[0].reason
+
+
+def test_a_differentiated_graph_called_without_backward_is_timed_by_its_forward(monkeypatch):
+    # Evaluation with grad enabled: no backward ever comes; after SAMPLES calls the trial times forwards alone.
+    ran = fake_clock(monkeypatch, original_seconds=1.0, rewritten_seconds=2.0,
+                     backward_seconds={"original": 0.0, "rewritten": 0.0})
+    model, inputs = rolled_chain()
+    compiled, backend = compile_with(model)
+    x = inputs[0].clone().requires_grad_()
+    for _ in range(1 + SAMPLES + 2 * SAMPLES + 1):
+        torch.testing.assert_close(compiled(x), model(x), atol=F64_ATOL, rtol=0)
+    trial = backend.graphs[0].speed
+    assert not trial.with_backward and trial.kept == "original"
+    assert ran == ["rewritten"] * SAMPLES + ["rewritten", "original"] * SAMPLES
+    assert "(fastest of 3 calls each)" in backend.graphs[0].chains[0].reason
 
 
 def test_forced_policies_are_not_timed(monkeypatch):
@@ -103,7 +161,7 @@ def test_verified_calls_are_not_timed(monkeypatch):
 
 
 def test_the_trial_keeps_the_faster_form_by_its_fastest_call():
-    trial = SpeedTrial()
+    trial = SpeedTrial(with_backward=False, decided=print)
     for original, rewritten in zip([5.0, 1.0, 1.0], [2.0, 2.0, 1.5]):
         assert trial.next_form() == "rewritten"
         trial.add("rewritten", rewritten)

@@ -7,8 +7,10 @@ parameters' gradients cleared first, float32. Every row compiles a fresh model
 with ``torch.compile(model, backend="seqpar")`` (default options), runs
 ``seqpar.speed.DECIDED_AFTER`` training steps (the graph's speed trial: the
 rewritten graph and the original one, alternating, each timed with its
-backward), then times eager's and seqpar's steps in interleaved turns
-(medians of ``--repeats``). Reported: the trial's fastest call of each form,
+backward), then times eager's and seqpar's steps in interleaved turns of
+about 0.2 s of calls each (medians of ``--repeats`` turns' means: a step right
+after the other form's runs up to 2x slower while the allocator's and caches'
+state settles, a training loop's steady state is back-to-back steps). Reported: the trial's fastest call of each form,
 the form it kept, and eager's step over seqpar's after the trial (> 1:
 seqpar is faster). The machine's load average is printed before and after.
 """
@@ -53,7 +55,7 @@ def measure(name: str, make, repeats: int) -> str:
     for _ in range(DECIDED_AFTER):
         training_step(compiled, parameters, inputs)()
     times = interleaved_medians({"eager": training_step(model, parameters, inputs),
-                                 "seqpar": training_step(compiled, parameters, inputs)}, repeats)
+                                 "seqpar": training_step(compiled, parameters, inputs)}, repeats, budget=0.2)
     trials = [graph.speed for graph in backend.graphs if graph.speed is not None]
     chains = ", ".join(f"{chain.kind} {chain.length}: {chain.method}/{chain.adjoint}"
                        for graph in backend.graphs for chain in graph.chains if chain.form) or "no chain"

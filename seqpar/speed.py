@@ -8,8 +8,9 @@ all ``L`` steps at once, megabytes where eager's loop stays in cache). Under
 policy ``"auto"`` the backend therefore times both forms of a graph on its
 calls after the first: the rewritten graph (compiled by the inner backend)
 and the original graph (the ops Dynamo traced, run as they are, as eager runs
-them), alternating, one form per call, ``SAMPLES`` calls each. The faster by
-its fastest call runs from then on (:class:`~seqpar.runtime.trial.Trial`):
+them), alternating, one form per call, ``SAMPLES`` calls each (one each
+where one form is 4x faster). The faster by its fastest call runs from then
+on (:class:`~seqpar.runtime.trial.Trial`):
 
     original   if  min_k t_original,k < min_k t_rewritten,k,   else rewritten.
 

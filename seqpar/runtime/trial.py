@@ -2,7 +2,11 @@
 
     kept = second   if  min_k t_second,k < min_k t_first,k,   else first,
 
-once each has ``samples`` timed calls. The minimum, not the median, because
+once each has ``samples`` timed calls, or earlier, once each has one, where
+one form's slowest call is ``DECISIVE`` times faster than the other's
+fastest (``DECISIVE * max_k t_a,k < min_k t_b,k``): more calls of the slow
+form would only cost (a rewrite 100x faster than eager's training step would
+pay two more eager steps). The minimum, not the median, because
 interference (another process, a page fault) only ever adds time. The
 backend's speed trial (rewritten graph against the original,
 :mod:`seqpar.speed`) and the fused loop's (the step compiled by inductor
@@ -12,6 +16,8 @@ against the generated loop of eager's kernels, :mod:`.fused_loop`) are two.
 from __future__ import annotations
 
 import torch
+
+DECISIVE = 4.0
 
 
 class Trial:
@@ -29,8 +35,12 @@ class Trial:
 
     def add(self, form: str, seconds: float) -> None:
         self.times[form].append(seconds)
-        if self.kept is None and min(map(len, self.times.values())) >= self.samples:
-            self.kept = self.second if self.fastest(self.second) < self.fastest(self.first) else self.first
+        first, second = self.times[self.first], self.times[self.second]
+        if self.kept is not None or not (first and second):
+            return
+        if (min(len(first), len(second)) >= self.samples
+                or DECISIVE * max(first) < min(second) or DECISIVE * max(second) < min(first)):
+            self.kept = self.second if min(second) < min(first) else self.first
 
     def fastest(self, form: str) -> float:
         return min(self.times[form])

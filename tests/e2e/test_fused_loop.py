@@ -127,7 +127,7 @@ def test_producers_stay_outside_where_they_expand_nothing_or_their_inputs_change
             torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
 
 
-@pytest.mark.parametrize("fused_seconds, kept", [(1.0, "generated"), (0.001, "fused")])
+@pytest.mark.parametrize("fused_seconds, kept", [(0.02, "generated"), (0.005, "fused")])  # within DECISIVE
 def test_the_faster_loop_is_kept(monkeypatch, fused_seconds, kept):
     """The first calls alternate the compiled step and the generated loop; the faster by its fastest call runs
     from then on (a clock that makes one of them slow decides; both give the same values to rounding)."""

@@ -170,6 +170,23 @@ def test_the_trial_keeps_the_faster_form_by_its_fastest_call():
     assert trial.kept == "original"  # 1.0 < 1.5: one slow call (5.0) of the original does not decide
 
 
+def test_a_decisive_first_pair_ends_the_trial():
+    # A rewrite far faster than the original (a parallel adjoint against eager's training step) is kept after
+    # one call of each: two more calls of the slow form would only cost.
+    trial = SpeedTrial(with_backward=True, decided=print)
+    trial.add("rewritten", 1.0)
+    trial.add("original", 4.5)
+    assert trial.kept == "rewritten"
+    close = SpeedTrial(with_backward=True, decided=print)
+    close.add("rewritten", 1.0)
+    close.add("original", 3.5)
+    assert close.kept is None  # within DECISIVE (4x): more calls decide
+    slow = SpeedTrial(with_backward=False, decided=print)
+    slow.add("rewritten", 5.0)
+    slow.add("original", 1.0)
+    assert slow.kept == "original"
+
+
 def test_a_call_is_differentiated_through_its_inputs_or_the_graphs_own_parameters():
     layer, x = torch.nn.Linear(2, 2), torch.randn(1, 2)
     assert differentiated(layer, (x,))  # a parameter Dynamo did not lift to an input

@@ -211,9 +211,10 @@ def measure(family: str, seq: int, batch: int, repeats: int, args) -> str:
         f"{' y=' + str(chain.outputs) if chain.outputs else ''}"
         for chain in chains
     ) or "none"
-    kept = [graph.speed.kept for graph in backend.graphs if graph.speed is not None and graph.speed.kept]
+    kept = [f"{'training' if graph.speed.with_backward else 'forward'}: {graph.speed.kept}"
+            for graph in backend.graphs if graph.speed is not None and graph.speed.kept]
     if kept:
-        decisions += f"; forward graph kept by the speed trial: {', '.join(kept)}"
+        decisions += f"; graphs kept by the speed trial: {', '.join(kept)}"
     return (f"| {family} | {batch} | {seq} | " + " | ".join(cells)
             + f" | {difference:.1e} | {compile_seconds:.0f} s | {decisions} |")
 

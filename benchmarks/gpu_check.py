@@ -25,6 +25,10 @@ over seqpar's, measured in the same run):
   kept sequential, its step compiled by inductor (Triton on CUDA) and called
   per step (the fused loop), against the eager loop, timed after the speed
   trials (``seqpar.speed.DECIDED_AFTER`` calls);
+* ``autocast``: a 256-layer tanh MLP (width 64, batch 64; ``seqpar.testing.models.deep_mlp``) compiled with
+  ``backend="seqpar"`` and called inside ``torch.autocast(device, bfloat16)``, forward and training step,
+  against eager in the same region (timed after the speed trials); its error is against float32 without
+  autocast, next to eager's own (``eager_err``: bfloat16's rounding, the bound seqpar's is held to);
 * ``distributed``: ``seqpar.distributed.solve_chain`` in a one-rank group
   (NCCL on CUDA, gloo on CPU) against ``seqpar.solve_chain`` on the MLP chain
   (L = 4096, w = 16): the collectives' path on the device, and its overhead.
@@ -54,9 +58,9 @@ import seqpar
 SIZES = {
     "full": {"mlp": [(L, w, B) for L in (1024, 4096) for w in (4, 16, 32) for B in (1, 64)],
              "diag": [(2048, 1536 * 16)], "gru": [1024, 4096], "diffusion": [1000], "fused": [(1024, 768, 16)],
-             "distributed": [(4096, 16)]},
+             "distributed": [(4096, 16)], "autocast": [(256, 64, 64)]},
     "smoke": {"mlp": [(64, 4, 2)], "diag": [(64, 32)], "gru": [32], "diffusion": [20], "fused": [(32, 32, 8)],
-              "distributed": [(64, 4)]},
+              "distributed": [(64, 4)], "autocast": [(48, 8, 4)]},
 }
 
 
@@ -214,6 +218,39 @@ def fused_rows(device, sizes, repeats):
                "rel_err": relative_error(got, want)}
 
 
+def autocast_rows(device, sizes, repeats):
+    from seqpar.speed import DECIDED_AFTER
+    from seqpar.testing.models import deep_mlp
+
+    for L, w, B in sizes:
+        model, (x,) = deep_mlp(depth=L, width=w, batch=B)
+        model, x = model.to(device), x.to(device)
+        with torch.no_grad():
+            exact = model(x)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="seqpar")
+
+        def forward(fn):
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+                return fn(x).float()
+
+        def train(fn):
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                out = fn(x)
+            out.float().square().mean().backward()
+            model.zero_grad(set_to_none=True)
+
+        for _ in range(2 * DECIDED_AFTER):  # past the fused loop's trials, then the graphs' speed trials
+            forward(compiled)
+            train(compiled)
+        got, want = forward(compiled), forward(model)
+        times = (timed(lambda: forward(model), device, repeats), timed(lambda: forward(compiled), device, repeats))
+        train_times = (timed(lambda: train(model), device, repeats), timed(lambda: train(compiled), device, repeats))
+        yield {"row": "autocast", "case": f"deep MLP L={L} w={w} B={B} in bfloat16 autocast", "baseline": "eager",
+               "forward_s": times, "train_s": train_times, "rel_err": relative_error(got, exact),
+               "eager_err": relative_error(want, exact)}
+
+
 def distributed_rows(device, sizes, repeats):
     import torch.distributed as dist
 
@@ -241,8 +278,8 @@ def distributed_rows(device, sizes, repeats):
 
 
 # In order of value per second: rows not started when the budget is spent are skipped (diffusion is the longest).
-ROWS = {"mlp": mlp_rows, "diag": diag_rows, "fused": fused_rows, "gru": gru_rows, "distributed": distributed_rows,
-        "diffusion": diffusion_rows}
+ROWS = {"mlp": mlp_rows, "diag": diag_rows, "fused": fused_rows, "gru": gru_rows, "autocast": autocast_rows,
+        "distributed": distributed_rows, "diffusion": diffusion_rows}
 
 
 def table(results: list[dict]) -> str:
@@ -262,6 +299,8 @@ def table(results: list[dict]) -> str:
             other.append(f"scan kernel {result['scan_kernel_s'] * 1e3:.3f} ms")
         if "compile_s" in result:
             other.append(f"compile {result['compile_s']:.0f} s")
+        if "eager_err" in result:
+            other.append(f"eager's error {result['eager_err']:.1e}")
         lines.append(f"| {result['row']} | {result['case']} | {result['baseline']} | {base * 1e3:.2f} | "
                      f"{ours * 1e3:.2f} | **{base / ours:.2f}x** | {train} | {'; '.join(other) or '-'} | "
                      f"{result['rel_err']:.1e} |")

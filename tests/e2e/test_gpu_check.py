@@ -20,8 +20,12 @@ def test_gpu_check_script_runs_every_row_on_cpu(tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     raw = json.loads((tmp_path / "raw.json").read_text())
     rows = {entry["row"] for entry in raw["results"]}
-    assert rows == {"mlp", "diag", "gru", "diffusion", "fused", "distributed"}
+    assert rows == {"mlp", "diag", "gru", "diffusion", "fused", "distributed", "autocast"}
     assert not [entry for entry in raw["results"] if "error" in entry]
-    # Every solve agrees with its sequential baseline to float32 rounding (the smoke chains are contractive).
-    assert all(entry["rel_err"] < 1e-4 for entry in raw["results"])
+    # Every solve agrees with its sequential baseline to float32 rounding (the smoke chains are contractive);
+    # under bfloat16 autocast, with float32 no closer than eager in the same region (twice its distance, as
+    # tests/e2e/test_trust.py holds the autocast region).
+    for entry in raw["results"]:
+        assert entry["rel_err"] <= (2 * entry["eager_err"] if entry["row"] == "autocast" else 1e-4)
+    assert [entry["eager_err"] > 1e-4 for entry in raw["results"] if entry["row"] == "autocast"] == [True]
     assert (tmp_path / "table.md").read_text().count("\n| ") == 1 + len(raw["results"])

@@ -14,7 +14,11 @@ handed over as ``P`` (or ``P.narrow(0, a, L)``), and the selects and views of
 stacked in the graph; per-step literals become a constant buffer. Nothing else
 in the graph changes; ``graph.lint()`` passes, and every node the rewrite
 created carries a fake ``example_value`` (and ``val``) of the value it computes
-(:func:`annotate_new_nodes`), as Dynamo's own nodes do.
+(:func:`annotate_new_nodes`), as Dynamo's own nodes do. An input of the chain
+ops that a later node of the graph writes to in place (xLSTM stores its final
+state in the buffer its initial state was read from) is handed over as a clone
+(:func:`_kept_from_later_writes`): the ops keep their inputs for the backward,
+and autograd refuses a saved tensor changed since.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from torch._subclasses.fake_tensor import FakeTensor
 from ..runtime.program import ChainProgram, StateLayout
 from ..runtime.slicing import slice_steps
 from .chain import Chain, map_state, state_leaves
+from .effects import mutates
+from .inplace import Aliases
 from .inputs import constant_stack
 
 
@@ -59,20 +65,22 @@ def rewrite_chain(gm: fx.GraphModule, chain: Chain, program: ChainProgram, index
     layer_params = [node for slot in program.param_slots for node in chain.per_step[slot].nodes]
     last = next(node for node in reversed(chain.nodes[-1]) if node in served)  # the final state's last leaf
     existing = set(graph.nodes)
+    kept = _kept_from_later_writes(graph, last)
     with graph.inserting_before(last):
         xs_nodes = []
         for position, item in enumerate(chain.per_step):
             if item.kind == "computed" or (item.kind == "parameter" and position not in cached):
                 xs_nodes.append(graph.call_function(torch.stack, (list(item.nodes),)))
             elif item.kind == "slice":
-                xs_nodes.append(_slice(graph, item, chain.length))
+                xs_nodes.append(kept(_slice(graph, item, chain.length), [item.nodes[0]]))
             elif item.kind == "constant":
                 name = f"_seqpar_chain{index}_step_input{position}"
                 gm.register_buffer(name, constant_stack(item, chain.state_dtype, program.layout.device))
                 xs_nodes.append(graph.get_attr(name))
-        s0 = _pack(graph, chain.start, program.layout)
+        s0 = kept(_pack(graph, chain.start, program.layout), state_leaves(chain.start))
+        shared = [kept(node, [node]) for node in chain.shared]
         states = graph.call_function(
-            torch.ops.seqpar.chain_solve.default, (program.id, s0, xs_nodes, list(chain.shared), layer_params)
+            torch.ops.seqpar.chain_solve.default, (program.id, s0, xs_nodes, shared, layer_params)
         )
         replacements = {}
         for position in positions:
@@ -85,7 +93,7 @@ def rewrite_chain(gm: fx.GraphModule, chain: Chain, program: ChainProgram, index
         if chain.per_step_outputs:
             served_outputs = graph.call_function(
                 torch.ops.seqpar.chain_outputs.default,
-                (program.id, s0, states, xs_nodes, list(chain.shared), layer_params),
+                (program.id, s0, states, xs_nodes, shared, layer_params),
             )
             for index, row in enumerate(chain.per_step_outputs):
                 every = graph.call_function(operator.getitem, (served_outputs, index))
@@ -161,6 +169,30 @@ def annotate_new_nodes(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
             except Exception as error:
                 raise ValueError(f"no example value for {node.name} ({type(error).__name__}: {error})") from error
             node.meta["example_value"] = node.meta["val"] = value
+
+
+def _kept_from_later_writes(graph: fx.Graph, last: fx.Node):
+    """``kept(value, sources)``: ``value`` (a chain op's input made from the nodes ``sources``), or a clone of it
+    inserted at the insertion point where a node after ``last`` writes in place to a tensor sharing a storage
+    with one of ``sources``, or where their storage is unknown and some node after ``last`` writes in place."""
+    after = False
+    written = []
+    for node in graph.nodes:
+        if after and mutates(node):
+            target = node.kwargs.get("out", node.args[0] if node.args else None)
+            written.append(target if isinstance(target, fx.Node) else None)
+        after = after or node is last
+    aliases = Aliases(graph)
+
+    def kept(value: fx.Node, sources: list[fx.Node]) -> fx.Node:
+        for source in sources:
+            sharing = aliases.of(source)
+            if (sharing is None and written) or (sharing and any(target in sharing or target is None
+                                                                  for target in written)):
+                return graph.call_method("clone", (value,))
+        return value
+
+    return kept
 
 
 def _slice(graph: fx.Graph, item, length: int) -> fx.Node:

@@ -337,3 +337,22 @@ def test_xlstm_native_recurrent_loop_is_served_with_its_per_step_outputs_and_gra
     for got_grad, want_grad in zip(got_grads, want_grads, strict=True):
         if want_grad is not None:
             assert_close_at_scale(got_grad, want_grad)
+
+
+@pytest.mark.parametrize("options", [{"policy": "parallel"}, {"policy": "sequential", "sequential_form": "rolled"}])
+def test_xlstm_with_its_cache_trains_as_eager(options):
+    # With a cache xLSTM writes each layer's final (C, n, m) into the buffers its initial state was read from
+    # (``c_initial.copy_(C_L)``): the chain ops, which keep s0 for the backward, get a clone of it; autograd refused
+    # the saved s0 changed in place before ("modified by an inplace operation"), where eager trains.
+    model, ids = tiny_xlstm()
+    run = lambda ids: model(ids, use_cache=True).last_hidden_state  # noqa: E731
+    compiled, backend = compile_with(run, **options)
+    got, want = compiled(ids), run(ids)
+    assert_close_at_scale(got, want)
+    assert [chain for chain in chain_reports(backend) if chain.decision != "rejected"]
+    weights = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    got_grads = torch.autograd.grad(loss_of(got), weights, allow_unused=True)
+    want_grads = torch.autograd.grad(loss_of(want), weights, allow_unused=True)
+    for got_grad, want_grad in zip(got_grads, want_grads, strict=True):
+        if want_grad is not None:
+            assert_close_at_scale(got_grad, want_grad)

@@ -21,8 +21,10 @@ stack it builds), float32, CPU, ``torch.set_num_threads(--threads)``:
   taken in inference mode for a sequence shorter than ``chunk_size``; the
   chunk size is set above every sequence), width ``--xlstm-hidden``.
 
-For each sequence length: the forward under ``torch.no_grad`` and a training
-step (forward, ``sum of squares``, backward), medians of ``--repeats`` calls
+For each sequence length: the forward under ``torch.no_grad`` (eval mode) and
+a training step (train mode: forward, ``sum of squares``, backward; in eval
+mode RWKV returns its recurrent state, written in place where its backward
+needs it, and cannot be differentiated, in eager too), medians of ``--repeats`` calls
 after ``--warmup`` untimed ones (``--interleaved``: in turns), eager's time
 over each (``> 1``: faster than eager); with ``--bound``, the most a free
 recurrence can gain, then a backend that leaves only the dense products
@@ -178,12 +180,12 @@ def measure(family: str, seq: int, batch: int, repeats: int, args) -> str:
     model = FAMILIES[family](**({keyword: getattr(args, option)} if keyword else {})).eval()
     ids = torch.randint(0, 1000, (batch, seq))
     backend = SeqparBackend({"policy": args.policy})
-    fns = {
-        "eager": hidden_states(model),
-        "seqpar": torch.compile(hidden_states(copy.deepcopy(model)), backend=backend),
-    }
+    models = {"eager": model, "seqpar": copy.deepcopy(model)}
     if not args.no_inductor:  # inductor compiles the unrolled loop: minutes per model at 256+ steps
-        fns["inductor"] = torch.compile(hidden_states(copy.deepcopy(model)))
+        models["inductor"] = copy.deepcopy(model)
+    fns = {name: hidden_states(module) if name == "eager" else
+           torch.compile(hidden_states(module), backend=backend if name == "seqpar" else "inductor")
+           for name, module in models.items()}
     cells = []
     with torch.no_grad():
         reference = fns["eager"](ids)
@@ -196,9 +198,11 @@ def measure(family: str, seq: int, batch: int, repeats: int, args) -> str:
         if kind not in args.kinds:
             cells += ["not run", "-", "-", "-"]
             continue
+        for module in models.values():
+            module.train(kind == "training")
         try:
             times = timed({name: make(fn, ids) for name, fn in fns.items()}, repeats, args)
-        except RuntimeError as error:  # RWKV's CPU loop changes a tensor its backward needs, in eager too
+        except RuntimeError as error:  # a model that eager cannot differentiate
             cells += [f"fails: {str(error)[:60]}", "-", "-", "-"]
             continue
         cells.append(f"{times['eager'] * 1e3:.1f} ms")

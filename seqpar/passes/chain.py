@@ -20,6 +20,8 @@ from typing import Any, Callable, Union
 import torch
 import torch.fx as fx
 
+from .tokens import example
+
 CHAIN_KINDS = ("layers", "residual", "denoise", "recurrent", "transformer")
 INPUT_KINDS = ("parameter", "slice", "computed", "constant")
 
@@ -155,3 +157,30 @@ class Candidate:
     state_shape: tuple | None  # like Chain.state_shape
     reason: str
     origin: str = "unrolled"  # like Chain.origin
+
+
+def values_reason(chain: Chain) -> str | None:
+    """Why the shapes or dtypes of ``chain``'s values keep it out of the chain op, or ``None``.
+
+    A state without elements (a batch of 0) has nothing to solve for.
+    The op solves for real floating-point states (Newton's linear steps, the tolerances, the float64 checks)
+    and its adjoint returns gradients for real floating-point tensors only: an integer state has no Newton step,
+    and a complex state, per-step input, shared input or per-step output would lose its gradient (its
+    vector-Jacobian products are conjugate-linear, never taken). Such a chain is left to the inner backend.
+    """
+    if any(0 in shape for shape in chain.leaf_shapes):
+        return f"the state {chain.state_shape} has no elements: nothing to solve for"
+    if not chain.state_dtype.is_floating_point:
+        return f"the state is {chain.state_dtype}: only real floating-point states are solved for"
+    inputs = [node for item in chain.per_step for node in item.nodes] + list(chain.shared)
+    outputs = [node for step in chain.per_step_outputs for node in step if node is not None]
+    for what, nodes in (("input", inputs), ("per-step output", outputs)):
+        value = next((example(node) for node in nodes
+                      if isinstance(example(node), torch.Tensor) and example(node).is_complex()), None)
+        if value is not None:
+            return (f"a {what} of the step is {value.dtype}: the chain op differentiates real floating-point "
+                    "tensors only (a complex one would lose its gradient)")
+    if any(isinstance(value, complex) or (isinstance(value, torch.Tensor) and value.is_complex())
+           for item in chain.per_step for value in item.values):
+        return "a per-step literal is complex: the chain op differentiates real floating-point tensors only"
+    return None

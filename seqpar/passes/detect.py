@@ -58,7 +58,7 @@ import torch.fx as fx
 from torch.fx.node import Node
 
 from .batch_dims import step_facts
-from .chain import Candidate, Chain, ChainInput, as_state
+from .chain import Candidate, Chain, ChainInput, as_state, values_reason
 from .effects import BATCHNORM_TRAINING
 from .extend import extend_chains
 from .kinds import chain_kind, guess_kind
@@ -133,7 +133,8 @@ def find_chains(gm: fx.GraphModule, *, min_chain: int = 4) -> tuple[list[Chain],
 
 
 def _chain(plan: Plan, seq: list[Node], gm: fx.GraphModule) -> Chain:
-    """The record of ``plan``; raises :class:`Unsupported` for a tuple state that cannot be packed."""
+    """The record of ``plan``; raises :class:`Unsupported` for a tuple state that cannot be packed or values the chain
+    op does not take (:func:`~.chain.values_reason`)."""
     p, b = plan.period, plan.begin
     nodes = [[seq[b + k * p + o] for o in plan.dep_offsets] for k in range(plan.length)]
     outputs = [as_state([seq[b + k * p + q] for q in plan.state_offsets]) for k in range(plan.length)]
@@ -160,7 +161,7 @@ def _chain(plan: Plan, seq: list[Node], gm: fx.GraphModule) -> Chain:
             "other tensors do not have; every tensor of a tuple state needs the same leading batch dims"
         )
     output_step, reads_next = build_output_step(plan, seq, gm) if plan.output_offsets else (None, False)
-    return Chain(
+    chain = Chain(
         kind=chain_kind(per_step, facts),
         start=as_state(plan.starts),
         outputs=outputs,
@@ -177,6 +178,10 @@ def _chain(plan: Plan, seq: list[Node], gm: fx.GraphModule) -> Chain:
         output_step=output_step,
         outputs_read_next=reads_next,
     )
+    reason = values_reason(chain)
+    if reason is not None:
+        raise Unsupported(reason)
+    return chain
 
 
 def _per_step_outputs(plan: Plan, seq: list[Node], nodes: list[list[Node]]) -> list[list[Node | None]]:

@@ -64,17 +64,17 @@ def lyapunov_exponent(chain: Chain, values: dict) -> float | None:
     """The probe's estimate for ``chain``, or None without values or where the estimate fails."""
     if not values or any(node.name not in values for node in state_leaves(chain.start)):
         return None
-    layout = state_layout(chain)  # the probe runs on the packed state (N, w), one tensor for a tuple state too
-    state = layout.pack(map_state(lambda node: values[node.name], chain.start))
-    xs = stacked_inputs(
-        chain, lambda node: values[node.name], lambda nodes: torch.stack([values[node.name] for node in nodes]),
-        state.device,
-    )
-    shared = [values[node.name] for node in chain.shared]
     # The graph's code itself: GraphModule.__call__ prints the generated code and the traceback
     # of any error to stderr (torch.fx _WrappedCall), and the probe's errors are expected.
     step = chain.step.forward
     try:
+        layout = state_layout(chain)  # the probe runs on the packed state (N, w), one tensor for a tuple state too
+        state = layout.pack(map_state(lambda node: values[node.name], chain.start))
+        xs = stacked_inputs(
+            chain, lambda node: values[node.name], lambda nodes: torch.stack([values[node.name] for node in nodes]),
+            state.device,
+        )
+        shared = [values[node.name] for node in chain.shared]
         return largest_lyapunov_exponent(
             lambda s, x, sh: layout.pack(step(layout.unpack(s), *x, *sh)), chain.length, state, xs, shared,
             max_steps=PROBE_STEPS,

@@ -36,7 +36,7 @@ import torch.fx as fx
 from torch.fx.node import Node
 
 from .batch_dims import step_facts
-from .chain import Candidate, Chain, ChainInput, as_state
+from .chain import Candidate, Chain, ChainInput, as_state, values_reason
 from .effects import side_effect
 from .kinds import chain_kind
 from .module_paths import module_path
@@ -124,7 +124,7 @@ def _scan_chain(gm: fx.GraphModule, scan: Node, min_chain: int, modules: list[st
     if any(k > facts.shared_ndim for k in facts.leaf_batch_ndims):
         raise _Rejected("the tensors of the scan's carry have different batch dims")
     per_step = [ChainInput("slice", nodes=[x], dim=0, start=0, stride=1) for x in xs]
-    return Chain(
+    chain = Chain(
         kind=chain_kind(per_step, facts),
         start=as_state(list(init)),
         outputs=[as_state([None] * carries)] * (length - 1) + [as_state(finals)],
@@ -139,6 +139,10 @@ def _scan_chain(gm: fx.GraphModule, scan: Node, min_chain: int, modules: list[st
         all_states=as_state(stacked) if any(node is not None for node in stacked) else None,
         origin="scan",
     )
+    reason = values_reason(chain)
+    if reason is not None:
+        raise _Rejected(f"{reason}; left to the inner backend")
+    return chain
 
 
 def _output_readers(scan: Node) -> tuple[dict[int, Node], list[Node]]:

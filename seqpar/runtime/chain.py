@@ -28,6 +28,7 @@ from .spec import (
     resolve_jacobian,
 )
 from .rolled import draws_random
+from .stats import SolveStats
 from .structure import step_structure
 
 log = logging.getLogger("seqpar.runtime")
@@ -113,6 +114,9 @@ def solve_chain(
         The states ``s_1 .. s_L`` stacked on a new dim 0 (a tuple of such
         tensors for a tuple state), and the stats if ``return_stats``.
     """
+    if any(isinstance(leaf, torch.Tensor) and leaf.numel() == 0 for leaf in pytree.tree_leaves(s0)):
+        choices = dict(jacobian=jacobian, adjoint=adjoint, forward=forward)
+        return _without_elements(step, s0, xs, shared, length, batch_ndim, choices, return_stats)
     program, packed_s0, xs_leaves, shared = prepare_chain(
         step, s0, xs, shared, jacobian=jacobian, tol=tol, max_iters=max_iters, damping=damping, window=window,
         length=length, batch_ndim=batch_ndim, adjoint=adjoint, forward=forward,
@@ -122,19 +126,35 @@ def solve_chain(
     return (states, ops.call_state(program).last_stats) if return_stats else states
 
 
+def _check_choices(**values) -> None:
+    choices = {"jacobian": JACOBIAN_CHOICES, "adjoint": ADJOINT_CHOICES, "forward": FORWARD_CHOICES}
+    for name, value in values.items():
+        if value not in choices[name]:
+            raise ValueError(f"{name} must be one of {choices[name]}, got {value!r}")
+
+
+def _without_elements(step, s0, xs, shared, length, batch_ndim, choices, return_stats):
+    """:func:`solve_chain` for a state without elements (a batch of 0): nothing to solve for. The states are the
+    step's, called one after another (recorded by autograd), and the stats say so."""
+    _, xs_leaves, xs_spec, shared, length, _ = _validate(step, s0, xs, shared, length, batch_ndim)
+    _check_choices(**choices)
+    states, state = [], s0
+    for index in range(length):
+        state = step(state, pytree.tree_unflatten([leaf[index] for leaf in xs_leaves], xs_spec), *shared)
+        states.append(state)
+    stacked = pytree.tree_map(lambda *leaves: torch.stack(leaves), *states)
+    stats = SolveStats(length=length, jacobian="none", converged=True, fallback="the state has no elements",
+                       sequential_steps=length, evaluations=length)
+    return (stacked, stats) if return_stats else stacked
+
+
 def prepare_chain(step, s0, xs, shared, *, jacobian, tol, max_iters, damping, window, length, batch_ndim, adjoint,
                   forward):
     """:func:`solve_chain`'s arguments validated and its program built: ``(program, packed s0 (N, w), xs leaves,
     shared)``. Bad arguments raise ``ValueError`` naming them; a cached trace whose first step no longer agrees
     with the step (it reads a Python value that changed) is traced anew, with a warning."""
     layout, xs_leaves, xs_spec, shared, length, first = _validate(step, s0, xs, shared, length, batch_ndim)
-    for value, choices, name in (
-        (jacobian, JACOBIAN_CHOICES, "jacobian"),
-        (adjoint, ADJOINT_CHOICES, "adjoint"),
-        (forward, FORWARD_CHOICES, "forward"),
-    ):
-        if value not in choices:
-            raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    _check_choices(jacobian=jacobian, adjoint=adjoint, forward=forward)
     arguments = (step, layout, length, xs_spec, xs_leaves, shared)
     requests = dict(jacobian=jacobian, adjoint=adjoint, forward=forward, options=(tol, max_iters, damping, window))
     packed_s0 = layout.pack(s0).contiguous()
@@ -417,6 +437,11 @@ def _validate(step, s0, xs, shared, length, batch_ndim):
 
 
 def _check_like(tensor, reference, name):
+    if tensor.is_complex():
+        raise ValueError(
+            f"{name} is {tensor.dtype}: solve_chain differentiates real tensors only (a complex input's gradient "
+            "would be lost); pass torch.view_as_real(...) and rebuild it in the step with torch.view_as_complex"
+        )
     if tensor.device != reference.device:
         raise ValueError(f"{name} is on {tensor.device}, but s0 is on {reference.device}")
     if tensor.is_floating_point() and tensor.dtype != reference.dtype:

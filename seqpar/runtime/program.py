@@ -91,7 +91,7 @@ class StateLayout:
         """State tree with leading dims ``(*lead, *batch)`` -> ``(*lead, N, w)``."""
         leaves = pytree.tree_leaves(state)
         lead = leaves[0].shape[: leaves[0].ndim - len(self.leaf_shapes[0]) - len(self.batch_shape)]
-        flat = [leaf.reshape(*lead, self.batch_size, -1) for leaf in leaves]
+        flat = [leaf.reshape(*lead, self.batch_size, math.prod(shape)) for leaf, shape in zip(leaves, self.leaf_shapes)]
         return flat[0] if len(flat) == 1 else torch.cat(flat, dim=-1)
 
     def unpack(self, packed: torch.Tensor) -> Any:

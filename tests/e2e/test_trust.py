@@ -503,3 +503,68 @@ def test_verified_calls_update_buffers_once_and_compare_from_the_inputs_the_call
     graph = backend.graphs[0]
     assert not graph.fell_back and all("MISMATCH" not in entry for entry in graph.verification)
     assert any(entry.startswith("call 4: graph ok") for entry in graph.verification)
+
+
+def _complex_rnn(w, x, s):
+    for t in range(x.shape[0]):
+        s = torch.tanh(s @ w + x[t])
+    return s
+
+
+def _real_rnn_with_complex_weights(w, x, s):
+    for t in range(x.shape[0]):
+        s = torch.tanh((s.to(w.dtype) @ w).real + x[t])
+    return s
+
+
+def _integer_recurrence(x, s):
+    states = []
+    for t in range(x.shape[0]):
+        s = (s * 3 + x[t]) % 1000
+        states.append(s)
+    return torch.stack(states)
+
+
+@pytest.mark.parametrize("loop", [_complex_rnn, _real_rnn_with_complex_weights])
+@pytest.mark.parametrize("policy", ["auto", "parallel"])
+def test_complex_chains_are_left_to_the_inner_backend_with_their_gradients(loop, policy):
+    # The chain op differentiates real floating-point tensors only: a complex weight of a chain it solved lost its
+    # gradient (autograd.grad: "appears to not have been used in the graph"; .backward() left w.grad None), and
+    # a complex state was taken as a denoising loop and solved by Picard to float32's tolerance. Such chains are
+    # candidates with the reason; values and gradients are eager's (exactly: the same ops run).
+    torch.manual_seed(0)
+    w = (0.3 * torch.randn(4, 4, dtype=torch.complex128)).requires_grad_()
+    state_dtype = torch.complex128 if loop is _complex_rnn else torch.float64
+    x, s = torch.randn(96, 4, dtype=state_dtype), torch.randn(4, dtype=state_dtype)
+    expected = loop(w, x, s)
+    (expected_grad,) = torch.autograd.grad(expected.abs().sum(), w)
+    model, backend = compiled(loop, policy=policy)
+    got = model(w, x, s)
+    (grad,) = torch.autograd.grad(got.abs().sum(), w)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-12)
+    (chain,) = [chain for graph in backend.graphs for chain in graph.chains]
+    assert chain.decision == "rejected" and "complex" in chain.reason
+
+
+def test_an_integer_recurrence_is_a_candidate_with_its_reason():
+    torch.manual_seed(0)
+    x, s = torch.randint(0, 1000, (96, 4)), torch.randint(0, 1000, (4,))
+    model, backend = compiled(_integer_recurrence, policy="parallel")
+    assert torch.equal(model(x, s), _integer_recurrence(x, s))
+    (chain,) = [chain for graph in backend.graphs for chain in graph.chains]
+    assert chain.decision == "rejected" and chain.reason.startswith("the state is torch.int64")
+
+
+@pytest.mark.parametrize("policy", ["auto", "parallel"])
+def test_an_empty_batch_compiles_and_equals_eager(policy):
+    # Policy auto failed to compile (BackendCompilerFailed: the probe packed a state of 0 elements); a chain
+    # whose state has no elements is now a candidate with the reason, and the graph runs as traced.
+    model = tanh_mlp(64, 4)
+    x = torch.randn(0, 4, dtype=torch.float64, requires_grad=True)
+    compiled_model, backend = compiled(model, policy=policy)
+    got = compiled_model(x)
+    assert got.shape == (0, 4)
+    torch.testing.assert_close(gradients(model, x, got), gradients(model, x, model(x)), rtol=0, atol=0)
+    (chain,) = [chain for graph in backend.graphs for chain in graph.chains]
+    assert chain.decision == "rejected" and "has no elements" in chain.reason

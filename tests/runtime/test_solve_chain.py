@@ -71,6 +71,20 @@ def test_length_one_chain_is_one_step():
     torch.testing.assert_close(actual[0], rnn_step(s0, xs[0], *shared), rtol=0, atol=1e-15)
 
 
+@pytest.mark.parametrize("jacobian", ["auto", "diag"])
+def test_a_batch_of_zero_is_the_plain_loop(jacobian):
+    # A state without elements crashed inside the first-step check ("max(): Expected reduction dim"); the last
+    # batch of a data pipeline can be empty.
+    s0, xs, (W, U, b) = rnn_chain(33, width=3, batch=(0,))
+    W = W.clone().requires_grad_()
+    states, stats = solve_chain(rnn_step, s0, xs, (W, U, b), jacobian=jacobian, return_stats=True)
+    assert states.shape == (33, 0, 3) and stats.fallback == "the state has no elements"
+    (grad,) = torch.autograd.grad(states.sum(), W, allow_unused=True, materialize_grads=True)
+    assert torch.equal(grad, torch.zeros_like(W))
+    with pytest.raises(ValueError, match="jacobian must be one of"):
+        solve_chain(rnn_step, s0, xs, (W, U, b), jacobian="newton")
+
+
 def test_identity_jacobian_on_a_contracting_rnn_still_equals_the_loop():
     # Picard with A = I is a poor model of an RNN's Jacobian; whether it converges or
     # the fallback finishes the chain, the states are the loop's.

@@ -62,6 +62,22 @@ def test_shared_dtype_differs_from_state(chain):
         solve_chain(rnn_step, s0, xs, (W.double(), U, b))
 
 
+@pytest.mark.parametrize("where", ["xs", "shared"])
+def test_complex_inputs(chain, where):
+    # The chain op's adjoint returns gradients for real tensors only: a complex input's gradient was lost.
+    s0, xs, (W, U, b) = chain
+    complex_W = W.to(torch.complex64).requires_grad_()
+
+    def step(s, x, w, u, bias):
+        return torch.tanh((s.to(w.dtype) @ w).real + x @ u + bias)
+
+    with pytest.raises(ValueError, match=rf"{where}.* is torch.complex64: solve_chain differentiates real tensors"):
+        if where == "xs":
+            solve_chain(lambda s, x, *w: rnn_step(s, x.real, *w), s0, xs.to(torch.complex64), (W, U, b))
+        else:
+            solve_chain(step, s0, xs, (complex_W, U, b))
+
+
 def test_tuple_state_dtypes_differ(chain):
     s0, xs, shared = chain
     with pytest.raises(ValueError, match=r"s0 has dtype torch.float64"):

@@ -53,20 +53,47 @@ class Slice:
 def select_index(node: Node) -> tuple[Node, int, int] | None:
     """``(P, dim, i)`` where ``node`` is ``P.select(dim, i)`` of a tensor ``P`` (``dim, i >= 0``), else ``None``.
 
-    Forms: ``P[i]``, ``P[:, .., :, i]`` (``getitem``; full slices before the
-    int) and ``select(P, dim, i)`` (function or method).
+    Forms: ``P[i]``, ``P[:, .., :, i]``, ``P[:, .., :, i, :, .., :]`` (``getitem``;
+    full slices before and after the int) and ``select(P, dim, i)`` (function or method).
     """
     if node.op == "call_function" and node.target is operator.getitem:
-        source, index = node.args[0], node.args[1]
-        dim = 0
-        if isinstance(index, tuple) and index:
-            if not all(item == slice(None) for item in index[:-1]):
-                return None
-            dim, index = len(index) - 1, index[-1]
-    elif node.op in ("call_function", "call_method") and target_name(node) == "select" and node.args:
-        source, dim, index = node.args[0], call_arg(node, 1, "dim"), call_arg(node, 2, "index")
-    else:
+        found = indexed_select(node)
+        if found is None or any(item != slice(None) for item in found[3]):
+            return None
+        return found[:3]
+    if node.op in ("call_function", "call_method") and target_name(node) == "select" and node.args:
+        return _normalised(node.args[0], call_arg(node, 1, "dim"), call_arg(node, 2, "index"))
+    return None
+
+
+def indexed_select(node: Node) -> tuple[Node, int, int, tuple] | None:
+    """``(P, dim, i, rest)`` where ``node`` is ``P[:, .., :, i, *rest]`` (``getitem``: ``dim`` full slices, an
+    int, then a basic index ``rest``: ints, slices, ``None``, ``...``), else ``None``. Such an index is
+    ``P.select(dim, i)[:, .., :, *rest]``: the int consumes dim ``dim`` and nothing before it inserts or drops
+    a dim, so every later item acts on the dim it acted on in ``P``, one place earlier."""
+    if not (node.op == "call_function" and node.target is operator.getitem):
         return None
+    source, index = node.args[0], node.args[1]
+    items = index if isinstance(index, tuple) else (index,)
+    dim = next((k for k, item in enumerate(items) if item != slice(None)), None)
+    if dim is None or type(items[dim]) is not int or not basic_index(items[dim + 1:]):
+        return None
+    found = _normalised(source, dim, items[dim])
+    return None if found is None else (*found, tuple(items[dim + 1:]))
+
+
+def basic_index(index) -> bool:
+    """Whether ``index`` is a basic index: ints, slices of ints, ``None`` and ``...``, alone or in a tuple."""
+    items = index if isinstance(index, tuple) else (index,)
+    return all(
+        item is None or item is Ellipsis or type(item) is int
+        or (isinstance(item, slice) and all(b is None or type(b) is int for b in (item.start, item.stop, item.step)))
+        for item in items
+    )
+
+
+def _normalised(source, dim, index) -> tuple[Node, int, int] | None:
+    """``(P, dim, i)`` with ``dim`` and ``i`` made non-negative, or ``None`` where they do not index ``P``."""
     value = example(source) if isinstance(source, Node) else None
     if not isinstance(value, torch.Tensor) or value.ndim == 0 or not isinstance(dim, int) \
             or not -value.ndim <= dim < value.ndim:
@@ -77,6 +104,18 @@ def select_index(node: Node) -> tuple[Node, int, int] | None:
             or not -rows <= index < rows:
         return None
     return source, dim, index % rows
+
+
+def progression(picked: list) -> tuple[Node, int, int, int] | None:
+    """``(P, dim, start, stride)`` where ``picked[l]`` are ``(P, dim, start + stride * l, ..)`` with ``stride != 0``
+    (one tensor, one dim, evenly spaced indexes), else ``None``."""
+    if not all(picked):
+        return None
+    source, dim, start = picked[0][:3]
+    stride = picked[1][2] - start
+    if stride and all(p[0] is source and p[1] == dim and p[2] == start + stride * l for l, p in enumerate(picked)):
+        return source, dim, start, stride
+    return None
 
 
 def is_view(node: Node) -> bool:
@@ -96,12 +135,11 @@ def as_slice(nodes: list[Node]) -> Slice | None:
     while True:
         picked = [select_index(node) for node in column]
         if all(picked):
-            source, dim, start = picked[0]
-            stride = picked[1][2] - start
-            if stride and all(p[0] is source and p[1] == dim and p[2] == start + stride * l
-                              for l, p in enumerate(picked)):
-                return Slice(source, start, [column[0], *reversed(views)], dim, stride)
-            return None
+            found = progression(picked)
+            if found is None:
+                return None
+            source, dim, start, stride = found
+            return Slice(source, start, [column[0], *reversed(views)], dim, stride)
         first = column[0]
         if not is_view(first) or any(node_token(node) != node_token(first) for node in column):
             return None

@@ -11,7 +11,8 @@ op does. :func:`batch_stacks` replaces such a stack by
     stack_l f(P.select(d, a + k l), c) = f~(slice_steps(P, d, a, k, L), c)       (L, *S)
 
 where ``P.select(d, a + k l)`` are the steps' slices of one tensor (an
-arithmetic progression of indexes, :func:`~.slices.as_slice`), ``c`` the
+arithmetic progression of indexes, :func:`~.slices.as_slice`; or a basic
+index with such an int, ``P[:, t, None]``, which is ``slice_steps(P, ..)[:, :, None]``), ``c`` the
 operands every copy shares (the same node or literal), and ``f~`` the same ops
 applied once to the stacked operands: a pointwise op (:data:`BATCHABLE`)
 broadcasts ``(L, 1, .., 1, *s_j)`` against shared operands of at most the
@@ -33,6 +34,7 @@ erased once nothing else reads them.
 from __future__ import annotations
 
 import logging
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +44,7 @@ from torch.fx.node import Node
 from ..runtime.slicing import slice_steps
 from .batch_dims import POINTWISE
 from .effects import mutates, side_effect
-from .slices import as_slice
+from .slices import as_slice, basic_index, indexed_select, progression
 from .tokens import call_arg, example, flatten_args, node_token, rebuild_args, target_name
 
 log = logging.getLogger("seqpar.passes")
@@ -67,13 +69,15 @@ _MAX_STRIPPED = 2
 
 @dataclass(eq=False)
 class _Slices:
-    """``stack_l source.select(dim, start + stride l)``; ``column`` the ``L`` selects."""
+    """``stack_l source.select(dim, start + stride l)[:, .., :, *rest]`` (``dim`` full slices; ``rest`` empty for
+    a plain select); ``column`` the ``L`` nodes."""
 
     source: Node
     dim: int
     start: int
     stride: int
     column: tuple
+    rest: tuple = ()
 
 
 @dataclass(eq=False)
@@ -145,11 +149,16 @@ def _plan(column: tuple, plans: dict):
 
 def _slices(column: tuple) -> _Slices | None:
     """The column as evenly spaced selects of one tensor (:func:`~.slices.as_slice` without views: a view of
-    the selects is batched as an op)."""
+    the selects is batched as an op), or as one basic index with an evenly spaced int (xLSTM's
+    ``f[:, :, t, None]``: :func:`~.slices.indexed_select`)."""
     found = as_slice(list(column))
-    if found is None or len(found.chain) != 1:
+    if found is not None and len(found.chain) == 1:
+        return _Slices(found.source, found.dim, found.start, found.stride, column)
+    picked = [indexed_select(node) for node in column]
+    steps = progression(picked)
+    if steps is None or any(p[3] != picked[0][3] for p in picked):
         return None
-    return _Slices(found.source, found.dim, found.start, found.stride, column)
+    return _Slices(*steps, column, picked[0][3])
 
 
 def _batched(column: tuple, plans: dict) -> _Batched | None:
@@ -185,19 +194,9 @@ def _batched(column: tuple, plans: dict) -> _Batched | None:
     if name in _DIMMED and (any(isinstance(leaf, Node) for leaf in leaves[0][1:])
                             or (name != "squeeze" and not _given_dims(first))):
         return None  # dims given as literals; a default dim (all of them, or 0) would take in the step dim
-    if name in _INDEXED and not (isinstance(example(first), torch.Tensor) and _basic_index(first.args[1])):
+    if name in _INDEXED and not (isinstance(example(first), torch.Tensor) and basic_index(first.args[1])):
         return None  # advanced indexing (tensors, lists) does not keep a leading dim where it is
     return _Batched(first, operands, column)
-
-
-def _basic_index(index) -> bool:
-    """Whether ``index`` is a basic index: ints, slices of ints, ``None`` and ``...``, alone or in a tuple."""
-    items = index if isinstance(index, tuple) else (index,)
-    return all(
-        item is None or item is Ellipsis or type(item) is int
-        or (isinstance(item, slice) and all(b is None or type(b) is int for b in (item.start, item.stop, item.step)))
-        for item in items
-    )
 
 
 def _given_dims(node: Node) -> list[int]:
@@ -248,6 +247,9 @@ def _emit_plan(graph: fx.Graph, plan, length: int, emitted: list, done: dict) ->
     if isinstance(plan, _Slices):
         out = _node(graph, emitted, "call_function", slice_steps,
                     (plan.source, plan.dim, plan.start, plan.stride, length))
+        if plan.rest:  # the step dim in front, then the selected tensor's index
+            index = (slice(None),) * (plan.dim + 1) + plan.rest
+            out = _node(graph, emitted, "call_function", operator.getitem, (out, index))
     else:
         template, rank = plan.template, _rank(plan.template)
         broadcasts = target_name(template) in _BROADCASTING

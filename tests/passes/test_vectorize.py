@@ -105,6 +105,19 @@ def test_matmul_of_per_step_matrices_broadcasts_its_batch_dims_with_the_steps():
     assert batch_stacks(gm) == 0
 
 
+def test_an_index_around_the_step_int_is_applied_to_the_stacked_slices():
+    # xLSTM's native loop reads its gates as f[:, :, t, None] and its keys as k[:, :, t, :]: these stacks were left
+    # as L copies, hundreds of nodes for inductor (a 256-step xLSTM block took 5 minutes to compile).
+    def fn(x, w):
+        gates = torch.stack([F.logsigmoid(x[:, t, None]) * w for t in range(T)])
+        keys = torch.stack([x[:, t, :] + 1.0 for t in range(T)])
+        picked = torch.stack([x[:, t, None, 1:4] for t in range(1, T, 2)])
+        return gates, keys, picked
+
+    gm = batched_equals_eager(fn, *inputs(), expected_batched=3)
+    assert ops(gm, "log_sigmoid") == 1 and ops(gm, "stack") == 0
+
+
 def test_stacks_that_batching_would_change_stay():
     x, w = inputs()
     cases = {

@@ -24,7 +24,7 @@ over seqpar's, measured in the same run):
   width 768, state 16, L = 1024, batch 1) compiled with ``backend="seqpar"``:
   kept sequential, its step compiled by inductor (Triton on CUDA) and called
   per step (the fused loop), against the eager loop, timed after the speed
-  trials (``seqpar.speed.DECIDED_AFTER`` calls);
+  trials (``timing.past_trials``);
 * ``autocast``: a 256-layer tanh MLP (width 64, batch 64; ``seqpar.testing.models.deep_mlp``) compiled with
   ``backend="seqpar"`` and called inside ``torch.autocast(device, bfloat16)``, forward and training step,
   against eager in the same region (timed after the speed trials); its error is against float32 without
@@ -54,6 +54,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 import seqpar
+from timing import past_trials
 
 SIZES = {
     "full": {"mlp": [(L, w, B) for L in (1024, 4096) for w in (4, 16, 32) for B in (1, 64)],
@@ -194,7 +195,6 @@ def diffusion_rows(device, sizes, repeats):
 
 def fused_rows(device, sizes, repeats):
     from seqpar.backend import SeqparBackend
-    from seqpar.speed import DECIDED_AFTER
     from seqpar.testing.models import SelectiveScan
 
     for L, d, n in sizes:
@@ -208,8 +208,7 @@ def fused_rows(device, sizes, repeats):
             compile_start = time.perf_counter()
             compiled(x)
             compile_seconds = time.perf_counter() - compile_start
-            for _ in range(DECIDED_AFTER):  # past the loop's and the graph's speed trials
-                compiled(x)
+            past_trials(lambda: compiled(x), backend)  # the loop's and the graph's speed trials
             got, want = compiled(x), model(x)
             times = (timed(lambda: model(x), device, repeats), timed(lambda: compiled(x), device, repeats))
         loops = [program.loop for graph in backend.graphs for _, program in graph.programs]
@@ -219,7 +218,7 @@ def fused_rows(device, sizes, repeats):
 
 
 def autocast_rows(device, sizes, repeats):
-    from seqpar.speed import DECIDED_AFTER
+    from seqpar.backend import SeqparBackend
     from seqpar.testing.models import deep_mlp
 
     for L, w, B in sizes:
@@ -228,7 +227,8 @@ def autocast_rows(device, sizes, repeats):
         with torch.no_grad():
             exact = model(x)
         torch._dynamo.reset()
-        compiled = torch.compile(model, backend="seqpar")
+        backend = SeqparBackend({})
+        compiled = torch.compile(model, backend=backend)
 
         def forward(fn):
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
@@ -240,9 +240,8 @@ def autocast_rows(device, sizes, repeats):
             out.float().square().mean().backward()
             model.zero_grad(set_to_none=True)
 
-        for _ in range(2 * DECIDED_AFTER):  # past the fused loop's trials, then the graphs' speed trials
-            forward(compiled)
-            train(compiled)
+        past_trials(lambda: forward(compiled), backend)  # the fused loop's trials, then the graphs' speed trials
+        past_trials(lambda: train(compiled), backend)
         got, want = forward(compiled), forward(model)
         times = (timed(lambda: forward(model), device, repeats), timed(lambda: forward(compiled), device, repeats))
         train_times = (timed(lambda: train(model), device, repeats), timed(lambda: train(compiled), device, repeats))

@@ -47,8 +47,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from seqpar.backend import SeqparBackend
-from seqpar.speed import DECIDED_AFTER
-from timing import interleaved_medians, median_time
+from timing import interleaved_medians, median_time, past_trials
 
 
 def mamba(hidden=768, associative_scan=False):
@@ -156,21 +155,14 @@ def recurrence_free_bounds(run, seq: int, eager_seconds: float) -> tuple[float, 
             eager_seconds / sum(seconds for name, seconds in outside if name in DENSE_OPS))
 
 
-def timed(calls: dict, repeats: int, args) -> dict:
-    """Median seconds of each call after its warm-up: one form after the other, or with ``--interleaved`` in
-    turns (one call of each per turn: load that comes and goes, and the order, fall on every form alike)."""
+def timed(calls: dict, repeats: int, args, backend) -> dict:
+    """Median seconds of each call after its warm-up (``--warmup`` calls; seqpar's also past its speed trials,
+    :func:`~timing.past_trials`): one form after the other, or with ``--interleaved`` in turns (one call of each
+    per turn: load that comes and goes, and the order, fall on every form alike)."""
+    past_trials(calls["seqpar"], backend)
     if not args.interleaved:
-        return {name: median_time(call, repeats, warmup=warmup(name, args)) for name, call in calls.items()}
-    for name, call in calls.items():
-        for _ in range(warmup(name, args) - args.warmup):
-            call()
+        return {name: median_time(call, repeats, warmup=args.warmup) for name, call in calls.items()}
     return interleaved_medians(calls, repeats, budget=0.0, warmup=args.warmup)
-
-
-def warmup(name: str, args) -> int:
-    """Untimed calls before timing: seqpar's forward and training steps also run its speed trial
-    (``seqpar.speed``) first."""
-    return max(args.warmup, DECIDED_AFTER) if name == "seqpar" else args.warmup
 
 
 def measure(family: str, seq: int, batch: int, repeats: int, args) -> str:
@@ -201,7 +193,7 @@ def measure(family: str, seq: int, batch: int, repeats: int, args) -> str:
         for module in models.values():
             module.train(kind == "training")
         try:
-            times = timed({name: make(fn, ids) for name, fn in fns.items()}, repeats, args)
+            times = timed({name: make(fn, ids) for name, fn in fns.items()}, repeats, args, backend)
         except RuntimeError as error:  # a model that eager cannot differentiate
             cells += [f"fails: {str(error)[:60]}", "-", "-", "-"]
             continue
@@ -231,7 +223,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2,
                         help="untimed calls first (the first compiles; the second still allocates and builds caches; "
-                             "seqpar's take at least seqpar.speed.DECIDED_AFTER: its speed trial)")
+                             "seqpar's first run until its speed trials have decided)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--gemma-mlp", type=int, default=2560)
     parser.add_argument("--xlstm-hidden", type=int, default=4096)

@@ -25,8 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import seqpar  # noqa: E402
 from seqpar.backend import SeqparBackend  # noqa: E402
-from seqpar.speed import DECIDED_AFTER  # noqa: E402
-from timing import median_time  # noqa: E402
+from timing import median_time, past_trials  # noqa: E402
 
 
 def training_step(model, x):
@@ -44,9 +43,11 @@ def row(module: str, steps: int, hidden: int, repeats: int) -> str:
     with torch.no_grad():
         error = float((compiled(x)[0] - rnn(x)[0]).abs().max())
         forward_eager = median_time(lambda: rnn(x), repeats)
-        forward_seqpar = median_time(lambda: compiled(x), repeats, warmup=DECIDED_AFTER)  # after seqpar.speed's trial
+        past_trials(lambda: compiled(x), backend)  # seqpar.speed's trial first
+        forward_seqpar = median_time(lambda: compiled(x), repeats)
     train_eager = median_time(lambda: training_step(rnn, x), repeats)
-    train_seqpar = median_time(lambda: training_step(compiled, x), repeats, warmup=DECIDED_AFTER)
+    past_trials(lambda: training_step(compiled, x), backend)
+    train_seqpar = median_time(lambda: training_step(compiled, x), repeats)
     chains = [chain for graph in backend.graphs for chain in graph.chains]
     decision = ", ".join(sorted({f"{chain.method}/{chain.adjoint}" for chain in chains})) or "no chain"
     return (f"| {module} | {steps} | {hidden} | {decision} | {forward_eager * 1e3:.2f} | {forward_seqpar * 1e3:.2f} | "

@@ -16,7 +16,7 @@ zoo rows (``seqpar/testing/models.py``) with ``policy="sequential"``,
 ``sequential_form="rolled"`` and ``inner="eager"`` (what is timed is the
 rolled chain, not inductor on the rest of the graph). ``inductor`` is
 ``torch.compile(model)`` (the unrolled graph; rows with a compile time only).
-seqpar is timed after ``seqpar.speed.DECIDED_AFTER`` calls (its trials).
+seqpar is timed after its speed trials have decided (``timing.past_trials``).
 
 Times: medians of ``--repeats`` interleaved turns (eager, seqpar, inductor
 one after another, each turn about 2 ms of calls), so load that comes and
@@ -43,9 +43,8 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from seqpar.backend import SeqparBackend
-from seqpar.speed import DECIDED_AFTER
 from seqpar.testing import models as zoo
-from timing import interleaved_medians
+from timing import interleaved_medians, past_trials
 
 # (L, w, B, gain, time inductor's unrolled code): the three rows and the grid around them.
 MLP_ROWS = [
@@ -104,8 +103,7 @@ def measure(name: str, model, inputs, options: dict, inductor: bool, repeats: in
         start = time.perf_counter()
         difference = _difference(compiled(*inputs), expected)
         seqpar_compile = time.perf_counter() - start
-        for _ in range(DECIDED_AFTER):  # past the speed trials (seqpar.speed, seqpar.runtime.fused_loop)
-            compiled(*inputs)
+        past_trials(lambda: compiled(*inputs), backend)  # the speed trials (seqpar.speed, seqpar.runtime.fused_loop)
         if inductor:
             unrolled = torch.compile(copy.deepcopy(model))
             start = time.perf_counter()

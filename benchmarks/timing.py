@@ -44,3 +44,15 @@ def interleaved_medians(fns: dict, repeats: int, budget: float = 2e-3, warmup: i
                 fn()
             times[name].append((time.perf_counter() - start) / counts[name])
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def past_trials(fn, backend, at_most: int = 40) -> int:
+    """Call ``fn()`` until ``backend`` (a :class:`seqpar.backend.SeqparBackend`) has no speed trial running, at
+    least once (the first call compiles) and at most ``at_most`` times; the number of calls. After it, seqpar runs
+    the form it kept (a fused loop's own trials run before the graph's and delay it: a fixed number of warm-up
+    calls, such as ``seqpar.speed.DECIDED_AFTER``, can end inside the trial)."""
+    calls = 0
+    while calls < at_most and (calls == 0 or backend.trials_running):
+        fn()
+        calls += 1
+    return calls

@@ -5,9 +5,9 @@
 One training step is ``loss = (model(x) ** 2).mean(); loss.backward()`` with the
 parameters' gradients cleared first, float32. Every row compiles a fresh model
 with ``torch.compile(model, backend="seqpar")`` (default options), runs
-``seqpar.speed.DECIDED_AFTER`` training steps (the graph's speed trial: the
-rewritten graph and the original one, alternating, each timed with its
-backward), then times eager's and seqpar's steps in interleaved turns of
+training steps until the graph's speed trial has decided (the rewritten graph
+and the original one, alternating, each timed with its backward;
+``timing.past_trials``), then times eager's and seqpar's steps in interleaved turns of
 about 0.2 s of calls each (medians of ``--repeats`` turns' means: a step right
 after the other form's runs up to 2x slower while the allocator's and caches'
 state settles, a training loop's steady state is back-to-back steps). Reported: the trial's fastest call of each form,
@@ -23,9 +23,9 @@ import os
 import torch
 
 from seqpar.backend import SeqparBackend
-from seqpar.speed import DECIDED_AFTER, ORIGINAL, REWRITTEN
+from seqpar.speed import ORIGINAL, REWRITTEN
 from seqpar.testing import models as zoo
-from timing import interleaved_medians
+from timing import interleaved_medians, past_trials
 
 ROWS = {
     "deep_mlp tanh, 64 x 4, batch 4": lambda: zoo.deep_mlp(depth=64, width=4),
@@ -52,8 +52,7 @@ def measure(name: str, make, repeats: int) -> str:
     parameters = list(model.parameters())
     backend = SeqparBackend({})
     compiled = torch.compile(model, backend=backend)
-    for _ in range(DECIDED_AFTER):
-        training_step(compiled, parameters, inputs)()
+    past_trials(training_step(compiled, parameters, inputs), backend)
     times = interleaved_medians({"eager": training_step(model, parameters, inputs),
                                  "seqpar": training_step(compiled, parameters, inputs)}, repeats, budget=0.2)
     trials = [graph.speed for graph in backend.graphs if graph.speed is not None]

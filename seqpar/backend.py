@@ -65,6 +65,13 @@ class SeqparBackend:
         self.options = options if isinstance(options, Options) else parse_options(options)
         self.graphs: list[GraphRecord] = []
 
+    @property
+    def trials_running(self) -> bool:
+        """Whether a compiled graph's speed trial (policy ``"auto"``, :mod:`seqpar.speed`) has not decided yet:
+        until it has, calls alternate between the rewritten and the original graph (timings of the backend's
+        steady state start after it)."""
+        return any(record.speed is not None and record.speed.kept is None for record in self.graphs)
+
     def __call__(self, gm: fx.GraphModule, example_inputs):
         if any(isinstance(value, torch.SymInt) for value in example_inputs) and pipeline.finds_chains(gm, self.options):
             log.info("seqpar: Dynamo traced a graph with chains and symbolic sizes (a new batch size or sequence "

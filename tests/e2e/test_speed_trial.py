@@ -54,8 +54,9 @@ def test_a_slower_rewrite_hands_the_graph_back_to_the_original(monkeypatch):
     compiled, backend = compile_with(model)
     with torch.no_grad():
         expected = model(*inputs)
-        for _ in range(DECIDED_AFTER):
+        for call in range(DECIDED_AFTER):
             torch.testing.assert_close(compiled(*inputs), expected, atol=F64_ATOL, rtol=0)
+            assert backend.trials_running == (call < DECIDED_AFTER - 1)
         assert ran == ["rewritten", "original"] * SAMPLES  # alternating, one form per call
         graph = backend.graphs[0]
         assert graph.speed.kept == "original"

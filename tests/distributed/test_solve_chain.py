@@ -185,6 +185,7 @@ def bad_input_cases(rank, world):
         dtype=error_of(lambda: sd.solve_chain(mlp_step, s0, wrong_dtype, (U,))),
         s0=error_of(lambda: sd.solve_chain(mlp_step, other_s0, xs, (U,))),
         empty=error_of(lambda: sd.solve_chain(mlp_step, s0, empty, (U,))),
+        no_elements=error_of(lambda: sd.solve_chain(mlp_step, s0[:0], xs, (U,))),
         damping=error_of(lambda: sd.solve_chain(mlp_step, s0, xs, (U,), damping=1.0)),
         max_iters=error_of(lambda: sd.solve_chain(mlp_step, s0, xs, (U,), max_iters=3 if rank == 0 else 4)),
         double=error_of(lambda: double_backward(mlp_step, s0, xs, (U,))),
@@ -389,6 +390,8 @@ def test_bad_input_on_one_rank_raises_value_error_on_every_rank(world):
         assert name == "ValueError" and "s0 (values) differs" in message
         name, message = case["empty"]
         assert name == "ValueError" and "holds no steps" in message
+        name, message = case["no_elements"]  # crashed inside the first step's check ("max(): Expected reduction dim")
+        assert name == "ValueError" and "s0 has no elements" in message
         name, message = case["damping"]
         assert name == "ValueError" and "damping is not available across ranks" in message
         name, message = case["double"]  # higher-order gradients: a clear error on every rank, never zeros

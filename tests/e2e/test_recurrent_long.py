@@ -18,7 +18,7 @@ import torch
 from tests.e2e.test_backend import chain_reports, compile_with
 from tests.e2e.test_step_outputs import (
     assert_close_at_scale,
-    loss_of,
+    assert_weight_gradients_close,
     tiny_mamba,
     tiny_recurrent_gemma,
     tiny_rwkv,
@@ -58,9 +58,4 @@ def test_real_recurrences_at_sequence_1024_equal_eager(family, policy):
         assert all(chain.decision == "parallel" for chain in recurrences)
     if not differentiable:
         return
-    weights = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    got_grads = torch.autograd.grad(loss_of(got), weights, allow_unused=True)
-    want_grads = torch.autograd.grad(loss_of(want), weights, allow_unused=True)
-    for got_grad, want_grad in zip(got_grads, want_grads, strict=True):
-        if want_grad is not None:
-            assert_close_at_scale(got_grad, want_grad)
+    assert_weight_gradients_close(model, got, want)

@@ -271,6 +271,17 @@ def assert_close_at_scale(got, want, rtol=F32_RTOL):
     torch.testing.assert_close(got, want, atol=rtol * want.abs().max().item(), rtol=0)
 
 
+def assert_weight_gradients_close(model, got, want):
+    """The gradients of ``loss_of`` through ``got`` and through ``want`` for every trainable parameter of ``model``
+    close at their scale (parameters ``want`` does not depend on are skipped)."""
+    weights = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    got_grads = torch.autograd.grad(loss_of(got), weights, allow_unused=True)
+    want_grads = torch.autograd.grad(loss_of(want), weights, allow_unused=True)
+    for got_grad, want_grad in zip(got_grads, want_grads, strict=True):
+        if want_grad is not None:
+            assert_close_at_scale(got_grad, want_grad)
+
+
 # RWKV's loop carries num, den and a running max per layer: one chain each (found in successive detection
 # rounds); the max chain serves the exponential factors the other two read (6 per-step outputs).
 @pytest.mark.parametrize("make, outputs", [(tiny_rwkv, [1, 1, 1, 1, 6, 6]), (tiny_recurrent_gemma, [1])],
@@ -299,12 +310,7 @@ def test_recurrent_gemma_gradients_through_the_served_recurrence_equal_eager(dty
     compiled, _ = compile_with(lambda ids: model(ids).last_hidden_state, **options)
     got, want = compiled(ids), model(ids).last_hidden_state
     assert_close_at_scale(got, want)
-    weights = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    got_grads = torch.autograd.grad(loss_of(got), weights, allow_unused=True)
-    want_grads = torch.autograd.grad(loss_of(want), weights, allow_unused=True)
-    for got_grad, want_grad in zip(got_grads, want_grads, strict=True):
-        if want_grad is not None:
-            assert_close_at_scale(got_grad, want_grad)
+    assert_weight_gradients_close(model, got, want)
 
 
 def tiny_xlstm():
@@ -331,12 +337,7 @@ def test_xlstm_native_recurrent_loop_is_served_with_its_per_step_outputs_and_gra
     solved = [chain for chain in chain_reports(backend) if chain.decision != "rejected"]
     assert [(chain.kind, chain.decision, chain.outputs) for chain in solved] == [
         ("recurrent", "parallel", count) for count in (1, 1, 1, 1, 5, 5)]
-    weights = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    got_grads = torch.autograd.grad(loss_of(got), weights, allow_unused=True)
-    want_grads = torch.autograd.grad(loss_of(want), weights, allow_unused=True)
-    for got_grad, want_grad in zip(got_grads, want_grads, strict=True):
-        if want_grad is not None:
-            assert_close_at_scale(got_grad, want_grad)
+    assert_weight_gradients_close(model, got, want)
 
 
 @pytest.mark.parametrize("options", [{"policy": "parallel"}, {"policy": "sequential", "sequential_form": "rolled"}])
@@ -350,9 +351,4 @@ def test_xlstm_with_its_cache_trains_as_eager(options):
     got, want = compiled(ids), run(ids)
     assert_close_at_scale(got, want)
     assert [chain for chain in chain_reports(backend) if chain.decision != "rejected"]
-    weights = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    got_grads = torch.autograd.grad(loss_of(got), weights, allow_unused=True)
-    want_grads = torch.autograd.grad(loss_of(want), weights, allow_unused=True)
-    for got_grad, want_grad in zip(got_grads, want_grads, strict=True):
-        if want_grad is not None:
-            assert_close_at_scale(got_grad, want_grad)
+    assert_weight_gradients_close(model, got, want)

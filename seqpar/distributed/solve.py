@@ -50,7 +50,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from ..runtime.adjoint import adjoint_solve
-from ..runtime.chain import prepare_chain
+from ..runtime.chain import prepare_chain, without_elements
 from ..runtime.newton import Tolerance, evaluate_all, first_above, tolerance_ratios
 from ..runtime.pcr import solve_affine_recurrence
 from ..runtime.sequential import continue_sequentially
@@ -203,7 +203,7 @@ def _prepare_locally(ranks, step, s0, xs, shared, options):
     for leaf in pytree.tree_leaves(xs):
         if isinstance(leaf, torch.Tensor) and leaf.ndim and leaf.shape[0] == 0:
             raise ValueError(f"rank {ranks.rank} holds no steps (xs of length 0); every rank needs at least one")
-    if any(isinstance(leaf, torch.Tensor) and leaf.numel() == 0 for leaf in pytree.tree_leaves(s0)):
+    if without_elements(s0):
         raise ValueError("s0 has no elements (a batch of 0): there is nothing to solve across ranks; skip the call")
     method = options.get("forward", "parallel")
     program, packed_s0, xs_leaves, shared = prepare_chain(

@@ -175,8 +175,8 @@ def values_reason(chain: Chain) -> str | None:
     inputs = [node for item in chain.per_step for node in item.nodes] + list(chain.shared)
     outputs = [node for step in chain.per_step_outputs for node in step if node is not None]
     for what, nodes in (("input", inputs), ("per-step output", outputs)):
-        value = next((example(node) for node in nodes
-                      if isinstance(example(node), torch.Tensor) and example(node).is_complex()), None)
+        value = next((value for value in map(example, nodes)
+                      if isinstance(value, torch.Tensor) and value.is_complex()), None)
         if value is not None:
             return (f"a {what} of the step is {value.dtype}: the chain op differentiates real floating-point "
                     "tensors only (a complex one would lose its gradient)")

@@ -114,9 +114,9 @@ def solve_chain(
         The states ``s_1 .. s_L`` stacked on a new dim 0 (a tuple of such
         tensors for a tuple state), and the stats if ``return_stats``.
     """
-    if any(isinstance(leaf, torch.Tensor) and leaf.numel() == 0 for leaf in pytree.tree_leaves(s0)):
-        choices = dict(jacobian=jacobian, adjoint=adjoint, forward=forward)
-        return _without_elements(step, s0, xs, shared, length, batch_ndim, choices, return_stats)
+    if without_elements(s0):
+        _check_choices(jacobian=jacobian, adjoint=adjoint, forward=forward)
+        return _plain_loop(step, s0, xs, shared, length, batch_ndim, return_stats)
     program, packed_s0, xs_leaves, shared = prepare_chain(
         step, s0, xs, shared, jacobian=jacobian, tol=tol, max_iters=max_iters, damping=damping, window=window,
         length=length, batch_ndim=batch_ndim, adjoint=adjoint, forward=forward,
@@ -133,11 +133,15 @@ def _check_choices(**values) -> None:
             raise ValueError(f"{name} must be one of {choices[name]}, got {value!r}")
 
 
-def _without_elements(step, s0, xs, shared, length, batch_ndim, choices, return_stats):
-    """:func:`solve_chain` for a state without elements (a batch of 0): nothing to solve for. The states are the
-    step's, called one after another (recorded by autograd), and the stats say so."""
+def without_elements(s0) -> bool:
+    """Whether the state ``s0`` (a tensor or a pytree of them) has a tensor without elements (a batch of 0)."""
+    return any(isinstance(leaf, torch.Tensor) and leaf.numel() == 0 for leaf in pytree.tree_leaves(s0))
+
+
+def _plain_loop(step, s0, xs, shared, length, batch_ndim, return_stats):
+    """:func:`solve_chain` for a state without elements: nothing to solve for. The states are the step's, called
+    one after another (recorded by autograd), and the stats say so."""
     _, xs_leaves, xs_spec, shared, length, _ = _validate(step, s0, xs, shared, length, batch_ndim)
-    _check_choices(**choices)
     states, state = [], s0
     for index in range(length):
         state = step(state, pytree.tree_unflatten([leaf[index] for leaf in xs_leaves], xs_spec), *shared)

@@ -45,12 +45,14 @@ CPU_ADJOINT_MAX_WORK = 256
 CPU_ADJOINT_MIN_LENGTH = 32
 # Diagonal steps (benchmarks/RESULTS.md, "Structure", measured through the backend against the rolled loop):
 # a diagonal affine chain, one linear solve, wins its forward from L = 64 on up to N*w = CPU_LINEAR_FORWARD_MAX_WORK;
-# the diagonal adjoint up to N*w = CPU_DIAGONAL_ADJOINT_MAX_WORK. A max-plus chain (one pass of the same cost,
-# seqpar.runtime.maxplus) takes the diagonal affine line. A diagonal nonlinear step still takes Newton
-# iterations (about 20 on a long chain from the initial state): the dense forward's line holds for it.
+# the diagonal adjoint (taken in runs of 1 MiB of blocks, benchmarks/RESULTS.md "The diagonal adjoint in runs")
+# wins 1.4-3.7x over the sequential VJPs up to N*w = CPU_DIAGONAL_ADJOINT_MAX_WORK, ties at 8192, loses at
+# 65536. A max-plus chain (one pass of the same cost, seqpar.runtime.maxplus) takes the diagonal affine line. A
+# diagonal nonlinear step still takes Newton iterations (about 20 on a long chain from the initial state): the
+# dense forward's line holds for it.
 CPU_LINEAR_FORWARD_MAX_WORK = 1024
 CPU_LINEAR_FORWARD_MIN_LENGTH = 64
-CPU_DIAGONAL_ADJOINT_MAX_WORK = 1024
+CPU_DIAGONAL_ADJOINT_MAX_WORK = 4096
 # GPU (DeepPCR, DEER): Newton + PCR wins up to w ~ 32 from L ~ 64.
 GPU_MAX_WIDTH = 32
 GPU_MIN_LENGTH = 64

@@ -12,8 +12,11 @@ a lower block-bidiagonal system in reverse order with transposed blocks. Then
 one batched vector-Jacobian product of all steps. ``"parallel"`` solves the
 recursion with the PCR driver on the full Jacobians at the solution (exact even
 when the forward solve used diagonal or identity blocks; for a step proven
-diagonal they are its diagonal blocks ``(L, N, w)``, at any width); ``"sequential"`` runs
-it as ``L`` vector-Jacobian products, for states too wide for dense blocks.
+diagonal they are its diagonal blocks ``(L, N, w)``, at any width); on CPU a
+diagonal adjoint whose blocks would take more than a cache's worth of memory
+runs from the last position to the first in runs (:func:`adjoint_in_runs`),
+the same products in pieces. ``"sequential"`` runs it as ``L``
+vector-Jacobian products, for states too wide for dense blocks.
 Nothing is differentiated through Newton iterations.
 """
 
@@ -22,6 +25,8 @@ from __future__ import annotations
 import torch
 
 from .pcr import solve_affine_recurrence
+from .program import windowed_steps, windowed_steps_vjp
+from .spec import positions_per_run
 
 
 def adjoint_solve(program, s0, xs_leaves, shared, states, grad_states):
@@ -30,12 +35,76 @@ def adjoint_solve(program, s0, xs_leaves, shared, states, grad_states):
     ``s0``: ``(N, w)``; ``states`` and ``grad_states``: ``(L, N, w)`` packed.
     """
     prev = torch.cat([s0.unsqueeze(0), states[:-1]], dim=0)
-    if program.adjoint == "parallel":
-        _, jacobians = program.full_jacobians(prev, xs_leaves, shared)
-        lam = solve_affine_recurrence(jacobians, grad_states, program.adjoint_kind, reverse=True)
-        grad_prev, grad_xs, grad_shared = program.steps_vjp(prev, xs_leaves, shared, lam)
-        return grad_prev[0], list(grad_xs), list(grad_shared)
-    return sequential_adjoint(program, prev, xs_leaves, shared, grad_states)
+    if program.adjoint != "parallel":
+        return sequential_adjoint(program, prev, xs_leaves, shared, grad_states)
+    run = adjoint_run(program)
+    if run is not None:
+        return adjoint_in_runs(program, prev, xs_leaves, shared, grad_states, run)
+    _, jacobians = program.full_jacobians(prev, xs_leaves, shared)
+    lam = solve_affine_recurrence(jacobians, grad_states, program.adjoint_kind, reverse=True)
+    grad_prev, grad_xs, grad_shared = program.steps_vjp(prev, xs_leaves, shared, lam)
+    return grad_prev[0], list(grad_xs), list(grad_shared)
+
+
+def adjoint_run(program) -> int | None:
+    """Positions per run of a parallel adjoint taken in runs (:func:`adjoint_in_runs`), or ``None`` (one
+    pass over the whole chain): runs for diagonal blocks on CPU where the chain's blocks exceed
+    :func:`~seqpar.runtime.spec.positions_per_run`'s budget."""
+    if program.adjoint != "parallel" or program.adjoint_kind != "diag":
+        return None
+    run = positions_per_run(program.layout, program.length, "diag")
+    return run if run < program.length else None
+
+
+def prepare_adjoint(program, xs_leaves, shared) -> None:
+    """Trace a run-wise adjoint's graphs now (at build time, not in the first backward pass)."""
+    run = adjoint_run(program)
+    if run is not None:
+        windowed_steps(program, run, xs_leaves, shared, jacobian="full")
+        windowed_steps_vjp(program, run, xs_leaves, shared)
+
+
+def adjoint_in_runs(program, prev, xs_leaves, shared, grad_states, run: int):
+    """The parallel adjoint taken ``run`` positions at a time, the last run first.
+
+    For the positions ``[first, stop)`` of a run: their Jacobian blocks
+    ``J_{first+1} .. J_stop``, the adjoint recursion over the run with
+    ``c_{stop-1} = g_{stop-1} + J_{stop+1}^T lam_stop`` (the run after it
+    handed that product on: ``grad_prev`` of its first position), and one
+    batched VJP of the run's steps with ``lam``, giving their inputs' gradients
+    and ``J_{first+1}^T lam_first`` for the run before. The recursion is the
+    whole chain's, split where one run hands ``lam`` to the next: the same
+    products, on blocks that stay in cache. Every run evaluates ``run``
+    positions (one trace each for the Jacobians and the VJP): the first run
+    of the chain, where shorter, is evaluated from position 0 with a zero
+    cotangent on the positions after it, whose gradients the run after it
+    already gave.
+    """
+    length = program.length
+    jacobians = windowed_steps(program, run, xs_leaves, shared, jacobian="full")
+    steps_vjp = windowed_steps_vjp(program, run, xs_leaves, shared)
+    grad_xs = [torch.zeros_like(leaf) if leaf.is_floating_point() else None for leaf in xs_leaves]
+    grad_shared = [torch.zeros_like(tensor) if tensor.is_floating_point() else None for tensor in shared]
+    carried = torch.zeros_like(prev[0])  # J_{stop+1}^T lam_stop, zero after the last position
+    lam = torch.zeros_like(prev[:run])
+    for stop in range(length, 0, -run):
+        first = max(stop - run, 0)
+        active = stop - first
+        rows = slice(first, first + run)  # the positions evaluated: the run's own, then (first run) later ones
+        _, blocks = jacobians(prev[rows], [leaf[rows] for leaf in xs_leaves], shared)
+        c = grad_states[first:stop].clone()
+        c[-1] += carried
+        lam[:active] = solve_affine_recurrence(blocks[:active], c, "diag", reverse=True)
+        lam[active:] = 0
+        grad_prev, grad_x, grad_sh = steps_vjp(prev[rows], [leaf[rows] for leaf in xs_leaves], shared, lam)
+        for total, part in zip(grad_xs, grad_x):
+            if part is not None:
+                total[first:stop] = part[:active]
+        for total, part in zip(grad_shared, grad_sh):
+            if part is not None:
+                total += part
+        carried = grad_prev[0]
+    return carried, grad_xs, grad_shared
 
 
 def sequential_adjoint(program, prev, xs_leaves, shared, grad_states):

@@ -16,6 +16,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from . import estimates, ops, step_cache
+from .adjoint import prepare_adjoint
 from .newton import Tolerance, evaluated_positions
 from .precision import autocast_state, computing_dtype
 from .program import ChainProgram, StateLayout, lower_packed_step, windowed_steps
@@ -311,6 +312,7 @@ def build_program(
             estimates.prepare(program, span, xs_leaves, shared)
         else:
             windowed_steps(program, span, xs_leaves, shared)
+    prepare_adjoint(program, xs_leaves, shared)
     ops.register_program(program)
     return program
 

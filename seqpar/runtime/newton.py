@@ -78,18 +78,16 @@ from .pcr import solve_affine_recurrence
 from .program import windowed_steps
 from .sequential import continue_sequentially, redo_if_not_finite
 from .spec import (
-    CPU_LINEAR_RUN_BYTES,
-    CPU_LINEAR_RUN_MIN,
     DEFAULT_TOLERANCE,
     LINEAR_CONVERGENCE_FACTOR,
     accumulation_dtype,
     decision_every,
+    positions_per_run,
 )
 from .stats import SolveStats
 from .tridiagonal import levenberg_marquardt_step
 
 log = logging.getLogger("seqpar.runtime")
-
 
 
 @dataclass(frozen=True)
@@ -277,18 +275,11 @@ def linear_solve(program, s0, xs_leaves, shared, window: int | None = None):
 
 
 def linear_run(program, window: int | None) -> int:
-    """Positions per batched evaluation of :func:`linear_solve`: ``window`` when given (``< L``); on CPU the
-    most positions whose blocks (``N w`` or ``N w^2`` values each) fit in
-    :data:`~seqpar.runtime.spec.CPU_LINEAR_RUN_BYTES`, at least
-    :data:`~seqpar.runtime.spec.CPU_LINEAR_RUN_MIN`; else (GPU) all ``L``."""
-    length, layout = program.length, program.layout
-    if window is not None and window < length:
+    """Positions per batched evaluation of :func:`linear_solve`: ``window`` when given (``< L``), else
+    :func:`~seqpar.runtime.spec.positions_per_run` for the forward's blocks (all ``L`` on a GPU)."""
+    if window is not None and window < program.length:
         return window
-    if layout.device.type != "cpu":
-        return length
-    block = layout.width if program.solve_kind == "diag" else layout.width**2
-    per_position = layout.batch_size * block * layout.dtype.itemsize
-    return min(length, max(CPU_LINEAR_RUN_MIN, CPU_LINEAR_RUN_BYTES // per_position))
+    return positions_per_run(program.layout, program.length, program.solve_kind)
 
 
 def evaluated_positions(program, window: int | None) -> int:

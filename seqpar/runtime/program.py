@@ -676,13 +676,31 @@ def windowed_steps(program, window: int, xs_leaves, shared, jacobian: str | None
     :func:`seqpar.runtime.chain.build_program` makes it up front).
     """
     jacobian = program.jacobian if jacobian is None else jacobian
+
+    def steps():
+        return program._steps if jacobian == "identity" else program._make_steps_and_jacobians(jacobian)
+
+    return _windowed_trace(program, (jacobian, window), steps, window, xs_leaves, shared)
+
+
+def windowed_steps_vjp(program, window: int, xs_leaves, shared):
+    """:attr:`ChainProgram.steps_vjp` traced for ``window`` positions: ``(prev, xs, shared, lam)`` with ``prev``
+    and ``lam`` ``(W, N, w)`` and the per-step inputs sliced to ``W`` rows (made once per window, as
+    :func:`windowed_steps`; the inputs without gradients, ``frozen``, name the trace too)."""
+    key = ("vjp", window, program.frozen)
+    return _windowed_trace(program, key, lambda: program._steps_vjp, window, xs_leaves, shared, cotangent=True)
+
+
+def _windowed_trace(program, key, make_fn, window: int, xs_leaves, shared, cotangent: bool = False):
+    """``make_fn()`` traced on ``window`` positions (with a cotangent shaped like ``prev`` where ``cotangent``),
+    cached under ``key`` for the program's lowered step."""
     per_program = _windowed.setdefault(program.lowered, {})
-    traced = per_program.get((jacobian, window))
+    traced = per_program.get(key)
     if traced is None:
         layout = program.layout
         prev = torch.empty(window, layout.batch_size, layout.width, dtype=layout.dtype, device=layout.device)
         xs = [torch.empty(window, *leaf.shape[1:], dtype=leaf.dtype, device=leaf.device) for leaf in xs_leaves]
         shared = [torch.empty_like(tensor) for tensor in shared]
-        fn = program._steps if jacobian == "identity" else program._make_steps_and_jacobians(jacobian)
-        traced = per_program[jacobian, window] = _trace(fn, prev, xs, shared)
+        examples = (prev, xs, shared, torch.empty_like(prev)) if cotangent else (prev, xs, shared)
+        traced = per_program[key] = _trace(make_fn(), *examples)
     return traced

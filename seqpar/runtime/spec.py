@@ -41,12 +41,12 @@ DEFAULT_TOLERANCE = {
 LINEAR_CONVERGENCE_FACTOR = 0.1
 # Parallel iterations before the rest of a chain is evaluated sequentially.
 DEFAULT_MAX_ITERS = 40
-# An affine chain's one linear solve on CPU evaluates its positions in runs whose Jacobian blocks take at most
-# this many bytes (each run starts from the exact last state of the one before: the same work), at least
-# CPU_LINEAR_RUN_MIN positions: chain-sized temporaries cost a page fault per 4 KiB on every call (glibc returns
-# large blocks to the system) and miss the cache (benchmarks/RESULTS.md, "Structure").
-CPU_LINEAR_RUN_BYTES = 1 << 20
-CPU_LINEAR_RUN_MIN = 32
+# On CPU an affine chain's one linear solve, and a parallel adjoint with diagonal blocks, evaluate their positions
+# in runs whose Jacobian blocks take at most CPU_RUN_BYTES (each run carries the exact state, or adjoint, of the
+# one before: the same work), at least CPU_RUN_MIN positions: chain-sized temporaries cost a page fault per 4 KiB
+# on every call (glibc returns large blocks to the system) and miss the cache (benchmarks/RESULTS.md, "Structure").
+CPU_RUN_BYTES = 1 << 20
+CPU_RUN_MIN = 32
 # Newton iterations between two host decisions (convergence, window advance, fallback) on a GPU: each decision
 # reads back a few numbers (one synchronisation, tens of microseconds, and a break in a CUDA graph); between
 # decisions the iterations run on the same active positions, which costs only work (a converged prefix stays
@@ -92,6 +92,18 @@ def default_max_iters(length: int, window: int | None) -> int:
     finishes at least one state per iteration)."""
     extra = 4 * -(-length // window) if window is not None and window < length else 0
     return min(DEFAULT_MAX_ITERS + extra, length)
+
+
+def positions_per_run(layout, length: int, kind: str) -> int:
+    """Positions per batched evaluation of a chain taken in runs: on CPU the most positions whose blocks of
+    ``kind`` (``N w`` values each for ``"diag"``, ``N w^2`` for ``"full"``) fit in :data:`CPU_RUN_BYTES`, at
+    least :data:`CPU_RUN_MIN`; elsewhere (a GPU) all ``length``. ``layout``: the chain's
+    :class:`~seqpar.runtime.program.StateLayout`."""
+    if layout.device.type != "cpu":
+        return length
+    block = layout.width if kind == "diag" else layout.width**2
+    per_position = layout.batch_size * block * layout.dtype.itemsize
+    return min(length, max(CPU_RUN_MIN, CPU_RUN_BYTES // per_position))
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -25,7 +25,8 @@ import seqpar
 from seqpar.options import Options
 from seqpar.passes.chain import Chain
 from seqpar.passes.policy import decide
-from seqpar.runtime import newton, ops, solve_chain
+from seqpar.runtime import adjoint, newton, ops, solve_chain, spec
+from seqpar.runtime.adjoint import adjoint_in_runs as in_runs
 from seqpar.runtime.program import lower_step
 from seqpar.runtime.spec import resolve_jacobian
 from seqpar.runtime.structure import StepStructure, find_step_structure
@@ -250,6 +251,28 @@ def test_gradients_equal_the_loops(case):
     expected = gradients(by(sequential_loop), inputs, weights)
     for got, want in zip(actual, expected, strict=True):
         assert_close_normwise(got, want, 1e-11)  # the adjoint solve's rounding over 150 steps
+
+
+@pytest.mark.parametrize("forward", ["parallel", "sequential"])
+@pytest.mark.parametrize("length", [96, 150])
+def test_a_diagonal_adjoint_in_runs_equals_the_loops_gradients(monkeypatch, length, forward):
+    # One byte of budget: runs of CPU_RUN_MIN = 32 positions, the last run first; at 150 steps the chain's
+    # first run is 22 positions, evaluated over 32 with a zero cotangent after it (96: three whole runs).
+    monkeypatch.setattr(spec, "CPU_RUN_BYTES", 1)
+    runs = []
+    monkeypatch.setattr(adjoint, "adjoint_in_runs", lambda *args: runs.append(args[-1]) or in_runs(*args))
+    s0, (g, x), (u,) = gated_inputs(length, (2, 5, 8), torch.float64)
+    weights = torch.randn(length, *s0.shape, dtype=torch.float64)
+
+    def solve(s0_, g_, x_, u_):
+        return solve_chain(gated, s0_, (g_, x_), (u_,), forward=forward, adjoint="parallel")
+
+    actual = gradients(solve, [s0, g, x, u], weights)
+    expected = gradients(lambda *inputs: sequential_loop(gated, inputs[0], inputs[1:3], inputs[3:]),
+                         [s0, g, x, u], weights)
+    assert runs == [spec.CPU_RUN_MIN]
+    for got, want in zip(actual, expected, strict=True):
+        assert_close_normwise(got, want, 1e-11)  # as the whole chain's adjoint: rounding over the steps
 
 
 # --- non-finite values and expanding chains ----------------------------------------------------------------

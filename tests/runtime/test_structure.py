@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import seqpar
+from seqpar.backend import SeqparBackend
 from seqpar.options import Options
 from seqpar.passes.chain import Chain
 from seqpar.passes.policy import decide
@@ -339,6 +340,49 @@ def test_cpu_cost_model_takes_a_diagonal_affine_chain_in_parallel_where_a_dense_
     decision = decide(chain, Options(), "cpu", -0.5, DIAGONAL_AFFINE)
     assert (decision.method, decision.adjoint, decision.form) == ("parallel", "parallel", "solver")
     assert decide(make_chain(256, (1, 12288)), Options(), "cpu", -0.5, DIAGONAL_AFFINE).method == "sequential"
+
+
+def test_cpu_cost_model_takes_the_diagonal_adjoint_in_runs_up_to_4096_values_a_step():
+    # Measured (benchmarks/RESULTS.md, "The diagonal adjoint in runs"): 1.4-3.7x the sequential VJPs up to
+    # N*w = 4096, a tie at 8192, a loss at 65536 (xLSTM's memory).
+    rwkv_batch_4 = decide(make_chain(1024, (4, 768)), Options(), "cpu", -0.5, DIAGONAL_AFFINE)
+    assert (rwkv_batch_4.method, rwkv_batch_4.adjoint) == ("sequential", "parallel")
+    assert decide(make_chain(1024, (4, 2048)), Options(), "cpu", -0.5, DIAGONAL_AFFINE).adjoint == "sequential"
+
+
+class DiagonalGateLoop(torch.nn.Module):
+    """A learned diagonal gate over time (a minimal RG-LRU): ``s = sigmoid(g_t) s + x_t * u``."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.u = torch.nn.Parameter(torch.randn(width, dtype=torch.float64))
+
+    def forward(self, g, x, s):
+        states = []
+        for g_t, x_t in zip(g.unbind(0), x.unbind(0)):
+            s = torch.sigmoid(g_t) * s + x_t * self.u
+            states.append(s)
+        return torch.stack(states)
+
+
+def test_backend_gradients_through_a_diagonal_adjoint_in_runs_equal_eagers():
+    # (2, 1024) float64: 16 KiB of blocks a step, runs of 64 positions over 150 steps (the first run partial);
+    # the forward kept sequential (N*w = 2048 > 1024), the adjoint parallel (<= 4096).
+    torch.manual_seed(0)
+    model = DiagonalGateLoop(1024)
+    inputs = [torch.randn(150, 2, 1024, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    s0 = torch.randn(2, 1024, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(150, 2, 1024, dtype=torch.float64)
+    runs = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(adjoint, "adjoint_in_runs", lambda *args: runs.append(args[-1]) or in_runs(*args))
+        compiled = torch.compile(model, backend=SeqparBackend({"inner": "eager"}))
+        leaves = [*inputs, s0, model.u]
+        actual = torch.autograd.grad((weights * compiled(*inputs, s0)).sum(), leaves)
+    expected = torch.autograd.grad((weights * model(*inputs, s0)).sum(), leaves)
+    assert runs and runs[0] == 64
+    for got, want in zip(actual, expected, strict=True):
+        assert_close_normwise(got, want, 1e-12)  # rounding of a contracting linear recursion over 150 steps
 
 
 class SelectiveScanLoop(torch.nn.Module):

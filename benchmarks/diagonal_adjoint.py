@@ -28,8 +28,6 @@ Markdown to stdout.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 from pathlib import Path
 
@@ -37,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from timing import interleaved_medians  # noqa: E402
+from timing import interleaved_medians, load_average, machine_line  # noqa: E402
 
 from seqpar.runtime import solve_chain, spec  # noqa: E402
 
@@ -127,15 +125,13 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"1 thread, float32; load average before: {load}\n")
+    print(machine_line(threads=1) + "\n")
     print("| step (state) | N*w | L | eager ms | sequential ms (eager/it) | one pass ms | runs ms | "
           "max rel grad diff (sequential, one pass, runs) |")
     print("|---|---|---|---|---|---|---|---|")
     for name, step, s0, xs, shared in cases(args.L, args.widths):
         print(row(name, step, s0, xs, shared, args.repeats), flush=True)
-    print(f"\nload average after: {', '.join(f'{value:.2f}' for value in os.getloadavg())}")
+    print(f"\nload average after: {load_average()}")
 
 
 if __name__ == "__main__":

@@ -25,8 +25,6 @@ builds them). Markdown to stdout.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 from pathlib import Path
 
@@ -34,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from timing import interleaved_medians  # noqa: E402
+from timing import interleaved_medians, load_average, machine_line  # noqa: E402
 
 from seqpar.runtime import solve_chain  # noqa: E402
 
@@ -95,9 +93,7 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"1 thread, float32; load average before: {load}\n")
+    print(machine_line(threads=1) + "\n")
     print("| case | batch_ndim | L | loop ms | solve_chain ms | loop / solve | iterations | jacobian | structure | "
           "max rel diff |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -108,7 +104,7 @@ def main():
                   f"not run: {block_bytes / 2**30:.1f} GiB of dense blocks | | | | | | |", flush=True)
             continue
         print(row(name, step, s0, xs, batch_ndim, args.repeats), flush=True)
-    print(f"\nload average after: {', '.join(f'{value:.2f}' for value in os.getloadavg())}")
+    print(f"\nload average after: {load_average()}")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import statistics
 import time
+
+import torch
 
 
 def median_time(fn, repeats: int, warmup: int = 1) -> float:
@@ -56,3 +60,14 @@ def past_trials(fn, backend, at_most: int = 40) -> int:
         fn()
         calls += 1
     return calls
+
+
+def load_average() -> str:
+    """The machine's 1, 5 and 15 minute load averages, for the lines before and after a run."""
+    return ", ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
+def machine_line(threads: int, dtype: str = "float32") -> str:
+    """What a run's numbers were measured on: torch, processor, cores, threads, dtype and the load before it."""
+    return (f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"{threads} thread{'s' if threads != 1 else ''}, {dtype}; load average before: {load_average()}")

@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from timing import interleaved_medians, load_average, machine_line  # noqa: E402
+from timing import interleaved_medians, load_average, start_run  # noqa: E402
 
 from seqpar.runtime import solve_chain, spec  # noqa: E402
 
@@ -123,9 +123,7 @@ def main():
     parser.add_argument("--widths", type=int, nargs="+", default=[1024, 4096, 12288])
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    print(machine_line(threads=1) + "\n")
+    start_run(threads=1)
     print("| step (state) | N*w | L | eager ms | sequential ms (eager/it) | one pass ms | runs ms | "
           "max rel grad diff (sequential, one pass, runs) |")
     print("|---|---|---|---|---|---|---|---|")

@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from timing import interleaved_medians, load_average, machine_line  # noqa: E402
+from timing import interleaved_medians, load_average, start_run  # noqa: E402
 
 from seqpar.runtime import solve_chain  # noqa: E402
 
@@ -91,9 +91,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--skip-dense-blocks-above", type=float, default=None, metavar="GIB")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    print(machine_line(threads=1) + "\n")
+    start_run(threads=1)
     print("| case | batch_ndim | L | loop ms | solve_chain ms | loop / solve | iterations | jacobian | structure | "
           "max rel diff |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -71,3 +71,10 @@ def machine_line(threads: int, dtype: str = "float32") -> str:
     """What a run's numbers were measured on: torch, processor, cores, threads, dtype and the load before it."""
     return (f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
             f"{threads} thread{'s' if threads != 1 else ''}, {dtype}; load average before: {load_average()}")
+
+
+def start_run(threads: int, seed: int = 0) -> None:
+    """Set the threads and the seed of a run and print :func:`machine_line` with a blank line after it."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    print(machine_line(threads) + "\n")

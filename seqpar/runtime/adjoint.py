@@ -91,12 +91,13 @@ def adjoint_in_runs(program, prev, xs_leaves, shared, grad_states, run: int):
         first = max(stop - run, 0)
         active = stop - first
         rows = slice(first, first + run)  # the positions evaluated: the run's own, then (first run) later ones
-        _, blocks = jacobians(prev[rows], [leaf[rows] for leaf in xs_leaves], shared)
+        x_rows = [leaf[rows] for leaf in xs_leaves]
+        _, blocks = jacobians(prev[rows], x_rows, shared)
         c = grad_states[first:stop].clone()
         c[-1] += carried
         lam[:active] = solve_affine_recurrence(blocks[:active], c, "diag", reverse=True)
         lam[active:] = 0
-        grad_prev, grad_x, grad_sh = steps_vjp(prev[rows], [leaf[rows] for leaf in xs_leaves], shared, lam)
+        grad_prev, grad_x, grad_sh = steps_vjp(prev[rows], x_rows, shared, lam)
         _store_rows(grad_xs, xs_leaves, [None if part is None else part[:active] for part in grad_x],
                     slice(first, stop))
         for total, part in zip(grad_shared, grad_sh):

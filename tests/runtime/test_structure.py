@@ -254,14 +254,25 @@ def test_gradients_equal_the_loops(case):
         assert_close_normwise(got, want, 1e-11)  # the adjoint solve's rounding over 150 steps
 
 
+def recorded_runs(monkeypatch) -> list:
+    """The run length of every adjoint taken in runs from now on (``adjoint.adjoint_in_runs`` wrapped)."""
+    runs = []
+
+    def recording(*args):
+        runs.append(args[-1])
+        return in_runs(*args)
+
+    monkeypatch.setattr(adjoint, "adjoint_in_runs", recording)
+    return runs
+
+
 @pytest.mark.parametrize("forward", ["parallel", "sequential"])
 @pytest.mark.parametrize("length", [96, 150])
 def test_a_diagonal_adjoint_in_runs_equals_the_loops_gradients(monkeypatch, length, forward):
     # One byte of budget: runs of CPU_RUN_MIN = 32 positions, the last run first; at 150 steps the chain's
     # first run is 22 positions, evaluated over 32 with a zero cotangent after it (96: three whole runs).
     monkeypatch.setattr(spec, "CPU_RUN_BYTES", 1)
-    runs = []
-    monkeypatch.setattr(adjoint, "adjoint_in_runs", lambda *args: runs.append(args[-1]) or in_runs(*args))
+    runs = recorded_runs(monkeypatch)
     s0, (g, x), (u,) = gated_inputs(length, (2, 5, 8), torch.float64)
     weights = torch.randn(length, *s0.shape, dtype=torch.float64)
 
@@ -373,9 +384,8 @@ def test_backend_gradients_through_a_diagonal_adjoint_in_runs_equal_eagers():
     inputs = [torch.randn(150, 2, 1024, dtype=torch.float64, requires_grad=True) for _ in range(2)]
     s0 = torch.randn(2, 1024, dtype=torch.float64, requires_grad=True)
     weights = torch.randn(150, 2, 1024, dtype=torch.float64)
-    runs = []
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(adjoint, "adjoint_in_runs", lambda *args: runs.append(args[-1]) or in_runs(*args))
+        runs = recorded_runs(patch)
         compiled = torch.compile(model, backend=SeqparBackend({"inner": "eager"}))
         leaves = [*inputs, s0, model.u]
         actual = torch.autograd.grad((weights * compiled(*inputs, s0)).sum(), leaves)

@@ -16,7 +16,8 @@ diagonal they are its diagonal blocks ``(L, N, w)``, at any width); on CPU a
 diagonal adjoint whose blocks would take more than a cache's worth of memory
 runs from the last position to the first in runs (:func:`adjoint_in_runs`),
 the same products in pieces. ``"sequential"`` runs it as ``L``
-vector-Jacobian products, for states too wide for dense blocks.
+vector-Jacobian products, for states too wide for dense blocks, in one
+generated loop (:mod:`.rolled_adjoint`).
 Nothing is differentiated through Newton iterations.
 """
 
@@ -26,6 +27,7 @@ import torch
 
 from .pcr import solve_affine_recurrence
 from .program import windowed_steps, windowed_steps_vjp
+from .rolled_adjoint import adjoint_loop_for
 from .spec import positions_per_run
 
 
@@ -108,9 +110,23 @@ def adjoint_in_runs(program, prev, xs_leaves, shared, grad_states, run: int):
 
 
 def sequential_adjoint(program, prev, xs_leaves, shared, grad_states):
-    """The same recursion as ``L`` vector-Jacobian products, last step first."""
-    grad_xs = [None] * len(xs_leaves)
+    """The same recursion as ``L`` vector-Jacobian products, last step first: the step's VJP graph written out
+    as one loop (:mod:`.rolled_adjoint`), or called per step where it cannot be."""
     grad_shared = [torch.zeros_like(tensor) if tensor.is_floating_point() else None for tensor in shared]
+    loop = adjoint_loop_for(program, len(xs_leaves), len(shared))
+    if loop.run is None:
+        return _adjoint_by_step_calls(program, prev, xs_leaves, shared, grad_states, grad_shared)
+    grad_xs = [torch.empty_like(leaf) if index in loop.x_outputs else None for index, leaf in enumerate(xs_leaves)]
+    grad_s0 = loop.run(
+        prev.unbind(0), [leaf.unbind(0) for leaf in xs_leaves], list(shared), grad_states.unbind(0),
+        [grad_xs[index].unbind(0) for index in loop.x_outputs], [grad_shared[index] for index in loop.shared_outputs],
+    )
+    return grad_s0, grad_xs, grad_shared
+
+
+def _adjoint_by_step_calls(program, prev, xs_leaves, shared, grad_states, grad_shared):
+    """:func:`sequential_adjoint` calling ``program.step_vjp`` once per step."""
+    grad_xs = [None] * len(xs_leaves)
     lam = grad_states[-1]
     for index in reversed(range(program.length)):
         x_leaves = [leaf[index] for leaf in xs_leaves]

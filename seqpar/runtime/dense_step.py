@@ -46,7 +46,7 @@ class DenseStep:
 
 
 def match(plan) -> DenseStep | None:
-    """The rolled loop's plan (:class:`seqpar.runtime.rolled._Plan`) as a :class:`DenseStep`, or ``None``."""
+    """The rolled loop's plan (:class:`seqpar.runtime.rolled.StepPlan`) as a :class:`DenseStep`, or ``None``."""
     if plan.stateful:
         return None
     body = [node for node in plan.call if node in plan.varying and node not in plan.absorbed]

@@ -200,7 +200,9 @@ def generate_loop(
     have no derivative). ``dense``: the step as ``h(s W^T + b)`` where it is one
     (:func:`.dense_step.match`), else ``None``.
     """
-    plan = _Plan(graph_module, n_columns, n_shared)
+    plan = StepPlan(graph_module, n_columns, n_shared)
+    if len(plan.results) != 1 or not isinstance(plan.result, fx.Node):
+        raise ValueError("traced step does not return one tensor")
     tail = plan.writable_tail()
     source = plan.source("rolled", None)
     if tail is not None:
@@ -210,30 +212,36 @@ def generate_loop(
     return namespace["rolled"], namespace.get("rolled_into"), source, dense_step.match(plan)
 
 
-class _Plan:
-    """The traced step's nodes as lines of Python: before the loop (loop-invariant) or in its body.
+class StepPlan:
+    """A traced graph's nodes as lines of Python: before the loop (loop-invariant) or in its body.
 
-    Each call node gets ``(callable, args, kwargs)``; a reshape to the shape it
-    already has is an alias of its input; ``t(W)`` read only by ``addmm(b, a,
-    t(W))`` / ``mm(a, t(W))`` with ``a`` 2-D becomes ``linear(a, W, b)``
-    (what ``F.linear`` runs: the same ``addmm``), one call instead of two.
+    Placeholders: the state ``s``, the per-step inputs ``x_0 ..``, the shared
+    tensors ``sh_0 ..``, then ``n_carried`` values the loop carries from one
+    step to the next besides the state (``c_0 ..``: the adjoint's cotangent);
+    the state, the per-step inputs and the carried values vary per step.
+    ``results``: the output's leaves (nodes, or ``None``). Each call node gets
+    ``(callable, args, kwargs)``; a reshape to the shape it already has is an
+    alias of its input; ``t(W)`` read only by ``addmm(b, a, t(W))`` /
+    ``mm(a, t(W))`` with ``a`` 2-D becomes ``linear(a, W, b)`` (what
+    ``F.linear`` runs: the same ``addmm``), one call instead of two.
     """
 
-    def __init__(self, graph_module: fx.GraphModule, n_columns: int, n_shared: int):
+    def __init__(self, graph_module: fx.GraphModule, n_columns: int, n_shared: int, n_carried: int = 0):
         nodes = list(graph_module.graph.nodes)
         placeholders = [node for node in nodes if node.op == "placeholder"]
-        if len(placeholders) != 1 + n_columns + n_shared:
-            raise ValueError(f"traced step has {len(placeholders)} inputs, expected {1 + n_columns + n_shared}")
+        if len(placeholders) != 1 + n_columns + n_shared + n_carried:
+            raise ValueError(
+                f"traced graph has {len(placeholders)} inputs, expected {1 + n_columns + n_shared + n_carried}"
+            )
         (output,) = [node for node in nodes if node.op == "output"]
-        results = pytree.tree_leaves(output.args[0])
-        if len(results) != 1 or not isinstance(results[0], fx.Node):
-            raise ValueError("traced step does not return one tensor")
         self.state = placeholders[0]
         self.xs = placeholders[1 : 1 + n_columns]
-        self.shared = placeholders[1 + n_columns :]
+        self.shared = placeholders[1 + n_columns : 1 + n_columns + n_shared]
+        self.carried = placeholders[1 + n_columns + n_shared :]
         self.names = {self.state: "s"}
         self.names.update({node: f"x{i}" for i, node in enumerate(self.xs)})
         self.names.update({node: f"sh{i}" for i, node in enumerate(self.shared)})
+        self.names.update({node: f"c{i}" for i, node in enumerate(self.carried)})
         self.constants: dict[str, object] = {}
         self.calls = [node for node in nodes if node.op in ("call_function", "get_attr")]
         unknown = [node for node in self.calls if node.op == "call_function" and not _callable_target(node.target)]
@@ -245,7 +253,7 @@ class _Plan:
         self.aliases: dict[fx.Node, fx.Node] = {}  # node -> the node whose value it is
         self.absorbed: set[fx.Node] = set()  # t(W) nodes folded into linear
         self.call: dict[fx.Node, tuple] = {}  # node -> (op, args, kwargs)
-        self.varying = {self.state, *self.xs}
+        self.varying = {self.state, *self.xs, *self.carried}
         for index, node in enumerate(self.calls):
             self.names[node] = f"v{index}"
             if node.op == "get_attr":
@@ -258,8 +266,14 @@ class _Plan:
                 self.call[node] = (node.target, node.args, node.kwargs)
         for node in self.call:
             self._fold_linear(node)
-        self.result = self.resolve(results[0])
+        self.results = [self.resolve(node) if isinstance(node, fx.Node) else node
+                        for node in pytree.tree_leaves(output.args[0])]
         self.graph_module = graph_module
+
+    @property
+    def result(self):
+        """The one result of a step's graph (:func:`generate_loop` checks that there is one)."""
+        return self.results[0]
 
     def resolve(self, node):
         return self.aliases.get(node, node)
@@ -343,9 +357,10 @@ class _Plan:
             arguments.append(extra_kwargs)
         return f"{self.names[node]} = {self._constant(_entry(op))}({', '.join(arguments)})"
 
-    def source(self, name: str, tail) -> str:
-        """The loop function's source; ``tail`` (:meth:`writable_tail`) writes the states into ``out``."""
-        head, in_place, trailing, shape = tail if tail is not None else (None, [], [], None)
+    def statements(self, tail=None) -> tuple[list[str], list[str]]:
+        """``(before, body)``: the lines computing the graph's values once before the loop and in its body
+        (``tail``, :meth:`writable_tail`: the forward's last ops write into the step's row ``o`` of a buffer)."""
+        head, in_place, trailing, _ = tail if tail is not None else (None, [], [], None)
         before, body = [], []
         for node in self.calls:
             if node in self.aliases or node in self.absorbed or node in trailing:
@@ -361,13 +376,27 @@ class _Plan:
             else:
                 line = self._line(node, op)
             (body if node in self.varying else before).append(line)
-        xs, shared = self.xs, self.shared
+        return before, body
+
+    def unpacking(self) -> list[str]:
+        """The lines naming the per-step input columns and the shared tensors at the function's start."""
+        lines = []
+        if self.xs:
+            lines.append("    " + "".join(f"{self.names[node]}c, " for node in self.xs) + "= columns")
+        if self.shared:
+            lines.append("    " + "".join(f"{self.names[node]}, " for node in self.shared) + "= shared")
+        return lines
+
+    def step_inputs(self, position: str) -> list[str]:
+        """The loop body's lines reading the per-step inputs at ``position`` (an expression)."""
+        return [f"{self.names[node]} = {self.names[node]}c[{position}]" for node in self.xs]
+
+    def source(self, name: str, tail) -> str:
+        """The forward loop function's source; ``tail`` (:meth:`writable_tail`) writes the states into ``out``."""
+        shape = tail[3] if tail is not None else None
+        before, body = self.statements(tail)
         signature = "s, columns, shared, start, stop" + (", out" if tail is not None else "")
-        lines = [f"def {name}({signature}):"]
-        if xs:
-            lines.append("    " + "".join(f"{self.names[node]}c, " for node in xs) + "= columns")
-        if shared:
-            lines.append("    " + "".join(f"{self.names[node]}, " for node in shared) + "= shared")
+        lines = [f"def {name}({signature}):", *self.unpacking()]
         lines += ["    " + line for line in before]
         if tail is None:
             lines += ["    states = []", "    append = states.append"]
@@ -376,7 +405,7 @@ class _Plan:
         else:  # written through a view of the head's shape
             lines += ["    packed = out.unbind(0)", f"    written = out.view(out.shape[0], *{shape!r}).unbind(0)"]
         lines.append("    for l in range(start, stop):")
-        lines += [f"        {self.names[node]} = {self.names[node]}c[l]" for node in xs]
+        lines += ["        " + line for line in self.step_inputs("l")]
         if tail is not None:
             lines.append("        o = written[l - start]")
         lines += ["        " + line for line in body]

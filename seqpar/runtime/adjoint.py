@@ -36,12 +36,12 @@ def adjoint_solve(program, s0, xs_leaves, shared, states, grad_states):
 
     ``s0``: ``(N, w)``; ``states`` and ``grad_states``: ``(L, N, w)`` packed.
     """
-    prev = torch.cat([s0.unsqueeze(0), states[:-1]], dim=0)
     if program.adjoint != "parallel":
-        return sequential_adjoint(program, prev, xs_leaves, shared, grad_states)
+        return sequential_adjoint(program, (s0, *states[:-1].unbind(0)), xs_leaves, shared, grad_states)
     run = adjoint_run(program)
     if run is not None:
-        return adjoint_in_runs(program, prev, xs_leaves, shared, grad_states, run)
+        return adjoint_in_runs(program, s0, states, xs_leaves, shared, grad_states, run)
+    prev = torch.cat([s0.unsqueeze(0), states[:-1]], dim=0)
     _, jacobians = program.full_jacobians(prev, xs_leaves, shared)
     lam = solve_affine_recurrence(jacobians, grad_states, program.adjoint_kind, reverse=True)
     grad_prev, grad_xs, grad_shared = program.steps_vjp(prev, xs_leaves, shared, lam)
@@ -66,7 +66,7 @@ def prepare_adjoint(program, xs_leaves, shared) -> None:
         windowed_steps_vjp(program, run, xs_leaves, shared)
 
 
-def adjoint_in_runs(program, prev, xs_leaves, shared, grad_states, run: int):
+def adjoint_in_runs(program, s0, states, xs_leaves, shared, grad_states, run: int):
     """The parallel adjoint taken ``run`` positions at a time, the last run first.
 
     For the positions ``[first, stop)`` of a run: their Jacobian blocks
@@ -80,26 +80,29 @@ def adjoint_in_runs(program, prev, xs_leaves, shared, grad_states, run: int):
     positions (one trace each for the Jacobians and the VJP): the first run
     of the chain, where shorter, is evaluated from position 0 with a zero
     cotangent on the positions after it, whose gradients the run after it
-    already gave.
+    already gave. The states a run's steps read are a view of ``states``
+    (``s_0`` and the first run's joined in a copy of one run): no chain-sized
+    copy of the states shifted by one.
     """
     length = program.length
     jacobians = windowed_steps(program, run, xs_leaves, shared, jacobian="full")
     steps_vjp = windowed_steps_vjp(program, run, xs_leaves, shared)
     grad_xs = [None] * len(xs_leaves)
     grad_shared = [torch.zeros_like(tensor) if tensor.is_floating_point() else None for tensor in shared]
-    carried = torch.zeros_like(prev[0])  # J_{stop+1}^T lam_stop, zero after the last position
-    lam = torch.zeros_like(prev[:run])
+    carried = torch.zeros_like(s0)  # J_{stop+1}^T lam_stop, zero after the last position
+    lam = torch.zeros_like(states[:run])
     for stop in range(length, 0, -run):
         first = max(stop - run, 0)
         active = stop - first
         rows = slice(first, first + run)  # the positions evaluated: the run's own, then (first run) later ones
         x_rows = [leaf[rows] for leaf in xs_leaves]
-        _, blocks = jacobians(prev[rows], x_rows, shared)
+        prev = states[first - 1 : first - 1 + run] if first else torch.cat([s0.unsqueeze(0), states[: run - 1]])
+        _, blocks = jacobians(prev, x_rows, shared)
         c = grad_states[first:stop].clone()
         c[-1] += carried
         lam[:active] = solve_affine_recurrence(blocks[:active], c, "diag", reverse=True)
         lam[active:] = 0
-        grad_prev, grad_x, grad_sh = steps_vjp(prev[rows], x_rows, shared, lam)
+        grad_prev, grad_x, grad_sh = steps_vjp(prev, x_rows, shared, lam)
         _store_rows(grad_xs, xs_leaves, [None if part is None else part[:active] for part in grad_x],
                     slice(first, stop))
         for total, part in zip(grad_shared, grad_sh):
@@ -111,14 +114,15 @@ def adjoint_in_runs(program, prev, xs_leaves, shared, grad_states, run: int):
 
 def sequential_adjoint(program, prev, xs_leaves, shared, grad_states):
     """The same recursion as ``L`` vector-Jacobian products, last step first: the step's VJP graph written out
-    as one loop (:mod:`.rolled_adjoint`), or called per step where it cannot be."""
+    as one loop (:mod:`.rolled_adjoint`), or called per step where it cannot be. ``prev``: the ``L`` states
+    ``s_0 .. s_{L-1}`` the steps read, a sequence of ``(N, w)`` tensors (the solved states' rows: no copy)."""
     grad_shared = [torch.zeros_like(tensor) if tensor.is_floating_point() else None for tensor in shared]
     loop = adjoint_loop_for(program, len(xs_leaves), len(shared))
     if loop.run is None:
         return _adjoint_by_step_calls(program, prev, xs_leaves, shared, grad_states, grad_shared)
     grad_xs = [torch.empty_like(leaf) if index in loop.x_outputs else None for index, leaf in enumerate(xs_leaves)]
     grad_s0 = loop.run(
-        prev.unbind(0), [leaf.unbind(0) for leaf in xs_leaves], list(shared), grad_states.unbind(0),
+        prev, [leaf.unbind(0) for leaf in xs_leaves], list(shared), grad_states.unbind(0),
         [grad_xs[index].unbind(0) for index in loop.x_outputs], [grad_shared[index] for index in loop.shared_outputs],
     )
     return grad_s0, grad_xs, grad_shared

@@ -124,7 +124,7 @@ def test_a_frozen_shared_tensor_gets_zeros_and_the_others_their_sums():
                            lowered=program.lowered, method="sequential")
     states = sequential_loop(rnn_step, s0, xs, (W, U, b)).reshape(15, *packed.shape)
     grads = torch.randn(states.shape, dtype=states.dtype, generator=torch.Generator().manual_seed(1))
-    prev = torch.cat([packed[None], states[:-1]])
+    prev = (packed, *states[:-1].unbind(0))
     loop = rolled_adjoint.adjoint_loop_for(frozen, len(leaves), len(shared))
     assert loop.shared_outputs == (0, 2)
     _, _, grad_shared = adjoint.sequential_adjoint(frozen, prev, leaves, shared, grads)

@@ -9,7 +9,8 @@ Columns (ms per training step, medians of ``--repeats`` interleaved rounds,
 ``timing.interleaved_medians``):
 
 * ``eager``: the Python loop recorded by autograd, then its backward (the inputs' rows by one ``unbind``);
-* ``sequential``: the op's loop, then ``L`` vector-Jacobian products, last step first;
+* ``sequential``: the op's loop, then ``L`` vector-Jacobian products, last step first (the step's VJP graph
+  written out as one loop, ``seqpar.runtime.rolled_adjoint``);
 * ``one pass``: the parallel adjoint over the whole chain at once (diagonal Jacobian blocks of all ``L``
   steps, the reverse substitution, one batched VJP): chain-sized temporaries;
 * ``runs``: the same in runs whose blocks fit ``seqpar.runtime.spec.CPU_RUN_BYTES`` (1 MiB), the

@@ -31,6 +31,19 @@ chains, whose rounding errors do not grow). Only inference graphs are
 changed: where grad is enabled and a value on the way requires grad, the
 chain keeps its inputs (the graph's autograd differentiates the producers, as
 in eager).
+
+A *computed* per-step input (values ``x_l`` the graph computes at every step
+from values that do not depend on the state, hoisted out of the step) is
+stacked for all steps when the chain runs: xLSTM's memory update
+``C_l = f_l C_{l-1} + i_l (k_l v_l^T)`` hands the chain ``L`` outer products of
+``D E`` values each, where the step could make each from ``D + E``.
+:func:`absorb_computed` takes the ops producing ``x_l`` that expand (their
+result holds more values than the per-step values they read) into the step:
+the chain then receives those smaller per-step values (and shared tensors),
+and its step runs the same ops on them that the graph ran at step ``l``, so
+the values are the graph's own, bit for bit, in every grad mode (the chain's
+adjoint differentiates the ops with the rest of its step). Only chains kept
+sequential take it: a parallel solve would run the ops at every evaluation.
 """
 
 from __future__ import annotations
@@ -39,6 +52,7 @@ import operator
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch.fx.node import Node
 
 from .batch_dims import POINTWISE
@@ -77,6 +91,14 @@ class _Call:
         self.node, self.dim, self.args, self.kwargs = node, dim, args, kwargs
 
 
+class _PerStep:
+    """A value the absorbed ops read that differs between steps: ``nodes[l]`` at step ``l`` (a computed per-step
+    input of the rewritten chain)."""
+
+    def __init__(self, nodes: list[Node]):
+        self.nodes, self.node = nodes, nodes[0]
+
+
 class _NotAbsorbable(Exception):
     pass
 
@@ -113,6 +135,87 @@ def absorb_producers(chain: Chain) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def absorb_computed(chain: Chain) -> list[str]:
+    """Move the expanding producers of ``chain``'s computed per-step inputs into its step (and its per-step
+    outputs' graph), in place; returns the names of the ops moved (empty: nothing changed).
+
+    A computed input ``x_l = op(a_l, b_l, ..)`` is rewritten where ``op`` is
+    the same call at every step (the same target and non-tensor arguments),
+    neither draws random numbers nor mutates, and its result holds at least
+    :data:`MIN_EXPANSION` times the values of the per-step tensors it is
+    finally made from; an argument is followed back through the same kind of
+    call while that call expands (``k_l[:, :, None] @ v_l[:, None, :]``), and
+    is a new per-step input where it does not, or a shared tensor where it is
+    the same value at every step. Nothing in the graph may write in place to
+    a tensor those read (the chain reads them when it runs, not at step ``l``).
+    """
+    plans, written = {}, None
+    for position, item in enumerate(chain.per_step):
+        if item.kind != "computed" or len(set(item.nodes)) < len(item.nodes):
+            continue
+        try:
+            recipe = _computed_recipe(item.nodes, 0)
+        except _NotAbsorbable:
+            continue
+        leaves = [part for part in _parts(recipe) if isinstance(part, _PerStep)]
+        per_step_values = sum(_numel(node) for node in dict.fromkeys(leaf.node for leaf in leaves))
+        if not isinstance(recipe, _Call) or _numel(item.nodes[0]) < MIN_EXPANSION * per_step_values:
+            continue
+        written = _written_storages(item.nodes[0].graph) if written is None else written
+        read = [node for part in _parts(recipe) if not isinstance(part, _Call) for node in getattr(part, "nodes", [part.node])]
+        if any(key in written for node in read for key in storages(example(node))):
+            continue
+        plans[position] = recipe
+    if plans:
+        _rewrite(chain, plans)
+    names = (target_name(part.node) for recipe in plans.values() for part in _parts(recipe) if isinstance(part, _Call))
+    return list(dict.fromkeys(names))
+
+
+def _computed_recipe(nodes: list[Node], depth: int):
+    """How to compute ``nodes[l]`` in step ``l`` from per-step values and shared tensors (one call of the
+    template ``nodes[0]`` with its arguments' recipes: :class:`_Call` with ``dim=None``)."""
+    first = nodes[0]
+    if all(node is first for node in nodes):
+        return _Leaf(first)  # one value for every step: shared
+    if _tensor(first) is None:
+        raise _NotAbsorbable(first.name)
+    if depth > MAX_DEPTH or not _is_call(first) or is_random(first) or mutates(first):
+        return _PerStep(nodes)
+    flat, spec = pytree.tree_flatten((first.args, first.kwargs))
+    columns = [flat]
+    for node in nodes[1:]:
+        other, other_spec = pytree.tree_flatten((node.args, node.kwargs))
+        if node.op != first.op or node.target != first.target or other_spec != spec:
+            return _PerStep(nodes)
+        columns.append(other)
+    arguments = []
+    for values in zip(*columns):
+        if not isinstance(values[0], Node):
+            if any(isinstance(value, Node) or value != values[0] for value in values):
+                return _PerStep(nodes)  # a constant that differs between steps (an index t)
+            arguments.append(values[0])
+        elif not all(isinstance(value, Node) for value in values):
+            return _PerStep(nodes)
+        else:
+            arguments.append(_computed_argument(list(values), depth))
+    args, kwargs = pytree.tree_unflatten(arguments, spec)
+    return _Call(first, None, args, kwargs)
+
+
+def _computed_argument(nodes: list[Node], depth: int):
+    """An argument of an absorbed call: followed back where its own call expands, else a leaf."""
+    first = nodes[0]
+    if _tensor(first) is None:
+        raise _NotAbsorbable(first.name)
+    if all(node is first for node in nodes):
+        return _Leaf(first)
+    operands = [_numel(arg) for arg in first.all_input_nodes]
+    if _is_call(first) and operands and _numel(first) >= MIN_EXPANSION * sum(operands):
+        return _computed_recipe(nodes, depth + 1)
+    return _PerStep(nodes)
+
+
 def _written_storages(graph: fx.Graph) -> set:
     """The storages a node of ``graph`` writes in place (its first argument, or ``out=``)."""
     written = set()
@@ -125,7 +228,8 @@ def _written_storages(graph: fx.Graph) -> set:
 
 
 def _parts(recipe) -> list:
-    """``recipe`` and every :class:`_Call`/:class:`_Leaf` in it, outermost first (with repeats)."""
+    """``recipe`` and every :class:`_Call`/:class:`_Leaf`/:class:`_PerStep` in it, outermost first (with
+    repeats)."""
     parts = [recipe]
     if isinstance(recipe, _Call):
         _map_recipes((recipe.args, recipe.kwargs), lambda part: parts.extend(_parts(part)))
@@ -234,7 +338,7 @@ def _unsqueezed(node: Node, value: torch.Tensor, dim: int, depth: int):
 
 def _map_recipes(structure, fn):
     """``structure`` (args and kwargs) with ``fn`` applied to every :class:`_Leaf`/:class:`_Call` in it."""
-    if isinstance(structure, (_Leaf, _Call)):
+    if isinstance(structure, (_Leaf, _Call, _PerStep)):
         return fn(structure)
     if isinstance(structure, tuple):
         return tuple(_map_recipes(item, fn) for item in structure)
@@ -248,6 +352,14 @@ def _map_recipes(structure, fn):
     return structure
 
 
+def _slot_key(leaf, item: ChainInput) -> tuple:
+    """Where the rewritten chain takes a leaf from: a computed per-step input (its nodes), a slice input (its
+    tensor, dim, start and stride) or a shared input (its tensor)."""
+    if isinstance(leaf, _PerStep):
+        return ("computed", *leaf.nodes)
+    return (leaf.node,) if leaf.dim is None else (leaf.node, leaf.dim, item.start, item.stride)
+
+
 def _rewrite(chain: Chain, plans: dict) -> None:
     """Replace the planned slice inputs (``plans``: position -> recipe) by the tensors their recipes read (new
     slice inputs after the kept ones, new shared inputs after the old) and rebuild the step graphs on them."""
@@ -258,11 +370,14 @@ def _rewrite(chain: Chain, plans: dict) -> None:
     slots: dict[tuple, int] = {}  # (node, dim, start, stride) -> per-step slot; (node,) -> shared slot
     for position, recipe in plans.items():
         item = template[position]
-        for leaf in (part for part in _parts(recipe) if isinstance(part, _Leaf)):
-            key = (leaf.node,) if leaf.dim is None else (leaf.node, leaf.dim, item.start, item.stride)
+        for leaf in (part for part in _parts(recipe) if isinstance(part, (_Leaf, _PerStep))):
+            key = _slot_key(leaf, item)
             if key in slots:
                 continue
-            if leaf.dim is None:
+            if isinstance(leaf, _PerStep):
+                per_step.append(ChainInput("computed", list(leaf.nodes)))
+                slots[key] = len(per_step) - 1
+            elif leaf.dim is None:
                 if leaf.node not in shared:
                     shared.append(leaf.node)
                 slots[key] = shared.index(leaf.node)
@@ -288,12 +403,15 @@ def _rewrite(chain: Chain, plans: dict) -> None:
         emitted = {}  # a producer two inputs share is computed once
 
         def emit(recipe, item):
-            key = (recipe.node, recipe.dim, getattr(recipe, "pick", None), item.start, item.stride)
+            key = (type(recipe), recipe.node, getattr(recipe, "dim", None), getattr(recipe, "pick", None),
+                   item.start, item.stride)
             if key not in emitted:
                 emitted[key] = emit_new(recipe, item)
             return emitted[key]
 
         def emit_new(recipe, item):
+            if isinstance(recipe, _PerStep):
+                return xs[slots[_slot_key(recipe, item)]]
             if isinstance(recipe, _Leaf):
                 if recipe.dim is not None:
                     return xs[slots[(recipe.node, recipe.dim, item.start, item.stride)]]
@@ -301,7 +419,8 @@ def _rewrite(chain: Chain, plans: dict) -> None:
                 return whole if recipe.pick is None else graph.call_function(torch.select, (whole, recipe.pick, 0))
             args, kwargs = _map_recipes((recipe.args, recipe.kwargs), lambda part: emit(part, item))
             node = copy_node(graph, recipe.node, args, kwargs, graph_module)
-            node.meta = {}  # the producer's example value has every step; this node holds one
+            if recipe.dim is not None:
+                node.meta = {}  # the producer's example value has every step; this node holds one
             return node
 
         for position, recipe in plans.items():

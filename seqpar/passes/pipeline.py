@@ -48,7 +48,7 @@ import torch.fx as fx
 
 from ..runtime.program import ChainProgram
 from ..runtime.structure import StepStructure
-from .absorb import absorb_producers
+from .absorb import absorb_computed, absorb_producers
 from .chain import Candidate, Chain, state_leaves
 from .detect import find_chains
 from .glue import has_other_compute
@@ -192,11 +192,19 @@ def _solve(gm: fx.GraphModule, chains: list[Chain], example_inputs, original: fx
 
 
 def fuse_producers(chain: Chain, decision: Decision, options: PassOptions) -> Decision:
-    """Where a chain runs as a compiled sequential loop (``loop="compiled"``: kept sequential for cost, found
-    contractive) and the inner backend is inductor, its loop may run its step compiled by inductor
-    (``loop="fused"``, :mod:`seqpar.runtime.fused_loop`, timed against the generated loop), and the producers of its
-    per-step inputs move into its step where that saves memory (:func:`~.absorb.absorb_producers`)."""
-    if (decision.form, decision.method, decision.loop, options.inner) != ("rolled", "sequential", "compiled", "inductor"):
+    """Where a chain is kept sequential as a rolled loop, the expanding ops computing its per-step inputs at
+    every step run in its step (:func:`~.absorb.absorb_computed`: the chain receives their smaller operands).
+    Where that loop is compiled (``loop="compiled"``: kept sequential for cost, found contractive) and the inner
+    backend is inductor, its loop may run its step compiled by inductor (``loop="fused"``,
+    :mod:`seqpar.runtime.fused_loop`, timed against the generated loop), and the producers of its slice inputs
+    move into its step where that saves memory (:func:`~.absorb.absorb_producers`)."""
+    if (decision.form, decision.method) != ("rolled", "sequential"):
+        return decision
+    computed = absorb_computed(chain)
+    if computed:
+        decision = replace(decision, reason=f"{decision.reason}; the ops computing its per-step inputs at every step "
+                           f"({', '.join(computed)}) run in its step")
+    if (decision.loop, options.inner) != ("compiled", "inductor"):
         return decision
     absorbed = absorb_producers(chain)
     taken = f"the ops computing its per-step inputs ({', '.join(absorbed)}) run in the step; " if absorbed else ""

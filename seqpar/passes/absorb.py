@@ -162,7 +162,8 @@ def absorb_computed(chain: Chain) -> list[str]:
         if not isinstance(recipe, _Call) or _numel(item.nodes[0]) < MIN_EXPANSION * per_step_values:
             continue
         written = _written_storages(item.nodes[0].graph) if written is None else written
-        read = [node for part in _parts(recipe) if not isinstance(part, _Call) for node in getattr(part, "nodes", [part.node])]
+        read = [node for part in _parts(recipe) if not isinstance(part, _Call)
+                for node in getattr(part, "nodes", [part.node])]
         if any(key in written for node in read for key in storages(example(node))):
             continue
         plans[position] = recipe
@@ -361,13 +362,14 @@ def _slot_key(leaf, item: ChainInput) -> tuple:
 
 
 def _rewrite(chain: Chain, plans: dict) -> None:
-    """Replace the planned slice inputs (``plans``: position -> recipe) by the tensors their recipes read (new
-    slice inputs after the kept ones, new shared inputs after the old) and rebuild the step graphs on them."""
+    """Replace the planned per-step inputs (``plans``: position -> recipe) by the values their recipes read (new
+    slice and computed inputs after the kept ones, new shared inputs after the old) and rebuild the step graphs
+    on them."""
     template = chain.per_step
     kept = [position for position in range(len(template)) if position not in plans]
     per_step = [template[position] for position in kept]
     shared = list(chain.shared)
-    slots: dict[tuple, int] = {}  # (node, dim, start, stride) -> per-step slot; (node,) -> shared slot
+    slots: dict[tuple, int] = {}  # _slot_key -> per-step or shared slot
     for position, recipe in plans.items():
         item = template[position]
         for leaf in (part for part in _parts(recipe) if isinstance(part, (_Leaf, _PerStep))):

@@ -14,8 +14,10 @@ Each pass states what it needs and what it guarantees (in its module):
    renames nodes.
 3. ``decide`` (:func:`~.policy.decide`): per chain and direction, parallel or
    sequential, and the form: the solver, the rolled loop, or left unrolled
-   (a rolled loop compiled for cost may run its step compiled by inductor,
-   with the producers of its per-step inputs taken in: :mod:`.absorb`);
+   (a rolled loop takes in the expanding ops of the per-step inputs the graph
+   computes at every step, and one compiled for cost may run its step
+   compiled by inductor, with the producers of its slice inputs taken in:
+   :mod:`.absorb`);
    where the step's Jacobian structure can change that
    (:func:`~.policy.needs_structure`), the step is lowered first and its
    structure proven (:func:`~.lower.chain_structure`, the trace the program

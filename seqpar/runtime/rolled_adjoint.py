@@ -106,7 +106,8 @@ def generate_adjoint_loop(graph_module: fx.GraphModule, n_columns: int, n_shared
     lines += ["        " + line for line in body]
     lines += [f"        gx{index}[l].copy_({name[grad_xs[index]]})" for index in x_outputs]
     lines += [f"        gsh{index}.add_({name[grad_shared[index]]})" for index in shared_outputs]
-    lines += ["        if l:", f"            c0 = _add(grads[l - 1], {name[grad_state]})", f"    return {name[grad_state]}"]
+    lines += ["        if l:", f"            c0 = _add(grads[l - 1], {name[grad_state]})",
+              f"    return {name[grad_state]}"]
     source = "\n".join(lines) + "\n"
     namespace = dict(plan.constants, _add=torch.add)
     exec(compile(source, "<seqpar adjoint loop>", "exec"), namespace)

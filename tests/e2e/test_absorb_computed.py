@@ -86,7 +86,8 @@ def test_a_float32_model_trains_as_eager():
     assert "run in its step" in memory_chain(backend)[0].reason
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6 * float(want.detach().abs().max()))
     weights = list(model.parameters())
-    for a, b in zip(torch.autograd.grad(got.square().sum(), weights), torch.autograd.grad(want.square().sum(), weights)):
+    got_grads = torch.autograd.grad(got.square().sum(), weights)
+    for a, b in zip(got_grads, torch.autograd.grad(want.square().sum(), weights), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * float(b.abs().max()))
 
 

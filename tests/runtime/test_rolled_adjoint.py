@@ -39,7 +39,8 @@ def cases():
     yield "affine", affine_step, torch.randn(4, 6, generator=g, **f64), (
         torch.randn(30, 4, 6, generator=g, **f64), torch.randn(30, 4, 6, generator=g, **f64)), (
         torch.randn(6, generator=g, **f64),)
-    yield "additive", additive_step, torch.randn(3, 5, generator=g, **f64), torch.randn(25, 3, 5, generator=g, **f64), ()
+    yield "additive", additive_step, torch.randn(3, 5, generator=g, **f64), (
+        torch.randn(25, 3, 5, generator=g, **f64)), ()
     s0, xs, shared = rnn_chain(40, width=7)
     yield "elman", rnn_step, s0, xs, shared
     yield "indexed", indexed_step, torch.randn(2, 5, generator=g, **f64), (
@@ -89,7 +90,8 @@ def test_the_generated_adjoint_equals_autograd_and_the_per_step_calls_bit_for_bi
         torch.testing.assert_close(got, want, rtol=GRAD_TOL, atol=GRAD_TOL)
 
     calls = []
-    monkeypatch.setattr(adjoint, "adjoint_loop_for", lambda *args: calls.append(args) or rolled_adjoint.AdjointLoop(None))
+    monkeypatch.setattr(adjoint, "adjoint_loop_for",
+                        lambda *args: calls.append(args) or rolled_adjoint.AdjointLoop(None))
     by_calls = gradients(step, s0, xs, shared)
     assert calls, "the per-step path was not taken"
     for got, want in zip(generated, by_calls, strict=True):

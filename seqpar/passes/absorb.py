@@ -175,10 +175,9 @@ def absorb_computed(chain: Chain) -> list[str]:
 
 def _computed_recipe(nodes: list[Node], depth: int):
     """How to compute ``nodes[l]`` in step ``l`` from per-step values and shared tensors (one call of the
-    template ``nodes[0]`` with its arguments' recipes: :class:`_Call` with ``dim=None``)."""
+    template ``nodes[0]`` with its arguments' recipes: :class:`_Call` with ``dim=None``). ``nodes`` differ between
+    steps (a value shared by every step is a :class:`_Leaf`: :func:`_computed_argument`)."""
     first = nodes[0]
-    if all(node is first for node in nodes):
-        return _Leaf(first)  # one value for every step: shared
     if _tensor(first) is None:
         raise _NotAbsorbable(first.name)
     if depth > MAX_DEPTH or not _is_call(first) or is_random(first) or mutates(first):
@@ -210,7 +209,7 @@ def _computed_argument(nodes: list[Node], depth: int):
     if _tensor(first) is None:
         raise _NotAbsorbable(first.name)
     if all(node is first for node in nodes):
-        return _Leaf(first)
+        return _Leaf(first)  # one value for every step: shared
     operands = [_numel(arg) for arg in first.all_input_nodes]
     if _is_call(first) and operands and _numel(first) >= MIN_EXPANSION * sum(operands):
         return _computed_recipe(nodes, depth + 1)

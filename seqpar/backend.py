@@ -82,7 +82,8 @@ class SeqparBackend:
         record = GraphRecord(index=next(_graph_counter), original_code=gm.code)
         self.graphs.append(record)
         work = pipeline.copy_graph_module(gm)
-        result = pipeline.run(work, example_inputs, gm, self.options)
+        records_autograd = differentiated(gm, example_inputs)
+        result = pipeline.run(work, example_inputs, gm, self.options, records_autograd)
         if result.detection_error is not None:
             log.warning("seqpar: chain detection failed on graph %d (%s); compiled unchanged", record.index,
                         result.detection_error)
@@ -103,7 +104,7 @@ class SeqparBackend:
             compiled = self._inner_compile(work, example_inputs, record)
         # Dynamo guards grad mode and the inputs' requires_grad: a graph compiled differentiated stays so.
         if record.programs and self.options.policy == "auto":
-            record.speed = SpeedTrial(differentiated(gm, example_inputs), lambda summary: _decided(record, summary))
+            record.speed = SpeedTrial(records_autograd, lambda summary: _decided(record, summary))
         write_dump(self.options.debug_dir, record)
         write_hints(self.options.debug_dir,
                     hints_for([chain for graph in self.graphs for chain in graph.chains], len(self.graphs)))

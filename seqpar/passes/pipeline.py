@@ -37,6 +37,10 @@ Steps 1-5 repeat on the rewritten graph while a round rewrites a chain
    chain's per-step inputs, another chain's states selected and stacked
    again) computed by one batched computation, so that the inner compiler
    gets ``O(1)`` nodes per chain instead of ``O(L)``.
+7. ``stream`` (:func:`~.stream.stream_sequential_chains`), in a graph that
+   records no autograd: a sequential chain whose states are read only as its
+   last state and by its per-step outputs runs in blocks, its ``L`` states
+   never held at once.
 
 The caller owns ``gm`` (a copy of Dynamo's graph) and compiles what is left.
 """
@@ -49,6 +53,7 @@ from dataclasses import dataclass, field, replace
 import torch.fx as fx
 
 from ..runtime.program import ChainProgram
+from ..runtime.stream import block_length
 from ..runtime.structure import StepStructure
 from .absorb import absorb_computed, absorb_producers
 from .chain import Candidate, Chain, state_leaves
@@ -59,6 +64,7 @@ from .module_paths import span
 from .policy import Decision, PassOptions, decide, needs_structure
 from .probe import lyapunov_exponent, probe_values
 from .rewrite import remap_chain, rewrite_chain
+from .stream import stream_sequential_chains
 from .vectorize import batch_stacks
 from .writes import sink_buffer_writes
 
@@ -93,8 +99,11 @@ class PipelineResult:
 MAX_ROUNDS = 6
 
 
-def run(gm: fx.GraphModule, example_inputs, original: fx.GraphModule, options: PassOptions) -> PipelineResult:
+def run(gm: fx.GraphModule, example_inputs, original: fx.GraphModule, options: PassOptions,
+        records_autograd: bool = True) -> PipelineResult:
     """Find, decide, lower and rewrite the chains of ``gm`` (in place); ``original`` is the graph the probe runs.
+    ``records_autograd``: whether the graph's calls record autograd (where not, a sequential chain read only at
+    its end runs without holding its states: :mod:`.stream`).
 
     Detection repeats on the rewritten graph while a round rewrites a chain:
     a segment whose state is one of several recurrences it carries (RWKV's
@@ -130,7 +139,23 @@ def run(gm: fx.GraphModule, example_inputs, original: fx.GraphModule, options: P
             batch_stacks(gm)
         except Exception as error:  # never breaks compilation: each stack is replaced whole or not at all
             log.debug("seqpar: batching stacks failed: %s: %s", type(error).__name__, error)
+        if not records_autograd:
+            _stream(gm, result.outcomes)
     return result
+
+
+def _stream(gm: fx.GraphModule, outcomes: list[ChainOutcome]) -> None:
+    """:func:`~.stream.stream_sequential_chains` on ``gm``; the streamed chains' reasons say so."""
+    try:
+        streamed = set(stream_sequential_chains(gm))
+    except Exception as error:  # never breaks compilation: the graph keeps its chain_solve calls
+        log.debug("seqpar: streaming chains failed: %s: %s", type(error).__name__, error)
+        return
+    for outcome in outcomes:
+        if outcome.program is not None and outcome.program.id in streamed:
+            outcome.decision = replace(outcome.decision, reason=(
+                f"{outcome.decision.reason}; inference graph: its states are not held (the loop runs in blocks "
+                f"of {block_length(outcome.program)} steps, each block's per-step outputs evaluated at once)"))
 
 
 def finds_chains(gm: fx.GraphModule, options: PassOptions) -> bool:

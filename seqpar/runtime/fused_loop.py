@@ -71,12 +71,14 @@ _LATER = object()  # no compiled step at this call; one at a later call
 
 
 def run_into(program, state: torch.Tensor, columns, shared, start: int, out: torch.Tensor, generated) -> str | None:
-    """``out[l - start] = s_{l+1}`` for ``l = start .. L - 1`` from ``state`` (``s_start``); returns how: ``"fused"``
-    (the compiled step) or ``"generated"`` (``generated(state, columns, shared, start, L, out)``, the rolled loop's
-    ``run_into``, or ``None`` where it has none), as the program's trial chose, or ``None`` where neither ran.
+    """``out[l - start] = s_{l+1}`` for ``l = start .. stop - 1`` from ``state`` (``s_start``; ``stop = start +
+    len(out)``, at most ``L``); returns how: ``"fused"`` (the compiled step) or ``"generated"``
+    (``generated(state, columns, shared, start, stop, out)``, the rolled loop's ``run_into``, or ``None`` where it
+    has none), as the program's trial chose, or ``None`` where neither ran. The compiled step also writes the
+    per-step outputs where ``out`` takes the whole chain (:func:`served_outputs`).
 
-    The first calls alternate the two (:data:`SAMPLES` each, timed); the faster by its fastest call runs from then
-    on. A call where the step has no compiled form runs the generated loop, untimed; a rolled loop without a
+    The first calls alternate the two (:data:`SAMPLES` each, timed per step: the calls of a chain run in blocks
+    differ in length); the faster by its fastest step runs from then on. A call where the step has no compiled form runs the generated loop, untimed; a rolled loop without a
     generated loop after its first call leaves the compiled step (the graph's speed trial still times the
     whole)."""
     trial = _TRIALS.get(program)
@@ -89,7 +91,9 @@ def run_into(program, state: torch.Tensor, columns, shared, start: int, out: tor
         form = FUSED
     timed = trial.kept is None
     # The outputs are served against the states buffer's version: an inference tensor has none to check.
-    outputs = _output_buffers(program, out) if form == FUSED and start == 0 and not out.is_inference() else []
+    steps = len(out)
+    whole = start == 0 and steps == program.length
+    outputs = _output_buffers(program, out) if form == FUSED and whole and not out.is_inference() else []
     if form == FUSED and state.stride() != out[0].stride():  # an expanded or transposed initial state
         state = torch.empty_strided(out[0].shape, out[0].stride(), dtype=out.dtype, device=out.device).copy_(state)
     step = _compiled_for(program, state, columns, shared, start, out, outputs) if form == FUSED else None
@@ -104,22 +108,21 @@ def run_into(program, state: torch.Tensor, columns, shared, start: int, out: tor
     begin = clock()
     if form == FUSED:
         # Each step's arguments from views made at once (unbind), not indexed per step: ~1 us a step less.
-        steps = program.length - start
         inputs = zip(*(column[start:] for column in columns)) if columns else itertools.repeat((), steps)
         s = state
-        for x_row, row, *y_rows in zip(inputs, out[:steps].unbind(0), *(y.unbind(0) for y in outputs)):
+        for x_row, row, *y_rows in zip(inputs, out.unbind(0), *(y.unbind(0) for y in outputs)):
             step([s, *x_row, *shared, row, *y_rows])
             s = row
         if outputs:
             _SERVED[program] = (weakref.ref(out), out._version, outputs)
     else:
-        generated(state, columns, shared, start, program.length, out)
+        generated(state, columns, shared, start, start + steps, out)
     if timed:
         synchronize(state.device)
-        trial.add(form, clock() - begin)
+        trial.add(form, (clock() - begin) / steps)
         if trial.kept is not None:
-            log.info("seqpar: chain of %d steps: the %s loop kept (fastest call: fused %.3g ms, generated %.3g ms)",
-                     program.length, trial.kept, trial.fastest(FUSED) * 1e3, trial.fastest(GENERATED) * 1e3)
+            log.info("seqpar: chain of %d steps: the %s loop kept (fastest step: fused %.3g us, generated %.3g us)",
+                     program.length, trial.kept, trial.fastest(FUSED) * 1e6, trial.fastest(GENERATED) * 1e6)
     return form
 
 

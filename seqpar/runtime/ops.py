@@ -44,7 +44,8 @@ from . import fused_loop
 from .adjoint import adjoint_solve
 from .newton import newton_solve
 from .precision import in_float64
-from .sequential import run_steps, solve_columns, solve_sequentially
+from .sequential import run_steps, sequential_stats, solve_columns, solve_sequentially
+from .stream import run_in_blocks
 
 log = logging.getLogger("seqpar.runtime")
 
@@ -192,7 +193,7 @@ def _checked(program, state, s0, leaves, shared, states, stats):
     """
     check, state.check = state.check, None
     if leaves is None:  # the sequential loop ran
-        state.check_result = (True, "sequential loop: nothing to check")
+        state.check_result = _NOTHING_TO_CHECK
         return states, stats
     reference, reference_stats = solve_sequentially(program, s0, leaves, shared, "")
 
@@ -214,6 +215,9 @@ def _checked(program, state, s0, leaves, shared, states, stats):
 
 def _chain_solve_fake(program_id, s0, xs, shared, layer_params):
     return s0.new_empty(_PROGRAMS[program_id].length, *s0.shape)
+
+
+_NOTHING_TO_CHECK = (True, "sequential loop: nothing to check")
 
 
 def _register_kernel(name: str, kernel, fake) -> None:
@@ -408,6 +412,41 @@ def _chain_outputs_fake(program_id, s0, states, xs, shared, layer_params):
 
 
 _register_kernel("chain_outputs", chain_outputs, _chain_outputs_fake)
+
+_LIBRARY.define(
+    "chain_stream(int program_id, Tensor s0, Tensor[] xs, Tensor[] shared, Tensor[] layer_params) -> Tensor[]"
+)
+
+
+def chain_stream(program_id, s0, xs, shared, layer_params) -> list[torch.Tensor]:
+    """``[s_L, Y^1, .., Y^J]`` of the registered sequential program ``program_id`` started at ``s0``: what
+    ``chain_solve`` (its last state) and ``chain_outputs`` give, the states never held at once (the loop runs in
+    blocks, :mod:`.stream`). For graphs that record no autograd: the op has no derivative."""
+    program = _PROGRAMS[program_id]
+    state = call_state(program)
+    s0, xs, shared = s0.contiguous(), _contiguous(xs), _contiguous(shared)
+    columns = per_step_columns(program, xs, layer_params)
+    compiled = program.loop in ("compiled", "fused")
+    begin = time.perf_counter()
+    final, outputs, how = run_in_blocks(program, s0, columns, lambda: per_step_inputs(program, xs, layer_params),
+                                        shared, compiled)
+    state.last_stats = sequential_stats(program, program.sequential_reason, how, time.perf_counter() - begin)
+    if state.check is not None:  # the graph check's call: the sequential loop is the reference itself
+        state.check, state.check_result = None, _NOTHING_TO_CHECK
+    return _unaliased([final, *outputs], [s0, *xs, *shared, *layer_params])
+
+
+def _chain_stream_fake(program_id, s0, xs, shared, layer_params):
+    return [s0.new_empty(s0.shape), *_chain_outputs_fake(program_id, s0, None, xs, shared, layer_params)]
+
+
+def _no_derivative(ctx, *grad_outputs):
+    raise RuntimeError("seqpar::chain_stream has no derivative: seqpar runs it in graphs that record no autograd "
+                       "(a graph compiled under torch.no_grad); a differentiated call compiles with chain_solve")
+
+
+_register_kernel("chain_stream", chain_stream, _chain_stream_fake)
+torch.library.register_autograd("seqpar::chain_stream", _no_derivative, lib=_LIBRARY)
 
 
 @torch.library.custom_op("seqpar::chain_outputs_vjp", mutates_args=())

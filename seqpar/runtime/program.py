@@ -229,7 +229,7 @@ class ChainProgram:
         self.output_shapes, self.differentiable_outputs = (), ()
         if outputs is not None:
             self.lowered_outputs = lower_step(self.outputs_packed, *one)
-            self.outputs_at = _trace(self._outputs, *examples)
+            self.outputs_at = _trace(self.outputs_batched, *examples)
             (results,) = [node.args[0] for node in self.outputs_at.graph.nodes if node.op == "output"]
             self.output_shapes = tuple((tuple(node.meta["val"].shape), node.meta["val"].dtype) for node in results)
             self.differentiable_outputs = tuple(
@@ -287,8 +287,9 @@ class ChainProgram:
         x = pytree.tree_unflatten(list(x_leaves), self.xs_spec)
         return tuple(self.outputs(self.layout.unpack(s), x, *shared))
 
-    def _outputs(self, prev, xs_leaves, shared):
-        """``Y^j_l = g^j(prev_l, x_l)`` for all ``l``: ``(L, N, w) -> ((L, *y^j shape), ..)``."""
+    def outputs_batched(self, prev, xs_leaves, shared):
+        """``Y^j_l = g^j(prev_l, x_l)`` for all ``l`` given: ``(K, N, w) -> ((K, *y^j shape), ..)``, any ``K``
+        (:attr:`outputs_at` is this traced at ``K = L``)."""
         return vmap(self.lowered_outputs, in_dims=(0, 0, None))(prev, xs_leaves, shared)
 
     def _outputs_vjp(self, prev, xs_leaves, shared, cotangents):
@@ -297,16 +298,18 @@ class ChainProgram:
         chosen = self.differentiable_outputs
 
         def differentiable(prev, xs_leaves, shared):
-            outputs = self._outputs(prev, xs_leaves, shared)
+            outputs = self.outputs_batched(prev, xs_leaves, shared)
             return tuple(outputs[index] for index in chosen)
 
         return _pullback(differentiable, prev, xs_leaves, shared, tuple(cotangents[index] for index in chosen),
                          self.frozen)
 
-    def input_trees(self, xs_leaves, start: int = 0) -> list:
-        """``[x_start, ..., x_{L-1}]``: the step's input trees, sliced once (for the sequential loop)."""
-        columns = [leaf[start:].unbind(0) for leaf in xs_leaves]
-        rows = zip(*columns) if columns else [()] * (self.length - start)
+    def input_trees(self, xs_leaves, start: int = 0, stop: int | None = None) -> list:
+        """``[x_start, ..., x_{stop-1}]`` (``stop``: default ``L``): the step's input trees, sliced once (for the
+        sequential loop)."""
+        stop = self.length if stop is None else stop
+        columns = [leaf[start:stop].unbind(0) for leaf in xs_leaves]
+        rows = zip(*columns) if columns else [()] * (stop - start)
         spec = self.xs_spec
         if spec.is_leaf():
             return [row[0] for row in rows]
@@ -689,6 +692,12 @@ def windowed_steps_vjp(program, window: int, xs_leaves, shared):
     :func:`windowed_steps`; the inputs without gradients, ``frozen``, name the trace too)."""
     key = ("vjp", window, program.frozen)
     return _windowed_trace(program, key, lambda: program._steps_vjp, window, xs_leaves, shared, cotangent=True)
+
+
+def windowed_outputs(program, window: int, xs_leaves, shared):
+    """:meth:`ChainProgram.outputs_batched` traced for ``window`` positions (:attr:`ChainProgram.outputs_at` is
+    it at ``L``): ``(prev, xs, shared)`` with ``prev`` ``(W, N, w)``, made once per window, as :func:`windowed_steps`."""
+    return _windowed_trace(program, ("outputs", window), lambda: program.outputs_batched, window, xs_leaves, shared)
 
 
 def _windowed_trace(program, key, make_fn, window: int, xs_leaves, shared, cotangent: bool = False):

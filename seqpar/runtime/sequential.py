@@ -38,35 +38,37 @@ def run_columns(program, state, columns, shared, start: int = 0, recorded: bool 
     are written into one buffer (``out=`` and in-place forms of the step's
     last ops: the same kernels, no allocation per step).
     """
-    return _run_columns(program, state, columns, shared, start, recorded, compiled=False)[0]
+    return run_loop(program, state, columns, shared, start, recorded, compiled=False)[0]
 
 
-def _run_columns(program, state, columns, shared, start, recorded, compiled: bool):
-    """``(states, how)``: :func:`run_columns`, or where ``compiled`` allows it, the compiled C loop of a small dense
-    layer (:mod:`.dense_step`; ``how`` ``"compiled"``) or for a program built with ``loop="fused"`` its step
-    compiled by inductor where that was timed faster (:mod:`.fused_loop`; ``"fused"``), else the loop's kind."""
-    if start >= program.length:
+def run_loop(program, state, columns, shared, start, recorded, compiled: bool, stop: int | None = None):
+    """``(states, how)``: :func:`run_columns` for the steps ``start + 1 .. stop`` (default ``L``), or where
+    ``compiled`` allows it, the compiled C loop of a small dense layer (:mod:`.dense_step`; ``how``
+    ``"compiled"``) or for a program built with ``loop="fused"`` its step compiled by inductor where that was
+    timed faster (:mod:`.fused_loop`; ``"fused"``), else the loop's kind."""
+    stop = program.length if stop is None else stop
+    if start >= stop:
         return state.new_empty(0, *state.shape), ""
     loop = loop_for(program, state, columns, shared)
     recorded = torch.is_grad_enabled() if recorded is None else recorded
     if not recorded and (loop.run_into is not None or compiled):
-        out = state.new_empty(program.length - start, *state.shape)
+        out = state.new_empty(stop - start, *state.shape)
         if compiled and dense_step.usable(loop.dense, state):
-            if dense_step.run(loop.dense, state, columns, shared, start, program.length, out) is not None:
+            if dense_step.run(loop.dense, state, columns, shared, start, stop, out) is not None:
                 return out, "compiled"
         if compiled and program.loop == "fused":
             how = fused_loop.run_into(program, state, columns, shared, start, out, loop.run_into)
             if how is not None:
                 return out, how if how == "fused" else loop.kind
         if loop.run_into is not None:
-            return loop.run_into(state, columns, shared, start, program.length, out), loop.kind
+            return loop.run_into(state, columns, shared, start, stop, out), loop.kind
     if loop.run is not None:
-        return torch.stack(loop.run(state, columns, shared, start, program.length)), loop.kind
+        return torch.stack(loop.run(state, columns, shared, start, stop)), loop.kind
     layout = program.layout
     current = layout.unpack(state)
     trajectory = []
-    xs_leaves = [torch.stack(list(column)) for column in columns]
-    for x in program.input_trees(xs_leaves, start):
+    xs_leaves = [torch.stack(list(column[start:stop])) for column in columns]
+    for x in program.input_trees(xs_leaves, 0, stop - start):
         current = program.step(current, x, *shared)
         trajectory.append(current)
     return layout.pack(pytree.tree_map(lambda *parts: torch.stack(parts), *trajectory)), loop.kind
@@ -102,9 +104,11 @@ def solve_columns(program, s0, columns, shared, reason: str, recorded: bool | No
     (``seconds``, measured on this call). ``compiled``: whether a small dense step may run as the compiled
     C loop (:mod:`.dense_step`), whose rounding differs from eager's kernels."""
     begin = time.perf_counter()
-    states, how = _run_columns(program, s0, columns, shared, 0, recorded, compiled)
-    seconds = time.perf_counter() - begin
-    stats = SolveStats(length=program.length, jacobian="none", converged=True, fallback=reason,
-                       sequential_steps=program.length, evaluations=program.length,
-                       loop=how, seconds=seconds)
-    return states, stats
+    states, how = run_loop(program, s0, columns, shared, 0, recorded, compiled)
+    return states, sequential_stats(program, reason, how, time.perf_counter() - begin)
+
+
+def sequential_stats(program, reason: str, how: str, seconds: float) -> SolveStats:
+    """The stats of a chain solved by its sequential loop (``how`` it ran, in ``seconds``; ``reason``: why)."""
+    return SolveStats(length=program.length, jacobian="none", converged=True, fallback=reason,
+                      sequential_steps=program.length, evaluations=program.length, loop=how, seconds=seconds)

@@ -21,7 +21,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from ..runtime.ops import per_step_inputs, program_by_id
+from ..runtime.ops import program_by_id, with_layer_groups
 from ..runtime.stream import trace_blocks
 from .rewrite import annotate_new_nodes
 
@@ -62,16 +62,17 @@ def stream_sequential_chains(gm: fx.GraphModule) -> list[int]:
 
 
 def _trace_blocks(program, solve: fx.Node) -> None:
-    """:func:`~seqpar.runtime.stream.trace_blocks` on empty tensors shaped like the solve's inputs (one row of
-    each per-step input; the layer parameters as they come, stacked by the op's own rule)."""
-    def empty(node: fx.Node, rows=None) -> torch.Tensor:
+    """:func:`~seqpar.runtime.stream.trace_blocks` on empty tensors shaped like one row of each per-step input
+    of the solve (a layer parameter group's row: its first parameter; nothing stacked)."""
+    def empty(node: fx.Node, shape) -> torch.Tensor:
         value = node.meta["example_value"]
-        shape = value.shape if rows is None else (rows, *value.shape[1:])
         return torch.empty(shape, dtype=value.dtype, device=value.device)
 
     _, _, xs, shared, layer_params = solve.args
-    leaves = per_step_inputs(program, [empty(node, 1) for node in xs], [empty(node) for node in layer_params])
-    trace_blocks(program, leaves, [empty(node) for node in shared])
+    rows = [empty(node, (1, *node.meta["example_value"].shape[1:])) for node in xs]
+    leaves = with_layer_groups(program, rows, layer_params,
+                               lambda group: empty(group[0], (1, *group[0].meta["example_value"].shape)))
+    trace_blocks(program, leaves, [empty(node, node.meta["example_value"].shape) for node in shared])
 
 
 def _end_reads(solve: fx.Node, length: int) -> tuple[list[fx.Node], fx.Node | None] | None:

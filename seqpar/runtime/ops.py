@@ -102,16 +102,16 @@ def per_step_inputs(program, xs, layer_params):
     contiguous, as every tensor the traced graphs take (channels-last parameters
     stack to a strided tensor).
     """
-    return _with_layer_groups(program, list(xs), layer_params, lambda group: torch.stack(group).contiguous())
+    return with_layer_groups(program, list(xs), layer_params, lambda group: torch.stack(group).contiguous())
 
 
 def per_step_columns(program, xs, layer_params):
     """The per-step inputs as columns (``columns[i][l]``: leaf ``i`` of step ``l + 1``), nothing copied:
     the rows of each ``xs`` tensor (``unbind(0)``) and each group of layer parameters as it was handed over."""
-    return _with_layer_groups(program, [leaf.unbind(0) for leaf in xs], layer_params, list)
+    return with_layer_groups(program, [leaf.unbind(0) for leaf in xs], layer_params, list)
 
 
-def _with_layer_groups(program, xs, layer_params, combine):
+def with_layer_groups(program, xs, layer_params, combine):
     """``xs`` with ``combine(group j of layer_params)`` inserted at position ``param_slots[j]``."""
     slots = program.param_slots
     if not slots:

@@ -152,3 +152,33 @@ def test_mambas_loop_runs_its_fused_step_in_blocks(monkeypatch):
     own = float((eager.double() - exact).abs().max() / exact.abs().max())
     for out in outs:
         assert float((out.double() - exact).abs().max() / exact.abs().max()) <= max(4 * own, 1e-6)
+
+
+class ReadoutStack(torch.nn.Module):
+    """``h_l = tanh(W_l h_{l-1} + b_l)`` over ``depth`` layers of their own, each layer's ``h_l . r_l`` read after the
+    stack: per-layer parameters handed to the chain unstacked, and a per-step output."""
+
+    def __init__(self, depth=24, width=6):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(width, width) for _ in range(depth))
+        self.readouts = torch.nn.Parameter(torch.randn(depth, width))
+
+    def forward(self, h):
+        taps = []
+        for layer, readout in zip(self.layers, self.readouts):
+            h = torch.tanh(layer(h))
+            taps.append(h @ readout)
+        return torch.stack(taps, -1), h
+
+
+def test_a_layer_stack_with_readouts_runs_in_blocks(monkeypatch):
+    torch.manual_seed(0)
+    model, x = ReadoutStack().double(), torch.randn(3, 6, dtype=torch.float64)
+    monkeypatch.setattr(stream, "BLOCK_BYTES", 5 * 3 * 6 * 8)  # blocks of 5 layers, the last of 4
+    (taps, h), backend = run(model, x)
+    with torch.no_grad():
+        want_taps, want_h = model(x)
+    (chain,) = [chain for graph in backend.graphs for chain in graph.chains if chain.decision != "rejected"]
+    assert ops_called(backend) == {"chain_stream"} and "blocks of 5 steps" in chain.reason
+    assert float((h - want_h).abs().max() / want_h.abs().max()) <= TOL
+    assert float((taps - want_taps).abs().max() / want_taps.abs().max()) <= TOL

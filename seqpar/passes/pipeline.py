@@ -148,8 +148,9 @@ def _stream(gm: fx.GraphModule, outcomes: list[ChainOutcome]) -> None:
     """:func:`~.stream.stream_sequential_chains` on ``gm``; the streamed chains' reasons say so."""
     try:
         streamed = set(stream_sequential_chains(gm))
-    except Exception as error:  # never breaks compilation: the graph keeps its chain_solve calls
+    except Exception as error:  # never breaks compilation: each chain is rewritten whole or not at all
         log.debug("seqpar: streaming chains failed: %s: %s", type(error).__name__, error)
+        gm.recompile()
         return
     for outcome in outcomes:
         if outcome.program is not None and outcome.program.id in streamed:

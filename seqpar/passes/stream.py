@@ -16,6 +16,7 @@ is. ``graph.lint()`` passes and the new nodes carry fake values.
 
 from __future__ import annotations
 
+import logging
 import operator
 
 import torch
@@ -25,6 +26,7 @@ from ..runtime.ops import program_by_id, with_layer_groups
 from ..runtime.stream import trace_blocks
 from .rewrite import annotate_new_nodes
 
+log = logging.getLogger("seqpar.passes")
 _seqpar = torch.ops.seqpar
 
 
@@ -38,7 +40,11 @@ def stream_sequential_chains(gm: fx.GraphModule) -> list[int]:
         if reads is None:
             continue
         finals, outputs = reads
-        _trace_blocks(program, solve)
+        try:
+            _trace_blocks(program, solve)
+        except Exception as error:  # the chain keeps its chain_solve call, as in a differentiated graph
+            log.debug("seqpar: chain of %d steps not streamed: %s: %s", program.length, type(error).__name__, error)
+            continue
         with graph.inserting_after(solve):  # its inputs are the solve's: every reader of the states follows
             stream = graph.call_function(_seqpar.chain_stream.default, solve.args, solve.kwargs)
         with graph.inserting_after(stream):

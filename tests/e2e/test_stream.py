@@ -182,3 +182,22 @@ def test_a_layer_stack_with_readouts_runs_in_blocks(monkeypatch):
     assert ops_called(backend) == {"chain_stream"} and "blocks of 5 steps" in chain.reason
     assert float((h - want_h).abs().max() / want_h.abs().max()) <= TOL
     assert float((taps - want_taps).abs().max() / want_taps.abs().max()) <= TOL
+
+
+def test_inference_mode_and_the_graph_check():
+    """Under ``torch.inference_mode`` (tensors without a version counter) with ``verify=True``: the graph check
+    of the first call runs on the streamed graph, the chain's check says the loop is its own reference."""
+    torch.manual_seed(0)
+    model, x = Memory().double(), torch.randn(2, 30, 8, dtype=torch.float64)
+    torch._dynamo.reset()
+    backend = SeqparBackend({**ROLLED, "verify": True})
+    function = torch.compile(model, backend=backend)
+    with torch.inference_mode():
+        outs = [function(x) for _ in range(2)]
+        want = model(x)
+    assert ops_called(backend) == {"chain_stream"}
+    (graph,) = backend.graphs
+    assert not graph.fell_back
+    for out in outs:
+        for got, eager in zip(out, want):
+            assert float((got - eager).abs().max() / eager.abs().max()) <= TOL

@@ -70,15 +70,15 @@ def stream_sequential_chains(gm: fx.GraphModule) -> list[int]:
 def _trace_blocks(program, solve: fx.Node) -> None:
     """:func:`~seqpar.runtime.stream.trace_blocks` on empty tensors shaped like one row of each per-step input
     of the solve (a layer parameter group's row: its first parameter; nothing stacked)."""
-    def empty(node: fx.Node, shape) -> torch.Tensor:
-        value = node.meta["example_value"]
-        return torch.empty(shape, dtype=value.dtype, device=value.device)
+    def empty(node: fx.Node, lead=(), skip: int = 0) -> torch.Tensor:
+        """An empty tensor like ``node``'s value, its first ``skip`` dims replaced by ``lead``."""
+        value = node.meta.get("example_value", node.meta.get("val"))
+        return torch.empty((*lead, *value.shape[skip:]), dtype=value.dtype, device=value.device)
 
     _, _, xs, shared, layer_params = solve.args
-    rows = [empty(node, (1, *node.meta["example_value"].shape[1:])) for node in xs]
-    leaves = with_layer_groups(program, rows, layer_params,
-                               lambda group: empty(group[0], (1, *group[0].meta["example_value"].shape)))
-    trace_blocks(program, leaves, [empty(node, node.meta["example_value"].shape) for node in shared])
+    leaves = with_layer_groups(program, [empty(node, (1,), 1) for node in xs], layer_params,
+                               lambda group: empty(group[0], (1,)))
+    trace_blocks(program, leaves, [empty(node) for node in shared])
 
 
 def _end_reads(solve: fx.Node, length: int) -> tuple[list[fx.Node], fx.Node | None] | None:

@@ -78,9 +78,9 @@ def run_into(program, state: torch.Tensor, columns, shared, start: int, out: tor
     per-step outputs where ``out`` takes the whole chain (:func:`served_outputs`).
 
     The first calls alternate the two (:data:`SAMPLES` each, timed per step: the calls of a chain run in blocks
-    differ in length); the faster by its fastest step runs from then on. A call where the step has no compiled form runs the generated loop, untimed; a rolled loop without a
-    generated loop after its first call leaves the compiled step (the graph's speed trial still times the
-    whole)."""
+    differ in length); the faster by its fastest step runs from then on. A call where the step has no compiled
+    form runs the generated loop, untimed; a rolled loop without a generated loop after its first call leaves the
+    compiled step (the graph's speed trial still times the whole)."""
     trial = _TRIALS.get(program)
     if trial is None:
         trial = _TRIALS[program] = Trial(FUSED, GENERATED, SAMPLES)

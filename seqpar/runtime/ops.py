@@ -387,14 +387,9 @@ _LIBRARY.define(
 )
 
 
-def _output_states(program, s0: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-    """The states ``g`` is evaluated at, ``(L, N, w)``: every step's result ``(s_1, .., s_L)`` where the program's
-    outputs read it (``outputs_at_next``), else every step's input ``(s_0, .., s_{L-1})``."""
-    return states if program.outputs_at_next else torch.cat([s0.unsqueeze(0), states[:-1]])
-
-
 def chain_outputs(program_id, s0, states, xs, shared, layer_params) -> list[torch.Tensor]:
-    """``[Y^1, .., Y^J]``, ``Y^j_l = g^j(s_{l-1}, x_l, *shared)`` (or ``g^j(s_l, ..)``, :func:`_output_states`)
+    """``[Y^1, .., Y^J]``, ``Y^j_l = g^j(s_{l-1}, x_l, *shared)`` (or ``g^j(s_l, ..)``,
+    :meth:`~.program.ChainProgram.output_states`)
     ``(L, *y^j shape)``: the per-step outputs of program ``program_id`` at the states ``states`` ``(L, N, w)``
     started at ``s0``, in one batched call."""
     program = _PROGRAMS[program_id]
@@ -403,7 +398,7 @@ def chain_outputs(program_id, s0, states, xs, shared, layer_params) -> list[torc
         return served
     s0, states, xs, shared = s0.contiguous(), states.contiguous(), _contiguous(xs), _contiguous(shared)
     leaves = per_step_inputs(program, xs, layer_params)
-    outputs = program.outputs_at(_output_states(program, s0, states), leaves, shared)
+    outputs = program.outputs_at(program.output_states(s0, states), leaves, shared)
     return _unaliased(list(outputs), [s0, states, *leaves, *shared, *layer_params])
 
 
@@ -460,14 +455,15 @@ def chain_outputs_vjp(
     grad_outputs: list[torch.Tensor],
 ) -> list[torch.Tensor]:
     """``[d s0, d states, *d xs, *d shared, *d layer_params]`` of ``sum_j <grad_outputs_j, Y^j>``: the batched
-    VJP of ``g`` at the states it reads (:func:`_output_states`; a state it does not read gets zeros)."""
+    VJP of ``g`` at the states it reads (:meth:`~.program.ChainProgram.output_states`; a state it does not read
+    gets zeros)."""
     program = _PROGRAMS[program_id]
     if program.outputs_vjp is None:  # no floating-point output: nothing to differentiate
         return [torch.zeros_like(tensor) for tensor in [s0, states, *xs, *shared, *layer_params]]
     s0, states, xs, shared = s0.contiguous(), states.contiguous(), _contiguous(xs), _contiguous(shared)
     leaves = per_step_inputs(program, xs, layer_params)
     grad_at, grad_leaves, grad_shared = program.outputs_vjp(
-        _output_states(program, s0, states), leaves, shared, _contiguous(grad_outputs)
+        program.output_states(s0, states), leaves, shared, _contiguous(grad_outputs)
     )
     if program.outputs_at_next:
         grad_s0, grad_states = torch.zeros_like(s0), grad_at
@@ -525,7 +521,7 @@ def _recorded_outputs(program, s0, states, xs, shared, layer_params) -> list[tor
     """The per-step outputs evaluated step by step by ``g`` itself (``create_graph=True``: the traced batched
     graphs are for values, not for autograd to record)."""
     leaves = per_step_inputs(program, list(xs), list(layer_params))
-    at = _output_states(program, s0, states)
+    at = program.output_states(s0, states)
     rows = [program.outputs_packed(at[l], [leaf[l] for leaf in leaves], list(shared)) for l in range(program.length)]
     return [torch.stack(column) for column in zip(*rows)]
 

@@ -282,6 +282,12 @@ class ChainProgram:
         self.loop = loop
         self.param_slots = tuple(param_slots)
 
+    def output_states(self, s0: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """The states ``g`` is evaluated at, ``(K, N, w)``, for the steps whose results are ``states`` and that
+        start from ``s0``: those results ``(s_1, .., s_K)`` where the outputs read them (``outputs_at_next``),
+        else every step's input ``(s_0, .., s_{K-1})``."""
+        return states if self.outputs_at_next else torch.cat([s0.unsqueeze(0), states[:-1]])
+
     def outputs_packed(self, s: torch.Tensor, x_leaves, shared) -> tuple:
         """One step's per-step outputs on a packed state ``(N, w)``: ``g(unpack(s), x_l, *shared)``."""
         x = pytree.tree_unflatten(list(x_leaves), self.xs_spec)

@@ -84,7 +84,7 @@ def run_in_blocks(program, s0: torch.Tensor, columns, stacked_inputs: Callable[[
             outputs = served
         elif program.outputs is not None:
             leaves = stacked_inputs() if leaves is None else leaves
-            prev = states if program.outputs_at_next else torch.cat([state.unsqueeze(0), states[:-1]])
+            prev = program.output_states(state, states)
             if not in_blocks:
                 outputs = list(program.outputs_at(prev, leaves, shared))
             else:

@@ -106,7 +106,7 @@ def find_chains(gm: fx.GraphModule, *, min_chain: int = 4) -> tuple[list[Chain],
     long_enough = [chain.length >= min_chain for chain in chains]
     chains = [chain for chain, keep in zip(chains, long_enough) if keep]
     built = [plan for plan, keep in zip(built, long_enough) if keep]
-    candidates, kept, inlined_scans = [], [], []
+    candidates, kept = [], []
     rejected.sort(key=lambda r: -(r.end - r.begin))
     for r in rejected:
         overlaps = [t for t in built if not (r.end <= t.begin or t.end <= r.begin)] + \
@@ -114,15 +114,12 @@ def find_chains(gm: fx.GraphModule, *, min_chain: int = 4) -> tuple[list[Chain],
         if r.count < min_chain or overlaps:
             continue
         kept.append((r.begin, r.end))
-        if _from_associative_scan(seq[r.begin: r.end]):
-            inlined_scans.append(r)
-            continue
-        candidates.append(_candidate(r, seq))
-    if inlined_scans:
-        candidates.append(Candidate(
-            kind="recurrent", length=max(r.count for r in inlined_scans), modules=[], state_shape=None,
-            reason=ASSOCIATIVE_SCAN_REASON,
-        ))
+        if not _from_associative_scan(seq[r.begin: r.end]):
+            candidates.append(_candidate(r, seq))
+    scanned = _associative_scan_length(seq)
+    if scanned:
+        candidates.append(Candidate(kind="recurrent", length=scanned, modules=[], state_shape=None,
+                                    reason=ASSOCIATIVE_SCAN_REASON))
     scan_chains, scan_candidates = find_scan_chains(gm, min_chain=min_chain)
     if scan_chains:
         order = {node: index for index, node in enumerate(seq)}
@@ -203,6 +200,15 @@ ASSOCIATIVE_SCAN_REASON = (
 def _from_associative_scan(nodes: list[Node]) -> bool:
     """Whether every node comes from ``torch._higher_order_ops.associative_scan`` (by its stack trace)."""
     return bool(nodes) and all("associative_scan" in (node.meta.get("stack_trace") or "") for node in nodes)
+
+
+def _associative_scan_length(seq: list[Node]) -> int:
+    """The length of the longest ``associative_scan`` Dynamo inlined into the graph, 0 if none: the largest
+    leading size of the values its nodes make (it moves the scanned dim first, then halves it level by level).
+    Reported whatever ``min_chain`` is: its ``log2 L`` levels are never a chain of ``min_chain`` segments."""
+    sizes = [value.shape[0] for node in seq if _from_associative_scan([node])
+             if isinstance(value := example(node), torch.Tensor) and value.dim() > 0]
+    return max(sizes, default=0)
 
 
 def _candidate(rejection: Rejection, seq: list[Node]) -> Candidate:

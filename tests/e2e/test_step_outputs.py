@@ -235,8 +235,9 @@ def test_mambas_compiled_path_an_inlined_associative_scan_is_one_candidate_that_
                                       conv_kernel=4, use_mambapy=False)
     assert config.use_associative_scan  # the default: taken when Dynamo compiles
     model, ids = transformers.MambaModel(config).double().eval(), torch.randint(0, 50, (1, 16))
-    (candidate,) = seqpar.explain(model, ids, options={"min_chain": 4}).chains
+    (candidate,) = seqpar.explain(model, ids).chains  # its 4 levels are far below min_chain: reported still
     assert candidate.decision == "rejected" and "associative_scan" in candidate.reason
+    assert candidate.length == 16  # the scanned length, not the number of levels
     compiled, _ = compile_with(model, policy="parallel")
     with torch.no_grad():
         torch.testing.assert_close(compiled(ids).last_hidden_state, model(ids).last_hidden_state, atol=F64_ATOL,

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 from torch._dynamo import lookup_backend
-from torch._dynamo.exc import ShortenTraceback
+from torch._dynamo.exc import RestartAnalysis, ShortenTraceback
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .debug import log, write_dump, write_hints
@@ -112,9 +112,14 @@ class SeqparBackend:
 
     def _inner_compile(self, work: fx.GraphModule, example_inputs, record: GraphRecord):
         """The inner backend's compilation of ``work``; where it fails (inductor in torch 2.13 rejects many
-        ``scan`` calls), ``work`` itself, run eagerly, with the reason logged and recorded."""
+        ``scan`` calls), ``work`` itself, run eagerly, with the reason logged and recorded. Dynamo's requests to
+        trace the frame again (``RestartAnalysis``) are no failure: they pass through, as from the inner backend
+        alone."""
         try:
             return lookup_backend(self.options.inner)(work, example_inputs)
+        except RestartAnalysis:  # Dynamo's own control flow (inductor asks it to re-trace with scalars as tensors)
+            self.graphs.remove(record)  # the graph is traced again and comes back as a new one
+            raise
         except Exception as error:
             if self.options.inner == "eager":
                 raise

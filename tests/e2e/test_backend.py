@@ -433,3 +433,30 @@ def test_only_graphs_with_compute_besides_chains_and_glue_go_to_the_inner_compil
     torch.testing.assert_close(compiled(*inputs), model(*inputs), atol=F64_ATOL, rtol=0)
     assert [chain.decision for chain in chain_reports(backend)] == ["parallel"]
     assert (inner_calls == []) == standalone
+
+
+def test_dynamos_request_to_trace_again_passes_through_the_inner_backend(monkeypatch):
+    """Inductor raises ``TensorifyScalarRestartAnalysis`` when a float it was to take as a tensor got specialised
+    (transformers' RecurrentGemma under seqpar): Dynamo's control flow, not a failure. It reaches Dynamo, which
+    traces the frame again; the first graph leaves no record and the second is compiled, not run eagerly."""
+    from torch._dynamo.exc import TensorifyScalarRestartAnalysis
+
+    asked = []
+
+    def inner_asking_once(name):
+        def compile_graph(gm, example_inputs):
+            asked.append(gm)
+            if len(asked) == 1:
+                raise TensorifyScalarRestartAnalysis
+            return gm
+
+        return compile_graph
+
+    monkeypatch.setattr("seqpar.backend.lookup_backend", inner_asking_once)
+    torch._dynamo.reset()
+    model, x = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh()).double(), torch.randn(3, 4).double()
+    backend = seqpar.backend.SeqparBackend({"inner": "inductor"})
+    torch.testing.assert_close(torch.compile(model, backend=backend)(x), model(x), rtol=0, atol=0)
+    assert len(asked) == 2  # traced again after the request
+    (graph,) = backend.graphs
+    assert graph.inner_error is None

@@ -44,6 +44,7 @@ import time
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 from torch.utils._pytree import tree_leaves
 
 from seqpar.backend import SeqparBackend
@@ -116,11 +117,13 @@ def forward(fn, ids):
 
 
 class OpTimes(TorchDispatchMode):
-    """Seconds and calls per aten op and input shapes, for the calls made while active (forward and backward)."""
+    """Calls, seconds and floating-point operations (those of the ops torch's flop counter knows: products,
+    convolutions; 0 for the rest) per aten op and input shapes, for the calls made while active (forward and
+    backward)."""
 
     def __init__(self):
         super().__init__()
-        self.groups = collections.defaultdict(lambda: [0, 0.0])  # (op, shapes) -> [calls, seconds]
+        self.groups = collections.defaultdict(lambda: [0, 0.0, 0])  # (op, shapes) -> [calls, seconds, flops]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         start = time.perf_counter()
@@ -129,6 +132,8 @@ class OpTimes(TorchDispatchMode):
                                          if isinstance(arg, torch.Tensor)))]
         group[0] += 1
         group[1] += time.perf_counter() - start
+        count = flop_registry.get(func.overloadpacket)
+        group[2] += count(*args, **(kwargs or {}), out_val=result) if count is not None else 0
         return result
 
 
@@ -137,10 +142,11 @@ DENSE_OPS = {"mm", "addmm", "bmm", "baddbmm", "convolution", "convolution_backwa
              "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward"}
 
 
-def recurrence_free_bounds(run, seq: int, eager_seconds: float) -> tuple[float, float]:
+def recurrence_free_bounds(run, seq: int, eager_seconds: float) -> str:
     """Amdahl's bounds on the speed-up of eager's call ``run`` (``eager_seconds`` a call): ``T / T_outside``, the
     recurrence free and everything else at eager's speed, and ``T / T_dense``, only the dense products outside
-    the loop left (no backend beats that on a CPU whose BLAS runs at its peak).
+    the loop left (no backend beats that on a CPU whose BLAS runs at its peak), with the products' work and the
+    rate eager ran them at (``GFLOP at GFLOP/s``: the why of the second bound).
 
     ``T_outside`` and ``T_dense`` come from one more call with every aten op timed, grouped by name and input
     shapes: a group called fewer than ``seq`` times is outside the loop (projections, attention, convolutions,
@@ -149,10 +155,12 @@ def recurrence_free_bounds(run, seq: int, eager_seconds: float) -> tuple[float, 
     """
     with OpTimes() as timed:
         run()
-    outside = [(func.overloadpacket.__name__, seconds) for (func, _), (calls, seconds) in timed.groups.items()
-               if calls < seq]
-    return (eager_seconds / sum(seconds for _, seconds in outside),
-            eager_seconds / sum(seconds for name, seconds in outside if name in DENSE_OPS))
+    outside = [(func.overloadpacket.__name__, seconds, flops)
+               for (func, _), (calls, seconds, flops) in timed.groups.items() if calls < seq]
+    dense_seconds = sum(seconds for name, seconds, _ in outside if name in DENSE_OPS)
+    dense_flops = sum(flops for name, _, flops in outside if name in DENSE_OPS)
+    return (f"{eager_seconds / sum(seconds for _, seconds, _ in outside):.2f}x / {eager_seconds / dense_seconds:.2f}x "
+            f"({dense_flops / 1e9:.0f} GFLOP at {dense_flops / dense_seconds / 1e9:.0f} GFLOP/s)")
 
 
 def timed(calls: dict, repeats: int, args, backend) -> dict:
@@ -199,8 +207,7 @@ def measure(family: str, seq: int, batch: int, repeats: int, args) -> str:
             continue
         cells.append(f"{times['eager'] * 1e3:.1f} ms")
         cells += [f"{times['eager'] / times[name]:.2f}x" if name in times else "-" for name in ("seqpar", "inductor")]
-        cells.append("{:.2f}x / {:.2f}x".format(*recurrence_free_bounds(make(fns["eager"], ids), seq, times["eager"]))
-                     if args.bound else "-")
+        cells.append(recurrence_free_bounds(make(fns["eager"], ids), seq, times["eager"]) if args.bound else "-")
     chains = [chain for graph in backend.graphs for chain in graph.chains]
     decisions = ", ".join(
         f"{chain.kind} L={chain.length} {chain.decision}/{chain.method or '-'}/{chain.adjoint or '-'}"

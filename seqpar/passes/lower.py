@@ -64,7 +64,7 @@ def _requires_grad(node: fx.Node) -> bool:
 
 def _empty_like(value: torch.Tensor, lead: tuple[int, ...] = ()) -> torch.Tensor:
     """A real, uninitialised tensor shaped like a (fake) example value, for tracing."""
-    return torch.empty(*lead, *value.shape, dtype=value.dtype, device=value.device)
+    return torch.empty((*lead, *value.shape), dtype=value.dtype, device=value.device)
 
 
 def stacks_parameters_in_graph(chain: Chain, decision: Decision, standalone: bool) -> bool:

@@ -38,6 +38,7 @@ covered nodes. All of it is linear in the graph size per candidate period.
 
 from __future__ import annotations
 
+import operator
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +57,42 @@ from .tokens import example, flatten_args, is_invoke_subgraph, is_number, node_t
 MAX_PERIODS = 48
 # Segment phases validated per repeated region (those with the fewest live values).
 MAX_PHASES = 4
+
+
+_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul,
+               torch.div, torch.true_divide}
+
+
+def scalar_source(n: Node, a: Node) -> Node | None:
+    """The 0-d tensor ``t`` when ``n`` reads ``a = t.item()`` as an operand of ``+ - * /`` and reading ``t``
+    instead computes the same, else ``None``.
+
+    Dynamo reads a float argument that changed between calls from a 0-d float64 tensor (``item``, a symbolic
+    float); a chain's step reads tensors. ``x op t`` equals ``x op float(t)`` where ``x`` is a float32 or float64
+    tensor and the result keeps its dtype: a 0-d operand does not promote a tensor of its kind, and both forms
+    round ``t`` to ``x``'s dtype before the op. Not for half or bfloat16 (their ops keep a Python number in
+    float32), nor as ``alpha`` or ``rounding_mode``."""
+    if not (a.op in ("call_method", "call_function") and getattr(a.target, "__name__", a.target) == "item"
+            and len(a.args) == 1 and a.args[0].__class__ is Node):
+        return None
+    source, result = example(a.args[0]), example(n)
+    if not (isinstance(source, torch.Tensor) and source.dim() == 0 and source.is_floating_point()):
+        return None
+    if n.op != "call_function" or n.target not in _ARITHMETIC or n.kwargs.get("rounding_mode") is not None:
+        return None
+    operands = [example(arg) if arg.__class__ is Node else arg for arg in n.args[:2] if arg is not a]
+    return a.args[0] if (
+        len(n.args) == 2 and sum(arg is a for arg in n.args) == 1 and isinstance(result, torch.Tensor)
+        and result.dtype in (torch.float32, torch.float64) and all(
+            isinstance(operand, torch.Tensor) and operand.dtype == result.dtype for operand in operands)
+    ) else None
+
+
+_SYMBOLIC_NUMBER = (
+    " but a number Dynamo made symbolic (a float or int argument that changed between calls): a chain reads "
+    "tensors; pass the number as a tensor, or set torch._dynamo.config.specialize_float (specialize_int) = True "
+    "for a graph per value"
+)
 
 
 @dataclass
@@ -403,7 +440,7 @@ class Detector:
                                               f"earlier segment, not through the carried state")
                         reads.internal[(o, j)] = q - base
                     elif not (invoke and j == 0):
-                        reads.inputs[(o, j)] = a
+                        reads.inputs[(o, j)] = scalar_source(n, a) or a
                 elif is_number(a):
                     reads.literals[(o, j)] = a
         return reads
@@ -416,7 +453,8 @@ class Detector:
             raise _Invalid(0, "the first segment does not read the carried value")
         for key, a in reads.inputs.items():
             if a.op != "get_attr" and not isinstance(example(a), torch.Tensor):
-                raise _Invalid(0, f"{seq[base + key[0]].name} reads {a.name}, which is not a tensor")
+                raise _Invalid(0, f"{seq[base + key[0]].name} reads {a.name}, which is not a tensor"
+                                  + _SYMBOLIC_NUMBER * isinstance(example(a), (torch.SymFloat, torch.SymInt)))
         if count > 1:
             reason = self._carried_reason(run.p, base, reads.dep_offsets, run.offsets)
             if reason:

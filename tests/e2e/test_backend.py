@@ -460,3 +460,46 @@ def test_dynamos_request_to_trace_again_passes_through_the_inner_backend(monkeyp
     assert len(asked) == 2  # traced again after the request
     (graph,) = backend.graphs
     assert graph.inner_error is None
+
+
+
+def _scaled_loop(x, scale):
+    for _ in range(8):
+        x = torch.tanh(x * scale + 0.1) / scale
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("specialize", [False, True])
+def test_a_float_argument_that_changes_between_calls_stays_in_the_chain(specialize, dtype):
+    """Dynamo makes a float argument symbolic once it changes between calls: the second graph reads it from a
+    0-d float64 tensor (``x * item``). The step reads that tensor instead (``x * t`` rounds ``t`` to ``x``'s
+    dtype as ``x * float(t)`` does), so one graph serves every value, its chain solved; with floats specialised,
+    a graph per value. Values equal eager's (float64: to solver tolerance; float32: the same rounding of the
+    scalar, so to float32's)."""
+    torch._dynamo.reset()
+    backend = SeqparBackend({"policy": "parallel"})
+    compiled = torch.compile(_scaled_loop, backend=backend)
+    x = torch.randn(3, 4, dtype=dtype)
+    tolerance = {"atol": F64_ATOL, "rtol": 0} if dtype == torch.float64 else {"atol": 1e-6, "rtol": 1e-6}
+    with torch._dynamo.config.patch(specialize_float=specialize):
+        for scale in (0.5, 0.7, 0.9):
+            torch.testing.assert_close(compiled(x, scale), _scaled_loop(x, scale), **tolerance)
+    decisions = [[chain.decision for chain in graph.chains] for graph in backend.graphs]
+    assert decisions == [["parallel"]] * (3 if specialize else 2)
+
+
+def test_a_symbolic_float_the_step_cannot_read_as_a_tensor_is_named_where_it_keeps_a_chain_out():
+    """In bfloat16 ``x * float`` keeps the float in float32 and ``x * t`` rounds ``t`` to bfloat16: the chain
+    stays out, and its reason says why and what to do. The graph runs as traced: eager's values, exactly."""
+    torch._dynamo.reset()
+    backend = SeqparBackend({"policy": "parallel", "inner": "eager"})
+    compiled = torch.compile(_scaled_loop, backend=backend)
+    x = torch.randn(3, 4, dtype=torch.bfloat16)
+    for scale in (0.5, 0.7):
+        assert torch.equal(compiled(x, scale), _scaled_loop(x, scale))
+    first, second = [graph.chains for graph in backend.graphs]
+    assert [chain.decision for chain in first] == ["parallel"]
+    (chain,) = second
+    assert chain.decision == "rejected" and "a number Dynamo made symbolic" in chain.reason
+    assert "specialize_float" in chain.reason

@@ -4,8 +4,10 @@ xLSTM's memory ``C_t = f_t C_{t-1} + i_t (k_t v_t^T)`` (in miniature, with a per
 held all ``T`` states for the readout to be evaluated at once: 1 GiB at 4096 steps for one sequence at hidden
 1024, where eager holds one (``seqpar.passes.stream``, ``seqpar.runtime.stream``). Under ``torch.no_grad`` the
 graph now calls ``seqpar::chain_stream``, which runs the loop in blocks and evaluates each block's readouts at
-once. Tolerances: the states are the loop's own, so the final state equals eager's bit for bit; the readouts are
-evaluated batched, in another summation order: float64 within 1e-12 relative of eager.
+once. Tolerances: the states are the loop's own, but the gates' ``sigmoid`` is computed for all steps at once,
+whose vectorised kernel can round 1 ulp apart from eager's per-step call on some CPUs (an Intel Xeon here:
+1.4e-16 relative), and the readouts are evaluated batched, in another summation order: float64 within 1e-12
+relative of eager.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ def test_inference_runs_in_blocks_with_eagers_values(monkeypatch, read, block_st
     with torch.no_grad():
         want_readout, want_memory = model(x)
     assert ops_called(backend) == {"chain_stream"}
-    assert torch.equal(memory, want_memory)
+    assert float((memory - want_memory).abs().max() / want_memory.abs().max()) <= TOL
     assert float((readout - want_readout).abs().max() / want_readout.abs().max()) <= TOL
     (chain,) = [chain for graph in backend.graphs for chain in graph.chains if chain.decision != "rejected"]
     assert f"its states are not held (the loop runs in blocks of {min(block_steps, 40)} steps" in chain.reason

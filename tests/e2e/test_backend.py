@@ -462,7 +462,6 @@ def test_dynamos_request_to_trace_again_passes_through_the_inner_backend(monkeyp
     assert graph.inner_error is None
 
 
-
 def _scaled_loop(x, scale):
     for _ in range(8):
         x = torch.tanh(x * scale + 0.1) / scale

@@ -21,7 +21,13 @@ row ``P[a - 1]`` / ``P[a + L]`` for a ``"slice"``, a value that does not
 depend on the state for ``"computed"``, a number for ``"constant"``), a shared
 input to the very value the chain shares or to one that computes it again
 (:func:`same_value`: T5's first block reads its own ``position_bias.contiguous()``
-while detection shares block 1's with the later blocks). Guarantees for an extended chain
+while detection shares block 1's with the later blocks), or a symbolic float
+``t.item()`` where the chain shares ``t`` (:func:`~.segments.scalar_source`).
+A per-step input that only the step's per-step outputs read is bound by
+matching the outputs' path too, against the readers of the matched nodes
+(:meth:`_Match.bind_output_inputs`); those nodes stay outside the segment and
+compute the added step's outputs as before (RWKV's ``e1 * num`` of its output).
+Guarantees for an extended chain
 (besides those of :func:`~seqpar.passes.detect.find_chains`):
   * the added segment's nodes belong to no chain and only the segment reads
     them, except its output, the state (listed in ``used_outside`` where read
@@ -42,6 +48,7 @@ from torch.fx.node import Node
 from .chain import Chain, state_leaves
 from .effects import side_effect
 from .module_paths import varying_path
+from .segments import scalar_source
 from .slices import select_index
 from .tokens import example, flatten_args, is_number, rebuild_args, target_name, value_signature
 
@@ -78,6 +85,12 @@ class _Pattern:
                 dependent.add(n)
         self.dependent = dependent
         self.size = sum(n.op == "call_function" for n in nodes)
+        state_path = set()
+        for n in reversed(nodes):
+            if n.op == "output" or n in state_path:
+                state_path.update(a for a in n.all_input_nodes if a in dependent)
+        # the state-dependent nodes the next state does not need: the per-step outputs' path
+        self.output_path = [n for n in nodes if n.op == "call_function" and n in dependent and n not in state_path]
 
 
 class _Match:
@@ -87,12 +100,14 @@ class _Match:
         self.pattern, self.chain = pattern, chain
         self.pairs: dict[Node, Node] = {}
         self.used: dict[Node, Node] = {}
+        self.outside: set[Node] = set()  # step nodes whose graph nodes stay outside the segment
         self.state: dict[int, Node] = {}
         self.inputs: dict[int, object] = {}
         self.per_step = len(chain.per_step)
 
-    def match(self, s, g) -> bool:
-        """Whether the step value ``s`` (a node or a literal) is the graph value ``g``, binding as it goes."""
+    def match(self, s, g, reader: Node | None = None) -> bool:
+        """Whether the step value ``s`` (a node or a literal) is the graph value ``g`` that the graph node
+        ``reader`` reads, binding as it goes."""
         if s.__class__ is not Node:
             return g.__class__ is not Node and type(s) is type(g) and s == g
         pattern = self.pattern
@@ -101,7 +116,9 @@ class _Match:
         if s.op == "placeholder":
             index = pattern.inputs.index(s)
             if index >= self.per_step:
-                return same_value(g, self.chain.shared[index - self.per_step])
+                shared = self.chain.shared[index - self.per_step]
+                return same_value(g, shared) or (
+                    reader is not None and g.__class__ is Node and scalar_source(reader, g) is shared)
             return self._bind(self.inputs, index, g, node=self.chain.per_step[index].kind != "constant")
         if s.graph is not pattern.state.graph or s.op == "get_attr":
             return g is s  # a get_attr node of the original graph that the step refers to
@@ -115,7 +132,7 @@ class _Match:
         if _structure(arguments[0]) != _structure(arguments[1]):
             return False
         self.pairs[s], self.used[g] = g, s
-        return all(self.match(a, b) for a, b in zip(*(flatten_args(arg, []) for arg in arguments)))
+        return all(self.match(a, b, g) for a, b in zip(*(flatten_args(arg, []) for arg in arguments)))
 
     @staticmethod
     def _bind(bindings: dict, key, g, node: bool) -> bool:
@@ -128,7 +145,35 @@ class _Match:
 
     def segment(self) -> list[Node]:
         """The graph nodes the step's state path maps to: the added segment's nodes."""
-        return [g for s, g in self.pairs.items() if s in self.pattern.dependent]
+        return [g for s, g in self.pairs.items() if s in self.pattern.dependent and s not in self.outside]
+
+    def bind_output_inputs(self, order: dict) -> _Match | None:
+        """This match with the per-step inputs bound that only the step's per-step outputs read, or ``None``.
+
+        The output path's nodes are matched, in step order, against the readers of the graph nodes their
+        state-dependent arguments map to; they stay outside the segment (the graph computes that step's
+        outputs from the chain's states as before). Only the state path is needed otherwise."""
+        match = self
+        if len(match.inputs) == match.per_step:
+            return match
+        for s in match.pattern.output_path:
+            readers = {reader for a in s.all_input_nodes for g in [match._graph_value(a)] if g is not None
+                       for reader in g.users if reader not in match.used}
+            for g in sorted(readers, key=lambda node: order.get(node, -1)):
+                attempt = _copy(match)
+                if _canonical(g) == _canonical(s) and attempt.match(s, g):
+                    attempt.outside.add(s)
+                    match = attempt
+                    break
+            else:
+                return None
+        return match if len(match.inputs) == match.per_step else None
+
+    def _graph_value(self, s: Node) -> Node | None:
+        """The graph node the step node ``s`` maps to so far (a state leaf through the state's binding)."""
+        if s in self.pattern.leaf_of:
+            return self.state.get(self.pattern.leaf_of[s])
+        return self.pairs.get(s)
 
 
 # Calls whose results are not determined by their arguments (two calls need not hold equal values).
@@ -179,6 +224,9 @@ def _extend(chain: Chain, pattern: _Pattern, order: dict, taken: set, backward: 
     if found is None:
         return False
     match, outputs = found
+    match = match.bind_output_inputs(order)
+    if match is None:
+        return False
     segment = sorted(match.segment(), key=order.__getitem__)
     if not _segment_ok(chain, match, segment, outputs, order, taken, backward):
         return False
@@ -262,6 +310,7 @@ def _copy(match: _Match) -> _Match:
     other = _Match(match.pattern, match.chain)
     other.pairs, other.used = dict(match.pairs), dict(match.used)
     other.state, other.inputs = dict(match.state), dict(match.inputs)
+    other.outside = set(match.outside)
     return other
 
 

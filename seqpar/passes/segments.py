@@ -29,7 +29,9 @@ Candidate periods ``p`` are the most frequent distances between equal tokens;
 for each, runs of positions ``i`` with ``token[i] == token[i+p]`` and
 arguments that correspond (same node, both placeholders, or shifted by ``p``)
 give repeated regions. Each region is cut into segments of ``p`` nodes at the
-phases where the fewest values cross the boundary, then checked segment by
+phases where the fewest values cross the boundary (the phase that ends where
+the region does first: a loop's step 0 can differ from the others, so the
+region begins inside it, and extension adds it), then checked segment by
 segment, splitting it where a check fails. The carried state is what the
 next segment reads of a segment where the segment reads earlier values: each
 such value alone, or all of them that depend on the state as one tuple. Overlapping plans are resolved by
@@ -55,7 +57,8 @@ from .tokens import example, flatten_args, is_invoke_subgraph, is_number, node_t
 
 # Candidate periods examined per graph (the most frequent token distances).
 MAX_PERIODS = 48
-# Segment phases validated per repeated region (those with the fewest live values).
+# Segment phases validated per repeated region (those with the fewest live values, the phases whose last
+# segment ends where the region does first).
 MAX_PHASES = 4
 
 
@@ -657,7 +660,10 @@ class Detector:
         if not phases:
             return None
         lowest = min(self.crossing[r0 + f + p] for f in phases)
-        phases = [f for f in phases if self.crossing[r0 + f + p] == lowest][:MAX_PHASES]
+        phases = [f for f in phases if self.crossing[r0 + f + p] == lowest]
+        # a loop's first step may differ from the others (Dynamo computes a value there the later steps read), so
+        # the region can begin inside it; its last step ends the region: try the phase that ends there first
+        phases = sorted(phases, key=lambda f: (r1 - r0 - f) % p != 0)[:MAX_PHASES]
         best = None
         for f in phases:
             b = r0 + f

@@ -488,6 +488,28 @@ def test_a_float_argument_that_changes_between_calls_stays_in_the_chain(speciali
     assert decisions == [["parallel"]] * (3 if specialize else 2)
 
 
+def _scaled_product_loop(x, w, scale):
+    for _ in range(8):
+        x = torch.tanh(x @ w * scale + 0.1) / scale
+    return x
+
+
+def test_a_symbolic_float_first_read_inside_the_loop_leaves_every_step_in_the_chain():
+    """Where the float is first read after a product (``x @ w * scale``), Dynamo takes ``item`` inside step 0, so
+    step 0 differs from the others: the run of equal segments begins inside step 0 and ends where the loop does.
+    Segmented to end there, the run is steps 1-7 and step 0 joins it (its ``item`` read as the tensor the chain
+    shares): a chain of all 8 steps, where ``min_chain`` is 8, in both graphs."""
+    torch._dynamo.reset()
+    backend = SeqparBackend({"policy": "parallel"})
+    compiled = torch.compile(_scaled_product_loop, backend=backend)
+    torch.manual_seed(0)
+    x, w = torch.randn(3, 4, dtype=torch.float64), torch.randn(4, 4, dtype=torch.float64) / 2
+    for scale in (0.5, 0.7, 0.9):
+        torch.testing.assert_close(compiled(x, w, scale), _scaled_product_loop(x, w, scale), atol=F64_ATOL, rtol=0)
+    chains = [[(chain.decision, chain.length) for chain in graph.chains] for graph in backend.graphs]
+    assert chains == [[("parallel", 8)]] * 2
+
+
 def test_a_symbolic_float_the_step_cannot_read_as_a_tensor_is_named_where_it_keeps_a_chain_out():
     """In bfloat16 ``x * float`` keeps the float in float32 and ``x * t`` rounds ``t`` to bfloat16: the chain
     stays out, and its reason says why and what to do. The graph runs as traced: eager's values, exactly."""

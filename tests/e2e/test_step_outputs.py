@@ -297,6 +297,22 @@ def test_recurrences_writing_a_buffer_per_step_are_served(make, outputs):
         ("recurrent", "parallel", count) for count in outputs]
 
 
+def test_every_rwkv_step_that_computes_a_state_is_in_its_chain():
+    """RWKV's ``den`` and ``max`` chains are found in later rounds, on the graph with ``num``'s chain rewritten,
+    where step 0 differs from the others and joins by extension. It joins only when every per-step input of the
+    step is found, those only its per-step output reads included (``e1 * num`` of the output): all 11 steps of 12
+    that compute a state (the last computes its output alone, from the chain's last state) in each of the six
+    chains. (In float64 the chains begin at step 1: RWKV's initial ``num`` and ``den`` are float32 and step 0
+    promotes them, a step of other dtypes than the rest.)"""
+    model, ids = tiny_rwkv()
+    model = model.float()
+    compiled, backend = compile_with(lambda ids: model(ids).last_hidden_state, policy="parallel")
+    with torch.no_grad():
+        assert_close_at_scale(compiled(ids), model(ids).last_hidden_state)
+    solved = [chain for chain in chain_reports(backend) if chain.decision != "rejected"]
+    assert [(chain.decision, chain.length) for chain in solved] == [("parallel", 11)] * 6
+
+
 # In float32 the per-step output is the state itself (no cast to the model's dtype), written into the buffer:
 # its VJP is its cotangent, which the op returns as a copy, never as its input.
 @pytest.mark.parametrize("dtype, options", [

@@ -158,15 +158,11 @@ class _Match:
             return match
         for s in match.pattern.output_path:
             readers = {reader for a in s.all_input_nodes for g in [match._graph_value(a)] if g is not None
-                       for reader in g.users if reader not in match.used}
-            for g in sorted(readers, key=lambda node: order.get(node, -1)):
-                attempt = _copy(match)
-                if _canonical(g) == _canonical(s) and attempt.match(s, g):
-                    attempt.outside.add(s)
-                    match = attempt
-                    break
-            else:
+                       for reader in g.users}
+            found, match = _match_one_of(match, s, sorted(readers, key=lambda node: order.get(node, -1)))
+            if found is None:
                 return None
+            match.outside.add(s)
         return match if len(match.inputs) == match.per_step else None
 
     def _graph_value(self, s: Node) -> Node | None:
@@ -289,14 +285,7 @@ def _match_after(chain: Chain, pattern: _Pattern, order: dict):
     match = _Match(pattern, chain)
     outputs = []
     for s in pattern.outputs:
-        found = None
-        for g in window:
-            if g in match.used or _canonical(g) != _canonical(s):
-                continue
-            attempt = _copy(match)
-            if attempt.match(s, g):
-                found, match = g, attempt
-                break
+        found, match = _match_one_of(match, s, window)
         outputs.append(found)
     if all(g is None for g in outputs):
         return None
@@ -304,6 +293,18 @@ def _match_after(chain: Chain, pattern: _Pattern, order: dict):
     if not match.state or any(previous[i] is not g for i, g in match.state.items()):
         return None
     return match, outputs
+
+
+def _match_one_of(match: _Match, s: Node, candidates) -> tuple[Node | None, _Match]:
+    """The first of ``candidates`` (graph nodes, none of them matched yet) that the step node ``s`` matches, with
+    ``match`` extended by it; ``(None, match)`` where none does."""
+    for g in candidates:
+        if g in match.used or _canonical(g) != _canonical(s):
+            continue
+        attempt = _copy(match)
+        if attempt.match(s, g):
+            return g, attempt
+    return None, match
 
 
 def _copy(match: _Match) -> _Match:

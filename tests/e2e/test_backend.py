@@ -498,14 +498,19 @@ def test_a_symbolic_float_first_read_inside_the_loop_leaves_every_step_in_the_ch
     """Where the float is first read after a product (``x @ w * scale``), Dynamo takes ``item`` inside step 0, so
     step 0 differs from the others: the run of equal segments begins inside step 0 and ends where the loop does.
     Segmented to end there, the run is steps 1-7 and step 0 joins it (its ``item`` read as the tensor the chain
-    shares): a chain of all 8 steps, where ``min_chain`` is 8, in both graphs."""
+    shares): a chain of all 8 steps, where ``min_chain`` is 8, in both graphs. Values and the gradients of ``x``
+    and ``w`` equal eager's to solver tolerance."""
     torch._dynamo.reset()
     backend = SeqparBackend({"policy": "parallel"})
     compiled = torch.compile(_scaled_product_loop, backend=backend)
     torch.manual_seed(0)
-    x, w = torch.randn(3, 4, dtype=torch.float64), torch.randn(4, 4, dtype=torch.float64) / 2
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    w = (torch.randn(4, 4, dtype=torch.float64) / 2).requires_grad_()
     for scale in (0.5, 0.7, 0.9):
-        torch.testing.assert_close(compiled(x, w, scale), _scaled_product_loop(x, w, scale), atol=F64_ATOL, rtol=0)
+        got, want = compiled(x, w, scale), _scaled_product_loop(x, w, scale)
+        torch.testing.assert_close(got, want, atol=F64_ATOL, rtol=0)
+        for got_grad, want_grad in zip(torch.autograd.grad(got.sum(), (x, w)), torch.autograd.grad(want.sum(), (x, w))):
+            torch.testing.assert_close(got_grad, want_grad, atol=F64_ATOL, rtol=0)
     chains = [[(chain.decision, chain.length) for chain in graph.chains] for graph in backend.graphs]
     assert chains == [[("parallel", 8)]] * 2
 

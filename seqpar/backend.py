@@ -7,6 +7,14 @@ compile the result with the inner backend (inductor by default). The backend
 object records what it did (:class:`GraphRecord`) for ``seqpar.explain``, the
 debug dump and tests. Registered through the ``torch_dynamo_backends`` entry
 point as ``seqpar_backend``.
+
+A rewritten graph whose call runs out of memory (``torch.OutOfMemoryError``)
+hands the graph back: that call and every later one run the original graph
+(the chains' reasons say so); an original graph that runs out of memory in
+the speed trial ends the trial with the rewritten graph kept. Either only
+where the stopped call left nothing a second run would see
+(:func:`~seqpar.passes.rerun.rerun_hazard`); otherwise the error reaches the
+caller, with the hazard in the log.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from .passes.chain import Candidate
 from .passes.effects import is_random
 from .passes.glue import has_other_compute
 from .passes.module_paths import span
+from .passes.rerun import rerun_hazard
 from .report import ChainReport, format_table, hints_for
 from .runtime import fused_loop
 from .runtime.errors import brief
@@ -146,19 +155,30 @@ class SeqparBackend:
             timing = (trial is not None and trial.kept is None and record.calls > 1 and not due
                       and not any(fused_loop.deciding(program) for _, program in record.programs))
             if timing and trial.next_form() == ORIGINAL:
-                out, seconds = timed_call(original, args)
-                trial.timed(ORIGINAL, seconds, out)
-                return out
+                try:
+                    out, seconds = timed_call(original, args)
+                except torch.OutOfMemoryError as error:
+                    # the rewritten graph computes this call (outside the handler: the error's frames hold memory)
+                    trial.out_of_memory(ORIGINAL, _rerun_reason(record, original, ORIGINAL, error))
+                    timing = False
+                else:
+                    trial.timed(ORIGINAL, seconds, out)
+                    return out
             if due:
                 # the inputs as this call found them, for the graph check's reference runs
                 before = copied(args) if record.programs and random_node is None else None
                 for _, program in record.programs:
                     call_state(program).check = _check_states
-            if timing:
-                out, seconds = timed_call(compiled, args)
-                trial.timed(REWRITTEN, seconds, out)
-            else:
-                out = compiled(*args)
+            try:
+                if timing:
+                    out, seconds = timed_call(compiled, args)
+                    trial.timed(REWRITTEN, seconds, out)
+                else:
+                    out = compiled(*args)
+            except torch.OutOfMemoryError as error:
+                _hand_back(record, _rerun_reason(record, original, REWRITTEN, error))
+            if record.fell_back:  # it ran out of memory: the original graph computes this call
+                return original(*args)
             if due and record.programs:
                 _record_chain_checks(record)
                 out = _check_graph(record, original, args, before, out, random_node)
@@ -168,6 +188,25 @@ class SeqparBackend:
 
         run.seqpar_record = record
         return run
+
+
+def _hand_back(record: GraphRecord, why: str) -> None:
+    """The original graph runs from now on: ``why`` to the log and the chains' reasons."""
+    log.warning("seqpar graph %d: %s; running the original graph from now on", record.index, why)
+    record.fell_back = True
+    for report, _ in record.programs:
+        report.reason += f"; {why}, original graph used"
+
+
+def _rerun_reason(record: GraphRecord, original: fx.GraphModule, form: str, error: Exception) -> str:
+    """Why the call whose ``form`` ran out of memory runs again in the other form; the error raised again where
+    the stopped call may have left a trace a second run would see (:func:`~seqpar.passes.rerun.rerun_hazard`)."""
+    what = f"the {form} graph ran out of memory at call {record.calls} ({brief(error)})"
+    hazard = rerun_hazard(original.graph)
+    if hazard is not None:
+        log.warning("seqpar graph %d: %s and cannot run again: %s", record.index, what, hazard)
+        raise error
+    return what
 
 
 def _decided(record: GraphRecord, summary: str) -> None:
@@ -199,10 +238,7 @@ def _check_graph(record: GraphRecord, original: fx.GraphModule, args, before, ou
     record.verification.append(f"call {record.calls}: graph {'ok' if ok else 'MISMATCH'}: {detail}")
     if ok:
         return out
-    log.warning("seqpar graph %d: verification failed (%s); running the original graph from now on", record.index, detail)
-    record.fell_back = True
-    for report, _ in record.programs:
-        report.reason += f"; graph verification mismatch at call {record.calls}, original graph used"
+    _hand_back(record, f"graph verification mismatch at call {record.calls} ({detail})")
     with torch.no_grad():
         for value, reference in zip(args, reference_inputs):
             if isinstance(value, torch.Tensor) and value is not reference and not torch.equal(value, reference):

@@ -57,6 +57,7 @@ class SpeedTrial(Trial):
         self.decided = decided
         self.waiting: object | None = None  # the timed call whose backward has not ended yet
         self.without_backward = 0  # timed calls whose backward had not run by the graph's next call
+        self.stopped: str | None = None  # why a form could not run (it ran out of memory)
 
     def add(self, form: str, seconds: float) -> None:
         undecided = self.kept is None
@@ -91,8 +92,16 @@ class SpeedTrial(Trial):
             self.waiting = None
             self.add(form, forward_seconds)
 
+    def out_of_memory(self, form: str, why: str) -> None:
+        """``form`` ran out of memory (``why``): the other form is kept without more timing."""
+        self.stopped, self.waiting = why, None
+        self.kept = self.second if form == self.first else self.first
+        self.decided(self.summary())
+
     def summary(self) -> str:
         """One line for the report: both forms' fastest calls and the form kept."""
+        if self.stopped is not None:
+            return f"speed trial stopped: {self.stopped}: the {self.kept} graph runs from then on"
         rewritten, original = self.times[REWRITTEN], self.times[ORIGINAL]
         what = "calls, forward and backward" if self.with_backward else "calls"
         if self.kept is None:

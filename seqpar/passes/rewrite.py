@@ -100,7 +100,7 @@ def rewrite_chain(gm: fx.GraphModule, chain: Chain, program: ChainProgram, index
                 replacements.update(_per_step_reads(graph, row, every))
     for old, new in replacements.items():
         new.meta.update({key: value for key, value in old.meta.items() if key in ("example_value", "val")})
-        old.replace_all_uses_with(new, delete_user_cb=lambda user: user not in members)
+    _replace_reads(replacements, members)
     for old in [old for old in replacements if old not in members and not old.users]:
         graph.erase_node(old)  # a stack of a per-step output, served whole
     inputs = {parent for node in chain_nodes for parent in node.all_input_nodes} - members
@@ -116,6 +116,16 @@ def rewrite_chain(gm: fx.GraphModule, chain: Chain, program: ChainProgram, index
     graph.lint()
     annotate_new_nodes(gm, [node for node in graph.nodes if node not in existing])
     return replacements
+
+
+def _replace_reads(replacements: dict, members: set) -> None:
+    """Every read of an ``old`` node of ``replacements`` by a node outside ``members`` reads its ``new`` node
+    instead. Each reader's arguments are rewritten once: ``replace_all_uses_with`` per old node rewrites a
+    reader's whole argument list per replaced input, ``O(L^2)`` for a stack of ``L`` states."""
+    readers = {user: None for old in replacements for user in old.users if user not in members}
+    for reader in readers:
+        reader.args = fx.node.map_arg(reader.args, lambda node: replacements.get(node, node))
+        reader.kwargs = fx.node.map_arg(reader.kwargs, lambda node: replacements.get(node, node))
 
 
 def _per_step_reads(graph: fx.Graph, row: list, every: fx.Node) -> dict:
@@ -182,6 +192,8 @@ def _kept_from_later_writes(graph: fx.Graph, last: fx.Node):
             target = node.kwargs.get("out", node.args[0] if node.args else None)
             written.append(target if isinstance(target, fx.Node) else None)
         after = after or node is last
+    if not written:
+        return lambda value, sources: value
     aliases = Aliases(graph)
 
     def kept(value: fx.Node, sources: list[fx.Node]) -> fx.Node:

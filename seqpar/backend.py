@@ -14,11 +14,14 @@ hands the graph back: that call and every later one run the original graph
 the speed trial ends the trial with the rewritten graph kept. Either only
 where the stopped call left nothing a second run would see
 (:func:`~seqpar.passes.rerun.rerun_hazard`); otherwise the error reaches the
-caller, with the hazard in the log.
+caller, with the hazard in the log. On a CPU, where running out of memory
+ends the process instead, the trial's original call of a differentiated graph
+that might not fit runs under a guard that stops it first (:mod:`.memory`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -30,6 +33,7 @@ from torch._dynamo.exc import RestartAnalysis, ShortenTraceback
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .debug import log, write_dump, write_hints
+from .memory import headroom_guard, training_bound
 from .options import Options, parse_options
 from .passes import pipeline
 from .passes.chain import Candidate
@@ -62,6 +66,7 @@ class GraphRecord:
     fell_back: bool = False
     inner_error: str | None = None  # why the inner backend could not compile the graph (it then runs eagerly)
     speed: SpeedTrial | None = None  # the rewritten graph timed against the original (policy "auto")
+    training_bound: int | None = None  # bytes a differentiated call of the original may hold (seqpar.memory)
 
     def table(self) -> str:
         return format_table(self.chains)
@@ -155,15 +160,10 @@ class SeqparBackend:
             timing = (trial is not None and trial.kept is None and record.calls > 1 and not due
                       and not any(fused_loop.deciding(program) for _, program in record.programs))
             if timing and trial.next_form() == ORIGINAL:
-                try:
-                    out, seconds = timed_call(original, args)
-                except torch.OutOfMemoryError as error:
-                    # the rewritten graph computes this call (outside the handler: the error's frames hold memory)
-                    trial.out_of_memory(ORIGINAL, _rerun_reason(record, original, ORIGINAL, error))
-                    timing = False
-                else:
-                    trial.timed(ORIGINAL, seconds, out)
+                ran, out = _original_in_trial(record, original, args)
+                if ran:
                     return out
+                timing = False  # the rewritten graph computes this call (the stopped one's frames released)
             if due:
                 # the inputs as this call found them, for the graph check's reference runs
                 before = copied(args) if record.programs and random_node is None else None
@@ -188,6 +188,33 @@ class SeqparBackend:
 
         run.seqpar_record = record
         return run
+
+
+def _original_in_trial(record: GraphRecord, original: fx.GraphModule, args) -> tuple[bool, object]:
+    """The speed trial's timed call of the original graph: ``(True, its outputs)``, or ``(False, None)`` where it
+    ran out of memory or, on a CPU, might (:mod:`seqpar.memory`): the trial then stops, keeping the rewritten
+    graph. A differentiated call that might not fit runs under a :class:`~seqpar.memory.HeadroomGuard`, where the
+    graph may run again after a stopped call (:func:`~seqpar.passes.rerun.rerun_hazard`); where it may not, the
+    original is not called."""
+    trial = record.speed
+    guard = None
+    if trial.with_backward:
+        if record.training_bound is None:
+            record.training_bound = training_bound(original.graph)
+        guard = headroom_guard(record.training_bound, args)
+    hazard = None if guard is None else rerun_hazard(original.graph)
+    if hazard is not None:
+        trial.out_of_memory(ORIGINAL, (f"the original graph was not run: {guard.shortage(record.training_bound)}, "
+                                       f"and a call stopped part-way could not run again ({hazard})"))
+        return False, None
+    try:
+        with guard or contextlib.nullcontext():
+            out, seconds = timed_call(original, args)
+    except torch.OutOfMemoryError as error:
+        trial.out_of_memory(ORIGINAL, _rerun_reason(record, original, ORIGINAL, error))
+        return False, None
+    trial.timed(ORIGINAL, seconds, out)
+    return True, out
 
 
 def _hand_back(record: GraphRecord, why: str) -> None:

@@ -98,9 +98,11 @@ class HeadroomGuard:
         self.available, self.reserve = available, reserve(available)
         self.known = {_storage(value) for value in pytree.tree_leaves(inputs) if isinstance(value, torch.Tensor)}
         self.saved = self.unchecked = 0
-        self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda value: value)
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
 
-    def _pack(self, value: torch.Tensor) -> torch.Tensor:
+    def _pack(self, value: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """What autograd keeps of ``value``: an alias without its autograd history (saving an op's output with
+        it would make a reference cycle that only the garbage collector frees), and its version."""
         key = _storage(value)
         if key not in self.known:
             self.known.add(key)
@@ -110,7 +112,7 @@ class HeadroomGuard:
             if self.unchecked >= CHECK_EVERY:
                 self.unchecked = 0
                 self._check()
-        return value
+        return value.detach(), value._version
 
     def shortage(self, bound: int) -> str:
         """Why a call bounded by ``bound`` bytes runs under this guard."""
@@ -132,6 +134,18 @@ class HeadroomGuard:
         self.hooks.__exit__(kind, error, traceback)
         if kind is None:
             self._check()
+
+
+def _unpack(packed: tuple[torch.Tensor, int]) -> torch.Tensor:
+    """The saved tensor, where no in-place op changed it since (autograd skips its own check of the version
+    for tensors saved through hooks; the alias shares the tensor's version counter)."""
+    value, version = packed
+    if value._version != version:
+        raise RuntimeError(
+            f"one of the variables needed for gradient computation has been modified by an inplace operation: "
+            f"[{value.type()} {list(value.shape)}] is at version {value._version}; expected version {version} "
+            f"instead")
+    return value
 
 
 def headroom_guard(bound: int, inputs) -> HeadroomGuard | None:

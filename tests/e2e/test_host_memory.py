@@ -5,6 +5,9 @@ kernel would report it with the machine nearly full. Values and gradients agains
 as in test_backend).
 """
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -35,6 +38,35 @@ def test_the_guard_counts_each_saved_storage_once_and_not_the_inputs(monkeypatch
         z = y.sin()  # saves y again
         (z * x).sum()  # saves z and the input x
     assert guard.saved == 2 * 64 * 64 * 8
+
+
+def test_under_the_guard_autograd_gives_its_gradients_its_errors_and_frees_what_it_saved(monkeypatch):
+    monkeypatch.setattr(memory, "available_bytes", lambda: 2**40)
+    x = torch.randn(5, dtype=torch.float64, requires_grad=True)
+
+    def f(x):
+        return (x.exp().sin() * x).tanh().sum()
+
+    gradient, = torch.autograd.grad(f(x), x, create_graph=True)
+    second, = torch.autograd.grad(gradient.sum(), x)
+    with memory.HeadroomGuard(2**40, [x]):
+        guarded, = torch.autograd.grad(f(x), x, create_graph=True)
+        guarded_second, = torch.autograd.grad(guarded.sum(), x)
+        y = x.exp()  # saves its output y
+        z = y.sin()
+        kept = weakref.ref(y)
+        y.add_(1)
+    torch.testing.assert_close((guarded, guarded_second), (gradient, second), atol=0, rtol=0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        z.sum().backward()  # as eager: y changed since it was saved
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        del y, z
+        assert kept() is None  # no reference cycle through the saved output: freed without the garbage collector
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def test_the_memory_available_is_read_on_this_machine():

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from seqpar import memory
-from seqpar.testing import models as zoo
 
-from .test_backend import F64_ATOL, compile_with
+from .test_backend import compile_with
+from .test_out_of_memory import CountingStack
 from .test_speed_trial import fake_clock, rolled_chain, training_step
 
 
@@ -103,27 +103,14 @@ def test_an_original_call_short_of_host_memory_stops_and_the_rewrite_is_kept(mon
     assert "under the 0.50 GiB kept for it): the rewritten graph runs from then on" in graph.chains[0].reason
 
 
-class CountingStack(torch.nn.Module):
-    """The rolled 64-layer tanh MLP counting its calls in a buffer, in place: a stopped call has changed it."""
-
-    def __init__(self):
-        super().__init__()
-        self.stack = zoo.deep_mlp(depth=64, width=4)[0]
-        self.register_buffer("calls", torch.zeros((), dtype=torch.float64))
-
-    def forward(self, x):
-        self.calls += 1
-        return self.stack(x)
-
-
 def test_an_original_that_could_not_run_again_is_not_called_where_memory_is_short(monkeypatch):
     ran = fake_clock(monkeypatch, original_seconds=1.0, rewritten_seconds=2.0,
                      backward_seconds={"original": 1.0, "rewritten": 2.0})
     monkeypatch.setattr(memory, "available_bytes", lambda: 2**20)
     torch.manual_seed(0)
-    model = CountingStack().double().eval()
+    model = CountingStack(depth=64).double().eval()  # rolled, as rolled_chain
     compiled, backend = compile_with(model)
-    eager = CountingStack().double().eval()
+    eager = CountingStack(depth=64).double().eval()
     eager.load_state_dict(model.state_dict())
     x = torch.randn(8, 4, dtype=torch.float64)
     for _ in range(5):

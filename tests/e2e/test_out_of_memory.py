@@ -76,11 +76,12 @@ def test_an_original_graph_out_of_memory_in_the_speed_trial_keeps_the_rewrite(mo
 
 
 class CountingStack(torch.nn.Module):
-    """A deep tanh MLP that counts its calls in a buffer, in place: a call stopped part-way has changed it."""
+    """A deep tanh MLP (``depth`` layers of width 4) that counts its calls in a buffer, in place: a call stopped
+    part-way has changed it."""
 
-    def __init__(self):
+    def __init__(self, depth: int = 16):
         super().__init__()
-        self.stack = zoo.deep_mlp(depth=16, width=4)[0]
+        self.stack = zoo.deep_mlp(depth=depth, width=4)[0]
         self.register_buffer("calls", torch.zeros((), dtype=torch.float64))
 
     def forward(self, x):

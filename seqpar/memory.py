@@ -104,9 +104,9 @@ class HeadroomGuard:
         """What autograd keeps of ``value``: an alias without its autograd history (saving an op's output with
         it would make a reference cycle that only the garbage collector frees), and its version."""
         key = _storage(value)
-        if key not in self.known:
+        if key is not None and key not in self.known:  # a tensor without a storage (sparse) is not counted
             self.known.add(key)
-            size = value.untyped_storage().nbytes()
+            size = key[1]
             self.saved += size
             self.unchecked += size
             if self.unchecked >= CHECK_EVERY:
@@ -160,8 +160,12 @@ def headroom_guard(bound: int, inputs) -> HeadroomGuard | None:
     return HeadroomGuard(available, tensors)
 
 
-def _storage(value: torch.Tensor) -> tuple[int, int]:
-    storage = value.untyped_storage()
+def _storage(value: torch.Tensor) -> tuple[int, int] | None:
+    """``(address, bytes)`` of ``value``'s storage; ``None`` for a tensor without one (sparse, nested)."""
+    try:
+        storage = value.untyped_storage()
+    except (NotImplementedError, RuntimeError):
+        return None
     return storage.data_ptr(), storage.nbytes()
 
 

@@ -69,6 +69,18 @@ def test_under_the_guard_autograd_gives_its_gradients_its_errors_and_frees_what_
             gc.enable()
 
 
+def test_a_sparse_tensor_saved_under_the_guard_is_kept_and_differentiated(monkeypatch):
+    monkeypatch.setattr(memory, "available_bytes", lambda: 2**40)
+    monkeypatch.setattr(memory, "CHECK_EVERY", 1)
+    sparse = torch.randn(4, 4, dtype=torch.float64).to_sparse().requires_grad_()
+    dense = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    expected = torch.autograd.grad(torch.sparse.mm(sparse, dense).sin().sum(), dense)
+    with memory.HeadroomGuard(2**40, [dense]) as guard:
+        out = torch.sparse.mm(sparse, dense).sin().sum()
+    torch.testing.assert_close(torch.autograd.grad(out, dense), expected, atol=0, rtol=0)
+    assert guard.saved == 4 * 3 * 8  # the product, saved by sin; the sparse input has no storage to count
+
+
 def test_the_memory_available_is_read_on_this_machine():
     available = memory.available_bytes()
     with open("/proc/meminfo") as meminfo:

@@ -13,7 +13,7 @@ was killed; ``benchmarks/RESULTS.md``).
 A differentiated call (one that records autograd) keeps what its backward
 needs: the tensors autograd saves. Its memory is bounded by
 
-    B = 2 * sum(bytes of every tensor the graph computes that is not a view)
+    B = 2 * sum(bytes of every host tensor the graph computes that is not a view)
 
 (each value held once, and its gradient once). Where ``B`` is at most the
 memory available ``A`` (:func:`available_bytes`) less the reserve
@@ -71,16 +71,16 @@ def reserve(available: int) -> int:
 
 
 def training_bound(graph: fx.Graph) -> int:
-    """``B = 2 * sum`` of the bytes of every tensor ``graph`` computes that is not a view, from its nodes' example
-    values (``example_value``/``val``, as Dynamo records them; inputs, parameters and attributes not counted):
-    what a differentiated call may hold, each value once and its gradient once."""
+    """``B = 2 * sum`` of the bytes of every host tensor ``graph`` computes that is not a view, from its nodes'
+    example values (``example_value``/``val``, as Dynamo records them; inputs, parameters and attributes not
+    counted): what a differentiated call may hold in host memory, each value once and its gradient once."""
     total = 0
     for node in graph.nodes:
         if node.op not in ("call_function", "call_method", "call_module"):
             continue
         value = node.meta.get("example_value", node.meta.get("val"))
         for leaf in pytree.tree_leaves(value):
-            if isinstance(leaf, torch.Tensor) and not leaf._is_view():
+            if isinstance(leaf, torch.Tensor) and leaf.device.type == "cpu" and not leaf._is_view():
                 total += leaf.numel() * leaf.element_size()
     return 2 * total
 
@@ -104,7 +104,7 @@ class HeadroomGuard:
         """What autograd keeps of ``value``: an alias without its autograd history (saving an op's output with
         it would make a reference cycle that only the garbage collector frees), and its version."""
         key = _storage(value)
-        if key is not None and key not in self.known:  # a tensor without a storage (sparse) is not counted
+        if key is not None and key not in self.known:  # a sparse or a device tensor is not counted
             self.known.add(key)
             size = key[1]
             self.saved += size
@@ -161,7 +161,10 @@ def headroom_guard(bound: int, inputs) -> HeadroomGuard | None:
 
 
 def _storage(value: torch.Tensor) -> tuple[int, int] | None:
-    """``(address, bytes)`` of ``value``'s storage; ``None`` for a tensor without one (sparse, nested)."""
+    """``(address, bytes)`` of ``value``'s storage in host memory; ``None`` for a tensor without one (sparse,
+    nested) or on a device."""
+    if value.device.type != "cpu":
+        return None
     try:
         storage = value.untyped_storage()
     except (NotImplementedError, RuntimeError):

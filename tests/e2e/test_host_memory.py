@@ -30,6 +30,18 @@ def test_the_bound_counts_every_computed_tensor_but_views_twice():
     assert memory.training_bound(graphs[0]) == 2 * (32 + 32) * 8  # mul and sin; view and t share sin's storage
 
 
+def test_only_host_tensors_count_in_the_bound_and_in_what_is_saved(monkeypatch):
+    graph = torch.fx.symbolic_trace(lambda x: (x * 2).sin()).graph
+    for node, device in zip(graph.nodes, ["cpu", "meta", "cpu", "cpu"]):  # x, mul (on a device), sin, output
+        node.meta["example_value"] = torch.empty(4, 8, dtype=torch.float64, device=device)
+    assert memory.training_bound(graph) == 2 * 32 * 8  # sin's value alone
+    monkeypatch.setattr(memory, "available_bytes", lambda: 2**40)
+    on_device = torch.randn(64, device="meta", requires_grad=True)
+    with memory.HeadroomGuard(2**40, []) as guard:
+        on_device.exp().sum()  # saves exp's output, on the (meta) device
+    assert guard.saved == 0
+
+
 def test_the_guard_counts_each_saved_storage_once_and_not_the_inputs(monkeypatch):
     monkeypatch.setattr(memory, "available_bytes", lambda: 2**40)
     x = torch.randn(64, 64, dtype=torch.float64, requires_grad=True)

@@ -12,10 +12,14 @@ a lower block-bidiagonal system in reverse order with transposed blocks. Then
 one batched vector-Jacobian product of all steps. ``"parallel"`` solves the
 recursion with the PCR driver on the full Jacobians at the solution (exact even
 when the forward solve used diagonal or identity blocks; for a step proven
-diagonal they are its diagonal blocks ``(L, N, w)``, at any width); on CPU a
-diagonal adjoint whose blocks would take more than a cache's worth of memory
-runs from the last position to the first in runs (:func:`adjoint_in_runs`),
-the same products in pieces. ``"sequential"`` runs it as ``L``
+diagonal they are its diagonal blocks ``(L, N, w)``, at any width); on CPU an
+adjoint whose blocks would take more than a cache's worth of memory runs from
+the last position to the first in runs (:func:`adjoint_in_runs`), the same
+products in pieces: its memory is bounded by a run's blocks whatever ``L``
+(dense blocks of the whole chain, ``L N w^2`` values and PCR's temporaries,
+took 7.2 GiB for a GRU of width 64 at batch 4 and 16384 steps, where eager
+took 0.5 and the runs 0.1; benchmarks/RESULTS.md, "The dense adjoint in runs").
+``"sequential"`` runs it as ``L``
 vector-Jacobian products, for states too wide for dense blocks, in one
 generated loop (:mod:`.rolled_adjoint`).
 Nothing is differentiated through Newton iterations.
@@ -50,11 +54,11 @@ def adjoint_solve(program, s0, xs_leaves, shared, states, grad_states):
 
 def adjoint_run(program) -> int | None:
     """Positions per run of a parallel adjoint taken in runs (:func:`adjoint_in_runs`), or ``None`` (one
-    pass over the whole chain): runs for diagonal blocks on CPU where the chain's blocks exceed
+    pass over the whole chain): runs on CPU where the chain's blocks (diagonal or dense) exceed
     :func:`~seqpar.runtime.spec.positions_per_run`'s budget."""
-    if program.adjoint != "parallel" or program.adjoint_kind != "diag":
+    if program.adjoint != "parallel":
         return None
-    run = positions_per_run(program.layout, program.length, "diag")
+    run = positions_per_run(program.layout, program.length, program.adjoint_kind)
     return run if run < program.length else None
 
 
@@ -100,7 +104,7 @@ def adjoint_in_runs(program, s0, states, xs_leaves, shared, grad_states, run: in
         _, blocks = jacobians(prev, x_rows, shared)
         c = grad_states[first:stop].clone()
         c[-1] += carried
-        lam[:active] = solve_affine_recurrence(blocks[:active], c, "diag", reverse=True)
+        lam[:active] = solve_affine_recurrence(blocks[:active], c, program.adjoint_kind, reverse=True)
         lam[active:] = 0
         grad_prev, grad_x, grad_sh = steps_vjp(prev, x_rows, shared, lam)
         _store_rows(grad_xs, xs_leaves, [None if part is None else part[:active] for part in grad_x],

@@ -41,10 +41,11 @@ DEFAULT_TOLERANCE = {
 LINEAR_CONVERGENCE_FACTOR = 0.1
 # Parallel iterations before the rest of a chain is evaluated sequentially.
 DEFAULT_MAX_ITERS = 40
-# On CPU an affine chain's one linear solve, and a parallel adjoint with diagonal blocks, evaluate their positions
-# in runs whose Jacobian blocks take at most CPU_RUN_BYTES (each run carries the exact state, or adjoint, of the
-# one before: the same work), at least CPU_RUN_MIN positions: chain-sized temporaries cost a page fault per 4 KiB
-# on every call (glibc returns large blocks to the system) and miss the cache (benchmarks/RESULTS.md, "Structure").
+# On CPU an affine chain's one linear solve, and a parallel adjoint (diagonal or dense blocks), evaluate their
+# positions in runs whose Jacobian blocks take at most CPU_RUN_BYTES (each run carries the exact state, or
+# adjoint, of the one before: the same work), at least CPU_RUN_MIN positions: chain-sized temporaries cost a page
+# fault per 4 KiB on every call (glibc returns large blocks to the system), miss the cache, and grow with L
+# where eager's memory does not (benchmarks/RESULTS.md, "Structure" and "The dense adjoint in runs").
 CPU_RUN_BYTES = 1 << 20
 CPU_RUN_MIN = 32
 # Newton iterations between two host decisions (convergence, window advance, fallback) on a GPU: each decision

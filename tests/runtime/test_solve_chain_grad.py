@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from seqpar.runtime import solve_chain
+from seqpar.runtime import adjoint, solve_chain, spec
+from seqpar.runtime.adjoint import adjoint_in_runs as in_runs
 
 from tests.conftest import lstm_chain, lstm_step, rnn_chain, rnn_step, sequential_loop
 
@@ -148,6 +149,39 @@ def test_sequential_forward_with_parallel_adjoint_gives_the_loop_and_exact_gradi
     want = torch.autograd.grad(expected.square().sum(), (s0, W, b))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("forward", ["parallel", "sequential"])
+@pytest.mark.parametrize("length", [96, 150])
+@pytest.mark.parametrize("case", ["elman", "lstm"])
+def test_a_dense_adjoint_in_runs_equals_autograd_of_the_loop(monkeypatch, case, length, forward):
+    # One byte of budget: runs of CPU_RUN_MIN = 32 positions, the last run first, dense blocks (w = 6; the LSTM's
+    # tuple state packs to w = 8); at 150 steps the chain's first run is 22 positions, evaluated over 32 with a
+    # zero cotangent after it (96: three whole runs). The default budget takes runs from 16 blocks of 64 x 64.
+    monkeypatch.setattr(spec, "CPU_RUN_BYTES", 1)
+    runs = []
+    monkeypatch.setattr(adjoint, "adjoint_in_runs", lambda *args: runs.append(args[-1]) or in_runs(*args))
+    if case == "elman":
+        step, (s0, xs, shared) = rnn_step, rnn_chain(length, width=6)
+        expected = gradients(by_loop, step, s0, xs, shared)
+        actual = gradients(solve_chain, step, s0, xs, shared, forward=forward, adjoint="parallel")
+    else:
+        step, (s0, xs, shared) = lstm_step, lstm_chain(length, hidden=4)
+        inputs = [*s0, xs, *shared]
+        expected = tuple_gradients(lambda h, c, x, *w: sequential_loop(step, (h, c), x, w), inputs)
+        actual = tuple_gradients(
+            lambda h, c, x, *w: solve_chain(step, (h, c), x, w, forward=forward, adjoint="parallel"), inputs
+        )
+    assert runs == [spec.CPU_RUN_MIN]
+    assert_grads_match(actual, expected, tol=1e-11)  # the same products as one pass: rounding over the steps
+
+
+def tuple_gradients(solve, inputs):
+    """Gradients of a weighted sum of a tuple state's tensors with respect to ``inputs``."""
+    inputs = [tensor.clone().requires_grad_() for tensor in inputs]
+    states = solve(*inputs)
+    loss = sum((loss_weights(part.shape, seed=5 + index) * part).sum() for index, part in enumerate(states))
+    return torch.autograd.grad(loss, inputs)
 
 
 def test_second_order_gradients_count_an_input_computed_from_another_input_once():

@@ -42,6 +42,11 @@ class PassOptions(Protocol):
 CPU_FORWARD_MAX_WORK = 8  # batch elements x state width
 CPU_FORWARD_MIN_LENGTH = 1024
 CPU_ADJOINT_MAX_WORK = 256
+# A dense adjoint's PCR multiplies w x w blocks (N w^3 per position and level) where the sequential VJPs multiply
+# vectors by them (N w^2): on recurrent cells with one weight matrix for every step (GRU, Elman; benchmarks/
+# RESULTS.md, "The dense adjoint in runs") the parallel adjoint, in runs, wins 1.2-5x over the sequential one up
+# to N w^2 = 8192 block values per position and loses from 16384 (a GRU at N = 4, w = 64: 0.91-0.94x).
+CPU_ADJOINT_MAX_BLOCK = 8192
 CPU_ADJOINT_MIN_LENGTH = 32
 # Diagonal steps (benchmarks/RESULTS.md, "Structure", measured through the backend against the rolled loop):
 # a diagonal affine chain, one linear solve, wins its forward from L = 64 on up to N*w = CPU_LINEAR_FORWARD_MAX_WORK;
@@ -213,11 +218,13 @@ def _cost_model(device_type, batch, width, length, jacobian, kind, structure=Non
         )
         adjoint_work = CPU_DIAGONAL_ADJOINT_MAX_WORK if diagonal else CPU_ADJOINT_MAX_WORK
         forward = blocks_ok and batch * width <= forward_work and length >= forward_length
-        adjoint = blocks_ok and batch * width <= adjoint_work and length >= CPU_ADJOINT_MIN_LENGTH
+        small_blocks = diagonal or batch * width**2 <= CPU_ADJOINT_MAX_BLOCK
+        adjoint = blocks_ok and small_blocks and batch * width <= adjoint_work and length >= CPU_ADJOINT_MIN_LENGTH
         step = f" ({structure.label} step)" if linear else " (diagonal step)" if diagonal else ""
         reason = (
             f"CPU cost model{step}: parallel forward needs N*w <= {forward_work} and L >= {forward_length}, "
-            f"parallel adjoint N*w <= {adjoint_work} and L >= {CPU_ADJOINT_MIN_LENGTH}"
+            f"parallel adjoint N*w <= {adjoint_work}{'' if diagonal else f', N*w^2 <= {CPU_ADJOINT_MAX_BLOCK}'} "
+            f"and L >= {CPU_ADJOINT_MIN_LENGTH}"
         )
     if not blocks_ok:
         reason += f"; w={width} > {DENSE_WIDTH}: no dense Jacobian blocks"

@@ -34,6 +34,16 @@ def test_cpu_parallel_adjoint_where_parallel_forward_loses():
     assert (decision.method, decision.adjoint) == ("sequential", "sequential")
 
 
+def test_cpu_dense_adjoint_stops_where_its_blocks_outgrow_the_sequential_vjps():
+    # RESULTS.md, "The dense adjoint in runs": on GRU and Elman cells the adjoint in runs wins up to
+    # N*w^2 = 8192 block values per position ((2, 64): 1.2-1.5x) and loses at 16384 ((4, 64), N*w = 256: 0.91x).
+    decision = decide(make_chain(1024, (2, 64)), Options(), "cpu", lyapunov=None)
+    assert (decision.method, decision.adjoint) == ("sequential", "parallel")
+    decision = decide(make_chain(1024, (4, 64)), Options(), "cpu", lyapunov=None)
+    assert (decision.method, decision.adjoint) == ("sequential", "sequential")
+    assert "N*w^2 <= 8192" in decision.reason
+
+
 def test_chaotic_chain_stays_sequential_with_the_exponent_in_the_reason():
     decision = decide(make_chain(4096, (1, 2)), Options(), "cpu", lyapunov=0.25)
     assert (decision.method, decision.adjoint) == ("sequential", "sequential")

@@ -17,7 +17,8 @@ import torch.nn as nn
 import seqpar
 from seqpar.backend import SeqparBackend
 from seqpar.testing.models import hand_lstm
-from seqpar.runtime import step_cache
+from seqpar.runtime import adjoint, spec, step_cache
+from seqpar.runtime.adjoint import adjoint_in_runs as in_runs
 from seqpar.verify import compare_outputs
 
 from tests.conftest import sequential_loop
@@ -67,6 +68,26 @@ def test_interleaved_frozen_parameters_get_eager_gradients(policy):
     fn, backend = compiled(model, policy=policy)
     got = gradients(model, x, fn(x))
     assert chain_reports(backend)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=TOL, atol=TOL)
+
+
+@pytest.mark.parametrize("policy", ["auto", "parallel"])
+def test_a_layer_stacks_adjoint_in_runs_gives_eager_gradients(monkeypatch, policy):
+    # One byte of run budget: the parallel adjoint (auto's choice too: N*w = 32) takes runs of CPU_RUN_MIN = 32
+    # layers, the last run first; 100 layers leave a first run of 4, evaluated over 32 with a zero cotangent after
+    # it. Each run slices the per-layer weights, every third of them frozen (no gradient, no VJP output).
+    monkeypatch.setattr(spec, "CPU_RUN_BYTES", 1)
+    runs = []
+    monkeypatch.setattr(adjoint, "adjoint_in_runs", lambda *args: runs.append(args[-1]) or in_runs(*args))
+    model = tanh_mlp(100, 8)
+    for index, parameter in enumerate(model.parameters()):
+        parameter.requires_grad_(index % 3 != 0)
+    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    want = gradients(model, x, model(x))
+    fn, backend = compiled(model, policy=policy)
+    got = gradients(model, x, fn(x))
+    assert [chain.adjoint for chain in chain_reports(backend)] == ["parallel"] and runs == [spec.CPU_RUN_MIN]
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=TOL, atol=TOL)
 

@@ -44,8 +44,8 @@ CPU_FORWARD_MIN_LENGTH = 1024
 CPU_ADJOINT_MAX_WORK = 256
 # A dense adjoint's PCR multiplies w x w blocks (N w^3 per position and level) where the sequential VJPs multiply
 # vectors by them (N w^2): on recurrent cells with one weight matrix for every step (GRU, Elman; benchmarks/
-# RESULTS.md, "The dense adjoint in runs") the parallel adjoint, in runs, wins 1.2-5x over the sequential one up
-# to N w^2 = 8192 block values per position and loses from 16384 (a GRU at N = 4, w = 64: 0.91-0.94x).
+# RESULTS.md, "The dense adjoint in runs") the parallel adjoint, in runs, wins 1.1-4.8x over the sequential one
+# up to N w^2 = 8192 block values per position and loses from 16384 (a GRU at N = 4, w = 64: 0.91-0.94x).
 CPU_ADJOINT_MAX_BLOCK = 8192
 CPU_ADJOINT_MIN_LENGTH = 32
 # Diagonal steps (benchmarks/RESULTS.md, "Structure", measured through the backend against the rolled loop):

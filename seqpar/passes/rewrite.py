@@ -35,8 +35,9 @@ from ..runtime.program import ChainProgram, StateLayout
 from ..runtime.slicing import slice_steps
 from .chain import Chain, map_state, state_leaves
 from .effects import mutates
-from .inplace import Aliases
+from .inplace import storages
 from .inputs import constant_stack
+from .tokens import example
 
 
 def rewrite_chain(gm: fx.GraphModule, chain: Chain, program: ChainProgram, index: int) -> dict:
@@ -149,14 +150,14 @@ def annotate_new_nodes(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
     """Give each of ``nodes`` (in graph order) ``meta["example_value"]`` and ``meta["val"]``: its value computed
     on its inputs' fake example values, in their fake mode. Raises ValueError naming a node whose value cannot be
     computed (the backend then leaves the chain unchanged)."""
-    known = [node.meta.get("example_value", node.meta.get("val")) for node in gm.graph.nodes]
-    fakes = [value for value in pytree.tree_leaves(known) if isinstance(value, FakeTensor)]
-    if not fakes:
+    leaves = (leaf for node in gm.graph.nodes for leaf in pytree.tree_leaves(example(node)))
+    first = next((leaf for leaf in leaves if isinstance(leaf, FakeTensor)), None)  # not every node's, per chain
+    if first is None:
         return  # a graph without fake values (built by hand in a test): nothing to keep consistent
-    mode = fakes[0].fake_mode  # invoke_subgraph bodies may carry values of other fake modes: brought into this one
+    mode = first.fake_mode  # invoke_subgraph bodies may carry values of other fake modes: brought into this one
 
     def value_of(node):
-        value = node.meta.get("example_value", node.meta.get("val"))
+        value = example(node)
         if value is None:
             raise ValueError(f"{node.name} has no example value")
         return pytree.tree_map(
@@ -184,7 +185,9 @@ def annotate_new_nodes(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
 def _kept_from_later_writes(graph: fx.Graph, last: fx.Node):
     """``kept(value, sources)``: ``value`` (a chain op's input made from the nodes ``sources``), or a clone of it
     inserted at the insertion point where a node after ``last`` writes in place to a tensor sharing a storage
-    with one of ``sources``, or where their storage is unknown and some node after ``last`` writes in place."""
+    with one of ``sources``, or where their storage is unknown and some node after ``last`` writes in place.
+    Only the written tensors' storages are looked up (not every node's: a chain of an unrolled loop is rewritten
+    in a graph of ``O(L)`` nodes, per chain)."""
     after = False
     written = []
     for node in graph.nodes:
@@ -194,13 +197,14 @@ def _kept_from_later_writes(graph: fx.Graph, last: fx.Node):
         after = after or node is last
     if not written:
         return lambda value, sources: value
-    aliases = Aliases(graph)
+    unknown_target = None in written
+    written_storages = {key for target in written if target is not None for key in storages(example(target))}
 
     def kept(value: fx.Node, sources: list[fx.Node]) -> fx.Node:
         for source in sources:
-            sharing = aliases.of(source)
-            if (sharing is None and written) or (sharing and any(target in sharing or target is None
-                                                                  for target in written)):
+            keys = storages(example(source))
+            if len(keys) != 1 or not isinstance(example(source), torch.Tensor) or unknown_target \
+                    or keys[0] in written_storages:
                 return graph.call_method("clone", (value,))
         return value
 

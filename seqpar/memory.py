@@ -36,6 +36,8 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from .passes.tokens import example
+
 RESERVE_MIN = 512 * 2**20  # bytes left for the backward pass at least
 RESERVE_FRACTION = 8  # ... or this share of what was available at the call's start, where larger
 CHECK_EVERY = 64 * 2**20  # bytes saved between two readings of the memory available
@@ -78,8 +80,7 @@ def training_bound(graph: fx.Graph) -> int:
     for node in graph.nodes:
         if node.op not in ("call_function", "call_method", "call_module"):
             continue
-        value = node.meta.get("example_value", node.meta.get("val"))
-        for leaf in pytree.tree_leaves(value):
+        for leaf in pytree.tree_leaves(example(node)):
             if isinstance(leaf, torch.Tensor) and leaf.device.type == "cpu" and not leaf._is_view():
                 total += leaf.numel() * leaf.element_size()
     return 2 * total

@@ -46,10 +46,14 @@ class Aliases:
 
     def of(self, node: Node) -> list[Node] | None:
         """The nodes that alias ``node``'s tensor (``node`` included), or ``None`` where it has none."""
-        keys = storages(example(node))
-        if len(keys) != 1 or not isinstance(example(node), torch.Tensor):
-            return None
-        return self._by_storage.get(keys[0], [])
+        key = tensor_storage(node)
+        return None if key is None else self._by_storage.get(key, [])
+
+
+def tensor_storage(node: Node) -> StorageWeakRef | None:
+    """The storage of ``node``'s value where that is one strided tensor, else ``None`` (unknown)."""
+    keys = storages(example(node))
+    return keys[0] if len(keys) == 1 and isinstance(example(node), torch.Tensor) else None
 
 
 def inplace_reason(node: Node, aliases: Aliases, pos: dict[Node, int], begin: int, state: list[Node]) -> str | None:

@@ -35,7 +35,7 @@ from ..runtime.program import ChainProgram, StateLayout
 from ..runtime.slicing import slice_steps
 from .chain import Chain, map_state, state_leaves
 from .effects import mutates
-from .inplace import storages
+from .inplace import storages, tensor_storage
 from .inputs import constant_stack
 from .tokens import example
 
@@ -202,9 +202,8 @@ def _kept_from_later_writes(graph: fx.Graph, last: fx.Node):
 
     def kept(value: fx.Node, sources: list[fx.Node]) -> fx.Node:
         for source in sources:
-            keys = storages(example(source))
-            if len(keys) != 1 or not isinstance(example(source), torch.Tensor) or unknown_target \
-                    or keys[0] in written_storages:
+            key = tensor_storage(source)
+            if key is None or unknown_target or key in written_storages:
                 return graph.call_method("clone", (value,))
         return value
 

@@ -4,7 +4,8 @@ Guarantees of :func:`build_chain_program`: a registered
 :class:`~seqpar.runtime.program.ChainProgram` whose step is the chain's step
 graph, traced on example tensors shaped like the chain's per-step inputs and
 shared inputs; the program's methods (forward, adjoint, Jacobian, tolerance,
-window) are the decision's; inputs that need no gradient (a whole group of
+window) are the decision's, the window bounded by the device's memory where
+the whole chain's Jacobian blocks do not fit (:mod:`seqpar.runtime.budget`); inputs that need no gradient (a whole group of
 frozen parameters, buffers) are named ``frozen``; ``param_slots`` says which
 per-step inputs the op receives as unstacked layer parameters. The program is
 the graph's own (a verification that demotes it demotes no other graph's), its
@@ -155,8 +156,10 @@ def build_chain_program(
         + [("shared", i) for i, node in enumerate(chain.shared) if node.op == "placeholder" and not _requires_grad(node)]
     )
     jacobian = decision.jacobian if decision.method == "parallel" else "identity"
-    precision = computing_dtype(_lowered(chain, layout, xs_examples, shared_examples), chain.state_dtype)
-    solver_options = validated_solver_options(tol, max_iters, None, precision, chain.length, jacobian, decision.window)
+    lowered = _lowered(chain, layout, xs_examples, shared_examples)
+    precision = computing_dtype(lowered, chain.state_dtype)
+    solver_options = validated_solver_options(tol, max_iters, None, precision, chain.length, jacobian, decision.window,
+                                              layout=layout, diagonal=step_structure(lowered).diagonal)
     # Trace outside Dynamo's tracing context: its fake mode would make the sizes symbolic.
     with torch._guards.tracing(None), unset_fake_temporarily():
         program = build_program(

@@ -53,6 +53,7 @@ from dataclasses import dataclass, field, replace
 import torch.fx as fx
 from torch.fx._lazy_graph_module import _LazyGraphModule
 
+from ..runtime.budget import memory_window_reason
 from ..runtime.program import ChainProgram
 from ..runtime.stream import block_length
 from ..runtime.structure import StepStructure
@@ -219,8 +220,19 @@ def _solve(gm: fx.GraphModule, chains: list[Chain], example_inputs, original: fx
             outcome.error = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
             continue
         outcome.program = program
+        outcome.decision = with_solved_window(decision, program)
         gm.recompile()
     return outcomes
+
+
+def with_solved_window(decision: Decision, program) -> Decision:
+    """``decision`` with the window its program solves with, and why, where the device's memory bounded it
+    (:func:`~seqpar.runtime.budget.memory_window`: the whole chain's Jacobian blocks do not fit)."""
+    window = program.solver_options.get("window")
+    if decision.method != "parallel" or window == decision.window:
+        return decision
+    why = memory_window_reason(program.layout, program.length, program.solve_kind, window)
+    return replace(decision, window=window, reason=f"{decision.reason}; {why}")
 
 
 def fuse_producers(chain: Chain, decision: Decision, options: PassOptions) -> Decision:

@@ -32,7 +32,7 @@ import torch
 from .pcr import solve_affine_recurrence
 from .program import windowed_steps, windowed_steps_vjp
 from .rolled_adjoint import adjoint_loop_for
-from .spec import positions_per_run
+from .budget import positions_per_run
 
 
 def adjoint_solve(program, s0, xs_leaves, shared, states, grad_states):
@@ -54,8 +54,8 @@ def adjoint_solve(program, s0, xs_leaves, shared, states, grad_states):
 
 def adjoint_run(program) -> int | None:
     """Positions per run of a parallel adjoint taken in runs (:func:`adjoint_in_runs`), or ``None`` (one
-    pass over the whole chain): runs on CPU where the chain's blocks (diagonal or dense) exceed
-    :func:`~seqpar.runtime.spec.positions_per_run`'s budget."""
+    pass over the whole chain): runs where the chain's blocks (diagonal or dense) exceed
+    :func:`~seqpar.runtime.budget.positions_per_run` (on CPU cache-sized runs; on every device the memory bound)."""
     if program.adjoint != "parallel":
         return None
     run = positions_per_run(program.layout, program.length, program.adjoint_kind)

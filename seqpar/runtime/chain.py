@@ -17,6 +17,7 @@ import torch.utils._pytree as pytree
 
 from . import estimates, ops, step_cache
 from .adjoint import prepare_adjoint
+from .budget import memory_window, memory_window_reason
 from .newton import Tolerance, evaluated_positions
 from .precision import autocast_state, computing_dtype
 from .program import ChainProgram, StateLayout, lower_packed_step, windowed_steps
@@ -25,6 +26,7 @@ from .spec import (
     FORWARD_CHOICES,
     JACOBIAN_CHOICES,
     default_max_iters,
+    forward_block_kind,
     resolve_adjoint,
     resolve_jacobian,
 )
@@ -195,7 +197,8 @@ def _solver_program(step, layout, length, xs_spec, xs_leaves, shared, *, jacobia
     adjoint = resolve_adjoint(adjoint, layout.width, diagonal)
     tol, max_iters, damping, window = options
     precision = computing_dtype(lowered, layout.dtype)
-    solver_options = validated_solver_options(tol, max_iters, damping, precision, length, jacobian, window)
+    solver_options = validated_solver_options(tol, max_iters, damping, precision, length, jacobian, window,
+                                              layout=layout, diagonal=diagonal)
     if forward == "sequential":
         jacobian = "identity"  # the forward needs no Jacobians
     return build_program(
@@ -351,7 +354,8 @@ def _first_step_agrees(program, s0, xs_leaves, shared, first) -> bool:
     return bool((same | ((traced - first).abs() <= allowed)).all())
 
 
-def validated_solver_options(tol, max_iters, damping, dtype, length, jacobian="full", window=None) -> dict:
+def validated_solver_options(tol, max_iters, damping, dtype, length, jacobian="full", window=None, *,
+                             layout=None, diagonal=False) -> dict:
     """The validated ``newton_solve`` keywords ``{tol, max_iters, damping, window}``, for ``solve_chain`` and the
     backend alike; their defaults come from :mod:`seqpar.runtime.spec`.
 
@@ -359,12 +363,21 @@ def validated_solver_options(tol, max_iters, damping, dtype, length, jacobian="f
     ``max_iters=None``: :func:`~seqpar.runtime.spec.default_max_iters` (more
     for a sliding window); any ``max_iters`` is capped at ``length`` (prefix
     exactness finishes a state per iteration); ``damping=None``: 0 (plain
-    Newton); ``window`` ``>= length`` means the whole chain (``None``). Bad
+    Newton); ``window`` ``>= length`` means the whole chain (``None``). With
+    the chain's ``layout`` (and whether its step is ``diagonal``), a window
+    bounded by the device's memory where the whole chain's Jacobian blocks
+    do not fit (:func:`~seqpar.runtime.budget.memory_window`, logged). Bad
     values raise ValueError naming the argument.
     """
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise ValueError(f"window must be None or an int >= 1, got {window!r}")
-    window = window if window is not None and window < length else None
+    asked = window if window is not None and window < length else None
+    window = asked
+    if layout is not None:
+        kind = forward_block_kind(jacobian, diagonal)
+        window = memory_window(layout, length, kind, asked)
+        if window != asked:
+            log.info("chain of %d steps: %s", length, memory_window_reason(layout, length, kind, window))
     if max_iters is None:
         max_iters = default_max_iters(length, window)
     if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1:

@@ -71,6 +71,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .budget import positions_per_run
 from .kernels import cpu_scan
 from .estimates import CachedEstimates
 from .maxplus import maxplus_solve
@@ -82,7 +83,6 @@ from .spec import (
     LINEAR_CONVERGENCE_FACTOR,
     accumulation_dtype,
     decision_every,
-    positions_per_run,
 )
 from .stats import SolveStats
 from .tridiagonal import levenberg_marquardt_step
@@ -275,11 +275,11 @@ def linear_solve(program, s0, xs_leaves, shared, window: int | None = None):
 
 
 def linear_run(program, window: int | None) -> int:
-    """Positions per batched evaluation of :func:`linear_solve`: ``window`` when given (``< L``), else
-    :func:`~seqpar.runtime.spec.positions_per_run` for the forward's blocks (all ``L`` on a GPU)."""
-    if window is not None and window < program.length:
-        return window
-    return positions_per_run(program.layout, program.length, program.solve_kind)
+    """Positions per batched evaluation of :func:`linear_solve`: :func:`~seqpar.runtime.budget.positions_per_run`
+    for the forward's blocks (cache-sized on CPU; all ``L`` on a GPU where they fit its memory), at most
+    ``window`` when one is given."""
+    run = positions_per_run(program.layout, program.length, program.solve_kind)
+    return run if window is None else min(window, run)
 
 
 def evaluated_positions(program, window: int | None) -> int:

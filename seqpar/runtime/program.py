@@ -61,7 +61,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.func import functionalize, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .spec import FORWARD_CHOICES, LOOP_CHOICES, linear_solve_kind
+from .spec import FORWARD_CHOICES, LOOP_CHOICES, forward_block_kind
 from .maxplus import slope_graph
 from .structure import FLAT_VIEWS, acts_elementwise, node_shape, state_dependent, step_structure
 
@@ -192,7 +192,7 @@ class ChainProgram:
         self.lowered = lowered
         self.step_structure = step_structure(self.lowered)
         diagonal = self.step_structure.diagonal
-        self.solve_kind = "diag" if diagonal and jacobian == "full" else linear_solve_kind(jacobian)
+        self.solve_kind = forward_block_kind(jacobian, diagonal)
         self.adjoint_kind = "diag" if diagonal else "full"
         exact = jacobian == "full" or (diagonal and jacobian == "diag")  # the blocks are the Jacobian itself
         self.one_linear_solve = self.step_structure.affine and exact

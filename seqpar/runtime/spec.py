@@ -48,6 +48,9 @@ DEFAULT_MAX_ITERS = 40
 # where eager's memory does not (benchmarks/RESULTS.md, "Structure" and "The dense adjoint in runs").
 CPU_RUN_BYTES = 1 << 20
 CPU_RUN_MIN = 32
+# On every device one batched evaluation of a parallel solve holds Jacobian blocks of at most this share of the
+# device's memory: the whole solve peaks at a small multiple of its blocks (:mod:`seqpar.runtime.budget`).
+DEVICE_MEMORY_SHARE = 16
 # Newton iterations between two host decisions (convergence, window advance, fallback) on a GPU: each decision
 # reads back a few numbers (one synchronisation, tens of microseconds, and a break in a CUDA graph); between
 # decisions the iterations run on the same active positions, which costs only work (a converged prefix stays
@@ -87,24 +90,18 @@ def linear_solve_kind(jacobian: str) -> str:
     return JACOBIAN_ESTIMATES.get(jacobian, jacobian)
 
 
+def forward_block_kind(jacobian: str, diagonal: bool) -> str:
+    """The blocks of a parallel forward's linear solve: ``"diag"`` for a diagonal step's exact Jacobian
+    (``jacobian="full"``), else :func:`linear_solve_kind`."""
+    return "diag" if diagonal and jacobian == "full" else linear_solve_kind(jacobian)
+
+
 def default_max_iters(length: int, window: int | None) -> int:
     """Iterations allowed before the sequential fallback: :data:`DEFAULT_MAX_ITERS`, plus ``4 ceil(L / W)`` for a
     sliding window of ``W`` (each window needs a few iterations of its own), at most ``L`` (prefix exactness
     finishes at least one state per iteration)."""
     extra = 4 * -(-length // window) if window is not None and window < length else 0
     return min(DEFAULT_MAX_ITERS + extra, length)
-
-
-def positions_per_run(layout, length: int, kind: str) -> int:
-    """Positions per batched evaluation of a chain taken in runs: on CPU the most positions whose blocks of
-    ``kind`` (``N w`` values each for ``"diag"``, ``N w^2`` for ``"full"``) fit in :data:`CPU_RUN_BYTES`, at
-    least :data:`CPU_RUN_MIN`; elsewhere (a GPU) all ``length``. ``layout``: the chain's
-    :class:`~seqpar.runtime.program.StateLayout`."""
-    if layout.device.type != "cpu":
-        return length
-    block = layout.width if kind == "diag" else layout.width**2
-    per_position = layout.batch_size * block * layout.dtype.itemsize
-    return min(length, max(CPU_RUN_MIN, CPU_RUN_BYTES // per_position))
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

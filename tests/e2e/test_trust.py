@@ -17,7 +17,7 @@ import torch.nn as nn
 import seqpar
 from seqpar.backend import SeqparBackend
 from seqpar.testing.models import hand_lstm
-from seqpar.runtime import adjoint, spec, step_cache
+from seqpar.runtime import adjoint, budget, spec, step_cache
 from seqpar.runtime.adjoint import adjoint_in_runs as in_runs
 from seqpar.verify import compare_outputs
 
@@ -88,6 +88,26 @@ def test_a_layer_stacks_adjoint_in_runs_gives_eager_gradients(monkeypatch, polic
     fn, backend = compiled(model, policy=policy)
     got = gradients(model, x, fn(x))
     assert [chain.adjoint for chain in chain_reports(backend)] == ["parallel"] and runs == [spec.CPU_RUN_MIN]
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=TOL, atol=TOL)
+
+
+def test_a_stack_whose_blocks_exceed_the_device_memory_is_solved_over_a_window_and_says_so(monkeypatch):
+    # 40 layers of width 8 at batch 4, float64: 2 KiB of dense Jacobian blocks per layer. A device of
+    # 16 * 10 * 2 KiB bounds one evaluation to 10 layers: Newton over a sliding window of 10 (and the adjoint in
+    # runs of 10), outputs and gradients equal to eager's, the reason in explain.
+    monkeypatch.setattr(budget, "device_memory", lambda device: spec.DEVICE_MEMORY_SHARE * 10 * 4 * 64 * 8)
+    model = tanh_mlp(40, 8)
+    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    want_out = model(x)
+    want = gradients(model, x, want_out)
+    fn, backend = compiled(model, policy="parallel")
+    out = fn(x)
+    got = gradients(model, x, out)
+    (chain,) = chain_reports(backend)
+    assert chain.method == "parallel" and chain.stats["window"] == 10 and chain.stats["converged"]
+    assert "10 of 40 positions evaluated at once" in chain.reason and "exceed 1/16 of the cpu memory" in chain.reason
+    torch.testing.assert_close(out, want_out, rtol=TOL, atol=TOL)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=TOL, atol=TOL)
 

@@ -67,11 +67,12 @@ def device_memory(device: torch.device) -> int | None:
 
 def block_bytes(layout, kind: str) -> int:
     """Bytes of one position's Jacobian block of ``kind`` (``"diag"``: ``N w`` values, ``"full"``: ``N w^2``,
-    ``"identity"``: none) for the chain's :class:`~seqpar.runtime.program.StateLayout`."""
+    ``"identity"``: none) for the chain's :class:`~seqpar.runtime.program.StateLayout`, in the dtype the linear
+    solve holds them in (:func:`~seqpar.runtime.spec.accumulation_dtype`: float32 for half precision)."""
     if kind == "identity":
         return 0
     block = layout.width if kind == "diag" else layout.width**2
-    return layout.batch_size * block * layout.dtype.itemsize
+    return layout.batch_size * block * spec.accumulation_dtype(layout.dtype).itemsize
 
 
 def positions_in_memory(layout, kind: str) -> int | None:

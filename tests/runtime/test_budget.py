@@ -43,6 +43,8 @@ def test_a_gpu_takes_the_whole_chain_where_its_blocks_fit_and_runs_that_fit_wher
     assert memory_window(gru, 1000, "full", None) is None  # the whole chain fits
     assert memory_window(gru, 4096, "full", 512) == 512  # a smaller window asked for stays
     assert memory_window(gru, 4096, "identity", None) is None  # Picard holds no blocks
+    # Half precision: the linear solve holds its blocks in float32, so they count at 4 bytes a value.
+    assert positions_per_run(layout("cuda", 1024, 32, torch.bfloat16), 4096, "full") == 1280
 
 
 def test_on_cpu_runs_are_cache_sized_and_never_exceed_the_memory_bound(monkeypatch):

@@ -17,12 +17,13 @@ shapes in every segment, and the same leading batch dims in every tensor.
 Guarantees for each returned :class:`~seqpar.passes.chain.Chain`:
   * ``chain.step(s_l, *x_l, *shared)`` computes exactly what ``nodes[l]``
     compute: the nodes are copied from segment 0 (``call_method`` becomes the
-    ``torch.Tensor`` function, ``invoke_subgraph`` calls are inlined, the
+    ``torch.Tensor`` function, calls of body graphs (``invoke_subgraph``,
+    activation checkpointing) are inlined, the
     views a segment takes of a slice input's row are taken by the step), and
     a segment added by extension computes the same with other nodes;
   * no node of ``nodes[l]`` has side effects (in-place ops, global state,
-    random draws, ``call_module``, higher-order ops other than
-    ``invoke_subgraph``);
+    random draws, ``call_module``, higher-order ops other than calls of a
+    body graph without side effects);
   * of a segment's nodes, only ``outputs[l]`` (``used_outside`` lists which)
     and per-step outputs (``per_step_outputs``: tensors computed besides the
     state, ``output_step`` computes them) are read after the chain; hoisted

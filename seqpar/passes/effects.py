@@ -3,9 +3,11 @@
 Guarantees: :func:`side_effect` returns a reason for every node whose
 re-execution inside the solver (many times, in any order, batched) could
 change results: module calls detection cannot see into, higher-order ops
-other than ``invoke_subgraph``, global state, in-place mutation (unless the
-caller functionalises it: ``in_place=False``), BatchNorm in training mode and,
-on the state path, random draws. :func:`mutates` tells the in-place ops
+other than calls of a body graph (``invoke_subgraph``, activation
+checkpointing: :data:`~.tokens.SUBGRAPH_CALLS`) and those whose body has a
+side effect, global state, in-place mutation (unless the caller
+functionalises it: ``in_place=False``), BatchNorm in training mode and, on the
+state path, random draws. :func:`mutates` tells the in-place ops
 (``relu_``, ``x += y``, ``inplace=True`` given by name or position, ``out=``)
 and :func:`out_of_place` gives the call that computes the same value without
 writing to its first argument, where there is one. :func:`may_vary` names the
@@ -22,7 +24,7 @@ from typing import Any
 import torch
 from torch.fx.node import Node
 
-from .tokens import call_arg, target_name
+from .tokens import attribute_of, call_arg, subgraph_call, target_name
 
 BATCHNORM_TRAINING = "BatchNorm in training mode updates running statistics; chain left sequential"
 
@@ -76,14 +78,31 @@ def side_effect(node: Node, on_state: bool, in_place: bool = True) -> str | None
     name = target_name(node)
     if name == "batch_norm" and call_arg(node, 5, "training", False) is True:
         return BATCHNORM_TRAINING
-    if isinstance(node.target, torch._ops.HigherOrderOperator) and name != "invoke_subgraph":
-        return f"{node.name} is a torch.ops.higher_order.{name} call"
+    if isinstance(node.target, torch._ops.HigherOrderOperator):
+        if subgraph_call(node) is None:
+            return f"{node.name} is a torch.ops.higher_order.{name} call"
+        inside = _body_side_effect(node)
+        if inside is not None:
+            return f"{node.name} ({name}) calls a body in which {inside}"
     if name in _GLOBAL_STATE or name.startswith("_set_"):
         return f"{node.name} ({name}) changes global state"
     if in_place and mutates(node):
         return f"{node.name} ({name}) mutates a tensor in place"
     if on_state and is_random(node):
         return f"{node.name} ({name}) draws random numbers on the state path"
+    return None
+
+
+def _body_side_effect(call: Node) -> str | None:
+    """The first side effect (:func:`side_effect`, random draws counted) in the body ``call`` calls, or ``None``."""
+    body = call.args[0]
+    module = attribute_of(body) if body.__class__ is Node and body.op == "get_attr" else None
+    if not isinstance(module, torch.fx.GraphModule):
+        return f"{call.name}'s body is not a graph"
+    for node in module.graph.nodes:
+        reason = side_effect(node, True)
+        if reason is not None:
+            return reason
     return None
 
 
@@ -156,9 +175,13 @@ def _inplace_position(function) -> int | None:
 
 
 def is_random(node: Node) -> bool:
-    """Whether ``node`` draws random numbers (dropout only in training mode)."""
+    """Whether ``node`` draws random numbers (dropout only in training mode, and with a probability that is not
+    a literal 0: ``dropout(x, 0.0, True)`` returns ``x`` without drawing, as a config's ``dropout=0.0`` in
+    train mode does)."""
     name = target_name(node) if node.op in ("call_function", "call_method") else ""
-    return name in _RANDOM or (name in _DROPOUTS and call_arg(node, 2, "training", True) is True)
+    if name in _DROPOUTS:
+        return call_arg(node, 2, "training", True) is True and call_arg(node, 1, "p", 0.5) != 0
+    return name in _RANDOM
 
 
 def may_vary(node: Node, leaf: int) -> bool:

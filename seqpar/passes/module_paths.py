@@ -11,7 +11,10 @@ from __future__ import annotations
 import functools
 import re
 
+import torch.fx as fx
 from torch.fx.node import Node
+
+from .tokens import attribute_of, subgraph_call
 
 _GETATTR = re.compile(r"getattr\(([^()]*?), '([^']*)'\)")
 
@@ -32,14 +35,27 @@ def _normalise_path(path: str) -> str:
 
 
 def module_path(node: Node) -> list[str] | None:
-    """The components of the innermost module ``node`` was traced in, or ``None`` without a record."""
-    stack = node.meta.get("nn_module_stack")
+    """The components of the innermost module ``node`` was traced in, or ``None`` without a record. A call of a
+    body graph traced outside the module it calls (``checkpoint(layer, x)`` in the parent's ``forward``) takes
+    the record of its body's first node that has one."""
+    stack = node.meta.get("nn_module_stack") or _body_stack(node)
     if not stack:
         return None
     entry = list(stack.values())[-1]
     path = entry[0] if isinstance(entry, tuple) else str(entry)
     path = _normalise_path(path)
     return path.split(".") if path else []
+
+
+def _body_stack(node: Node) -> dict | None:
+    """The ``nn_module_stack`` of the first node of ``node``'s body that has one, where ``node`` calls a body."""
+    if subgraph_call(node) is None or node.args[0].__class__ is not Node:
+        return None
+    body = attribute_of(node.args[0])
+    if not isinstance(body, fx.GraphModule):
+        return None
+    return next((inner.meta["nn_module_stack"] for inner in body.graph.nodes if inner.meta.get("nn_module_stack")),
+                None)
 
 
 def varying_path(a: Node, b: Node) -> str | None:

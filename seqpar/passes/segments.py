@@ -53,7 +53,7 @@ from .effects import BATCHNORM_TRAINING, is_random, may_vary, mutates, side_effe
 from .inplace import Aliases, inplace_reason
 from .module_paths import varying_path
 from .slices import as_slice
-from .tokens import example, flatten_args, is_invoke_subgraph, is_number, node_token, target_name, value_signature
+from .tokens import example, flatten_args, is_number, node_token, subgraph_call, target_name, value_signature
 
 # Candidate periods examined per graph (the most frequent token distances).
 MAX_PERIODS = 48
@@ -429,7 +429,7 @@ class Detector:
                 raise _Invalid(k, reason)
             dep.add(n)
             reads.dep_offsets.append(o)
-            invoke = is_invoke_subgraph(n)
+            invoke = subgraph_call(n) is not None  # its body (argument 0) is no input
             for j, a in enumerate(lv):
                 if a.__class__ is Node:
                     if a in dep:

@@ -11,7 +11,7 @@ step takes its leaves with ``getitem``) and the step returns a tuple of the
 same length; ``call_method`` nodes become calls of the ``torch.Tensor``
 function, the segment's in-place ops (which detection allows only on the
 segment's own values, :mod:`.inplace`) become their out-of-place twins and
-``invoke_subgraph`` calls are inlined, so the graph holds ``call_function``
+calls of a body graph (``invoke_subgraph``, activation checkpointing) are inlined, so the graph holds ``call_function``
 nodes only and runs under ``vmap``/``make_fx``.
 """
 
@@ -26,14 +26,14 @@ from torch.fx.node import Node
 
 from .effects import mutates, out_of_place
 from .segments import Plan
-from .tokens import VALUE_COPIES, example, is_invoke_subgraph, rebuild_args, target_name
+from .tokens import VALUE_COPIES, example, rebuild_args, subgraph_call, target_name
 
 
 def build_step(plan: Plan, seq: list[Node], root: torch.nn.Module) -> fx.GraphModule:
     """``step(state, *per_step, *shared) -> next state``, copied from segment 0 of ``plan``.
 
     ``seq`` is the node sequence the plan indexes; ``root`` the graph's module
-    (it holds the bodies of ``invoke_subgraph`` calls).
+    (it holds the bodies of the calls of body graphs, :data:`~.tokens.SUBGRAPH_CALLS`).
     """
     graph, leaves, env = _copy_segment(plan, seq, root)
     outputs = [env[seq[plan.begin + q]] for q in plan.state_offsets]
@@ -178,9 +178,10 @@ def copy_node(graph: fx.Graph, n: Node, args, kwargs, root: torch.nn.Module, twi
 
     ``twin``: ``n`` is an in-place op detection allowed (:mod:`.inplace`); its out-of-place twin is emitted.
     """
-    if is_invoke_subgraph(n):
+    operands = subgraph_call(n)
+    if operands is not None:
         body = root.get_submodule(n.args[0].target)
-        return inline_body(graph, body, list(args[2:]))
+        return inline_body(graph, body, list(args[operands:]))
     if n.op == "call_function" and n.target is operator.getitem and isinstance(args[0], tuple):
         return args[0][args[1]]
     op, target = n.op, n.target
@@ -198,7 +199,7 @@ def copy_node(graph: fx.Graph, n: Node, args, kwargs, root: torch.nn.Module, twi
 
 def inline_body(graph: fx.Graph, body: fx.GraphModule, operands: list) -> tuple:
     """Copy ``body``'s nodes into ``graph`` with its placeholders bound to ``operands``; returns the tuple of
-    its outputs (the body of an ``invoke_subgraph`` or ``scan`` call)."""
+    its outputs (the body of an ``invoke_subgraph``, ``tag_activation_checkpoint`` or ``scan`` call)."""
     env: dict[Node, Any] = {}
     operands = iter(operands)
     for n in body.graph.nodes:

@@ -9,11 +9,13 @@ numbers are abstracted away. Guarantees:
     argument structure in one fixed order, so leaf ``j`` of two nodes with
     equal tokens is the same argument position ("slot" ``(offset, j)`` in
     detection).
-Pure functions of a node and its meta; nothing here looks at other nodes.
+Pure functions of a node and its meta (and, for a ``get_attr`` of a body graph, that graph); nothing here
+looks at other nodes of the graph.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -106,9 +108,57 @@ def example(node: Node):
 
 
 def node_token(n: Node):
-    """The hashable token of ``n``: equal for nodes that do the same operation (see the module docstring)."""
+    """The hashable token of ``n``: equal for nodes that do the same operation (see the module docstring).
+
+    A ``get_attr`` of a graph (the body of a :func:`subgraph_call`) is named by the body's structure
+    (:func:`graph_signature`), not by its attribute: Dynamo gives every checkpointed block a body of its own
+    (``wrap_body_0``, ``wrap_body_1``, ..), the same graph with each block's parameters as operands."""
+    if n.op == "get_attr":
+        body = attribute_of(n)
+        if isinstance(body, torch.fx.GraphModule):
+            return ("get_attr", graph_signature(body))
     target = n.target if n.op != "call_function" or hashable(n.target) else repr(n.target)
     return (n.op, target, arg_signature(n.args), arg_signature(n.kwargs), value_signature(example(n)))
+
+
+_signatures: "weakref.WeakKeyDictionary[torch.fx.GraphModule, tuple]" = weakref.WeakKeyDictionary()
+
+
+def graph_signature(body: torch.fx.GraphModule) -> tuple:
+    """The structure of ``body``'s graph: per node its token (a placeholder by its value, not its name; an
+    attribute that is no graph, a constant of the body's own, by its identity), which earlier nodes its
+    arguments are, and its literal arguments by value (a token abstracts numbers, which detection compares per
+    segment; a body's are out of its sight: ``x + 0.5 * f(x)`` and ``x + 0.7 * f(x)`` are different bodies).
+    Equal signatures: the same computation of the same operands."""
+    signature = _signatures.get(body)
+    if signature is None:
+        index: dict[Node, int] = {}
+        rows = []
+        for position, node in enumerate(body.graph.nodes):
+            index[node] = position
+            leaves = flatten_args((node.args, node.kwargs), [])
+            wiring = tuple(index[a] for a in leaves if a.__class__ is Node)
+            literals = tuple(a if hashable(a) else repr(a) for a in leaves if a.__class__ is not Node)
+            if node.op == "placeholder":
+                token = ("placeholder", value_signature(example(node)))
+            elif node.op == "get_attr" and not isinstance(attribute_of(node), torch.fx.GraphModule):
+                token = ("get_attr", id(attribute_of(node)))
+            else:
+                token = node_token(node)
+            rows.append((token, wiring, literals))
+        signature = _signatures[body] = ("graph", tuple(rows))
+    return signature
+
+
+def attribute_of(n: Node):
+    """The module attribute a ``get_attr`` node reads, ``None`` where it cannot be found."""
+    value = n.graph.owning_module
+    try:
+        for name in n.target.split("."):
+            value = getattr(value, name)
+    except AttributeError:
+        return None
+    return value
 
 
 def target_name(node: Node) -> str:
@@ -125,9 +175,18 @@ def target_name(node: Node) -> str:
     return getattr(target, "__name__", str(target))
 
 
-def is_invoke_subgraph(node: Node) -> bool:
-    return (node.op == "call_function" and isinstance(node.target, torch._ops.HigherOrderOperator)
-            and target_name(node) == "invoke_subgraph")
+# Higher-order calls of a body graph (their first argument) on the operands from this argument on: Dynamo's
+# nested compile regions, and activation checkpointing (``torch.utils.checkpoint``), whose body is the
+# checkpointed function. Inlined in a chain's step; a chain left in the graph keeps its calls, checkpointing
+# included (seqpar's own adjoint keeps only the states).
+SUBGRAPH_CALLS = {"invoke_subgraph": 2, "tag_activation_checkpoint": 1}
+
+
+def subgraph_call(node: Node) -> int | None:
+    """Where the operands of ``node`` begin if it is a call of a body graph (:data:`SUBGRAPH_CALLS`), else ``None``."""
+    if node.op == "call_function" and isinstance(node.target, torch._ops.HigherOrderOperator):
+        return SUBGRAPH_CALLS.get(target_name(node))
+    return None
 
 
 def call_arg(node: Node, index: int, name: str, default=None):

@@ -15,6 +15,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 from torch._higher_order_ops.scan import scan
+from torch.utils.checkpoint import checkpoint
 
 import seqpar
 
@@ -30,6 +31,7 @@ __all__ = [
     "transformer_stack",
     "preln_transformer",
     "nested_region_stack",
+    "checkpointed_stack",
     "unrolled_rnn",
     "gru_cell_loop",
     "lstm_cell_loop",
@@ -290,6 +292,37 @@ def nested_region_stack(depth: int = 8, width: int = 8, batch: int = 4, seed: in
     torch.manual_seed(seed)
     model = Stack(nn.Sequential(*[RegionBlock(width) for _ in range(depth)]))
     return model.eval(), (torch.randn(batch, width),)
+
+
+class CheckpointedStack(nn.Module):
+    """Residual blocks each run under activation checkpointing, as ``gradient_checkpointing_enable()`` runs a
+    transformers model's layers."""
+
+    def __init__(self, depth: int, width: int):
+        super().__init__()
+        self.layers = nn.ModuleList(ResidualTanh(width) for _ in range(depth))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = checkpoint(layer, x, use_reentrant=False)
+        return x
+
+
+class ResidualTanh(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+
+    def forward(self, x):
+        return x + 0.5 * torch.tanh(self.linear(x))
+
+
+def checkpointed_stack(depth: int = 8, width: int = 8, batch: int = 4, seed: int = 0):
+    """Residual blocks ``x + tanh(W x + b) / 2`` under ``torch.utils.checkpoint`` (non-reentrant): Dynamo
+    emits a ``tag_activation_checkpoint`` call per block, each with a body of its own; kind "residual", length
+    ``depth``, in train mode (checkpointing matters for gradients)."""
+    torch.manual_seed(seed)
+    return CheckpointedStack(depth, width).train(), (torch.randn(batch, width),)
 
 
 class UnrolledRNN(nn.Module):

@@ -211,6 +211,71 @@ def test_nested_compile_region_is_one_chain_over_every_layer():
     assert "torch._C._nn.linear" not in backend.graphs[0].rewritten_code
 
 
+@pytest.mark.parametrize("options", [{"policy": "parallel"}, {"policy": "sequential", "sequential_form": "rolled"},
+                                     {"policy": "sequential", "sequential_form": "unrolled"}], ids=str)
+def test_blocks_under_activation_checkpointing_are_one_chain(options):
+    # gradient_checkpointing_enable()'s form: each block a tag_activation_checkpoint call with its own body. Solved
+    # or rolled, the chain op computes the blocks (its adjoint keeps only the states); left unrolled, the calls
+    # stay as they were, checkpointing included.
+    model, inputs = to_double(*zoo.checkpointed_stack(depth=8))
+    compiled, backend = compile_with(model, **options)
+    assert_equals_eager_in_float64(model, inputs, compiled)
+    (chain,) = chain_reports(backend)
+    assert (chain.kind, chain.length, chain.modules[0], chain.modules[-1]) == ("residual", 8, "layers.0", "layers.7")
+    unrolled = options.get("sequential_form") == "unrolled"
+    assert ("tag_activation_checkpoint" in backend.graphs[0].rewritten_code) == unrolled
+
+
+class _CheckpointedScaled(torch.nn.Module):
+    def __init__(self, scales: list[float], width: int):
+        super().__init__()
+        self.scales = scales
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(width, width) for _ in scales)
+
+    def forward(self, x):
+        for layer, scale in zip(self.layers, self.scales):
+            x = torch.utils.checkpoint.checkpoint(
+                lambda h, layer=layer, scale=scale: h + scale * torch.tanh(layer(h)), x, use_reentrant=False)
+        return x
+
+
+def test_checkpointed_blocks_whose_bodies_differ_only_in_a_number_are_not_taken_for_one_step():
+    # Each block's Python float is a literal inside its body, out of detection's per-segment comparison: the
+    # bodies differ, and no chain may give every block the first block's number.
+    model = _CheckpointedScaled([0.5, 0.9, 0.1, 0.7, 0.3, 0.8, 0.2, 0.6], 4).double().train()
+    inputs = (torch.randn(3, 4, dtype=torch.float64),)
+    compiled, backend = compile_with(model, policy="parallel")
+    assert_equals_eager_in_float64(model, inputs, compiled)
+    assert not [chain for chain in chain_reports(backend) if chain.decision != "rejected"]
+    same = _CheckpointedScaled([0.5] * 8, 4).double().train()
+    compiled, backend = compile_with(same, policy="parallel")
+    assert_equals_eager_in_float64(same, inputs, compiled)
+    assert [chain.length for chain in chain_reports(backend)] == [8]
+
+
+class _CheckpointedDropout(torch.nn.Module):
+    def __init__(self, depth: int, width: int):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(width, width) for _ in range(depth))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.utils.checkpoint.checkpoint(
+                lambda h, layer=layer: h + torch.nn.functional.dropout(torch.tanh(layer(h)), 0.1), x,
+                use_reentrant=False)
+        return x
+
+
+def test_checkpointed_blocks_that_draw_random_numbers_stay_as_they_are_with_the_reason():
+    model = _CheckpointedDropout(8, 4).double().train()
+    compiled, backend = compile_with(model, policy="parallel")
+    out = compiled(torch.randn(3, 4, dtype=torch.float64))
+    assert out.shape == (3, 4) and torch.isfinite(out).all()
+    (chain,) = chain_reports(backend)
+    assert chain.decision == "rejected" and "calls a body in which" in chain.reason and "random" in chain.reason
+    assert backend.graphs[0].rewritten_code == backend.graphs[0].original_code
+
+
 @pytest.mark.parametrize("make", [zoo.single_linear, zoo.short_mlp, zoo.unet_like])
 def test_model_without_chain_compiles_unchanged(make):
     model, inputs = make()

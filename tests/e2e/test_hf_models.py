@@ -54,3 +54,30 @@ def test_a_returned_key_value_cache_is_served_as_per_step_outputs_of_the_blocks(
     for layer, expected in zip(got.past_key_values.layers, want.past_key_values.layers, strict=True):
         torch.testing.assert_close(layer.keys, expected.keys, atol=F64_ATOL, rtol=0)
         torch.testing.assert_close(layer.values, expected.values, atol=F64_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient-checkpointing"])
+def test_a_training_gpt2_with_zero_dropout_and_gradient_checkpointing_is_one_chain(checkpointing):
+    # Train mode with dropout probabilities 0 (dropout(x, 0.0, True) draws nothing: not random); with
+    # gradient_checkpointing_enable() every block is a tag_activation_checkpoint call with its own body.
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=6, n_embd=16, n_head=2, n_positions=32, vocab_size=50,
+                                     bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = transformers.GPT2Model(config).double().train()
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    ids = torch.randint(0, 50, (2, 6))
+
+    def hidden_states(ids):
+        return model(ids, use_cache=False).last_hidden_state
+
+    want = hidden_states(ids)
+    want_grads = torch.autograd.grad(want.square().sum(), list(model.parameters()))
+    compiled, backend = compile_with(hidden_states, policy="parallel")
+    got = compiled(ids)
+    got_grads = torch.autograd.grad(got.square().sum(), list(model.parameters()))
+    (chain,) = chain_reports(backend)
+    assert (chain.kind, chain.length, chain.decision, chain.modules[0]) == ("transformer", 6, "parallel", "h.0")
+    torch.testing.assert_close(got, want, atol=F64_ATOL, rtol=0)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, atol=F64_ATOL, rtol=0)

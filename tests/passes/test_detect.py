@@ -137,6 +137,9 @@ CHAIN_CASES = [
     # and the inlined layer 0 joins it by extension
     ("nested-compile-region", lambda: zoo.nested_region_stack(8), {}, "residual", 8, ("layers.0", "layers.7"), 1,
      ["parameter", "parameter"]),
+    # every block under torch.utils.checkpoint: one tag_activation_checkpoint call each, each with its own body
+    ("checkpointed-blocks", lambda: zoo.checkpointed_stack(8), {}, "residual", 8, ("layers.0", "layers.7"), 1,
+     ["parameter", "parameter"]),
     ("graph-deduplication", lambda: zoo.deep_mlp(10, 8), {"dedup": True}, "layers", 9, ("layers.1", "layers.9"), 1,
      ["parameter", "parameter"]),
     ("stacked-parameters", lambda: zoo.stacked_mlp(8, 4), {}, "layers", 8, ("", ""), 1, ["slice", "slice"]),
@@ -202,8 +205,8 @@ def test_step_graph_has_state_per_step_shared_placeholders_and_only_function_cal
 # TransformerEncoderLayer steps run under vmap but not jvp: forward AD is not
 # implemented for CPU flash attention nor for _transformer_encoder_layer_fwd.
 VMAP_CASES = ["mlp-tanh", "mlp-layernorm", "scaled-mlp", "residual-mlp", "conv-resnet", "preln-transformer",
-              "nested-compile-region", "graph-deduplication", "stacked-parameters", "unrolled-rnn", "gru-cell",
-              "weight-tied-loop", "denoising-loop"]
+              "nested-compile-region", "checkpointed-blocks", "graph-deduplication", "stacked-parameters",
+              "unrolled-rnn", "gru-cell", "weight-tied-loop", "denoising-loop"]
 
 
 @pytest.mark.parametrize("case", [c for c in CHAIN_CASES if c[0] in VMAP_CASES], ids=VMAP_CASES)

@@ -29,6 +29,11 @@ over seqpar's, measured in the same run):
   ``backend="seqpar"`` and called inside ``torch.autocast(device, bfloat16)``, forward and training step,
   against eager in the same region (timed after the speed trials); its error is against float32 without
   autocast, next to eager's own (``eager_err``: bfloat16's rounding, the bound seqpar's is held to);
+* ``memory``: an Elman chain ``s = tanh(s W^T + x_l)`` whose whole-chain dense blocks exceed
+  ``1 / DEVICE_MEMORY_SHARE`` of the device (w = 32, batch 1024, L = 4096: 16 GiB of blocks): the Newton
+  forward over the sliding window the device's memory allows (``seqpar.runtime.budget``), and a training step
+  (parallel adjoint in runs), against the eager loop; the window and the solve's peak (``max_memory_allocated``
+  over what was allocated before) in units of one window's blocks: the multiple the share assumes (2-3x);
 * ``distributed``: ``seqpar.distributed.solve_chain`` in a one-rank group
   (NCCL on CUDA, gloo on CPU) against ``seqpar.solve_chain`` on the MLP chain
   (L = 4096, w = 16): the collectives' path on the device, and its overhead.
@@ -59,9 +64,9 @@ from timing import past_trials
 SIZES = {
     "full": {"mlp": [(L, w, B) for L in (1024, 4096) for w in (4, 16, 32) for B in (1, 64)],
              "diag": [(2048, 1536 * 16)], "gru": [1024, 4096], "diffusion": [1000], "fused": [(1024, 768, 16)],
-             "distributed": [(4096, 16)], "autocast": [(256, 64, 64)]},
+             "distributed": [(4096, 16)], "autocast": [(256, 64, 64)], "memory": [(4096, 32, 1024)]},
     "smoke": {"mlp": [(64, 4, 2)], "diag": [(64, 32)], "gru": [32], "diffusion": [20], "fused": [(32, 32, 8)],
-              "distributed": [(64, 4)], "autocast": [(48, 8, 4)]},
+              "distributed": [(64, 4)], "autocast": [(48, 8, 4)], "memory": [(64, 4, 2)]},
 }
 
 
@@ -120,6 +125,59 @@ def mlp_rows(device, sizes, repeats):
                           device, repeats))
         yield {"row": "mlp", "case": f"L={L} w={w} B={B}", "baseline": "eager loop",
                "forward_s": forward, "train_s": backward, "rel_err": relative_error(got, want)}
+
+
+def memory_rows(device, sizes, repeats):
+    from seqpar.runtime import budget, spec
+
+    def step(s, x, W):
+        return torch.tanh(s @ W.T + x)
+
+    def loop(s, xs, W):
+        states = []
+        for x in xs:
+            s = step(s, x, W)
+            states.append(s)
+        return torch.stack(states)
+
+    for L, w, B in sizes:
+        generator = torch.Generator().manual_seed(3)
+        W = (torch.randn(w, w, generator=generator) / (2 * w**0.5)).to(device)
+        xs = torch.randn(L, B, w, generator=generator).to(device)
+        s0 = torch.zeros(B, w, device=device)
+        blocks = L * B * w * w * 4
+        memory = budget.device_memory(device)
+        device_memory = budget.device_memory
+        if memory is None or blocks * spec.DEVICE_MEMORY_SHARE <= memory:  # --smoke: a device that holds L / 4
+            budget.device_memory = lambda _: blocks * spec.DEVICE_MEMORY_SHARE // 4
+        try:
+            with torch.no_grad():
+                want = loop(s0, xs, W)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                    torch.cuda.reset_peak_memory_stats(device)
+                before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+                got, stats = seqpar.solve_chain(step, s0, xs, (W,), jacobian="full", return_stats=True)
+                peak = torch.cuda.max_memory_allocated(device) - before if device.type == "cuda" else None
+                forward = (timed(lambda: loop(s0, xs, W), device, repeats),
+                           timed(lambda: seqpar.solve_chain(step, s0, xs, (W,), jacobian="full"), device, repeats))
+            Wg = W.clone().requires_grad_()
+
+            def train(solve):
+                solve()[-1].square().sum().backward()
+                Wg.grad = None
+
+            training = (timed(lambda: train(lambda: loop(s0, xs, Wg)), device, repeats),
+                        timed(lambda: train(lambda: seqpar.solve_chain(step, s0, xs, (Wg,), jacobian="full",
+                                                                       adjoint="parallel")), device, repeats))
+        finally:
+            budget.device_memory = device_memory
+        window = stats.window or L
+        held = "-" if peak is None else f"{peak / 2**30:.2f} GiB = {peak * L / (window * blocks):.1f}x its blocks"
+        yield {"row": "memory", "case": f"L={L} w={w} B={B} ({blocks / 2**30:.1f} GiB of blocks)",
+               "baseline": "eager loop", "forward_s": forward, "train_s": training,
+               "rel_err": relative_error(got, want), "window": window,
+               "memory": f"window {window}, {stats.iterations} iterations, peak {held}"}
 
 
 def diag_rows(device, sizes, repeats):
@@ -278,7 +336,7 @@ def distributed_rows(device, sizes, repeats):
 
 # In order of value per second: rows not started when the budget is spent are skipped (diffusion is the longest).
 ROWS = {"mlp": mlp_rows, "diag": diag_rows, "fused": fused_rows, "gru": gru_rows, "autocast": autocast_rows,
-        "distributed": distributed_rows, "diffusion": diffusion_rows}
+        "memory": memory_rows, "distributed": distributed_rows, "diffusion": diffusion_rows}
 
 
 def table(results: list[dict]) -> str:
@@ -298,6 +356,8 @@ def table(results: list[dict]) -> str:
             other.append(f"scan kernel {result['scan_kernel_s'] * 1e3:.3f} ms")
         if "compile_s" in result:
             other.append(f"compile {result['compile_s']:.0f} s")
+        if "memory" in result:
+            other.append(result["memory"])
         if "eager_err" in result:
             other.append(f"eager's error {result['eager_err']:.1e}")
         lines.append(f"| {result['row']} | {result['case']} | {result['baseline']} | {base * 1e3:.2f} | "

@@ -46,6 +46,7 @@ under ``--out``; a row that fails records its error and the run goes on.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import statistics
@@ -134,11 +135,7 @@ def memory_rows(device, sizes, repeats):
         return torch.tanh(s @ W.T + x)
 
     def loop(s, xs, W):
-        states = []
-        for x in xs:
-            s = step(s, x, W)
-            states.append(s)
-        return torch.stack(states)
+        return torch.stack(list(itertools.accumulate(xs, lambda state, x: step(state, x, W), initial=s))[1:])
 
     for L, w, B in sizes:
         generator = torch.Generator().manual_seed(3)

@@ -30,41 +30,26 @@ on the original's side of the comparison, only where memory is short).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from .passes.tokens import example
+from .runtime.budget import cgroup_limits, host_memory
 
 RESERVE_MIN = 512 * 2**20  # bytes left for the backward pass at least
 RESERVE_FRACTION = 8  # ... or this share of what was available at the call's start, where larger
 CHECK_EVERY = 64 * 2**20  # bytes saved between two readings of the memory available
-
-_NO_LIMIT = 2**60  # cgroup v1 writes "no limit" as a number near 2**63
 
 
 def available_bytes() -> int | None:
     """Bytes this process may still allocate: ``MemAvailable`` of ``/proc/meminfo``, bounded by its memory
     cgroup's limit less its usage (cgroup v2 ``memory.max``/``memory.current``, v1
     ``memory.limit_in_bytes``/``memory.usage_in_bytes``); ``None`` where unknown (not Linux)."""
-    found = []
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                found.append(int(line.split()[1]) * 1024)
-    except (OSError, ValueError, IndexError):
+    available = host_memory("MemAvailable")
+    if available is None:
         return None
-    for limit, usage in (("memory.max", "memory.current"),
-                         ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
-        try:
-            cap = (Path("/sys/fs/cgroup") / limit).read_text().strip()
-            if cap != "max" and int(cap) < _NO_LIMIT:
-                found.append(int(cap) - int((Path("/sys/fs/cgroup") / usage).read_text()))
-        except (OSError, ValueError):
-            continue
-    return min(found) if found else None
+    return min([available, *(limit - usage for limit, usage in cgroup_limits())])
 
 
 def reserve(available: int) -> int:

@@ -48,21 +48,36 @@ def device_memory(device: torch.device) -> int | None:
         return torch.cuda.get_device_properties(device).total_memory
     if device.type != "cpu":
         return None
-    found = []
+    total = host_memory("MemTotal")
+    if total is None:
+        return None
+    return min([total, *(limit for limit, _ in cgroup_limits())])
+
+
+def host_memory(field: str) -> int | None:
+    """Bytes of ``field`` of ``/proc/meminfo`` (``"MemTotal"``, ``"MemAvailable"``), ``None`` where unknown."""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                found.append(int(line.split()[1]) * 1024)
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         return None
-    for limit in ("memory.max", "memory/memory.limit_in_bytes"):
+    return None
+
+
+def cgroup_limits() -> list[tuple[int, int]]:
+    """``(limit, usage)`` in bytes of this process's memory cgroup, for each of cgroup v2 (``memory.max``,
+    ``memory.current``) and v1 (``memory.limit_in_bytes``, ``memory.usage_in_bytes``) that sets a limit."""
+    found = []
+    for limit, usage in (("memory.max", "memory.current"),
+                         ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
         try:
             cap = (Path("/sys/fs/cgroup") / limit).read_text().strip()
-        except OSError:
+            if cap != "max" and int(cap) < _NO_LIMIT:
+                found.append((int(cap), int((Path("/sys/fs/cgroup") / usage).read_text())))
+        except (OSError, ValueError):
             continue
-        if cap.isdigit() and int(cap) < _NO_LIMIT:
-            found.append(int(cap))
-    return min(found) if found else None
+    return found
 
 
 def block_bytes(layout, kind: str) -> int:

@@ -37,7 +37,9 @@ class Options:
                 None: 40, or for a windowed solve ``4 * ceil(L / window) + 40``.
     window:     active positions per parallel iteration (sliding-window
                 Picard, ParaDiGMS): an int >= 1, None (the whole chain) or
-                "auto": 32 for denoising chains, the whole chain otherwise.
+                "auto": 32 for denoising chains, the whole chain otherwise;
+                any window at most the positions whose Jacobian blocks fit
+                1/16 of the device's memory (seqpar.runtime.budget).
     min_chain:  shortest chain worth rewriting (segments).
     policy:     "auto" (cost model + predictability probe; an inference graph
                 is then timed against the original graph on its first calls and

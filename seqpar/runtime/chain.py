@@ -101,7 +101,9 @@ def solve_chain(
             on chains Newton already handles it usually needs more iterations.
             An affine chain's one linear solve is exact and takes none.
         window: at most this many active positions per iteration (sliding
-            window, ParaDiGMS); ``None``: the whole chain.
+            window, ParaDiGMS); ``None``: the whole chain. Either way at most
+            the positions whose Jacobian blocks fit 1/16 of the device's
+            memory (:mod:`~seqpar.runtime.budget`; logged where that bounds it).
         length: ``L`` when ``xs`` is empty.
         batch_ndim: number of leading batch dims of the state (default: all but
             the last dim of the first state tensor).

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch.fx.node import Node
 
-from .tokens import attribute_of, call_arg, subgraph_call, target_name
+from .tokens import call_arg, subgraph_body, subgraph_call, target_name
 
 BATCHNORM_TRAINING = "BatchNorm in training mode updates running statistics; chain left sequential"
 
@@ -95,11 +95,10 @@ def side_effect(node: Node, on_state: bool, in_place: bool = True) -> str | None
 
 def _body_side_effect(call: Node) -> str | None:
     """The first side effect (:func:`side_effect`, random draws counted) in the body ``call`` calls, or ``None``."""
-    body = call.args[0]
-    module = attribute_of(body) if body.__class__ is Node and body.op == "get_attr" else None
-    if not isinstance(module, torch.fx.GraphModule):
+    body = subgraph_body(call)
+    if body is None:
         return f"{call.name}'s body is not a graph"
-    for node in module.graph.nodes:
+    for node in body.graph.nodes:
         reason = side_effect(node, True)
         if reason is not None:
             return reason

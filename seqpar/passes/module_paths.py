@@ -11,10 +11,9 @@ from __future__ import annotations
 import functools
 import re
 
-import torch.fx as fx
 from torch.fx.node import Node
 
-from .tokens import attribute_of, subgraph_call
+from .tokens import subgraph_body
 
 _GETATTR = re.compile(r"getattr\(([^()]*?), '([^']*)'\)")
 
@@ -49,10 +48,8 @@ def module_path(node: Node) -> list[str] | None:
 
 def _body_stack(node: Node) -> dict | None:
     """The ``nn_module_stack`` of the first node of ``node``'s body that has one, where ``node`` calls a body."""
-    if subgraph_call(node) is None or node.args[0].__class__ is not Node:
-        return None
-    body = attribute_of(node.args[0])
-    if not isinstance(body, fx.GraphModule):
+    body = subgraph_body(node)
+    if body is None:
         return None
     return next((inner.meta["nn_module_stack"] for inner in body.graph.nodes if inner.meta.get("nn_module_stack")),
                 None)

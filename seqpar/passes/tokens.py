@@ -139,10 +139,11 @@ def graph_signature(body: torch.fx.GraphModule) -> tuple:
             leaves = flatten_args((node.args, node.kwargs), [])
             wiring = tuple(index[a] for a in leaves if a.__class__ is Node)
             literals = tuple(a if hashable(a) else repr(a) for a in leaves if a.__class__ is not Node)
+            value = attribute_of(node) if node.op == "get_attr" else None
             if node.op == "placeholder":
                 token = ("placeholder", value_signature(example(node)))
-            elif node.op == "get_attr" and not isinstance(attribute_of(node), torch.fx.GraphModule):
-                token = ("get_attr", id(attribute_of(node)))
+            elif node.op == "get_attr" and not isinstance(value, torch.fx.GraphModule):
+                token = ("get_attr", id(value))
             else:
                 token = node_token(node)
             rows.append((token, wiring, literals))
@@ -187,6 +188,16 @@ def subgraph_call(node: Node) -> int | None:
     if node.op == "call_function" and isinstance(node.target, torch._ops.HigherOrderOperator):
         return SUBGRAPH_CALLS.get(target_name(node))
     return None
+
+
+def subgraph_body(node: Node) -> torch.fx.GraphModule | None:
+    """The body graph a :func:`subgraph_call` calls (its ``get_attr`` argument 0), ``None`` where ``node`` is no
+    such call or its body cannot be found."""
+    if subgraph_call(node) is None:
+        return None
+    body = node.args[0]
+    module = attribute_of(body) if body.__class__ is Node and body.op == "get_attr" else None
+    return module if isinstance(module, torch.fx.GraphModule) else None
 
 
 def call_arg(node: Node, index: int, name: str, default=None):

@@ -13,7 +13,10 @@ whole chain's dense blocks (``L N w^2`` values):
 * ``newton, bounded``: the same with the device's memory set to ``DEVICE_MEMORY_SHARE / 8`` times the chain's
   blocks: a sliding window of ``L / 8`` positions;
 * ``adjoint``: the parallel adjoint (forward sequential) in one pass (CPU runs and memory unbounded);
-* ``adjoint, bounded``: the same with the device's memory bounded as above: runs of ``L / 8`` positions.
+* ``adjoint, bounded``: the same with the device's memory bounded as above: runs of ``L / 8`` positions;
+* ``2 ranks: ...``: the same four with the chain split over two gloo ranks (``seqpar.distributed.solve_chain``,
+  one thread each, ``L / 2`` steps each), each rank's growth in units of its share's blocks (the larger of
+  the two); bounded: the device's memory set as above for the share, so that a rank's runs are ``L / 16``.
 
 Also each call's wall time (one call: the bound's cost in iterations, not a timing study). Markdown to stdout.
 """
@@ -34,8 +37,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import load_average, start_run  # noqa: E402
 
 from seqpar.runtime import budget, solve_chain, spec  # noqa: E402
+from seqpar.testing.ranks import run_ranks  # noqa: E402
 
-FORMS = ("newton", "newton, bounded", "adjoint", "adjoint, bounded")
+SOLVES = ("newton", "newton, bounded", "adjoint", "adjoint, bounded")
+RANKS = 2
+FORMS = (*SOLVES, *(f"{RANKS} ranks: {form}" for form in SOLVES))
 
 
 def elman(s, x, w):
@@ -52,22 +58,40 @@ def resident(field: str) -> int:
 
 def one(form: str, length: int, batch: int, width: int) -> dict:
     """One form's peak growth over its second call, its time and what its solve did (the ``--one`` child)."""
+    if form.startswith(f"{RANKS} ranks: "):
+        rows = run_ranks(on_rank, RANKS, form.split(": ", 1)[1], length, batch, width, timeout=3600.0)
+        return max(rows, key=lambda row: row["growth"])
+    return peak_of(form, length, batch, width, solve_chain)
+
+
+def on_rank(rank: int, world: int, form: str, length: int, batch: int, width: int) -> dict:
+    """:func:`peak_of` on this rank's share of the chain, solved across the ranks."""
+    import seqpar.distributed as sd
+
+    share = length // world
+    return peak_of(form, length, batch, width, sd.solve_chain, rows=slice(rank * share, (rank + 1) * share))
+
+
+def peak_of(form: str, length: int, batch: int, width: int, solve, rows: slice | None = None) -> dict:
+    """The growth of this process's peak memory over the second call of ``solve`` (``seqpar.solve_chain`` or a
+    rank's ``seqpar.distributed.solve_chain`` on the steps ``rows``), against the blocks of its steps."""
     torch.manual_seed(0)
-    blocks = length * batch * width * width * 4
+    rows = rows or slice(0, length)
+    blocks = (rows.stop - rows.start) * batch * width * width * 4
     memory = blocks * spec.DEVICE_MEMORY_SHARE // 8 if form.endswith("bounded") else 1 << 62
     budget.device_memory = lambda device: memory
     spec.CPU_RUN_BYTES = 1 << 62  # the memory bound alone decides the adjoint's runs
     s0 = torch.zeros(batch, width)
-    xs = torch.randn(length, batch, width)
+    xs = torch.randn(length, batch, width)[rows].clone()
     weight = torch.randn(width, width) / (2 * width**0.5)
 
     def call():
         if form.startswith("newton"):
             with torch.no_grad():
-                return solve_chain(elman, s0, xs, (weight,), jacobian="full", return_stats=True)[1]
+                return solve(elman, s0, xs, (weight,), jacobian="full", return_stats=True)[1]
         leaves = [leaf.clone().requires_grad_() for leaf in (s0, xs, weight)]
-        states, stats = solve_chain(elman, leaves[0], leaves[1], (leaves[2],), forward="sequential",
-                                    adjoint="parallel", return_stats=True)
+        states, stats = solve(elman, leaves[0], leaves[1], (leaves[2],), forward="sequential",
+                              adjoint="parallel", return_stats=True)
         torch.autograd.grad(states, leaves, torch.ones_like(states))
         return stats
 

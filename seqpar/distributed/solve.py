@@ -16,7 +16,9 @@ its own ``d_in`` and solves its block from it, and adds the scanned update to
 its entry state exactly as its left neighbour adds it to its last state (the
 two stay equal bit for bit). One all-gather of ``P`` rows per iteration,
 nothing of size ``L`` on the wire; convergence is seen one exchange late (one
-linearisation more than on one device).
+linearisation more than on one device). A rank whose share's blocks exceed
+the device's memory bound (:mod:`seqpar.runtime.budget`) takes them in runs
+(:mod:`.runs`): the same iterations, its blocks evaluated again for the update.
 
 As on one device, positions before the global *start* (the first position
 whose update is above tolerance) are final and not updated, and the state at
@@ -49,7 +51,7 @@ from dataclasses import dataclass
 import torch
 import torch.utils._pytree as pytree
 
-from ..runtime.adjoint import adjoint_solve
+from ..runtime.adjoint import adjoint_in_runs, adjoint_solve
 from ..runtime.chain import prepare_chain, without_elements
 from ..runtime.newton import Tolerance, evaluate_all, first_above, tolerance_ratios
 from ..runtime.pcr import solve_affine_recurrence
@@ -58,6 +60,7 @@ from ..runtime.spec import accumulation_dtype, default_max_iters
 from ..runtime.stats import SolveStats
 from .boundary import apply_map, block_product, entry_values, fold_entry
 from .group import Ranks
+from .runs import adjoint_boundary_in_runs, linearised_in_runs, share_run, update_in_runs
 
 log = logging.getLogger("seqpar.distributed")
 
@@ -303,8 +306,8 @@ def _forward(chain, s0, xs_leaves, shared):
             try:
                 local = _linearised(program, kind, work, s_in, states, first, xs_leaves, shared,
                                     with_map=rank > start_rank)
-                stats.evaluations += length
-                stats.jacobian_evaluations += 0 if kind == "identity" else length
+                stats.evaluations += _evaluated(local, length)
+                stats.jacobian_evaluations += 0 if kind == "identity" else _evaluated(local, length)
             except Exception as error:  # noqa: BLE001 - every rank learns of it at the collective
                 failure = error
         row = torch.cat([_NO_UPDATE.to(s0.device) if status is None else status,
@@ -332,8 +335,11 @@ def _forward(chain, s0, xs_leaves, shared):
         entries = entry_values(maps, kind) + [None]
         try:
             if local is not None:
-                status = _update(states, local, entries[rank], entries[rank + 1], chain,
+                status = _update(states, local, entries[rank], entries[rank + 1], chain, (xs_leaves, shared),
                                  exact_first=rank == start_rank and (first < length - 1 or rank == ranks.size - 1))
+                if local.run is not None and entries[rank] is not None:  # the blocks evaluated again
+                    stats.evaluations += _evaluated(local, length)
+                    stats.jacobian_evaluations += _evaluated(local, length)
             else:
                 status = _frozen_status(states, chain)
             if entries[rank] is not None:
@@ -362,21 +368,38 @@ def _map_width(kind: str, batch: int, width: int) -> int:
 
 @dataclass
 class _Linearised:
-    """One rank's linearisation from its first active position ``first``: the steps ``F``, the blocks ``A``
-    (``None``: identity), ``c = F - s`` and ``e`` (the update from a zero entry update), all from ``first`` on,
-    and its map row ``(Phi, e_last)`` as float64."""
+    """One rank's linearisation from its first active position ``first``: the step at that position ``F_a``,
+    the blocks ``A`` (``None``: identity, or not kept), ``c = F - s`` and ``e`` (the update from a zero entry
+    update), all from ``first`` on, and its map row ``(Phi, e_last)`` as float64. ``run``: positions per run
+    where the blocks exceed the device's memory and are evaluated again for the update (:mod:`.runs`), with the
+    entry state ``s_in`` they were evaluated from."""
 
     first: int
-    values: torch.Tensor
+    first_value: torch.Tensor
     A: torch.Tensor | None
     c: torch.Tensor
     e: torch.Tensor
     map_row: torch.Tensor
+    run: int | None = None
+    s_in: torch.Tensor | None = None
+
+
+def _evaluated(local: _Linearised, length: int) -> int:
+    """Positions one evaluation of a linearisation covers: all ``length``, or in runs those from its first
+    active position, whole runs."""
+    return length if local.run is None else -(-(length - local.first) // local.run) * local.run
 
 
 def _linearised(program, kind, work, s_in, states, first, xs_leaves, shared, *, with_map) -> _Linearised:
     """Evaluate the steps (and blocks) at ``(s_in, s_1, .., s_{L-1})`` and reduce the active positions to their
-    map; ``with_map=False``: ``Phi`` is not needed (the entry update is exactly zero) and sent as zeros."""
+    map; ``with_map=False``: ``Phi`` is not needed (the entry update is exactly zero) and sent as zeros. Blocks
+    beyond the device's memory bound: in runs (:func:`.runs.linearised_in_runs`)."""
+    map_width = _map_width(kind, *states.shape[1:])
+    run = share_run(program, kind)
+    if run is not None:
+        first_value, c, e, Phi = linearised_in_runs(program, kind, work, s_in, states, xs_leaves, shared, first, run,
+                                                    with_map=with_map)
+        return _Linearised(first, first_value, None, c, e, _map_row(Phi, e[-1], map_width), run, s_in)
     prev = torch.cat([s_in.unsqueeze(0), states[:-1]])
     values = evaluate_all(program, kind, prev, xs_leaves, shared)
     values, A = (values, None) if kind == "identity" else values
@@ -384,7 +407,7 @@ def _linearised(program, kind, work, s_in, states, first, xs_leaves, shared, *, 
     c = values.to(work) - states[first:].to(work)
     e = solve_affine_recurrence(A, c, kind)
     Phi = block_product(A, kind) if with_map else None
-    return _Linearised(first, values, A, c, e, _map_row(Phi, e[-1], _map_width(kind, *states.shape[1:])))
+    return _Linearised(first, values[0], A, c, e, _map_row(Phi, e[-1], map_width))
 
 
 def _map_row(Phi, last, map_width):
@@ -401,17 +424,24 @@ def _map_of(row, kind, batch, width, work):
     return Phi, row[map_width:].view(batch, width).to(work)
 
 
-def _update(states, local, d_in, d_out, chain, *, exact_first):
+def _update(states, local, d_in, d_out, chain, inputs, *, exact_first):
     """Apply this rank's update from its entry update ``d_in`` (``None``: zero); its last state gets the scanned
-    ``d_out`` the next rank adds to its entry state (the same sum, bit for bit). Returns the status row."""
-    first, kind = local.first, chain.program.solve_kind
+    ``d_out`` the next rank adds to its entry state (the same sum, bit for bit). ``inputs``: the ``xs`` leaves
+    and ``shared`` (a linearisation in runs evaluates its blocks again). Returns the status row."""
+    first, program = local.first, chain.program
+    kind = program.solve_kind
     last = states[-1].clone()
-    update = local.e if d_in is None else solve_affine_recurrence(local.A, fold_entry(local.c, local.A, kind, d_in),
-                                                                  kind)
+    if d_in is None:
+        update = local.e
+    elif local.run is None:
+        update = solve_affine_recurrence(local.A, fold_entry(local.c, local.A, kind, d_in), kind)
+    else:
+        update = update_in_runs(program, kind, local.c.dtype, local.s_in, states, *inputs, first, local.run, local.c,
+                                d_in)
     new = states[first:].to(update.dtype) + update
     states[first:] = new.to(states.dtype)
     if exact_first:
-        states[first] = local.values[0]  # f of final states: exact, not s + (F - s)
+        states[first] = local.first_value  # f of final states: exact, not s + (F - s)
     if d_out is not None:
         states[-1] = (last.to(d_out.dtype) + d_out).to(states.dtype)
     ratios = tolerance_ratios(update, new, chain.tol).flatten(1).amax(dim=1)
@@ -454,7 +484,6 @@ def _backward(chain, s_in, states, xs_leaves, shared, grad_states, higher_order=
     ``higher_order`` (``create_graph=True``): a ``ValueError`` on every rank (the gradient would not be
     differentiable again: its graph would silently miss the chain)."""
     ranks, program = chain.ranks, chain.program
-    prev = torch.cat([s_in.unsqueeze(0), states[:-1]])
     batch, width = s_in.shape
     failure = result = None
     if higher_order:
@@ -462,7 +491,7 @@ def _backward(chain, s_in, states, xs_leaves, shared, grad_states, higher_order=
                              "available across ranks; differentiate once, or solve on one device "
                              "(seqpar.solve_chain records the loop for them)")
     if program.adjoint == "parallel":
-        result, failure = _parallel_adjoint(chain, prev, xs_leaves, shared, grad_states, failure)
+        result, failure = _parallel_adjoint(chain, s_in, states, xs_leaves, shared, grad_states, failure)
     else:
         ranks.gather(None, 0, s_in.device, failure)  # agreed before the rank-after-rank adjoint
     if result is None and failure is None:  # sequential adjoint, or maps that are not finite
@@ -483,37 +512,53 @@ def _backward(chain, s_in, states, xs_leaves, shared, grad_states, higher_order=
     return grad_s0, list(grad_xs), summed
 
 
-def _parallel_adjoint(chain, prev, xs_leaves, shared, grad_states, failure=None):
+def _parallel_adjoint(chain, s_in, states, xs_leaves, shared, grad_states, failure=None):
     """The adjoint by the ranks' transposed maps: ``(result, failure)``; ``result=None`` without a failure when
     some map is not finite (the caller runs it rank after rank then, on every rank alike). ``failure``: this
-    rank's reason not to run it, raised on every rank at the first exchange."""
+    rank's reason not to run it, raised on every rank at the first exchange. Blocks beyond the device's memory
+    bound: in runs (:mod:`.runs`; the last rank's gradients, from a zero entry, before the exchange)."""
     ranks, program = chain.ranks, chain.program
     kind = program.adjoint_kind
     work = accumulation_dtype(grad_states.dtype)
-    batch, width = prev.shape[1:]
+    batch, width = s_in.shape
     map_width = _map_width(kind, batch, width)
-    summary = None
+    run = share_run(program, kind)
+    summary = result = None
     try:
         if failure is not None:
             raise failure
-        _, J = program.full_jacobians(prev, xs_leaves, shared)
-        lam = solve_affine_recurrence(J, grad_states, kind, reverse=True)  # from lam_in = 0
-        if ranks.rank > 0:  # what this rank hands its left neighbour: J_0^T lam_0 + Phi^T lam_in
-            d = apply_map(J[0].to(work), lam[0].to(work), kind, transpose=True)
-            Phi = block_product(J.to(work), kind) if ranks.rank < ranks.size - 1 else None
+        d = Phi = None
+        if run is None:
+            prev = torch.cat([s_in.unsqueeze(0), states[:-1]])
+            _, J = program.full_jacobians(prev, xs_leaves, shared)
+            lam = solve_affine_recurrence(J, grad_states, kind, reverse=True)  # from lam_in = 0
+            if ranks.rank > 0:  # what this rank hands its left neighbour: J_0^T lam_0 + Phi^T lam_in
+                d = apply_map(J[0].to(work), lam[0].to(work), kind, transpose=True)
+                Phi = block_product(J.to(work), kind) if ranks.rank < ranks.size - 1 else None
+        elif ranks.rank == ranks.size - 1:  # its lam_in is zero: its gradients need nothing from the exchange
+            result = adjoint_in_runs(program, s_in, states, xs_leaves, shared, grad_states, run)
+            d = result[0].to(work)
+        elif ranks.rank > 0:
+            d, Phi = adjoint_boundary_in_runs(program, kind, work, s_in, states, xs_leaves, shared, grad_states, run)
+        if ranks.rank > 0:
             summary = _map_row(Phi, d, map_width)
     except Exception as error:  # noqa: BLE001
         failure = error
-    rows = ranks.gather(summary, map_width + batch * width, prev.device, failure)
+    rows = ranks.gather(summary, map_width + batch * width, s_in.device, failure)
     if not bool(torch.isfinite(rows).all()):
         log.info("seqpar.distributed: the adjoint's boundary maps are not finite; solving it rank after rank")
         return None, None
+    if result is not None:
+        return result, None
     maps = [None if other == 0 else _map_of(rows[other], kind, batch, width, work) for other in range(ranks.size)]
     lam_in = entry_values(maps, kind, reverse=True)[ranks.rank]
     try:
+        g = grad_states if lam_in is None else fold_entry(grad_states, None, kind, lam_in.to(grad_states.dtype),
+                                                          reverse=True)
+        if run is not None:
+            return adjoint_in_runs(program, s_in, states, xs_leaves, shared, g, run), None
         if lam_in is not None:
-            lam = solve_affine_recurrence(J, fold_entry(grad_states, None, kind, lam_in.to(grad_states.dtype),
-                                                        reverse=True), kind, reverse=True)
+            lam = solve_affine_recurrence(J, g, kind, reverse=True)
         grad_prev, grad_xs, grad_shared = program.steps_vjp(prev, xs_leaves, shared, lam)
         return (grad_prev[0], list(grad_xs), list(grad_shared)), None
     except Exception as error:  # noqa: BLE001

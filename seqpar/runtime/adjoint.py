@@ -100,7 +100,7 @@ def adjoint_in_runs(program, s0, states, xs_leaves, shared, grad_states, run: in
         active = stop - first
         rows = slice(first, first + run)  # the positions evaluated: the run's own, then (first run) later ones
         x_rows = [leaf[rows] for leaf in xs_leaves]
-        prev = states[first - 1 : first - 1 + run] if first else torch.cat([s0.unsqueeze(0), states[: run - 1]])
+        prev = states_before(s0, states, first, run)
         _, blocks = jacobians(prev, x_rows, shared)
         c = grad_states[first:stop].clone()
         c[-1] += carried
@@ -114,6 +114,14 @@ def adjoint_in_runs(program, s0, states, xs_leaves, shared, grad_states, run: in
                 total += part
         carried = grad_prev[0]
     return carried, grad_xs, grad_shared
+
+
+def states_before(s0, states, first: int, count: int) -> torch.Tensor:
+    """The states the positions ``first .. first + count - 1`` step from, ``(count, N, w)``: a view of
+    ``states`` (``(L, N, w)``), or for ``first = 0`` a copy of ``count`` rows with ``s0`` first."""
+    if first:
+        return states[first - 1 : first - 1 + count]
+    return torch.cat([s0.unsqueeze(0), states[: count - 1]])
 
 
 def sequential_adjoint(program, prev, xs_leaves, shared, grad_states):

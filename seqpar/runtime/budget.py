@@ -18,7 +18,8 @@ blocks. Two bounds:
   takes a sliding window of the positions that do (:func:`memory_window`:
   exact like any window, more iterations), and an affine chain's linear solve
   and the parallel adjoint take runs of them (:func:`positions_per_run`,
-  each run exact from the last state or adjoint of the one before).
+  each run exact from the last state or adjoint of the one before), as does
+  a rank's share of a chain across ranks (:mod:`seqpar.distributed.runs`).
 - **speed, CPU**: an affine chain's linear solve and a parallel adjoint take
   runs whose blocks fit ``CPU_RUN_BYTES`` (cache-sized; at least
   ``CPU_RUN_MIN`` positions): chain-sized temporaries cost a page fault per
@@ -128,6 +129,6 @@ def memory_window_reason(layout, length: int, kind: str, window: int) -> str:
     """Why :func:`memory_window` chose ``window``, for explain and the log."""
     memory = device_memory(layout.device)
     whole = length * block_bytes(layout, kind)
-    return (f"{window} of {length} positions evaluated at once (a sliding window; an affine chain's runs): the whole "
-            f"chain's {kind} Jacobian blocks ({whole / 2**30:.3g} GiB) exceed 1/{spec.DEVICE_MEMORY_SHARE} of the "
-            f"{layout.device.type} memory ({memory / 2**30:.3g} GiB)")
+    return (f"{window} of {length} positions evaluated at once (a sliding window; an affine chain, and a rank's "
+            f"share across ranks, in runs): the whole chain's {kind} Jacobian blocks ({whole / 2**30:.3g} GiB) "
+            f"exceed 1/{spec.DEVICE_MEMORY_SHARE} of the {layout.device.type} memory ({memory / 2**30:.3g} GiB)")

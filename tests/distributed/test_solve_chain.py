@@ -282,6 +282,44 @@ def non_finite_cases(rank, world):
     return dict(forward=forward, adjoint=adjoint)
 
 
+def bounded_cases(rank, world):
+    """The device's memory set so that 2 positions' dense blocks of the tanh chain fit its bound (N = 3, w = 4,
+    float64: 384 bytes a position), 8 of its diagonal ones, 3 of the affine chain's (N = 2, w = 16): the shares
+    are solved in runs (uneven shares' last runs overlap the run before; quasi-Newton's diagonal blocks on the
+    shares longer than 8). Records per case the largest evaluation of the runs, how many there were and
+    whether this rank evaluated its whole share at once."""
+    from unittest import mock
+
+    import seqpar.distributed.runs as runs
+    import seqpar.distributed.solve as solve
+    from seqpar.runtime import budget, spec
+
+    evaluated, whole = [], []
+    blocks_of_run, evaluate_all = runs.blocks_of_run, solve.evaluate_all
+
+    def recorded_run(program, s_in, states, xs_leaves, shared, rows, **kwargs):
+        evaluated.append(rows.stop - rows.start)
+        return blocks_of_run(program, s_in, states, xs_leaves, shared, rows, **kwargs)
+
+    def recorded_whole(*args):
+        whole.append(True)
+        return evaluate_all(*args)
+
+    def recorded(result):
+        found = dict(result, largest=max(evaluated, default=0), runs=len(evaluated), whole=bool(whole))
+        evaluated.clear()
+        whole.clear()
+        return found
+
+    uneven = [7, 17] if world == 2 else [7, 5, 1, 11]
+    with mock.patch.object(budget, "device_memory", lambda device: spec.DEVICE_MEMORY_SHARE * 2 * 384), \
+            mock.patch.object(runs, "blocks_of_run", recorded_run), \
+            mock.patch.object(solve, "evaluate_all", recorded_whole):
+        return dict(mlp=recorded(mlp_case(rank, world)), uneven=recorded(mlp_case(rank, world, counts=uneven)),
+                    quasi_newton=recorded(mlp_case(rank, world, counts=uneven, jacobian="diag")),
+                    diagonal_affine=recorded(diagonal_affine_case(rank, world)))
+
+
 def scenarios(rank, world):
     """Every scenario's measurements on this rank (one spawned group runs them all)."""
     uneven = [1, 23] if world == 2 else [1, 20, 1, 2]
@@ -301,6 +339,7 @@ def scenarios(rank, world):
         quasi_newton=mlp_case(rank, world, jacobian="diag"),
         non_finite=non_finite_cases(rank, world),
         injected=injected_failure_cases(rank, world),
+        bounded=bounded_cases(rank, world),
     )
 
 
@@ -443,6 +482,32 @@ def test_a_rank_failing_inside_the_forward_or_the_adjoint_raises_on_every_rank(w
             else:
                 assert name == "RankFailure" and "rank 1: RuntimeError: injected" in message, case
         assert_mlp_exact(case["after"])
+
+
+@WORLDS
+def test_shares_whose_blocks_exceed_the_device_memory_are_solved_in_runs_exactly(world):
+    """Every rank's forward and adjoint in runs of the positions whose blocks fit (2 dense, 8 diagonal, 3 of the
+    affine chain's), never a share beyond them at once: states and every gradient as exact as unbounded (Newton
+    with exact blocks to 1e-12, in as many iterations; the affine chain in one linear solve; quasi-Newton to its
+    1e-9)."""
+    runs = {"mlp": 2, "uneven": 2, "quasi_newton": 8, "diagonal_affine": 3}
+    for rank, result in enumerate(results(world)):
+        case = result["bounded"]
+        for name, run in runs.items():
+            assert case[name]["largest"] <= run, (name, case[name])
+        uneven = [7, 17] if world == 2 else [7, 5, 1, 11]
+        for name, share_fits in (("mlp", False), ("uneven", uneven[rank] <= 2), ("diagonal_affine", False)):
+            assert (case[name]["runs"] == 0) == case[name]["whole"] == share_fits, (name, case[name])
+        # quasi-Newton: the forward's diagonal blocks in runs on the shares longer than 8 (its adjoint's are dense)
+        assert case["quasi_newton"]["whole"] == (uneven[rank] <= 8), case["quasi_newton"]
+        assert_mlp_exact(case["mlp"])
+        assert_mlp_exact(case["uneven"])
+        assert case["mlp"]["converged"] and case["mlp"]["iterations"] == result["mlp"]["iterations"], case["mlp"]
+        quasi = case["quasi_newton"]
+        assert quasi["converged"] and quasi["states"] < 1e-9, quasi
+        assert max(quasi[name] for name in ("grad_U", "grad_W", "grad_b", "grad_s0")) < 1e-8, quasi
+        affine = case["diagonal_affine"]
+        assert affine["iterations"] == 1 and affine["states"] < F64 and affine["grad_a"] < F64, affine
 
 
 def raise_before_the_solve(rank, world):

@@ -2,7 +2,10 @@
 
 Each pass states what it needs and what it guarantees (in its module):
 
-0. ``writes`` (:func:`~.writes.sink_buffer_writes`): per-step writes into
+0. ``passthrough`` (:func:`~.passthrough.read_returned_inputs`): what a
+   body-graph call (a checkpointed block) returns unchanged is read from its
+   operand (T5's position bias, passed through every block).
+   ``writes`` (:func:`~.writes.sink_buffer_writes`): per-step writes into
    one buffer (``out[:, t] = y``, ``out[:, t].copy_(y)``, ``index_put_``,
    ``index_copy_`` at constant positions) moved after the loop as one write
    of the stacked values, where nothing reads the buffer in between.
@@ -63,6 +66,7 @@ from .detect import find_chains
 from .glue import has_other_compute
 from .lower import build_chain_program, chain_structure
 from .module_paths import span
+from .passthrough import read_returned_inputs
 from .policy import Decision, PassOptions, decide, needs_structure
 from .probe import lyapunov_exponent, probe_values
 from .rewrite import remap_chain, rewrite_chain
@@ -118,6 +122,7 @@ def run(gm: fx.GraphModule, example_inputs, original: fx.GraphModule, options: P
     """
     result = PipelineResult(gm)
     try:
+        read_returned_inputs(gm)
         sink_buffer_writes(gm)
     except Exception as error:  # detection must never break compilation
         result.detection_error = f"{type(error).__name__}: {error}"
@@ -162,9 +167,10 @@ def _stream(gm: fx.GraphModule, outcomes: list[ChainOutcome]) -> None:
 
 
 def finds_chains(gm: fx.GraphModule, options: PassOptions) -> bool:
-    """Whether detection (after the writes pass, as in :func:`run`) finds a chain in ``gm``, left unchanged."""
+    """Whether detection (after the passthrough and writes passes, as in :func:`run`) finds a chain in ``gm``, left unchanged."""
     work = copy_graph_module(gm)
     try:
+        read_returned_inputs(work)
         sink_buffer_writes(work)
         chains, _ = find_chains(work, min_chain=options.min_chain)
     except Exception:  # detection never breaks compilation

@@ -296,33 +296,47 @@ def nested_region_stack(depth: int = 8, width: int = 8, batch: int = 4, seed: in
 
 class CheckpointedStack(nn.Module):
     """Residual blocks each run under activation checkpointing, as ``gradient_checkpointing_enable()`` runs a
-    transformers model's layers."""
+    transformers model's layers. ``passthrough``: every block also takes a bias (computed before the blocks)
+    and returns it unchanged, as T5's blocks return their position bias."""
 
-    def __init__(self, depth: int, width: int):
+    def __init__(self, depth: int, width: int, passthrough: bool = False):
         super().__init__()
-        self.layers = nn.ModuleList(ResidualTanh(width) for _ in range(depth))
+        self.layers = nn.ModuleList(ResidualTanh(width, passthrough) for _ in range(depth))
+        self.passthrough = passthrough
+        self.bias_source = nn.Parameter(torch.randn(width)) if passthrough else None
 
     def forward(self, x):
+        if not self.passthrough:
+            for layer in self.layers:
+                x = checkpoint(layer, x, use_reentrant=False)
+            return x
+        bias = torch.sin(self.bias_source)
         for layer in self.layers:
-            x = checkpoint(layer, x, use_reentrant=False)
+            x, bias = checkpoint(layer, x, bias, use_reentrant=False)
         return x
 
 
 class ResidualTanh(nn.Module):
-    def __init__(self, width: int):
+    """``x + tanh(W x + b) / 2``; ``passthrough``: ``(x + tanh(W x + b + bias) / 2, bias)``."""
+
+    def __init__(self, width: int, passthrough: bool = False):
         super().__init__()
         self.linear = nn.Linear(width, width)
+        self.passthrough = passthrough
 
-    def forward(self, x):
-        return x + 0.5 * torch.tanh(self.linear(x))
+    def forward(self, x, bias=None):
+        if not self.passthrough:
+            return x + 0.5 * torch.tanh(self.linear(x))
+        return x + 0.5 * torch.tanh(self.linear(x) + bias), bias
 
 
-def checkpointed_stack(depth: int = 8, width: int = 8, batch: int = 4, seed: int = 0):
+def checkpointed_stack(depth: int = 8, width: int = 8, batch: int = 4, *, passthrough: bool = False, seed: int = 0):
     """Residual blocks ``x + tanh(W x + b) / 2`` under ``torch.utils.checkpoint`` (non-reentrant): Dynamo
     emits a ``tag_activation_checkpoint`` call per block, each with a body of its own; kind "residual", length
-    ``depth``, in train mode (checkpointing matters for gradients)."""
+    ``depth``, in train mode (checkpointing matters for gradients). ``passthrough``: each block also returns a
+    bias it reads (:class:`CheckpointedStack`): the same chain, the bias a shared input."""
     torch.manual_seed(seed)
-    return CheckpointedStack(depth, width).train(), (torch.randn(batch, width),)
+    return CheckpointedStack(depth, width, passthrough).train(), (torch.randn(batch, width),)
 
 
 class UnrolledRNN(nn.Module):

@@ -213,11 +213,13 @@ def test_nested_compile_region_is_one_chain_over_every_layer():
 
 @pytest.mark.parametrize("options", [{"policy": "parallel"}, {"policy": "sequential", "sequential_form": "rolled"},
                                      {"policy": "sequential", "sequential_form": "unrolled"}], ids=str)
-def test_blocks_under_activation_checkpointing_are_one_chain(options):
+@pytest.mark.parametrize("passthrough", [False, True], ids=["plain", "bias-passed-through"])
+def test_blocks_under_activation_checkpointing_are_one_chain(options, passthrough):
     # gradient_checkpointing_enable()'s form: each block a tag_activation_checkpoint call with its own body. Solved
     # or rolled, the chain op computes the blocks (its adjoint keeps only the states); left unrolled, the calls
-    # stay as they were, checkpointing included.
-    model, inputs = to_double(*zoo.checkpointed_stack(depth=8))
+    # stay as they were, checkpointing included. A bias every block returns unchanged (T5's position bias) is
+    # read from the calls' operand: a shared input, its gradient summed over the blocks.
+    model, inputs = to_double(*zoo.checkpointed_stack(depth=8, passthrough=passthrough))
     compiled, backend = compile_with(model, **options)
     assert_equals_eager_in_float64(model, inputs, compiled)
     (chain,) = chain_reports(backend)

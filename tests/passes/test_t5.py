@@ -101,3 +101,27 @@ def test_t5_decoder_returning_its_cache_serves_it_as_per_step_outputs_and_the_mo
 def _cache(output):
     """The returned ``EncoderDecoderCache`` (``cache`` in transformers 5, ``past_key_values`` before)."""
     return output["cache"] if "cache" in output else output["past_key_values"]
+
+
+def test_t5_encoder_under_gradient_checkpointing_passes_its_bias_through_and_is_one_chain_with_eager_gradients():
+    # Each checkpointed block is a call of its own body returning (hidden, position_bias), the bias block 0's
+    # passed through: read from the call's operand, the state is the hidden states alone (it was a pair of
+    # differently shaped tensors, rejected). Block 0 computes the bias: the chain is blocks 1..7, the last
+    # block's body (its bias output pruned by Dynamo) alike once the others drop theirs.
+    model, ids, _ = tiny_t5(transformers.T5EncoderModel)
+    model.train().gradient_checkpointing_enable()
+
+    def hidden_states(ids):
+        return model(ids).last_hidden_state
+
+    want = hidden_states(ids)
+    want_grads = torch.autograd.grad(want.square().sum(), list(model.parameters()))
+    compiled, backend = compile_with(hidden_states, policy="parallel")
+    got = compiled(ids)
+    got_grads = torch.autograd.grad(got.square().sum(), list(model.parameters()))
+    (chain,) = chain_reports(backend)
+    assert (chain.kind, chain.length, chain.decision) == ("transformer", LAYERS - 1, "parallel")
+    assert (chain.modules[0], chain.modules[-1]) == ("encoder.block.1", f"encoder.block.{LAYERS - 1}")
+    torch.testing.assert_close(got, want, atol=F64_ATOL, rtol=0)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, atol=F64_ATOL, rtol=0)

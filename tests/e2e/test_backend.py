@@ -157,6 +157,20 @@ SOLVED_OPTIONS = {
 }
 
 
+def compiled_matches_eager_with_gradients(fn, inputs, parameters, **options):
+    """Compile ``fn`` with seqpar (``options``; :func:`compile_with`) and check its output and the gradients of
+    ``output.square().sum()`` w.r.t. ``parameters`` against eager's (float64, ``F64_ATOL``); returns the backend."""
+    want = fn(*inputs)
+    want_grads = torch.autograd.grad(want.square().sum(), parameters)
+    compiled, backend = compile_with(fn, **options)
+    got = compiled(*inputs)
+    got_grads = torch.autograd.grad(got.square().sum(), parameters)
+    torch.testing.assert_close(got, want, atol=F64_ATOL, rtol=0)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, atol=F64_ATOL, rtol=0)
+    return backend
+
+
 def assert_equals_eager_in_float64(model, inputs, compiled):
     torch.testing.assert_close(compiled(*inputs), model(*inputs), atol=F64_ATOL, rtol=0)
     for got, want in zip(gradients(compiled, inputs), gradients(model, inputs)):

@@ -77,3 +77,23 @@ def test_a_training_gpt2_with_zero_dropout_and_gradient_checkpointing_is_one_cha
                                                     policy="parallel")
     (chain,) = chain_reports(backend)
     assert (chain.kind, chain.length, chain.decision, chain.modules[0]) == ("transformer", 6, "parallel", "h.0")
+
+
+def test_a_training_llama_under_gradient_checkpointing_is_one_chain_where_dynamo_keeps_one_graph():
+    # Llama's checkpointed blocks mutate state outside the checkpoint (the `kernels` package's layer wrapper):
+    # Dynamo breaks the graph at every block (gb0067) unless told not to replay that side effect in the backward.
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=8, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=100, max_position_embeddings=64)
+    model = transformers.LlamaModel(config).double().train()
+    model.gradient_checkpointing_enable()
+    ids = torch.randint(0, 100, (2, 7))
+
+    def hidden_states(ids):
+        return model(ids, use_cache=False).last_hidden_state
+
+    with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
+        backend = compiled_matches_eager_with_gradients(hidden_states, (ids,), list(model.parameters()),
+                                                        policy="parallel")
+    (chain,) = chain_reports(backend)
+    assert (chain.kind, chain.length, chain.modules[0], chain.modules[-1]) == ("transformer", 8, "layers.0", "layers.7")

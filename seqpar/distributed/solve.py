@@ -52,7 +52,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from ..runtime.adjoint import adjoint_in_runs, adjoint_solve
-from ..runtime.chain import prepare_chain, without_elements
+from ..runtime.chain import plain_loop, prepare_chain, without_elements
 from ..runtime.newton import Tolerance, evaluate_all, first_above, tolerance_ratios
 from ..runtime.pcr import solve_affine_recurrence
 from ..runtime.sequential import continue_sequentially
@@ -98,11 +98,17 @@ def solve_chain(step, s0, xs, shared=(), *, group=None, **solver_options):
     ``ValueError`` on every rank (an ``s0``, ``shared`` or step structure
     that differs between ranks too; values by a float64 fingerprint),
     as do higher-order gradients (``create_graph=True``), which are not
-    available across ranks.
+    available across ranks. An ``s0`` without elements (a batch of 0) on
+    every rank gives each rank the plain loop of its steps (empty states,
+    zero gradients), as on one device.
     """
     ranks = Ranks(group, what="seqpar.distributed.solve_chain")
     return_stats = solver_options.pop("return_stats", False)
-    chain, packed_s0, xs_leaves, shared, dummy = _prepared(ranks, step, s0, xs, shared, solver_options)
+    prepared = _prepared(ranks, step, s0, xs, shared, solver_options)
+    if prepared is None:  # a state without elements on every rank: nothing to solve, nothing to exchange
+        return plain_loop(step, s0, xs, shared, solver_options.get("length"), solver_options.get("batch_ndim"),
+                          return_stats)
+    chain, packed_s0, xs_leaves, shared, dummy = prepared
     states = _DistributedChain.apply(chain, packed_s0, *xs_leaves, *shared, *dummy)
     result = chain.program.layout.unpack(states)
     return (result, chain.stats) if return_stats else result
@@ -144,6 +150,9 @@ def _prepared(ranks, step, s0, xs, shared, options):
     number of ``shared`` tensors and which require grad, float64
     fingerprints of ``s0`` and ``shared``, and the gradient flags. Any
     rank's error, or a difference between ranks, raises on every rank.
+    ``None`` where ``s0`` has no elements (a batch of 0) on every rank: each
+    rank's states are then its steps' plain loop, exact (there are no values
+    to pass between ranks) and without any further exchange.
     """
     failure = row = None
     prepared = None
@@ -154,8 +163,14 @@ def _prepared(ranks, step, s0, xs, shared, options):
         failure = error
     device = s0.device if isinstance(s0, torch.Tensor) else torch.device("cpu")
     rows = ranks.gather(row, _AGREEMENT_WIDTH, device, failure)
-    program, packed_s0, xs_leaves, shared, tol, max_iters, method, _ = prepared
     table = rows.tolist()
+    empty = [rank for rank, other in enumerate(table) if other[_EMPTY]]
+    if empty:
+        if len(empty) == ranks.size:
+            return None
+        raise ValueError(f"seqpar.distributed.solve_chain: s0 has no elements (a batch of 0) on ranks {empty} but "
+                         "not on the others; every rank must pass the same s0")
+    program, packed_s0, xs_leaves, shared, tol, max_iters, method, _ = prepared
     mine = table[ranks.rank]
     for rank, other in enumerate(table):
         for name, (start, stop) in _AGREED.items():
@@ -183,14 +198,14 @@ def _prepared(ranks, step, s0, xs, shared, options):
 
 # The agreement row: [length, N, w, dtype, solve kind, adjoint kind, parallel adjoint, #shared, shared grad
 #   pattern, s0 fingerprint (2), shared fingerprint (2), wants grad, grad enabled, s0 requires grad,
-#   max_iters (-1: default), forward, atol, rtol, affine]
+#   max_iters (-1: default), forward, atol, rtol, affine, no elements (then every other entry 0)]
 _AGREED = {
     "state shape and dtype": (1, 4), "jacobian and adjoint": (4, 7), "shared tensors": (7, 9),
     "s0 (values)": (9, 11), "shared (values)": (11, 13), "solver options (max_iters, forward, tol)": (16, 20),
     "step structure (affine: one linear solve)": (20, 21),
 }
-_GRAD, _GRAD_ENABLED, _S0_GRAD = 13, 14, 15
-_AGREEMENT_WIDTH = 21
+_GRAD, _GRAD_ENABLED, _S0_GRAD, _EMPTY = 13, 14, 15, 21
+_AGREEMENT_WIDTH = 22
 
 
 def _prepare_locally(ranks, step, s0, xs, shared, options):
@@ -207,7 +222,9 @@ def _prepare_locally(ranks, step, s0, xs, shared, options):
         if isinstance(leaf, torch.Tensor) and leaf.ndim and leaf.shape[0] == 0:
             raise ValueError(f"rank {ranks.rank} holds no steps (xs of length 0); every rank needs at least one")
     if without_elements(s0):
-        raise ValueError("s0 has no elements (a batch of 0): there is nothing to solve across ranks; skip the call")
+        row = torch.zeros(_AGREEMENT_WIDTH, dtype=torch.float64)
+        row[_EMPTY] = 1
+        return None, None, None, None, None, None, None, row
     method = options.get("forward", "parallel")
     program, packed_s0, xs_leaves, shared = prepare_chain(
         step, s0, xs, shared, jacobian=options.get("jacobian", "auto"), tol=options.get("tol"),
@@ -225,7 +242,7 @@ def _prepare_locally(ranks, step, s0, xs, shared, options):
         len(shared), shared_pattern, *_fingerprint([packed_s0]), *_fingerprint(shared),
         wants_grad, torch.is_grad_enabled(), packed_s0.requires_grad,
         -1 if options.get("max_iters") is None else options["max_iters"], method == "sequential", tol.atol, tol.rtol,
-        program.one_linear_solve,
+        program.one_linear_solve, False,
     ], dtype=torch.float64)
     return program, packed_s0, xs_leaves, shared, tol, options.get("max_iters"), method, row
 

@@ -121,7 +121,7 @@ def solve_chain(
     """
     if without_elements(s0):
         _check_choices(jacobian=jacobian, adjoint=adjoint, forward=forward)
-        return _plain_loop(step, s0, xs, shared, length, batch_ndim, return_stats)
+        return plain_loop(step, s0, xs, shared, length, batch_ndim, return_stats)
     program, packed_s0, xs_leaves, shared = prepare_chain(
         step, s0, xs, shared, jacobian=jacobian, tol=tol, max_iters=max_iters, damping=damping, window=window,
         length=length, batch_ndim=batch_ndim, adjoint=adjoint, forward=forward,
@@ -143,9 +143,10 @@ def without_elements(s0) -> bool:
     return any(isinstance(leaf, torch.Tensor) and leaf.numel() == 0 for leaf in pytree.tree_leaves(s0))
 
 
-def _plain_loop(step, s0, xs, shared, length, batch_ndim, return_stats):
+def plain_loop(step, s0, xs, shared, length, batch_ndim, return_stats):
     """:func:`solve_chain` for a state without elements: nothing to solve for. The states are the step's, called
-    one after another (recorded by autograd), and the stats say so."""
+    one after another (recorded by autograd), and the stats say so (also each rank's share of
+    :func:`seqpar.distributed.solve_chain`)."""
     _, xs_leaves, xs_spec, shared, length, _ = _validate(step, s0, xs, shared, length, batch_ndim)
     states, state = [], s0
     for index in range(length):

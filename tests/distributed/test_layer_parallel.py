@@ -111,8 +111,21 @@ def trial_per_shape_case(rank, world):
     return dict(forms=forms, error=max(errors))
 
 
+def empty_batch_case(rank, world):
+    """A batch of 0: the empty output eager gives, and zero gradients."""
+    from seqpar.distributed import LayerParallel
+
+    model = LayerParallel(stack(6))
+    x = torch.zeros(0, 4, dtype=torch.float64, requires_grad=True)
+    out = model(x)
+    out.square().sum().backward()
+    return dict(shape=tuple(out.shape), x_grad=tuple(x.grad.shape),
+                grads=max(float(p.grad.abs().max()) for p in model.parameters()))
+
+
 def scenarios(rank, world):
     return dict(
+        empty_batch=empty_batch_case(rank, world),
         per_shape=trial_per_shape_case(rank, world),
         from_share=from_share_case(rank, world),
         compiled=compiled_and_explained(rank, world),
@@ -193,3 +206,9 @@ def test_each_rank_keeps_its_contiguous_share(world):
     shares = [(result["uneven"]["first"], result["uneven"]["blocks"]) for result in results(world)]
     assert shares == [(0, 2)] + [(index + 1, 1) for index in range(1, world)]
     assert "blocks 0..1 of" in results(world)[0]["uneven"]["repr"]
+
+
+@WORLDS
+def test_a_batch_of_zero_gives_the_empty_output_and_zero_gradients(world):
+    for result in results(world):
+        assert result["empty_batch"] == dict(shape=(0, 4), x_grad=(0, 4), grads=0.0), result["empty_batch"]

@@ -185,7 +185,7 @@ def bad_input_cases(rank, world):
         dtype=error_of(lambda: sd.solve_chain(mlp_step, s0, wrong_dtype, (U,))),
         s0=error_of(lambda: sd.solve_chain(mlp_step, other_s0, xs, (U,))),
         empty=error_of(lambda: sd.solve_chain(mlp_step, s0, empty, (U,))),
-        no_elements=error_of(lambda: sd.solve_chain(mlp_step, s0[:0], xs, (U,))),
+        no_elements_on_one_rank=error_of(lambda: sd.solve_chain(mlp_step, s0[:0] if rank == 1 else s0, xs, (U,))),
         damping=error_of(lambda: sd.solve_chain(mlp_step, s0, xs, (U,), damping=1.0)),
         max_iters=error_of(lambda: sd.solve_chain(mlp_step, s0, xs, (U,), max_iters=3 if rank == 0 else 4)),
         double=error_of(lambda: double_backward(mlp_step, s0, xs, (U,))),
@@ -282,6 +282,20 @@ def non_finite_cases(rank, world):
     return dict(forward=forward, adjoint=adjoint)
 
 
+def empty_batch_case(rank, world):
+    """A batch of 0 on every rank: each rank's states and gradients are empty (its steps' plain loop); the shared
+    matrix's gradient is zero, as in eager."""
+    import seqpar.distributed as sd
+
+    W, b, U, s0, _ = mlp_problem()
+    first, stop = share(W.shape[0], world, rank)
+    mine = [t.clone().requires_grad_() for t in (W[first:stop], b[first:stop], U)]
+    states, stats = sd.solve_chain(mlp_step, s0[:0], tuple(mine[:2]), (mine[2],), return_stats=True)
+    states.square().sum().backward()
+    return dict(shape=tuple(states.shape), fallback=stats.fallback,
+                grads=[float(t.grad.abs().max()) for t in mine], grad_shapes=[tuple(t.grad.shape) for t in mine])
+
+
 def bounded_cases(rank, world):
     """The device's memory set so that 2 positions' dense blocks of the tanh chain fit its bound (N = 3, w = 4,
     float64: 384 bytes a position), 8 of its diagonal ones, 3 of the affine chain's (N = 2, w = 16): the shares
@@ -340,6 +354,7 @@ def scenarios(rank, world):
         non_finite=non_finite_cases(rank, world),
         injected=injected_failure_cases(rank, world),
         bounded=bounded_cases(rank, world),
+        empty_batch=empty_batch_case(rank, world),
     )
 
 
@@ -429,8 +444,9 @@ def test_bad_input_on_one_rank_raises_value_error_on_every_rank(world):
         assert name == "ValueError" and "s0 (values) differs" in message
         name, message = case["empty"]
         assert name == "ValueError" and "holds no steps" in message
-        name, message = case["no_elements"]  # crashed inside the first step's check ("max(): Expected reduction dim")
-        assert name == "ValueError" and "s0 has no elements" in message
+        name, message = case["no_elements_on_one_rank"]
+        assert name == "ValueError" and "s0 has no elements (a batch of 0) on ranks [1] but not on the others" \
+            in message
         name, message = case["damping"]
         assert name == "ValueError" and "damping is not available across ranks" in message
         name, message = case["double"]  # higher-order gradients: a clear error on every rank, never zeros
@@ -508,6 +524,17 @@ def test_shares_whose_blocks_exceed_the_device_memory_are_solved_in_runs_exactly
         assert max(quasi[name] for name in ("grad_U", "grad_W", "grad_b", "grad_s0")) < 1e-8, quasi
         affine = case["diagonal_affine"]
         assert affine["iterations"] == 1 and affine["states"] < F64 and affine["grad_a"] < F64, affine
+
+
+@WORLDS
+def test_a_batch_of_zero_on_every_rank_gives_empty_states_and_zero_gradients(world):
+    # It raised "s0 has no elements" on every rank; eager's loop returns empty states.
+    for rank, result in enumerate(results(world)):
+        case = result["empty_batch"]
+        first, stop = share(24, world, rank)
+        assert case["shape"] == (stop - first, 0, 4) and case["fallback"] == "the state has no elements", case
+        assert case["grads"] == [0.0, 0.0, 0.0] and case["grad_shapes"] == [(stop - first, 4, 4), (stop - first, 4),
+                                                                              (4, 4)], case
 
 
 def raise_before_the_solve(rank, world):

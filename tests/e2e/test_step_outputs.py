@@ -369,3 +369,60 @@ def test_xlstm_with_its_cache_trains_as_eager(options):
     assert_close_at_scale(got, want)
     assert [chain for chain in chain_reports(backend) if chain.decision != "rejected"]
     assert_weight_gradients_close(model, got, want)
+
+
+def tiny_falcon_mamba():
+    """FalconMamba: Mamba's reference loop with RMS-normalised B, C and dt."""
+    torch.manual_seed(0)
+    config = transformers.FalconMambaConfig(vocab_size=50, hidden_size=16, state_size=4, num_hidden_layers=1,
+                                            expand=2, conv_kernel=4, use_mambapy=False)
+    config.use_associative_scan = False
+    return transformers.FalconMambaModel(config).double(), torch.randint(0, 50, (2, 12))
+
+
+def tiny_minimax():
+    """MiniMax's lightning attention on its PyTorch path: the key-value state ``kv = decay kv + k^T v`` carried
+    over the sequence's blocks of ``block_size`` positions (12 here), one linear-attention layer and one
+    full-attention layer. Float32: its experts' grouped products take no float64."""
+    torch.manual_seed(0)
+    config = transformers.MiniMaxConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, layer_types=["linear_attention", "full_attention"], num_local_experts=2,
+        num_experts_per_tok=1, block_size=4)
+    return transformers.MiniMaxModel(config), torch.randint(0, 50, (2, 48))
+
+
+def tiny_qwen3_next():
+    """Qwen3-Next's gated delta rule on its PyTorch path (``torch_chunk_gated_delta_rule``): the state
+    ``S = S g + k^T (v - k S g)`` (affine in ``S``, not diagonal) carried over chunks of 64 positions (6 here; the
+    chain begins after the first, whose state is zero). Float32, as MiniMax."""
+    torch.manual_seed(0)
+    config = transformers.Qwen3NextConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8,
+        linear_value_head_dim=8, layer_types=["linear_attention", "full_attention"], num_experts=2,
+        num_experts_per_tok=1, moe_intermediate_size=16, shared_expert_intermediate_size=16)
+    return transformers.Qwen3NextModel(config), torch.randint(0, 50, (2, 384))
+
+
+@pytest.mark.parametrize("make, length, atol", [(tiny_falcon_mamba, 12, F64_ATOL), (tiny_minimax, 12, None),
+                                                (tiny_qwen3_next, 5, None)],
+                         ids=["falcon_mamba", "minimax", "qwen3_next"])
+def test_more_recurrent_families_reference_loops_train_as_eager(make, length, atol):
+    # Beyond issue 13's families: their reference PyTorch loops (no custom kernels on a CPU) found and solved,
+    # outputs and every weight's gradient as eager's (float64 to 1e-9; float32 at 1e-5 of the values' scale).
+    model, ids = make()
+    run = lambda ids: model(ids).last_hidden_state  # noqa: E731
+    compiled, backend = compile_with(run, policy="parallel")
+    got, want = compiled(ids), run(ids)
+    (chain,) = [chain for chain in chain_reports(backend) if chain.decision != "rejected"]
+    assert (chain.kind, chain.length, chain.decision) == ("recurrent", length, "parallel")
+    if atol is None:
+        assert_close_at_scale(got, want)
+        assert_weight_gradients_close(model, got, want)
+        return
+    torch.testing.assert_close(got, want, atol=atol, rtol=0)
+    weights = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    for got_grad, want_grad in zip(torch.autograd.grad(loss_of(got), weights),
+                                   torch.autograd.grad(loss_of(want), weights), strict=True):
+        torch.testing.assert_close(got_grad, want_grad, atol=atol, rtol=0)

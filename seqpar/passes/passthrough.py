@@ -32,8 +32,9 @@ from .tokens import subgraph_body, subgraph_call
 
 def read_returned_inputs(gm: fx.GraphModule) -> int:
     """Point the readers of every ``getitem(call, k)`` whose body returns its placeholder as output ``k`` at the
-    call's operand for it, and drop the getitem; returns how many were redirected (``gm`` recompiled if any)."""
-    redirected = 0
+    call's operand for it, and drop the getitem; returns how many were redirected (``gm`` recompiled if anything
+    changed: a getitem redirected, or a call given a body without the outputs it returns unchanged)."""
+    redirected = pruned = 0
     for node in list(gm.graph.nodes):
         returned = _returned_operands(node)
         if not returned:
@@ -45,7 +46,8 @@ def read_returned_inputs(gm: fx.GraphModule) -> int:
                 redirected += 1
         if all(_reads_output(user, node) for user in node.users) and len(returned) < _output_count(node):
             _call_without_outputs(gm, node, set(returned))
-    if redirected:
+            pruned += 1
+    if redirected or pruned:
         gm.recompile()
     return redirected
 

@@ -122,8 +122,7 @@ def run(gm: fx.GraphModule, example_inputs, original: fx.GraphModule, options: P
     """
     result = PipelineResult(gm)
     try:
-        read_returned_inputs(gm)
-        sink_buffer_writes(gm)
+        _before_detection(gm)
     except Exception as error:  # detection must never break compilation
         result.detection_error = f"{type(error).__name__}: {error}"
         return result
@@ -166,12 +165,18 @@ def _stream(gm: fx.GraphModule, outcomes: list[ChainOutcome]) -> None:
                 f"of {block_length(outcome.program)} steps, each block's per-step outputs evaluated at once)"))
 
 
+def _before_detection(gm: fx.GraphModule) -> None:
+    """Pass 0: what body-graph calls return unchanged read from their operands, per-step buffer writes sunk."""
+    read_returned_inputs(gm)
+    sink_buffer_writes(gm)
+
+
 def finds_chains(gm: fx.GraphModule, options: PassOptions) -> bool:
-    """Whether detection (after the passthrough and writes passes, as in :func:`run`) finds a chain in ``gm``, left unchanged."""
+    """Whether detection (after :func:`_before_detection`, as in :func:`run`) finds a chain in ``gm``, left
+    unchanged."""
     work = copy_graph_module(gm)
     try:
-        read_returned_inputs(work)
-        sink_buffer_writes(work)
+        _before_detection(work)
         chains, _ = find_chains(work, min_chain=options.min_chain)
     except Exception:  # detection never breaks compilation
         return False

@@ -157,8 +157,7 @@ def _prepared(ranks, step, s0, xs, shared, options):
     failure = row = None
     prepared = None
     try:
-        prepared = _prepare_locally(ranks, step, s0, xs, shared, options)
-        row = prepared[-1]
+        prepared, row = _prepare_locally(ranks, step, s0, xs, shared, options)
     except Exception as error:  # noqa: BLE001 - every rank must learn of it at the collective below
         failure = error
     device = s0.device if isinstance(s0, torch.Tensor) else torch.device("cpu")
@@ -170,7 +169,7 @@ def _prepared(ranks, step, s0, xs, shared, options):
             return None
         raise ValueError(f"seqpar.distributed.solve_chain: s0 has no elements (a batch of 0) on ranks {empty} but "
                          "not on the others; every rank must pass the same s0")
-    program, packed_s0, xs_leaves, shared, tol, max_iters, method, _ = prepared
+    program, packed_s0, xs_leaves, shared, tol, max_iters, method = prepared
     mine = table[ranks.rank]
     for rank, other in enumerate(table):
         for name, (start, stop) in _AGREED.items():
@@ -209,7 +208,8 @@ _AGREEMENT_WIDTH = 22
 
 
 def _prepare_locally(ranks, step, s0, xs, shared, options):
-    """This rank's program and its agreement row (see :func:`_prepared`)."""
+    """``(prepared, row)``: this rank's program, packed inputs and options (``None`` where ``s0`` has no elements)
+    and its agreement row (see :func:`_prepared`)."""
     unknown = sorted(set(options) - set(OPTIONS) - set(NOT_ACROSS_RANKS))
     if unknown:
         raise ValueError(f"unknown solver option(s) {unknown}; valid options: {', '.join(OPTIONS)}")
@@ -224,7 +224,7 @@ def _prepare_locally(ranks, step, s0, xs, shared, options):
     if without_elements(s0):
         row = torch.zeros(_AGREEMENT_WIDTH, dtype=torch.float64)
         row[_EMPTY] = 1
-        return None, None, None, None, None, None, None, row
+        return None, row
     method = options.get("forward", "parallel")
     program, packed_s0, xs_leaves, shared = prepare_chain(
         step, s0, xs, shared, jacobian=options.get("jacobian", "auto"), tol=options.get("tol"),
@@ -244,7 +244,7 @@ def _prepare_locally(ranks, step, s0, xs, shared, options):
         -1 if options.get("max_iters") is None else options["max_iters"], method == "sequential", tol.atol, tol.rtol,
         program.one_linear_solve, False,
     ], dtype=torch.float64)
-    return program, packed_s0, xs_leaves, shared, tol, options.get("max_iters"), method, row
+    return (program, packed_s0, xs_leaves, shared, tol, options.get("max_iters"), method), row
 
 
 def _fingerprint(tensors) -> tuple[float, float]:

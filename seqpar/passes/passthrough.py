@@ -35,8 +35,9 @@ def read_returned_inputs(gm: fx.GraphModule) -> int:
     call's operand for it, and drop the getitem; returns how many were redirected (``gm`` recompiled if anything
     changed: a getitem redirected, or a call given a body without the outputs it returns unchanged)."""
     redirected = pruned = 0
+    copies: dict[tuple[str, frozenset[int]], str] = {}  # (body, outputs dropped) -> the copy's name on gm
     for node in list(gm.graph.nodes):
-        returned = _returned_operands(node)
+        returned, count = _returned_operands(node)
         if not returned:
             continue
         for user in list(node.users):
@@ -44,8 +45,8 @@ def read_returned_inputs(gm: fx.GraphModule) -> int:
                 user.replace_all_uses_with(returned[user.args[1]])
                 gm.graph.erase_node(user)
                 redirected += 1
-        if all(_reads_output(user, node) for user in node.users) and len(returned) < _output_count(node):
-            _call_without_outputs(gm, node, set(returned))
+        if all(_reads_output(user, node) for user in node.users) and len(returned) < count:
+            _call_without_outputs(gm, node, frozenset(returned), copies)
             pruned += 1
     if redirected or pruned:
         gm.recompile()
@@ -57,25 +58,23 @@ def _reads_output(user: fx.Node, call: fx.Node) -> bool:
     return user.op == "call_function" and user.target is operator.getitem and user.args[0] is call
 
 
-def _output_count(call: fx.Node) -> int:
-    (results,) = [n.args[0] for n in subgraph_body(call).graph.nodes if n.op == "output"]
-    return len(results)
-
-
-def _call_without_outputs(gm: fx.GraphModule, call: fx.Node, dropped: set[int]) -> None:
+def _call_without_outputs(gm: fx.GraphModule, call: fx.Node, dropped: frozenset[int], copies: dict) -> None:
     """Make ``call`` call a copy of its body that returns all but its outputs ``dropped`` (read by nothing now),
     registered on ``gm`` under a name of its own (the body may be shared, also with the graph ``gm`` was copied
-    from), and renumber the getitems of the outputs kept."""
-    body = subgraph_body(call)
-    pruned = fx.GraphModule(body, copy.deepcopy(body.graph))
-    (output,) = [n for n in pruned.graph.nodes if n.op == "output"]
-    output.args = (tuple(value for k, value in enumerate(output.args[0]) if k not in dropped),)
-    pruned.recompile()
-    name = f"{call.args[0].target}_kept"
-    while hasattr(gm, name):
-        name += "_"
-    gm.add_submodule(name, pruned)
+    from; calls of one body share its copy, through ``copies``), and renumber the getitems of the outputs kept."""
     old = call.args[0]
+    name = copies.get((old.target, dropped))
+    if name is None:
+        body = subgraph_body(call)
+        pruned = fx.GraphModule(body, copy.deepcopy(body.graph))
+        (output,) = [n for n in pruned.graph.nodes if n.op == "output"]
+        output.args = (tuple(value for k, value in enumerate(output.args[0]) if k not in dropped),)
+        pruned.recompile()
+        name = f"{old.target}_kept"
+        while hasattr(gm, name):
+            name += "_"
+        gm.add_submodule(name, pruned)
+        copies[old.target, dropped] = name
     with gm.graph.inserting_after(old):  # where Dynamo puts a body's get_attr: the calls' segments stay alike
         call.update_arg(0, gm.graph.get_attr(name))
     if not old.users:
@@ -87,19 +86,21 @@ def _call_without_outputs(gm: fx.GraphModule, call: fx.Node, dropped: set[int]) 
         call.meta["example_value"] = type(value)(v for k, v in enumerate(value) if k not in dropped)
 
 
-def _returned_operands(node: fx.Node) -> dict[int, fx.Node]:
-    """``{k: operand}`` for the outputs ``k`` of a body-graph call ``node`` that are its body's placeholders."""
+def _returned_operands(node: fx.Node) -> tuple[dict[int, fx.Node], int]:
+    """``({k: operand}, n)``: the outputs ``k`` of a body-graph call ``node`` that are its body's placeholders,
+    and how many outputs its body returns (``({}, 0)`` where ``node`` is not such a call)."""
     first = subgraph_call(node)
     body = subgraph_body(node)
     if first is None or body is None:
-        return {}
+        return {}, 0
     placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
     operands = node.args[first:]
     if len(placeholders) != len(operands):
-        return {}
+        return {}, 0
     (results,) = [n.args[0] for n in body.graph.nodes if n.op == "output"]
     if not isinstance(results, (tuple, list)):
-        return {}
+        return {}, 0
     position = {placeholder: index for index, placeholder in enumerate(placeholders)}
-    return {k: operands[position[value]] for k, value in enumerate(results)
-            if isinstance(value, fx.Node) and value in position and isinstance(operands[position[value]], fx.Node)}
+    returned = {k: operands[position[value]] for k, value in enumerate(results)
+                if isinstance(value, fx.Node) and value in position and isinstance(operands[position[value]], fx.Node)}
+    return returned, len(results)

@@ -47,3 +47,20 @@ def test_the_graph_copied_from_keeps_its_bodies_and_both_still_compute_the_model
     assert before == [2] * 7 + [1] and body_outputs(gm) == before and body_outputs(copy) == [1] * 8
     for graph in (gm, copy):
         torch.testing.assert_close(graph(*example_inputs), (model(x),), atol=F64_ATOL, rtol=0)
+
+
+def test_calls_of_one_body_share_its_pruned_copy():
+    # Blocks 0..6 return the bias unchanged and their bodies are alike (every weight an operand): called through
+    # block 0's body, they get one pruned copy between them, and the graph still computes the model.
+    model, (x,) = zoo.checkpointed_stack(8, passthrough=True)
+    model, x = model.double(), x.double()
+    gm, example_inputs = captured(model, (x,))
+    shared = copy_graph_module(gm)
+    calls = [node for node in shared.graph.nodes if subgraph_call(node) is not None]
+    for call in calls[1:7]:
+        call.update_arg(0, calls[0].args[0])
+    shared.graph.eliminate_dead_code()
+    shared.recompile()
+    assert read_returned_inputs(shared) == 7
+    assert len({call.args[0].target for call in calls[:7]}) == 1 and body_outputs(shared) == [1] * 8
+    torch.testing.assert_close(shared(*example_inputs), (model(x),), atol=F64_ATOL, rtol=0)

@@ -41,6 +41,7 @@ from .passes.effects import is_random
 from .passes.glue import has_other_compute
 from .passes.module_paths import span
 from .passes.rerun import rerun_hazard
+from .passes.tokens import example, target_name
 from .report import ChainReport, format_table, hints_for
 from .runtime import fused_loop
 from .runtime.errors import brief
@@ -87,7 +88,7 @@ class SeqparBackend:
         return any(record.speed is not None and record.speed.kept is None for record in self.graphs)
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
-        if any(isinstance(value, torch.SymInt) for value in example_inputs) and pipeline.finds_chains(gm, self.options):
+        if any(map(_symbolic, example_inputs)) and _finds_chains_at_a_shape(gm, example_inputs, self.options):
             log.info("seqpar: Dynamo traced a graph with chains and symbolic sizes (a new batch size or sequence "
                      "length); seqpar solves chains of static shapes: the graph is compiled per concrete shape at "
                      "its first call with it")
@@ -319,7 +320,10 @@ class PerShape:
     a graph have no static length or state shape, so the backend specialises instead. At the first call with
     given sizes, strides and ints, a copy of the graph gets static fake values (:func:`static_graph`) and goes
     through the backend as Dynamo's graphs do, with the call's own tensors as example inputs; later calls with
-    the same key reuse it. What each specialisation found is in ``backend.graphs``. After
+    the same key reuse it. A number Dynamo passes as a 0-d tensor and reads with ``item()`` (``dynamic=True``
+    makes every float attribute one: a norm's ``eps``) is part of the key, and the copy reads it as that number
+    (as Dynamo's default, ``specialize_float``, compiles it): its fake value is no tensor's shape, and ops such
+    as ``layer_norm`` need its value. What each specialisation found is in ``backend.graphs``. After
     ``MAX_SPECIALISATIONS`` keys (a loop over ever new sizes, such as generation with a growing length, would
     otherwise compile without end and keep every compiled graph), further new keys run the graph as Dynamo
     traced it, eager's kernels without a compile, and the log says so once.
@@ -329,15 +333,17 @@ class PerShape:
 
     def __init__(self, backend: "SeqparBackend", gm: fx.GraphModule):
         self.backend, self.gm, self.compiled, self.told = backend, gm, {}, False
+        self.numbers = read_as_numbers(gm)
 
     def __call__(self, *args):
         key = tuple((tuple(arg.shape), arg.stride(), arg.dtype, arg.device) if isinstance(arg, torch.Tensor)
                     else arg for arg in args)
+        key += tuple(args[index].item() for index in self.numbers if isinstance(args[index], torch.Tensor))
         compiled = self.compiled.get(key)
         if compiled is not None:
             return compiled(*args)
         if len(self.compiled) < self.MAX_SPECIALISATIONS:
-            compiled = self.compiled[key] = self.backend(static_graph(self.gm, args), list(args))
+            compiled = self.compiled[key] = self.backend(static_graph(self.gm, args, self.numbers), list(args))
             return compiled(*args)
         if not self.told:
             self.told = True
@@ -346,10 +352,73 @@ class PerShape:
         return self.gm(*args)
 
 
-def static_graph(gm: fx.GraphModule, args) -> fx.GraphModule:
+def _symbolic(value) -> bool:
+    """Whether one of Dynamo's example inputs is a symbolic size or a tensor with a symbolic size or stride."""
+    if isinstance(value, torch.Tensor):
+        return any(isinstance(dim, torch.SymInt) for dim in (*value.shape, *value.stride()))
+    return isinstance(value, torch.SymInt)
+
+
+def _finds_chains_at_a_shape(gm: fx.GraphModule, example_inputs, options: Options) -> bool:
+    """Whether detection finds a chain in the graph Dynamo traced with symbolic sizes, as :class:`PerShape` would
+    specialise it to this call's sizes (their hints): a symbolic graph can hide chains a static one shows
+    (RecurrentGemma's per-step buffer writes at a second sequence length). Without hints, the symbolic graph
+    itself is searched."""
+    numbers = read_as_numbers(gm)
+    try:
+        args = [_hinted(value, index in numbers) for index, value in enumerate(example_inputs)]
+        static = static_graph(gm, args, numbers)
+    except Exception:  # noqa: BLE001 - a graph whose sizes have no hints, or whose fake run fails
+        return pipeline.finds_chains(gm, options)
+    return pipeline.finds_chains(static, options)
+
+
+def _hinted(value, number: bool):
+    """A concrete stand-in of the sizes of one of Dynamo's example inputs: a SymInt's hint; for a fake tensor an
+    uninitialised one of its hinted sizes and strides (a number read by ``item()``: its hint)."""
+    if isinstance(value, torch.SymInt):
+        return int(value.node.hint)
+    if not isinstance(value, torch.Tensor):
+        return value
+    if number:  # its value decides no size: any number will do where Dynamo kept none
+        memo = getattr(value, "item_memo", None)
+        return torch.tensor(float(memo.node.hint) if memo is not None else 1.0, dtype=value.dtype)
+    size = [int(dim.node.hint) if isinstance(dim, torch.SymInt) else dim for dim in value.shape]
+    stride = [int(step.node.hint) if isinstance(step, torch.SymInt) else step for step in value.stride()]
+    with torch._subclasses.fake_tensor.unset_fake_temporarily():
+        return torch.empty_strided(size, stride, dtype=value.dtype, device=value.device,
+                                   requires_grad=value.requires_grad)
+
+
+def read_as_numbers(gm: fx.GraphModule) -> list[int]:
+    """The indices of ``gm``'s placeholders that hold a number: a symbolic size (an ``int`` at the call), or a
+    0-d tensor read by ``item()`` alone (a float Dynamo made symbolic)."""
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    return [index for index, node in enumerate(placeholders)
+            if isinstance(example(node), torch.SymInt) or (
+                node.users and all(_reads_item(user, node) for user in node.users)
+                and isinstance(value := example(node), torch.Tensor) and value.dim() == 0)]
+
+
+def _reads_item(user: fx.Node, node: fx.Node) -> bool:
+    return user.op in ("call_method", "call_function") and target_name(user) == "item" and user.args == (node,)
+
+
+def static_graph(gm: fx.GraphModule, args, numbers=()) -> fx.GraphModule:
     """A copy of ``gm`` whose nodes' fake values (``example_value``, ``val``) have the static shapes that ``args``
-    (one per placeholder: tensors, and ints for symbolic sizes) give them; other meta kept."""
+    (one per placeholder: tensors, and ints for symbolic sizes) give them; other meta kept. The placeholders
+    ``numbers`` (:func:`read_as_numbers`) are read as their values in ``args``: a size's uses, and each ``item()``
+    of a 0-d tensor, replaced by the number (the copy serves only calls with these numbers)."""
     static = pipeline.copy_graph_module(gm)
+    placeholders = [node for node in static.graph.nodes if node.op == "placeholder"]
+    for index in numbers:
+        if not isinstance(args[index], torch.Tensor):
+            placeholders[index].replace_all_uses_with(args[index])
+            continue
+        for reader in list(placeholders[index].users):
+            reader.replace_all_uses_with(args[index].item())
+            static.graph.erase_node(reader)
+    static.recompile()
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake_args = [mode.from_tensor(arg, static_shapes=True) if isinstance(arg, torch.Tensor) else arg for arg in args]
     for node in static.graph.nodes:

@@ -5,6 +5,7 @@ the inner compiler (minutes of inductor for a long loop, no parallel solve). Val
 (the solver's stopping tolerance, 1e-12 of the states' scale over 64 contracting steps).
 """
 
+import pytest
 import torch
 
 from seqpar.backend import PerShape, SeqparBackend
@@ -98,3 +99,35 @@ def test_specialisations_stop_at_a_limit_and_later_shapes_run_the_traced_graph(m
         torch.testing.assert_close(run(*args), recurrence(*args), rtol=0, atol=1e-12)
     per_shape = graphs[-1]
     assert isinstance(per_shape, PerShape) and len(per_shape.compiled) == 2 and per_shape.told
+
+
+class GainedRecurrence(torch.nn.Module):
+    """``h_t = tanh(gain * a * h_{t-1} + x_t + b)`` with ``gain`` a float attribute: under ``dynamic=True``
+    Dynamo passes it as a 0-d tensor and reads it with ``item()``, a number the graph reads at every call."""
+
+    def __init__(self, gain: float):
+        super().__init__()
+        self.gain = gain
+
+    def forward(self, x, a, b):
+        h, out = torch.zeros(x.shape[0], x.shape[2], dtype=x.dtype), []
+        for t in range(x.shape[1]):
+            h = torch.tanh(self.gain * (a * h) + x[:, t] + b)
+            out.append(h)
+        return torch.stack(out, dim=1)
+
+
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+def test_dynamic_true_with_a_float_attribute_is_specialised_per_shape_and_value(inner):
+    # The static copy's fake values once failed at the float's item() (DataDependentOutputException):
+    # transformers' Mamba and RWKV under dynamic=True did not run at all. The number is part of the key now.
+    model = GainedRecurrence(0.5)
+    torch._dynamo.reset()
+    backend = SeqparBackend({"policy": "parallel", "inner": inner})
+    run = torch.compile(model, backend=backend, dynamic=True)
+    for batch, gain in ((2, 0.5), (5, 0.5), (5, 0.25), (3, 0.75), (5, 0.25)):
+        model.gain = gain
+        args = inputs(batch, seed=batch)
+        torch.testing.assert_close(run(*args), model(*args), rtol=0, atol=1e-12)
+    assert [chain.decision for graph in backend.graphs for chain in graph.chains] == ["parallel"] * 4
+

@@ -60,7 +60,7 @@ from .chain import Chain, ChainInput
 from .effects import is_random, mutates
 from .inplace import storages
 from .step import copy_node
-from .tokens import example, target_name
+from .tokens import example, static_size, target_name
 
 # Pointwise ops that broadcast their tensor arguments against each other (no random draws, no dtype-only
 # arguments read for their type, no expansion to a given size).
@@ -247,7 +247,7 @@ def _numel(node: Node) -> int:
 
 def _tensor(node) -> torch.Tensor | None:
     value = example(node) if isinstance(node, Node) else None
-    if isinstance(value, torch.Tensor) and all(isinstance(size, int) for size in value.shape):
+    if isinstance(value, torch.Tensor) and all(static_size(size) is not None for size in value.shape):
         return value
     return None
 

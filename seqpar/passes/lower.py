@@ -31,6 +31,7 @@ from ..runtime.structure import StepStructure, step_structure
 from .chain import Chain, map_state, state_leaves
 from .inputs import stacked_inputs
 from .policy import Decision
+from .tokens import static_size
 
 
 class StepAdapter:
@@ -107,7 +108,7 @@ def _trace_examples(chain: Chain) -> tuple[StateLayout, list, list]:
 
     Raises ValueError for a chain of symbolic shape (a program is traced for one shape)."""
     symbolic = [node for node in [*state_leaves(chain.start), *chain.shared]
-                if any(isinstance(size, torch.SymInt) for size in example_value(node).shape)]
+                if any(static_size(size) is None for size in example_value(node).shape)]
     if symbolic:
         raise ValueError(
             f"{symbolic[0].name} has the symbolic shape {tuple(example_value(symbolic[0]).shape)}: seqpar solves "

@@ -19,6 +19,7 @@ import weakref
 from typing import Any, Callable
 
 import torch
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.fx.node import Node
 
 _NODE = "<node>"
@@ -160,6 +161,15 @@ def attribute_of(n: Node):
     except AttributeError:
         return None
     return value
+
+
+def static_size(size) -> int | None:
+    """A size as the ``int`` it is: a ``SymInt`` Dynamo specialised to a constant included (a static graph traced
+    after a recompile, where a loop over ``range(x.size(1))`` fixed the length, holds its sizes so); ``None`` for
+    one that varies."""
+    if isinstance(size, torch.SymInt):
+        return size.node.maybe_as_int() if is_concrete_int(size) else None
+    return size if isinstance(size, int) else None
 
 
 def target_name(node: Node) -> str:

@@ -82,7 +82,7 @@ from torch.fx.node import Node
 
 from .effects import mutates
 from .inplace import Aliases
-from .tokens import call_arg, example, hashable
+from .tokens import call_arg, example, hashable, static_size
 
 _FULL = slice(None, None, None)
 _INDEX_DTYPES = (torch.int64, torch.int32)
@@ -219,8 +219,8 @@ def _view_index(view: Node) -> tuple[Node, object] | None:
     if view.target in ("select", torch.select):
         item = call_arg(view, 2, "index")
     elif view.target in ("narrow", torch.narrow) and call_arg(view, 3, "length") == 1:
-        start, size = call_arg(view, 2, "start"), example(buffer).shape[dim]
-        if not _is_int(start) or not isinstance(size, int) or not -size <= start < size:
+        start, size = call_arg(view, 2, "start"), static_size(example(buffer).shape[dim])
+        if not _is_int(start) or size is None or not -size <= start < size:
             return None
         item = slice(start % size, start % size + 1)  # narrow counts a negative start from the end
     else:
@@ -321,8 +321,8 @@ def _plan(group: list[Write], position: dict, aliases: Aliases):
     target = example(buffer)
     if any((write.dim, write.keepdim) != (dim, keepdim) for write in group):
         return None
-    size = target.shape[dim]
-    if not isinstance(size, int) or any(not -size <= write.position < size for write in group):
+    size = static_size(target.shape[dim])
+    if size is None or any(not -size <= write.position < size for write in group):
         return None  # a symbolic size: no positions to compare
     indexes = [write.position % size for write in group]
     stride = indexes[1] - indexes[0]

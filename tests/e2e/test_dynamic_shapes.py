@@ -131,3 +131,30 @@ def test_dynamic_true_with_a_float_attribute_is_specialised_per_shape_and_value(
         torch.testing.assert_close(run(*args), model(*args), rtol=0, atol=1e-12)
     assert [chain.decision for graph in backend.graphs for chain in graph.chains] == ["parallel"] * 4
 
+
+def buffer_recurrence(x, a):
+    out, h = torch.zeros_like(x), torch.zeros(x.shape[0], x.shape[2], dtype=x.dtype)
+    for t in range(x.shape[1]):
+        h = torch.tanh(a * h + x[:, t])
+        out[:, t] = h
+    return out
+
+
+def test_a_recurrence_writing_a_buffer_keeps_its_chain_at_every_sequence_length():
+    # At a second length Dynamo traces a static graph whose sizes are SymInts it specialised (the loop over
+    # range(x.shape[1]) fixes them); the buffer-writes pass took those for symbolic sizes and the chain was
+    # rejected ("setitem mutates a tensor in place"): RecurrentGemma and RWKV lost their chains so.
+    torch._dynamo.reset()
+    backend = SeqparBackend({"policy": "parallel", "inner": "eager", "min_chain": 4})
+    run = torch.compile(buffer_recurrence, backend=backend)
+    a = (0.5 * torch.rand(4, dtype=torch.float64)).requires_grad_()
+    for length in (16, 24, 32, 24):
+        x = torch.randn(3, length, 4, dtype=torch.float64, requires_grad=True)
+        got, want = run(x, a), buffer_recurrence(x, a)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+        got_grads = torch.autograd.grad(got.square().sum(), (x, a))
+        want_grads = torch.autograd.grad(want.square().sum(), (x, a))
+        for g, w in zip(got_grads, want_grads, strict=True):
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-11 * w.abs().max().item())
+    assert [[(chain.length, chain.decision) for chain in graph.chains] for graph in backend.graphs] == [
+        [(16, "parallel")], [(24, "parallel")], [(32, "parallel")]]

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 import seqpar
+from seqpar.backend import SeqparBackend
 from tests.e2e.test_backend import F64_ATOL, chain_reports, compile_with
 
 
@@ -403,6 +404,41 @@ def tiny_qwen3_next():
         linear_value_head_dim=8, layer_types=["linear_attention", "full_attention"], num_experts=2,
         num_experts_per_tok=1, moe_intermediate_size=16, shared_expert_intermediate_size=16)
     return transformers.Qwen3NextModel(config), torch.randint(0, 50, (2, 384))
+
+
+@pytest.mark.parametrize("make", [tiny_mamba, tiny_rwkv], ids=["mamba", "rwkv"])
+def test_dynamic_true_is_specialised_per_length_and_solved(make):
+    # dynamic=True makes every float attribute (the embedding's norm_type, the norms' eps) a 0-d tensor read
+    # with item(): seqpar's per-shape copy once failed on it (DataDependentOutputException; RWKV's layer_norm
+    # needs its eps's value), so the models did not run at all.
+    model, ids = make()
+    torch._dynamo.reset()
+    backend = SeqparBackend({"policy": "parallel", "inner": "eager", "min_chain": 4})
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    with torch.no_grad():
+        for length in (12, 20):
+            x = torch.randint(0, 50, (2, length))
+            torch.testing.assert_close(compiled(x).last_hidden_state, model(x).last_hidden_state, atol=F64_ATOL,
+                                       rtol=0)
+    decided = [[chain.decision for chain in graph.chains if chain.decision != "rejected"] for graph in backend.graphs]
+    assert len(decided) == 2 and all(decisions and set(decisions) == {"parallel"} for decisions in decided)
+
+
+@pytest.mark.parametrize("make, lengths", [(tiny_recurrent_gemma, (12, 20)), (tiny_minimax, (48, 64))],
+                         ids=["recurrent_gemma", "minimax"])
+def test_a_second_sequence_length_keeps_the_chains(make, lengths):
+    # RecurrentGemma's second length: a static graph with specialised SymInt sizes, whose buffer writes were
+    # taken for symbolic; MiniMax's: a symbolic graph whose chain only its per-shape copy shows. Both lost
+    # their chains at the second length (the values stayed eager's).
+    model, ids = make()
+    model.eval()
+    compiled, backend = compile_with(model, policy="parallel")
+    with torch.no_grad():
+        for length in lengths:
+            x = torch.randint(0, 50, (ids.shape[0], length))
+            assert_close_at_scale(compiled(x).last_hidden_state, model(x).last_hidden_state)
+    decided = [[chain.decision for chain in graph.chains if chain.decision != "rejected"] for graph in backend.graphs]
+    assert len(decided) == 2 and all(decisions and set(decisions) == {"parallel"} for decisions in decided)
 
 
 @pytest.mark.parametrize("make, length, atol", [(tiny_falcon_mamba, 12, F64_ATOL), (tiny_minimax, 12, None),

@@ -44,6 +44,8 @@ _INPLACE_OPERATORS = {
     operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor, operator.ilshift,
     operator.irshift, operator.setitem, operator.delitem,
 }
+# Python's operators named after keywords: their trailing underscore marks no in-place op.
+_KEYWORD_OPERATORS = {operator.not_, operator.and_, operator.or_, operator.is_, operator.is_not}
 _INPLACE_DUNDERS = {"__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__", "__ipow__",
                     "__imatmul__", "__iand__", "__ior__", "__ixor__", "__setitem__", "__delitem__"}
 # The out-of-place twin of an in-place operator (``a += b`` -> ``a + b``); ``setitem``/``delitem`` have none.
@@ -111,8 +113,8 @@ def mutates(node: Node) -> bool:
         return False
     name = target_name(node)
     return (node.target in _INPLACE_OPERATORS or name in _INPLACE_DUNDERS or node.kwargs.get("out") is not None
-            or (name.endswith("_") and not name.startswith("_")) or _inplace_flag(node.target, node.args,
-                                                                                   node.kwargs)[1] is True)
+            or (name.endswith("_") and not name.startswith("_") and node.target not in _KEYWORD_OPERATORS)
+            or _inplace_flag(node.target, node.args, node.kwargs)[1] is True)
 
 
 def out_of_place(op: str, target: Any, args: tuple, kwargs: dict) -> tuple[str, Any, tuple, dict] | None:

@@ -406,11 +406,12 @@ def tiny_qwen3_next():
     return transformers.Qwen3NextModel(config), torch.randint(0, 50, (2, 384))
 
 
-@pytest.mark.parametrize("make", [tiny_mamba, tiny_rwkv], ids=["mamba", "rwkv"])
+@pytest.mark.parametrize("make", [tiny_mamba, tiny_rwkv, tiny_xlstm], ids=["mamba", "rwkv", "xlstm"])
 def test_dynamic_true_is_specialised_per_length_and_solved(make):
     # dynamic=True makes every float attribute (the embedding's norm_type, the norms' eps) a 0-d tensor read
     # with item(): seqpar's per-shape copy once failed on it (DataDependentOutputException; RWKV's layer_norm
-    # needs its eps's value), so the models did not run at all.
+    # needs its eps's value), so the models did not run at all; xLSTM's steps negate a bool with operator.not_,
+    # once taken for an in-place op (its trailing underscore). xLSTM's memory is float32: its tolerance.
     model, ids = make()
     torch._dynamo.reset()
     backend = SeqparBackend({"policy": "parallel", "inner": "eager", "min_chain": 4})
@@ -418,8 +419,11 @@ def test_dynamic_true_is_specialised_per_length_and_solved(make):
     with torch.no_grad():
         for length in (12, 20):
             x = torch.randint(0, 50, (2, length))
-            torch.testing.assert_close(compiled(x).last_hidden_state, model(x).last_hidden_state, atol=F64_ATOL,
-                                       rtol=0)
+            got, want = compiled(x).last_hidden_state, model(x).last_hidden_state
+            if make is tiny_xlstm:
+                assert_close_at_scale(got, want)
+            else:
+                torch.testing.assert_close(got, want, atol=F64_ATOL, rtol=0)
     decided = [[chain.decision for chain in graph.chains if chain.decision != "rejected"] for graph in backend.graphs]
     assert len(decided) == 2 and all(decisions and set(decisions) == {"parallel"} for decisions in decided)
 

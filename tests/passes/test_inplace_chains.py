@@ -6,6 +6,8 @@ with the reason. Every case is checked against eager PyTorch in float64.
 
 from __future__ import annotations
 
+import operator
+
 import pytest
 import torch
 import torch.nn as nn
@@ -171,6 +173,18 @@ def test_out_of_place_gives_the_twin_that_computes_the_same_value(call, twin):
 ], ids=["copy_", "bernoulli_", "setitem", "out="])
 def test_in_place_ops_without_an_out_of_place_twin_have_none(call):
     assert out_of_place(*call) is None
+
+
+@pytest.mark.parametrize("target, in_place", [
+    (operator.not_, False), (operator.and_, False), (operator.or_, False), (operator.is_, False),
+    (operator.is_not, False), (torch.relu_, True), (operator.iand, True),
+], ids=["not_", "and_", "or_", "is_", "is_not", "torch.relu_", "iand"])
+def test_pythons_keyword_operators_are_no_in_place_ops(target, in_place):
+    # operator.not_ (Dynamo's graph negates a symbolic bool with it: xLSTM under dynamic=True) ends with an
+    # underscore like torch's in-place ops; taken for one, it kept xLSTM's chains out.
+    graph = torch.fx.Graph()
+    a, b = graph.placeholder("a"), graph.placeholder("b")
+    assert mutates(graph.call_function(target, (a, b))) is in_place
 
 
 # --------------------------------------------------------------------------- #

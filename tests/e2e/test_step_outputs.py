@@ -406,7 +406,8 @@ def tiny_qwen3_next():
     return transformers.Qwen3NextModel(config), torch.randint(0, 50, (2, 384))
 
 
-@pytest.mark.parametrize("make", [tiny_mamba, tiny_rwkv, tiny_xlstm], ids=["mamba", "rwkv", "xlstm"])
+@pytest.mark.parametrize("make", [tiny_mamba, pytest.param(tiny_rwkv, marks=pytest.mark.slow),
+                                  pytest.param(tiny_xlstm, marks=pytest.mark.slow)], ids=["mamba", "rwkv", "xlstm"])
 def test_dynamic_true_is_specialised_per_length_and_solved(make):
     # dynamic=True makes every float attribute (the embedding's norm_type, the norms' eps) a 0-d tensor read
     # with item(): seqpar's per-shape copy once failed on it (DataDependentOutputException; RWKV's layer_norm

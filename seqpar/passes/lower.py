@@ -31,7 +31,7 @@ from ..runtime.structure import StepStructure, step_structure
 from .chain import Chain, map_state, state_leaves
 from .inputs import stacked_inputs
 from .policy import Decision
-from .tokens import static_size
+from .tokens import example, static_size
 
 
 class StepAdapter:
@@ -54,7 +54,8 @@ class StepAdapter:
 
 
 def example_value(node: fx.Node) -> torch.Tensor:
-    value = node.meta.get("example_value", node.meta.get("val"))
+    """The node's example value (:func:`~.tokens.example`), which must be a tensor."""
+    value = example(node)
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"node {node.name} has no tensor example value")
     return value

@@ -369,8 +369,8 @@ def _finds_chains_at_a_shape(gm: fx.GraphModule, example_inputs, options: Option
         args = [_hinted(value, index in numbers) for index, value in enumerate(example_inputs)]
         static = static_graph(gm, args, numbers)
     except Exception:  # noqa: BLE001 - a graph whose sizes have no hints, or whose fake run fails
-        return pipeline.finds_chains(gm, options)
-    return pipeline.finds_chains(static, options)
+        return pipeline.finds_chains(pipeline.copy_graph_module(gm), options)
+    return pipeline.finds_chains(static, options)  # the copy is this search's own
 
 
 def _hinted(value, number: bool):

@@ -171,10 +171,9 @@ def _before_detection(gm: fx.GraphModule) -> None:
     sink_buffer_writes(gm)
 
 
-def finds_chains(gm: fx.GraphModule, options: PassOptions) -> bool:
-    """Whether detection (after :func:`_before_detection`, as in :func:`run`) finds a chain in ``gm``, left
-    unchanged."""
-    work = copy_graph_module(gm)
+def finds_chains(work: fx.GraphModule, options: PassOptions) -> bool:
+    """Whether detection (after :func:`_before_detection`, as in :func:`run`) finds a chain in ``work``, which
+    those passes change: pass a copy (:func:`copy_graph_module`) of a graph that must stay as it is."""
     try:
         _before_detection(work)
         chains, _ = find_chains(work, min_chain=options.min_chain)

@@ -47,6 +47,7 @@ from .runtime import fused_loop
 from .runtime.errors import brief
 from .runtime.ops import call_state
 from .runtime.precision import copied, in_float64
+from .runtime.tracing import one_at_a_time
 from .speed import ORIGINAL, REWRITTEN, SpeedTrial, differentiated, timed_call
 from .verify import judge
 
@@ -340,16 +341,25 @@ class PerShape:
                     else arg for arg in args)
         key += tuple(args[index].item() for index in self.numbers if isinstance(args[index], torch.Tensor))
         compiled = self.compiled.get(key)
-        if compiled is not None:
-            return compiled(*args)
-        if len(self.compiled) < self.MAX_SPECIALISATIONS:
-            compiled = self.compiled[key] = self.backend(static_graph(self.gm, args, self.numbers), list(args))
-            return compiled(*args)
+        if compiled is None:
+            compiled = self._compiled_for(key, args)
+        return compiled(*args)
+
+    def _compiled_for(self, key, args):
+        """The graph compiled for ``key`` (the call's ``args``): a compile at run time, one at a time in the process
+        as Dynamo's (:mod:`seqpar.runtime.tracing`); a thread that waited for another's compile of the same key
+        takes it. Past ``MAX_SPECIALISATIONS`` keys: the graph as traced."""
+        with one_at_a_time:
+            if key in self.compiled:
+                return self.compiled[key]
+            if len(self.compiled) < self.MAX_SPECIALISATIONS:
+                compiled = self.compiled[key] = self.backend(static_graph(self.gm, args, self.numbers), list(args))
+                return compiled
         if not self.told:
             self.told = True
             log.info("seqpar: a graph with symbolic sizes met more than %d shapes; new shapes run the graph as "
                      "traced (eager kernels, no chain solved, nothing compiled)", self.MAX_SPECIALISATIONS)
-        return self.gm(*args)
+        return self.gm
 
 
 def _symbolic(value) -> bool:

@@ -46,10 +46,9 @@ import weakref
 import torch
 import torch.fx as fx
 
-from torch.fx.experimental.proxy_tensor import make_fx
-
 from .errors import brief
 from .rolled import UnrecordedTrace, check_recorded, draws_random, may_mutate
+from .tracing import make_fx, one_at_a_time
 from .trial import Trial, synchronize
 
 log = logging.getLogger("seqpar.runtime")
@@ -209,7 +208,8 @@ def _compile(program, arguments, n_inputs: int, n_outputs: int):
     from torch._inductor.compile_fx import compile_fx_inner
 
     try:
-        with torch._guards.tracing(None), torch.no_grad():  # outside the caller's tracing context
+        # outside the caller's tracing context; inductor's compile (its config patched) one at a time in the process
+        with one_at_a_time, torch._guards.tracing(None), torch.no_grad():
             examples = [tensor.detach() for tensor in arguments]
             # No size asserts in the generated code (~2 us a step): _compiled_for calls it with these layouts only.
             with torch._inductor.config.patch(size_asserts=False):

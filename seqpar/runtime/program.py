@@ -57,13 +57,13 @@ from typing import Any, Callable
 
 import torch
 import torch.utils._pytree as pytree
-from torch.fx.experimental.proxy_tensor import make_fx
 from torch.func import functionalize, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .spec import FORWARD_CHOICES, LOOP_CHOICES, forward_block_kind
 from .maxplus import slope_graph
 from .structure import FLAT_VIEWS, acts_elementwise, node_shape, state_dependent, step_structure
+from .tracing import make_fx
 
 # A program's run spec: how it runs, as opposed to what its traces compute.
 RUN_FIELDS = ("solver_options", "method", "sequential_reason", "loop", "param_slots")

@@ -51,13 +51,13 @@ from typing import Callable
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
-from torch.fx.experimental.proxy_tensor import make_fx
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.func import functionalize
 
 from . import dense_step
 from .errors import brief
 from .dense_step import DenseStep
+from .tracing import make_fx
 
 _aten = torch.ops.aten
 # Ops returning their input's values in a new shape: dropped where the shape does not change.

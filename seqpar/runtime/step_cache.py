@@ -28,6 +28,7 @@ Jacobians before a program is built on it).
 
 from __future__ import annotations
 
+import threading
 import types
 from collections import OrderedDict
 
@@ -40,6 +41,9 @@ _SCALARS = (int, float, complex, bool, str, bytes, type(None), type(Ellipsis))
 _TORCH_VALUES = (torch.dtype, torch.device, torch.layout, torch.memory_format)
 _cache: "OrderedDict[tuple, tuple]" = OrderedDict()  # programs
 _TABLES = {"program": _cache, "lowered": OrderedDict()}
+# A lookup reads and reorders, a store inserts and evicts: one thread at a time (a key evicted between another
+# thread's read and reorder would raise KeyError).
+_LOCK = threading.Lock()
 
 
 def value_identity(value):
@@ -88,10 +92,11 @@ def _filled(cell) -> bool:
 def lookup(key: tuple, kind: str = "program"):
     """The program (or lowered step, ``kind="lowered"``) cached under ``key`` (made most recently used), or ``None``."""
     table = _TABLES[kind]
-    entry = table.get(key)
-    if entry is None:
-        return None
-    table.move_to_end(key)
+    with _LOCK:
+        entry = table.get(key)
+        if entry is None:
+            return None
+        table.move_to_end(key)
     return entry[0]
 
 
@@ -99,12 +104,14 @@ def store(key: tuple, program, step, kind: str = "program") -> None:
     """Cache ``program`` (or a lowered step) under ``key``, keeping ``step`` (what the key names by identity)
     alive with it; evict beyond :data:`CAPACITY`."""
     table = _TABLES[kind]
-    table[key] = (program, step)
-    table.move_to_end(key)
-    while len(table) > CAPACITY:
-        table.popitem(last=False)
+    with _LOCK:
+        table[key] = (program, step)
+        table.move_to_end(key)
+        while len(table) > CAPACITY:
+            table.popitem(last=False)
 
 
 def clear() -> None:
-    for table in _TABLES.values():
-        table.clear()
+    with _LOCK:
+        for table in _TABLES.values():
+            table.clear()

@@ -22,7 +22,7 @@ import torch.fx._symbolic_trace as symbolic_trace
 from torch._dynamo.convert_frame import compile_lock
 
 from seqpar.backend import SeqparBackend
-from seqpar.runtime import solve_chain
+from seqpar.runtime import solve_chain, step_cache
 from seqpar.testing import models as zoo
 
 from tests.conftest import rnn_chain, rnn_step, sequential_loop
@@ -105,3 +105,24 @@ def test_a_compiled_model_called_from_two_threads_at_once_gives_each_call_eager_
         torch.testing.assert_close(out, model(x), rtol=TOL, atol=TOL)
         for got, want in zip(got_gradients, gradients(model, x, model(x)), strict=True):
             torch.testing.assert_close(got, want, rtol=TOL, atol=TOL)
+
+
+def test_solve_chain_from_two_threads_with_its_cache_evicting_gives_each_call_the_loops_states(monkeypatch):
+    # A cache of 2 programs and 6 steps (each gain its own program): every call evicts another thread's entries
+    # between its lookup and its store. Each call's states equal its sequential loop's.
+    monkeypatch.setattr(step_cache, "CAPACITY", 2)
+    s0, xs, shared = rnn_chain(12, 4)
+    steps = [lambda s, x, W, U, b, gain=gain: torch.tanh(gain * (s @ W.T) + x @ U.T + b) for gain in
+             (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)]
+    start = threading.Barrier(2, timeout=120)
+
+    def worker(thread):
+        start.wait()
+        return [(step, solve_chain(step, s0, xs, shared)) for _ in range(3) for step in steps[thread::2]]
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(worker, thread) for thread in range(2)]
+        results = [call for future in futures for call in future.result(timeout=600)]
+    assert len(results) == 18
+    for step, states in results:
+        torch.testing.assert_close(states, sequential_loop(step, s0, xs, shared), rtol=TOL, atol=TOL)

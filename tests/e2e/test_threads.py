@@ -44,6 +44,19 @@ def patches(monkeypatch):
     return seen
 
 
+def in_two_threads(work):
+    """``work(0) + work(1)``, each run in its own thread, the two started together (every wait bounded)."""
+    start = threading.Barrier(2, timeout=120)
+
+    def started(thread):
+        start.wait()
+        return work(thread)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(started, thread) for thread in range(2)]
+        return [item for future in futures for item in future.result(timeout=600)]
+
+
 def test_the_traces_of_a_compiled_chains_first_calls_hold_dynamos_compile_lock(patches):
     model = tanh_mlp(32, 8)
     function, backend = compiled(model, policy="auto")
@@ -87,19 +100,15 @@ def test_a_compiled_model_called_from_two_threads_at_once_gives_each_call_eager_
     function, backend = compiled(model, policy=policy)
     calls = 6
     inputs = [torch.randn(4, 8, dtype=torch.float64, requires_grad=True) for _ in range(2 * calls)]
-    start = threading.Barrier(2, timeout=120)
 
-    def worker(thread):
-        start.wait()
+    def calls_of(thread):
         made = []
         for x in inputs[thread::2]:
             out = function(x)
             made.append((x, out, gradients(model, x, out)))
         return made
 
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        futures = [pool.submit(worker, thread) for thread in range(2)]
-        results = [call for future in futures for call in future.result(timeout=600)]
+    results = in_two_threads(calls_of)
     assert len(results) == 2 * calls and chain_reports(backend)
     for x, out, got_gradients in results:
         torch.testing.assert_close(out, model(x), rtol=TOL, atol=TOL)
@@ -114,15 +123,8 @@ def test_solve_chain_from_two_threads_with_its_cache_evicting_gives_each_call_th
     s0, xs, shared = rnn_chain(12, 4)
     steps = [lambda s, x, W, U, b, gain=gain: torch.tanh(gain * (s @ W.T) + x @ U.T + b) for gain in
              (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)]
-    start = threading.Barrier(2, timeout=120)
-
-    def worker(thread):
-        start.wait()
-        return [(step, solve_chain(step, s0, xs, shared)) for _ in range(3) for step in steps[thread::2]]
-
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        futures = [pool.submit(worker, thread) for thread in range(2)]
-        results = [call for future in futures for call in future.result(timeout=600)]
+    results = in_two_threads(
+        lambda thread: [(step, solve_chain(step, s0, xs, shared)) for _ in range(3) for step in steps[thread::2]])
     assert len(results) == 18
     for step, states in results:
         torch.testing.assert_close(states, sequential_loop(step, s0, xs, shared), rtol=TOL, atol=TOL)

@@ -170,7 +170,7 @@ class SeqparBackend:
                 # the inputs as this call found them, for the graph check's reference runs
                 before = copied(args) if record.programs and random_node is None else None
                 for _, program in record.programs:
-                    call_state(program).check = _check_states
+                    call_state(program).thread.check = _check_states
             try:
                 if timing:
                     out, seconds = timed_call(compiled, args)
@@ -294,10 +294,10 @@ def _check_states(reference: torch.Tensor, states: torch.Tensor, exact) -> tuple
 def _record_chain_checks(record: GraphRecord) -> None:
     """Move the chains' check results into the record; a mismatched chain is reported sequential from now on."""
     for position, (report, program) in enumerate(record.programs):
-        state = call_state(program)
-        if state.check_result is None:
+        this_thread = call_state(program).thread
+        if this_thread.check_result is None:
             continue
-        (ok, detail), state.check_result = state.check_result, None
+        (ok, detail), this_thread.check_result = this_thread.check_result, None
         record.verification.append(f"call {record.calls}: chain {position} {'ok' if ok else 'MISMATCH'}: {detail}")
         if not ok:
             report.decision, report.method = "sequential", "sequential"

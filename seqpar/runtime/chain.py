@@ -128,7 +128,7 @@ def solve_chain(
     )
     packed = torch.ops.seqpar.chain_solve(program.id, packed_s0, xs_leaves, shared, [])
     states = program.layout.unpack(packed)
-    return (states, ops.call_state(program).last_stats) if return_stats else states
+    return (states, ops.call_state(program).thread.last_stats) if return_stats else states
 
 
 def _check_choices(**values) -> None:

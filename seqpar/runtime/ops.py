@@ -33,9 +33,9 @@ plain values only.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import weakref
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -54,33 +54,51 @@ log = logging.getLogger("seqpar.runtime")
 _PROGRAMS: "weakref.WeakValueDictionary[int, object]" = weakref.WeakValueDictionary()
 
 
-@dataclass
+class ThreadCall(threading.local):
+    """What one thread's call of a program hands between its caller and the solve (each thread sees its own).
+
+    A caller and the solve it starts run in one thread (the op's forward runs
+    in the calling thread), so another thread's call of the same program at
+    the same time neither takes this thread's check nor overwrites the stats
+    it returns. ``check``: a callable ``(sequential states, solver states,
+    exact) -> (ok, detail)`` the thread's next solve is checked with, once
+    (set by the caller); ``check_result``: that check's ``(ok, detail)``
+    until the caller takes it; ``last_stats``: the
+    :class:`~seqpar.runtime.stats.SolveStats` of the thread's last call.
+    """
+
+    check: Callable | None = None
+    check_result: tuple[bool, str] | None = None
+    last_stats: object = None
+
+
 class CallState:
     """What the op's calls of one program leave behind; programs themselves are not written to at run time.
 
-    ``last_stats``: the :class:`~seqpar.runtime.stats.SolveStats` of the last
-    call; ``check``: a callable ``(sequential states, solver states, exact) ->
-    (ok, detail)`` the next solve is checked with, once (set by the caller);
-    ``check_result``: that check's ``(ok, detail)`` until the caller takes it;
-    ``demoted``: why the program's forward runs sequentially from now on (a
-    check that failed), ``None`` while it runs as built.
+    Shared by every thread: ``last_stats``, the stats of the program's last
+    call by any thread (what reports show); ``demoted``, why the program's
+    forward runs sequentially from now on (a check that failed), ``None``
+    while it runs as built. Each thread's own: ``thread``, a :class:`ThreadCall`.
     """
 
-    last_stats: object = None
-    check: Callable | None = None
-    check_result: tuple[bool, str] | None = None
-    demoted: str | None = None
+    def __init__(self):
+        self.last_stats: object = None
+        self.demoted: str | None = None
+        self.thread = ThreadCall()
+
+    def record(self, stats) -> None:
+        """``stats`` of a call that just ended in this thread."""
+        self.last_stats = self.thread.last_stats = stats
 
 
 _STATES: "weakref.WeakKeyDictionary[object, CallState]" = weakref.WeakKeyDictionary()
 
 
 def call_state(program) -> CallState:
-    """The :class:`CallState` of ``program`` (made at first use; freed with the program)."""
+    """The :class:`CallState` of ``program`` (made at first use, one even where two threads ask at once; freed with
+    the program)."""
     state = _STATES.get(program)
-    if state is None:
-        state = _STATES[program] = CallState()
-    return state
+    return state if state is not None else _STATES.setdefault(program, CallState())
 
 
 def register_program(program) -> int:
@@ -155,9 +173,9 @@ def chain_solve(
         leaves = per_step_inputs(program, xs, layer_params)
         states, stats = newton_solve(program, s0, leaves, shared, **program.solver_options)
         stats.seconds = time.perf_counter() - begin
-    if state.check is not None:
+    if state.thread.check is not None:
         states, stats = _checked(program, state, s0, leaves, shared, states, stats)
-    state.last_stats = stats
+    state.record(stats)
     return _fresh(states, ())  # the solver may return a view into its work buffer; it never aliases an input
 
 
@@ -183,7 +201,8 @@ def _fresh(value: torch.Tensor, inputs) -> torch.Tensor:
 
 
 def _checked(program, state, s0, leaves, shared, states, stats):
-    """Compare the solve with the sequential loop by ``state.check`` (consumed); the result in ``state``.
+    """Compare the solve with the sequential loop by this thread's ``state.thread.check`` (consumed); the result in
+    ``state.thread.check_result``.
 
     ``check(reference, states, exact)`` gets the sequential states and, as
     ``exact()``, the sequential loop run in float64 (``None`` where the step
@@ -191,9 +210,9 @@ def _checked(program, state, s0, leaves, shared, states, stats):
     allow for. On a mismatch the chain is solved sequentially from then on and
     this call returns the sequential states: a wrong solve never reaches the caller.
     """
-    check, state.check = state.check, None
+    check, state.thread.check = state.thread.check, None
     if leaves is None:  # the sequential loop ran
-        state.check_result = _NOTHING_TO_CHECK
+        state.thread.check_result = _NOTHING_TO_CHECK
         return states, stats
     reference, reference_stats = solve_sequentially(program, s0, leaves, shared, "")
 
@@ -205,7 +224,7 @@ def _checked(program, state, s0, leaves, shared, states, stats):
             return None
 
     ok, detail = check(reference, states, exact)
-    state.check_result = (ok, detail)
+    state.thread.check_result = (ok, detail)
     if ok:
         return states, stats
     state.demoted = reference_stats.fallback = f"verification mismatch ({detail}); sequential from then on"
@@ -425,9 +444,9 @@ def chain_stream(program_id, s0, xs, shared, layer_params) -> list[torch.Tensor]
     begin = time.perf_counter()
     final, outputs, how = run_in_blocks(program, s0, columns, lambda: per_step_inputs(program, xs, layer_params),
                                         shared, compiled)
-    state.last_stats = sequential_stats(program, program.sequential_reason, how, time.perf_counter() - begin)
-    if state.check is not None:  # the graph check's call: the sequential loop is the reference itself
-        state.check, state.check_result = None, _NOTHING_TO_CHECK
+    state.record(sequential_stats(program, program.sequential_reason, how, time.perf_counter() - begin))
+    if state.thread.check is not None:  # the graph check's call: the sequential loop is the reference itself
+        state.thread.check, state.thread.check_result = None, _NOTHING_TO_CHECK
     return _unaliased([final, *outputs], [s0, *xs, *shared, *layer_params])
 
 

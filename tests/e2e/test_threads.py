@@ -23,6 +23,8 @@ from torch._dynamo.convert_frame import compile_lock
 
 from seqpar.backend import SeqparBackend
 from seqpar.runtime import solve_chain, step_cache
+from seqpar.runtime.chain import prepare_chain
+from seqpar.runtime.ops import call_state
 from seqpar.testing import models as zoo
 
 from tests.conftest import rnn_chain, rnn_step, sequential_loop
@@ -128,3 +130,30 @@ def test_solve_chain_from_two_threads_with_its_cache_evicting_gives_each_call_th
     assert len(results) == 18
     for step, states in results:
         torch.testing.assert_close(states, sequential_loop(step, s0, xs, shared), rtol=TOL, atol=TOL)
+
+
+def test_a_solves_check_and_stats_belong_to_the_thread_that_called_it():
+    # The verified call's check, set by its caller, is taken by that thread's solve, never by another thread's call
+    # of the same program; solve_chain's stats are its own call's, whatever another thread solved since. Both
+    # handshakes run in one thread (the op's forward runs in the calling thread).
+    s0, xs, shared = rnn_chain(16, 4)
+    defaults = dict(jacobian="auto", tol=None, max_iters=None, damping=None, window=None, length=None,
+                    batch_ndim=None, adjoint="auto", forward="parallel")
+    program = prepare_chain(rnn_step, s0, xs, shared, **defaults)[0]
+    checked = []
+
+    def check(reference, states, exact):
+        checked.append(threading.get_ident())
+        return True, "checked"
+
+    mine = call_state(program).thread
+    mine.check = check
+    states, my_stats = solve_chain(rnn_step, s0, xs, shared, return_stats=True)
+    assert checked == [threading.get_ident()] and mine.check is None and mine.check_result == (True, "checked")
+    mine.check, mine.check_result = check, None
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # a call in another thread, on larger initial states
+        other_stats = pool.submit(solve_chain, rnn_step, 3 * s0, xs, shared, return_stats=True).result(timeout=120)[1]
+    assert checked == [threading.get_ident()] and mine.check is check and mine.check_result is None
+    assert other_stats is not my_stats and mine.last_stats is my_stats
+    assert call_state(program).last_stats is other_stats  # what reports show: the program's last call, any thread's
+    torch.testing.assert_close(states, sequential_loop(rnn_step, s0, xs, shared), rtol=TOL, atol=TOL)

@@ -51,15 +51,20 @@ def interleaved_medians(fns: dict, repeats: int, budget: float = 2e-3, warmup: i
 
 
 def past_trials(fn, backend, at_most: int = 40) -> int:
-    """Call ``fn()`` until ``backend`` (a :class:`seqpar.backend.SeqparBackend`) has no speed trial running, at
-    least once (the first call compiles) and at most ``at_most`` times; the number of calls. After it, seqpar runs
-    the form it kept (a fused loop's own trials run before the graph's and delay it: a fixed number of warm-up
-    calls, such as ``seqpar.speed.DECIDED_AFTER``, can end inside the trial)."""
-    calls = 0
-    while calls < at_most and (calls == 0 or backend.trials_running):
+    """Call ``fn()`` until no graph it calls has a speed trial running in ``backend`` (a
+    :class:`seqpar.backend.SeqparBackend`), at least once (the first call compiles) and at most ``at_most`` times;
+    the number of calls. After it, seqpar runs the form it kept (a fused loop's own trials run before the graph's
+    and delay it: a fixed number of warm-up calls, such as ``seqpar.speed.DECIDED_AFTER``, can end inside the
+    trial). A graph ``fn`` does not call (a no-grad forward compiled before a training step) does not count: its
+    trial never ends."""
+    for calls in range(1, at_most + 1):
+        before = [record.calls for record in backend.graphs]
         fn()
-        calls += 1
-    return calls
+        called = [record for index, record in enumerate(backend.graphs)
+                  if index >= len(before) or record.calls != before[index]]
+        if not any(record.speed is not None and record.speed.kept is None for record in called):
+            return calls
+    return at_most
 
 
 def load_average() -> str:

@@ -163,6 +163,26 @@ def recurrence_free_bounds(run, seq: int, eager_seconds: float) -> str:
             f"({dense_flops / 1e9:.0f} GFLOP at {dense_flops / dense_seconds / 1e9:.0f} GFLOP/s)")
 
 
+def built(family: str, args):
+    """``family``'s model in eval mode, at the widths ``args`` give (``--gemma-mlp``, ``--xlstm-hidden``)."""
+    keyword, option = WIDTH_OPTION.get(family, (None, None))
+    return FAMILIES[family](**({keyword: getattr(args, option)} if keyword else {})).eval()
+
+
+def add_width_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gemma-mlp", type=int, default=2560)
+    parser.add_argument("--xlstm-hidden", type=int, default=4096)
+
+
+def chain_decisions(graphs) -> str:
+    """The chains seqpar found in ``graphs`` (its graph records): kind, length, decision/forward/adjoint, outputs."""
+    return ", ".join(
+        f"{chain.kind} L={chain.length} {chain.decision}/{chain.method or '-'}/{chain.adjoint or '-'}"
+        f"{' y=' + str(chain.outputs) if chain.outputs else ''}"
+        for graph in graphs for chain in graph.chains
+    ) or "none"
+
+
 def timed(calls: dict, repeats: int, args, backend) -> dict:
     """Median seconds of each call after its warm-up (``--warmup`` calls; seqpar's also past its speed trials,
     :func:`~timing.past_trials`): one form after the other, or with ``--interleaved`` in turns (one call of each
@@ -176,8 +196,7 @@ def timed(calls: dict, repeats: int, args, backend) -> dict:
 def measure(family: str, seq: int, batch: int, repeats: int, args) -> str:
     torch._dynamo.reset()  # every row compiles afresh (the rows share the lambda's code: Dynamo's recompile limit)
     torch.manual_seed(0)
-    keyword, option = WIDTH_OPTION.get(family, (None, None))
-    model = FAMILIES[family](**({keyword: getattr(args, option)} if keyword else {})).eval()
+    model = built(family, args)
     ids = torch.randint(0, 1000, (batch, seq))
     backend = SeqparBackend({"policy": args.policy})
     models = {"eager": model, "seqpar": copy.deepcopy(model)}
@@ -208,12 +227,7 @@ def measure(family: str, seq: int, batch: int, repeats: int, args) -> str:
         cells.append(f"{times['eager'] * 1e3:.1f} ms")
         cells += [f"{times['eager'] / times[name]:.2f}x" if name in times else "-" for name in ("seqpar", "inductor")]
         cells.append(recurrence_free_bounds(make(fns["eager"], ids), seq, times["eager"]) if args.bound else "-")
-    chains = [chain for graph in backend.graphs for chain in graph.chains]
-    decisions = ", ".join(
-        f"{chain.kind} L={chain.length} {chain.decision}/{chain.method or '-'}/{chain.adjoint or '-'}"
-        f"{' y=' + str(chain.outputs) if chain.outputs else ''}"
-        for chain in chains
-    ) or "none"
+    decisions = chain_decisions(backend.graphs)
     kept = [f"{'training' if graph.speed.with_backward else 'forward'}: {graph.speed.kept}"
             for graph in backend.graphs if graph.speed is not None and graph.speed.kept]
     if kept:
@@ -232,8 +246,7 @@ def main():
                         help="untimed calls first (the first compiles; the second still allocates and builds caches; "
                              "seqpar's first run until its speed trials have decided)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--gemma-mlp", type=int, default=2560)
-    parser.add_argument("--xlstm-hidden", type=int, default=4096)
+    add_width_options(parser)
     parser.add_argument("--no-inductor", action="store_true", help="leave out inductor's column")
     parser.add_argument("--interleaved", action="store_true",
                         help="time eager, seqpar and inductor in turns (calls of a second or more vary 10-30%% "

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from recurrent_models import FAMILIES, WIDTH_OPTION, hidden_states, training_step
+from recurrent_models import FAMILIES, add_width_options, built, chain_decisions, hidden_states, training_step
 from seqpar.backend import SeqparBackend
 from seqpar.speed import ORIGINAL
 from timing import past_trials
@@ -35,13 +35,11 @@ def main():
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=10, help="seqpar's timed steps after the trial")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--gemma-mlp", type=int, default=2560)
-    parser.add_argument("--xlstm-hidden", type=int, default=4096)
+    add_width_options(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    keyword, option = WIDTH_OPTION.get(args.family, (None, None))
-    model = FAMILIES[args.family](**({keyword: getattr(args, option)} if keyword else {})).eval()
+    model = built(args.family, args)
     ids = torch.randint(0, 1000, (args.batch, args.seq))
     backend = SeqparBackend({"policy": "auto"})
     solver_model = copy.deepcopy(model)
@@ -64,9 +62,7 @@ def main():
         step()
         seqpar.append(time.perf_counter() - start)
     median = statistics.median(seqpar)
-    chains = ", ".join(f"{chain.kind} L={chain.length} {chain.decision}/{chain.method or '-'}/{chain.adjoint or '-'}"
-                       f"{' y=' + str(chain.outputs) if chain.outputs else ''}"
-                       for record in backend.graphs[graphs_before:] for chain in record.chains) or "none"
+    chains = chain_decisions(backend.graphs[graphs_before:])
     kept = ", ".join(str(trial.kept) for trial in trials) or "no trial"
     print(f"threads {args.threads}, float32, CPU, seqpar policy 'auto'\n")
     print("| family | batch | seq | training eager (the trial's original calls) | seqpar (median; min / max) | ratio "

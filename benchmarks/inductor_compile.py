@@ -26,11 +26,11 @@ import json
 import math
 import subprocess
 import sys
-import time
 
 import torch
 
 from recurrent_models import FAMILIES, add_width_options, built, forward, hidden_states, training_step
+from timing import median_time
 
 
 def one_length(args) -> dict:
@@ -43,16 +43,15 @@ def one_length(args) -> dict:
     ids = torch.randint(0, 1000, (args.batch, args.one))
     make = training_step if args.kind == "training" else forward
     compiled = make(torch.compile(hidden_states(model), backend="inductor"), ids)
-    calls = [call_seconds(compiled) for _ in range(3)]
-    eager = make(hidden_states(model), ids)
-    eager()
-    return {"compile": calls[0] + calls[1] - 2 * calls[2], "compiled": calls[2], "eager": call_seconds(eager)}
+    calls = [median_time(compiled, 1, warmup=0) for _ in range(3)]
+    eager = median_time(make(hidden_states(model), ids), 1, warmup=1)
+    return {"compile": calls[0] + calls[1] - 2 * calls[2], "compiled": calls[2], "eager": eager}
 
 
-def call_seconds(call) -> float:
-    start = time.perf_counter()
-    call()
-    return time.perf_counter() - start
+def growth_exponent(point_1: tuple, point_2: tuple) -> float:
+    """``p`` with ``t ~ L^p`` through two ``(L, t)`` points: ``log(t2 / t1) / log(L2 / L1)``."""
+    (length_1, seconds_1), (length_2, seconds_2) = point_1, point_2
+    return math.log(seconds_2 / seconds_1) / math.log(length_2 / length_1)
 
 
 def measured(args, length: int) -> dict | None:
@@ -64,6 +63,8 @@ def measured(args, length: int) -> dict | None:
         done = subprocess.run(command, capture_output=True, text=True, timeout=args.limit, check=True)
     except subprocess.TimeoutExpired:
         return None
+    except subprocess.CalledProcessError as error:  # the child's own traceback, not this process's
+        sys.exit(f"{args.family} at {length} steps failed (exit {error.returncode}):\n{error.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -92,21 +93,17 @@ def main():
         if seconds is None:
             print(f"| {length} | not done in {args.limit:.0f} s | - | - | - |", flush=True)
             break
-        growth = "-"
-        if points:
-            previous_length, previous_seconds = points[-1]
-            growth = f"{math.log(seconds['compile'] / previous_seconds) / math.log(length / previous_length):.2f}"
         points.append((length, seconds["compile"]))
+        growth = f"{growth_exponent(*points[-2:]):.2f}" if len(points) >= 2 else "-"
         print(f"| {length} | {seconds['compile']:.1f} s | {seconds['compiled'] * 1e3:.1f} ms | "
               f"{seconds['eager'] * 1e3:.1f} ms | {growth} |", flush=True)
     if len(points) >= 2:
-        (length_1, seconds_1), (length_2, seconds_2) = points[-2:]
-        exponent = math.log(seconds_2 / seconds_1) / math.log(length_2 / length_1)
+        (length_1, _), (length_2, seconds_2) = points[-2:]
+        exponent = growth_exponent(*points[-2:])
         estimates = ", ".join(f"{target} steps ~{seconds_2 * (target / length_2) ** exponent / 60:.0f} min"
                               for target in args.predict)
-        print(f"\nEstimated compile (extrapolated with p = {exponent:.2f} from {length_1} and {length_2} steps; the fixed "
-              f"part of the compile makes p, and so the estimate, low): "
-              f"{estimates}")
+        print(f"\nEstimated compile (extrapolated with p = {exponent:.2f} from {length_1} and {length_2} steps; "
+              f"the fixed part of the compile makes p, and so the estimate, low): {estimates}")
 
 
 if __name__ == "__main__":

@@ -480,6 +480,65 @@ def test_double_backward_through_a_compiled_chain_equals_eager():
         torch.testing.assert_close(g, w, rtol=TOL, atol=TOL)
 
 
+class GatedDiagonal(nn.Module):
+    """``s_t = sigmoid(x_t A) * s_{t-1} + x_t B`` (affine and diagonal in ``s``), ``y_t = s_t * c`` stacked."""
+
+    def __init__(self, inputs: int, width: int):
+        super().__init__()
+        self.A, self.B = nn.Linear(inputs, width), nn.Linear(inputs, width)
+        self.c = nn.Parameter(torch.randn(width))
+
+    def forward(self, x):
+        s, ys = torch.zeros(x.shape[0], self.c.shape[0], dtype=x.dtype), []
+        for t in range(x.shape[1]):
+            s = torch.sigmoid(self.A(x[:, t])) * s + self.B(x[:, t])
+            ys.append(s * self.c)
+        return torch.stack(ys, 1)
+
+
+def backward_twice_and_in_reverse(fn, model, x):
+    """The gradients a user's autograd calls take: two passes over one graph (``retain_graph=True``), then two
+    calls' graphs differentiated in the reverse order of the calls, with respect to the input and the weights."""
+    wanted = [x] + list(model.parameters())
+    first = fn(x)
+    once = torch.autograd.grad(first.square().sum(), wanted, retain_graph=True)
+    twice = torch.autograd.grad(first.sin().sum(), wanted)
+    earlier, later = fn(x), fn(2 * x)
+    later_grads = torch.autograd.grad(later.square().sum(), wanted)
+    earlier_grads = torch.autograd.grad(earlier.cos().sum(), wanted)
+    return [first, earlier, later, *once, *twice, *later_grads, *earlier_grads]
+
+
+SOLVER, SEQUENTIAL_ADJOINT, ROLLED = ("parallel", "parallel", "solver"), ("parallel", "sequential", "solver"), \
+    ("sequential", "sequential", "rolled")
+
+
+@pytest.mark.parametrize("build, options, path, said", [
+    (lambda: (tanh_mlp(16, 4), torch.randn(3, 4)), {"policy": "parallel"}, SOLVER, ""),
+    (lambda: (tanh_mlp(16, 4), torch.randn(3, 4)), {"policy": "parallel", "adjoint": "sequential"},
+     SEQUENTIAL_ADJOINT, ""),
+    (lambda: (hand_lstm(steps=12)[0], torch.randn(2, 12, 3)), {"policy": "parallel"}, SOLVER, ""),
+    (lambda: (hand_lstm(steps=70)[0], torch.randn(2, 70, 3)), {"policy": "sequential", "sequential_form": "rolled"},
+     ROLLED, ""),
+    (lambda: (GatedDiagonal(3, 5), torch.randn(2, 12, 3)), {"policy": "parallel"}, SOLVER, "one linear solve"),
+], ids=["dense", "dense-sequential-adjoint", "lstm", "lstm-rolled", "affine-diagonal"])
+def test_a_graph_differentiated_twice_and_calls_differentiated_in_reverse_order_equal_eager(build, options, path,
+                                                                                          said):
+    """The chain ops keep what their backward needs per call: a second backward of one graph, and the backward of
+    an earlier call after a later call's, see that call's states and weights (an adjoint cached on the program, or
+    freed by the first backward, would give another call's gradients)."""
+    torch.manual_seed(0)
+    model, x = build()
+    model, x = model.double(), x.double().requires_grad_(True)
+    want = backward_twice_and_in_reverse(model, model, x)
+    fn, backend = compiled(model, **options)
+    got = backward_twice_and_in_reverse(fn, model, x)
+    (chain,) = chain_reports(backend)
+    assert (chain.method, chain.adjoint, chain.form) == path and said in chain.reason
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=TOL, atol=TOL * w.abs().max().item())
+
+
 def chains_after_two_batch_sizes(model, dynamic: bool):
     """The chain reports of ``model`` compiled with ``dynamic`` and called at batch sizes 3 and 5 (values checked)."""
     torch._dynamo.reset()

@@ -30,6 +30,7 @@ import torch
 import torch.fx as fx
 from torch._dynamo import lookup_backend
 from torch._dynamo.exc import RestartAnalysis, ShortenTraceback
+from torch._inductor import list_mode_options
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .debug import log, write_dump, write_hints
@@ -131,8 +132,11 @@ class SeqparBackend:
         ``scan`` calls), ``work`` itself, run eagerly, with the reason logged and recorded. Dynamo's requests to
         trace the frame again (``RestartAnalysis``) are no failure: they pass through, as from the inner backend
         alone."""
+        mode = self.options.mode
+        # inductor's mode is its config, as torch.compile applies it (``list_mode_options``)
+        config = {} if mode == "default" else {"config_patches": list_mode_options(mode)}
         try:
-            return lookup_backend(self.options.inner)(work, example_inputs)
+            return lookup_backend(self.options.inner)(work, example_inputs, **config)
         except RestartAnalysis:  # Dynamo's own control flow (inductor asks it to re-trace with scalars as tensors)
             self.graphs.remove(record)  # the graph is traced again and comes back as a new one
             raise
@@ -449,9 +453,12 @@ class _Annotator(fx.Interpreter):
         return value
 
 
-def seqpar_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None):
-    """The ``torch_dynamo_backends`` entry point: ``torch.compile(m, backend="seqpar", options=...)``."""
+def seqpar_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
+    """The ``torch_dynamo_backends`` entry point: ``torch.compile(m, backend="seqpar", options=...)``, or
+    ``mode=...`` (inductor's mode for the inner backend: the option ``mode``; torch.compile takes one of the two)."""
     try:
+        if mode is not None:
+            options = {**(options or {}), "mode": mode}
         parsed = parse_options(options)
     except ValueError as error:
         raise InvalidOptions(str(error)) from None

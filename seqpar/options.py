@@ -55,6 +55,10 @@ class Options:
                 64 steps up and for every ``scan`` (a scan "unrolled" stays a scan).
     adjoint:    backward solve: "auto" (cost model), "parallel", "sequential".
     inner:      backend for the rest of the graph.
+    mode:       inductor's mode for the inner backend's compile (``inner="inductor"``): "default",
+                "reduce-overhead" (CUDA graphs), "max-autotune", "max-autotune-no-cudagraphs" (torch's
+                ``list_mode_options``). ``torch.compile(..., mode=...)`` arrives here; torch.compile takes
+                ``mode`` or ``options``, not both, so with other options pass it among them.
     verify:     0/False: off; True/1: check the first call; N > 1: the first
                 and every N-th call. A check compares each chain's solve with
                 its sequential loop (a mismatched chain is solved sequentially
@@ -72,6 +76,7 @@ class Options:
     sequential_form: str = "auto"
     adjoint: str = "auto"
     inner: str = "inductor"
+    mode: str = "default"
     verify: int = 0
     debug_dir: str | None = None
 
@@ -110,6 +115,7 @@ def parse_options(options: dict | None, environ=os.environ) -> Options:
             continue
         if name in options and (isinstance(value, bool) or not isinstance(value, int) or value < lowest):
             raise ValueError(f"seqpar option {name}={value!r} must be an int >= {lowest}")
+    _check_mode(options.get("mode", "default"), options.get("inner", "inductor"))
     window = options.get("window", "auto")
     if window not in ("auto", None) and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise ValueError(f"seqpar option window={window!r} must be None, 'auto' or an int >= 1")
@@ -120,6 +126,18 @@ def parse_options(options: dict | None, environ=os.environ) -> Options:
     if options.get("debug_dir") is not None:
         options["debug_dir"] = os.fspath(options["debug_dir"])
     return Options(**options)
+
+
+def _check_mode(mode, inner: str) -> None:
+    """A mode is one of inductor's, and only for inductor."""
+    from torch._inductor import list_mode_options
+
+    modes = tuple(list_mode_options())
+    if mode not in modes:
+        raise ValueError(f"seqpar option mode={mode!r} is not one of inductor's modes {modes}")
+    if mode != "default" and inner != "inductor":
+        raise ValueError(f"seqpar option mode={mode!r} is inductor's; the inner backend is {inner!r} "
+                         "(inner='inductor' takes a mode)")
 
 
 def _parse_verify(value) -> int:

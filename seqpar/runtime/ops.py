@@ -28,6 +28,12 @@ the states and through ``chain_solve``'s adjoint the whole chain:
 
 Programs are referred to by an integer id because custom ops take tensors and
 plain values only.
+
+Every op is tagged ``cudagraph_unsafe``: a solve reads its convergence on the
+host and chooses its iterations, its fallback and its form per call, which a
+CUDA graph's replay of one call's kernels would not; inductor's CUDA graphs
+(``mode="reduce-overhead"``) capture the rest of the graph around the ops
+(graph partition) and run the ops as they are.
 """
 
 from __future__ import annotations
@@ -145,8 +151,10 @@ def _contiguous(tensors):
 
 
 _LIBRARY = torch.library.Library("seqpar", "FRAGMENT")
+_HOST_DECIDED = (torch.Tag.cudagraph_unsafe,)
 _LIBRARY.define(
-    "chain_solve(int program_id, Tensor s0, Tensor[] xs, Tensor[] shared, Tensor[] layer_params) -> Tensor"
+    "chain_solve(int program_id, Tensor s0, Tensor[] xs, Tensor[] shared, Tensor[] layer_params) -> Tensor",
+    tags=_HOST_DECIDED,
 )
 
 
@@ -248,7 +256,7 @@ def _register_kernel(name: str, kernel, fake) -> None:
 _register_kernel("chain_solve", chain_solve, _chain_solve_fake)
 
 
-@torch.library.custom_op("seqpar::chain_adjoint", mutates_args=())
+@torch.library.custom_op("seqpar::chain_adjoint", mutates_args=(), tags=_HOST_DECIDED)
 def chain_adjoint(
     program_id: int,
     s0: torch.Tensor,
@@ -402,7 +410,8 @@ def _differentiated(fn, inputs, cotangents):
 
 _LIBRARY.define(
     "chain_outputs(int program_id, Tensor s0, Tensor states, Tensor[] xs, Tensor[] shared, Tensor[] layer_params)"
-    " -> Tensor[]"
+    " -> Tensor[]",
+    tags=_HOST_DECIDED,
 )
 
 
@@ -428,7 +437,8 @@ def _chain_outputs_fake(program_id, s0, states, xs, shared, layer_params):
 _register_kernel("chain_outputs", chain_outputs, _chain_outputs_fake)
 
 _LIBRARY.define(
-    "chain_stream(int program_id, Tensor s0, Tensor[] xs, Tensor[] shared, Tensor[] layer_params) -> Tensor[]"
+    "chain_stream(int program_id, Tensor s0, Tensor[] xs, Tensor[] shared, Tensor[] layer_params) -> Tensor[]",
+    tags=_HOST_DECIDED,
 )
 
 
@@ -463,7 +473,7 @@ _register_kernel("chain_stream", chain_stream, _chain_stream_fake)
 torch.library.register_autograd("seqpar::chain_stream", _no_derivative, lib=_LIBRARY)
 
 
-@torch.library.custom_op("seqpar::chain_outputs_vjp", mutates_args=())
+@torch.library.custom_op("seqpar::chain_outputs_vjp", mutates_args=(), tags=_HOST_DECIDED)
 def chain_outputs_vjp(
     program_id: int,
     s0: torch.Tensor,

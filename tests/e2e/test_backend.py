@@ -440,6 +440,61 @@ def test_unknown_option_raises_value_error_through_torch_compile():
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("how", ["mode", "option"])
+def test_inductors_mode_reaches_the_inner_compile_and_values_equal_eager(monkeypatch, how):
+    """``torch.compile(m, backend="seqpar", mode=...)`` (torch hands the mode to the backend) or the option
+    ``mode`` beside seqpar's: the inner inductor compile gets the mode's config, as torch.compile applies it, and
+    values equal eager's, the chain solved in parallel where the option asks. (On a CPU inductor's CUDA graphs do
+    not apply: "reduce-overhead" compiles as "default".)"""
+    import seqpar.backend as backend_module
+
+    patches, lookup = [], backend_module.lookup_backend
+
+    def recording(name):
+        inner = lookup(name)
+
+        def compile_inner(gm, example_inputs, **kwargs):
+            patches.append(kwargs.get("config_patches"))
+            return inner(gm, example_inputs, **kwargs)
+        return compile_inner
+
+    monkeypatch.setattr(backend_module, "lookup_backend", recording)
+    torch._dynamo.reset()
+    model, (x,) = to_double(*zoo.deep_mlp(depth=16, width=4))
+    energy = lambda x: model(x).square().sum(-1)  # noqa: E731  (more than the chain: the inner backend compiles)
+    if how == "mode":
+        compiled = torch.compile(energy, backend="seqpar", mode="reduce-overhead")
+    else:
+        compiled = torch.compile(energy, backend="seqpar", options={"mode": "reduce-overhead", "policy": "parallel"})
+    torch.testing.assert_close(compiled(x), energy(x), rtol=1e-9, atol=1e-9)
+    assert patches == [{"triton.cudagraphs": True}]
+    torch._dynamo.reset()
+
+
+def test_an_unknown_mode_raises_value_error_naming_inductors_modes_through_torch_compile():
+    compiled = torch.compile(lambda x: x + 1, backend="seqpar", mode="fastest")
+    with pytest.raises(ValueError, match=r"mode='fastest' is not one of inductor's modes \('default', "):
+        compiled(torch.randn(2))
+    torch._dynamo.reset()
+
+
+def test_the_chain_ops_are_kept_out_of_inductors_cuda_graphs():
+    """A solve decides on the host, per call, how many iterations it runs and whether it falls back: a CUDA graph
+    replaying one call's kernels would be wrong for the next inputs. The ops carry the ``cudagraph_unsafe`` tag,
+    by which inductor leaves them out of its CUDA graphs (graph partition: the rest of the graph is captured)."""
+    from torch._inductor.utils import is_cudagraph_unsafe_fx_node
+
+    model, (x,) = to_double(*zoo.deep_mlp(depth=16, width=4))
+    compiled, backend = compile_with(model, policy="parallel")
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-9, atol=1e-9)
+    (record,) = backend.graphs
+    assert "torch.ops.seqpar.chain_solve" in record.rewritten_code
+    for name in ("chain_solve", "chain_outputs", "chain_stream", "chain_adjoint", "chain_outputs_vjp"):
+        op = getattr(torch.ops.seqpar, name).default
+        node = torch.fx.Graph().call_function(op, ())
+        assert is_cudagraph_unsafe_fx_node(node), name
+
+
 def test_torch_guard_filter_passes_through_options_next_to_seqpar_options(caplog):
     """README's advice for deep stacks: torch's own ``guard_filter_fn`` (Dynamo's per-parameter guards dropped)
     goes in the same ``options`` dict as seqpar's; the chain is still solved, equals eager in float64, and sees

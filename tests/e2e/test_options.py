@@ -30,6 +30,8 @@ def test_unknown_option_is_rejected_with_the_valid_names():
         ({"min_chain": 4.5}, "min_chain=4.5 must be an int >= 2"),
         ({"verify": -2}, "verify=-2 must be a bool or an int >= 0"),
         ({"debug_dir": 3}, "debug_dir=3 must be a path"),
+        ({"mode": "fastest"}, "mode='fastest' is not one of inductor's modes ('default', "),
+        ({"mode": "max-autotune", "inner": "eager"}, "mode='max-autotune' is inductor's; the inner backend is 'eager'"),
     ],
 )
 def test_bad_values_raise_value_error_naming_the_option(options, message):
@@ -43,6 +45,7 @@ def test_valid_values_are_kept():
          "inner": "eager", "verify": 5, "debug_dir": "/tmp/x"},
         environ={},
     )
+    assert parse_options({"mode": "reduce-overhead"}, environ={}).mode == "reduce-overhead"
     assert (options.jacobian, options.tol, options.max_iters, options.min_chain) == ("diag", 1e-6, 7, 3)
     assert (options.policy, options.inner, options.verify, options.debug_dir) == ("parallel", "eager", 5, "/tmp/x")
 

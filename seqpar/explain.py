@@ -23,7 +23,8 @@ def explain(model_or_fn, *args, options: dict | None = None, **kwargs) -> Report
     the backend's (see :class:`seqpar.options.Options`), as for
     ``torch.compile(..., options=)``: ``seqpar.explain(model, x,
     options={"min_chain": 4})``; the inner backend defaults to "eager" here,
-    since only the decisions matter. ``report.chains`` lists found chains with
+    since only the decisions matter (inductor's ``mode``, which concerns that
+    compile alone, is then left out). ``report.chains`` lists found chains with
     their decision ("parallel", "sequential" or "rejected") and reason;
     ``print(report)`` shows a table.
 
@@ -33,7 +34,8 @@ def explain(model_or_fn, *args, options: dict | None = None, **kwargs) -> Report
     """
     if options is None:
         options, kwargs = _legacy_options(model_or_fn, kwargs)
-    options = {"inner": "eager", **options}
+    if "inner" not in options:
+        options = {**options, "inner": "eager", "mode": "default"}
     backend = SeqparBackend(options)
     torch._dynamo.reset()
     try:

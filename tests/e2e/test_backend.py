@@ -471,6 +471,12 @@ def test_inductors_mode_reaches_the_inner_compile_and_values_equal_eager(monkeyp
     torch._dynamo.reset()
 
 
+def test_explain_takes_the_options_a_compile_with_a_mode_was_given():
+    model, inputs = zoo.deep_mlp(depth=16, width=4)
+    report = seqpar.explain(model, *inputs, options={"mode": "max-autotune", "policy": "parallel"})
+    assert [chain.decision for chain in report.chains] == ["parallel"]
+
+
 def test_an_unknown_mode_raises_value_error_naming_inductors_modes_through_torch_compile():
     compiled = torch.compile(lambda x: x + 1, backend="seqpar", mode="fastest")
     with pytest.raises(ValueError, match=r"mode='fastest' is not one of inductor's modes \('default', "):

@@ -34,6 +34,10 @@ over seqpar's, measured in the same run):
   forward over the sliding window the device's memory allows (``seqpar.runtime.budget``), and a training step
   (parallel adjoint in runs), against the eager loop; the window and the solve's peak (``max_memory_allocated``
   over what was allocated before) in units of one window's blocks: the multiple the share assumes (2-3x);
+* ``cudagraphs``: a deep tanh MLP between two pointwise ops, compiled with the option ``mode="reduce-overhead"``
+  (inductor's CUDA graphs) and the chain solved in parallel: the chain ops stay out of the captured graphs
+  (``cudagraph_unsafe``), so every call's solve is its own; the error is the largest over six calls with
+  inputs of different scales (a replayed solve would give an earlier call's iterations);
 * ``distributed``: ``seqpar.distributed.solve_chain`` in a one-rank group
   (NCCL on CUDA, gloo on CPU) against ``seqpar.solve_chain`` on the MLP chain
   (L = 4096, w = 16): the collectives' path on the device, and its overhead.
@@ -65,9 +69,10 @@ from timing import past_trials
 SIZES = {
     "full": {"mlp": [(L, w, B) for L in (1024, 4096) for w in (4, 16, 32) for B in (1, 64)],
              "diag": [(2048, 1536 * 16)], "gru": [1024, 4096], "diffusion": [1000], "fused": [(1024, 768, 16)],
-             "distributed": [(4096, 16)], "autocast": [(256, 64, 64)], "memory": [(4096, 32, 1024)]},
+             "distributed": [(4096, 16)], "autocast": [(256, 64, 64)], "memory": [(4096, 32, 1024)],
+             "cudagraphs": [(1024, 16, 64)]},
     "smoke": {"mlp": [(64, 4, 2)], "diag": [(64, 32)], "gru": [32], "diffusion": [20], "fused": [(32, 32, 8)],
-              "distributed": [(64, 4)], "autocast": [(48, 8, 4)], "memory": [(64, 4, 2)]},
+              "distributed": [(64, 4)], "autocast": [(48, 8, 4)], "memory": [(64, 4, 2)], "cudagraphs": [(48, 4, 2)]},
 }
 
 
@@ -305,6 +310,26 @@ def autocast_rows(device, sizes, repeats):
                "eager_err": relative_error(want, exact)}
 
 
+def cudagraph_rows(device, sizes, repeats):
+    from seqpar.backend import SeqparBackend
+    from seqpar.testing.models import deep_mlp
+
+    for L, w, B in sizes:
+        model, _ = deep_mlp(depth=L, width=w, batch=B)
+        model = model.to(device)
+        energy = lambda x: model(torch.sin(x)).square().sum(-1)  # noqa: E731  (compute around the chain)
+        torch._dynamo.reset()
+        compiled = torch.compile(energy, backend=SeqparBackend({"mode": "reduce-overhead", "policy": "parallel"}))
+        generator = torch.Generator().manual_seed(5)
+        inputs = [(torch.randn(B, w, generator=generator) * scale).to(device) for scale in (1, 3, 0.1, 2, 0.5, 1)]
+        with torch.no_grad():
+            errors = [relative_error(compiled(x).clone(), energy(x)) for x in inputs]
+            x = inputs[0]
+            times = (timed(lambda: energy(x), device, repeats), timed(lambda: compiled(x), device, repeats))
+        yield {"row": "cudagraphs", "case": f"deep MLP L={L} w={w} B={B}, mode reduce-overhead, chain parallel",
+               "baseline": "eager", "forward_s": times, "rel_err": max(errors)}
+
+
 def distributed_rows(device, sizes, repeats):
     import torch.distributed as dist
 
@@ -333,7 +358,8 @@ def distributed_rows(device, sizes, repeats):
 
 # In order of value per second: rows not started when the budget is spent are skipped (diffusion is the longest).
 ROWS = {"mlp": mlp_rows, "diag": diag_rows, "fused": fused_rows, "gru": gru_rows, "autocast": autocast_rows,
-        "memory": memory_rows, "distributed": distributed_rows, "diffusion": diffusion_rows}
+        "memory": memory_rows, "distributed": distributed_rows, "cudagraphs": cudagraph_rows,
+        "diffusion": diffusion_rows}
 
 
 def table(results: list[dict]) -> str:

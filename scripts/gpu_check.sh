@@ -8,8 +8,9 @@
 # 1. the Triton tests on CUDA tensors with the compiled kernels (no interpreter), log in triton_tests.log;
 # 2. benchmarks/gpu_check.py: MLP forward/backward at DeepPCR's sizes, a Mamba-size diagonal recurrence, GRU vs
 #    cuDNN, DDPM sampling with the tiny UNet at T = 1000, Mamba's reference loop in the fused loop (inductor's
-#    Triton step), a deep MLP in a bfloat16 autocast region, a chain whose blocks exceed 1/16 of the device (the
-#    memory bound's window and peak), seqpar.distributed in a one-rank NCCL group;
+#    Triton step), a deep MLP in a bfloat16 autocast region, a chain solved inside inductor's CUDA graphs
+#    (mode "reduce-overhead"), a chain whose blocks exceed 1/16 of the device (the memory bound's window and
+#    peak), seqpar.distributed in a one-rank NCCL group;
 #    table.md and raw.json.
 # Record device, command and table in benchmarks/RESULTS.md.
 set -uo pipefail

@@ -20,7 +20,7 @@ def test_gpu_check_script_runs_every_row_on_cpu(tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     raw = json.loads((tmp_path / "raw.json").read_text())
     rows = {entry["row"] for entry in raw["results"]}
-    assert rows == {"mlp", "diag", "gru", "diffusion", "fused", "distributed", "autocast", "memory"}
+    assert rows == {"mlp", "diag", "gru", "diffusion", "fused", "distributed", "autocast", "memory", "cudagraphs"}
     assert not [entry for entry in raw["results"] if "error" in entry]
     # Every solve agrees with its sequential baseline to float32 rounding (the smoke chains are contractive);
     # under bfloat16 autocast, with float32 no closer than eager in the same region (twice its distance, as

@@ -90,7 +90,7 @@ class SeqparBackend:
         return any(record.speed is not None and record.speed.kept is None for record in self.graphs)
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
-        if any(map(_symbolic, example_inputs)) and _finds_chains_at_a_shape(gm, example_inputs, self.options):
+        if any(map(_symbolic, example_inputs)) and _may_rewrite_chains_at_a_shape(gm, example_inputs, self.options):
             log.info("seqpar: Dynamo traced a graph with chains and symbolic sizes (a new batch size or sequence "
                      "length); seqpar solves chains of static shapes: the graph is compiled per concrete shape at "
                      "its first call with it")
@@ -373,18 +373,20 @@ def _symbolic(value) -> bool:
     return isinstance(value, torch.SymInt)
 
 
-def _finds_chains_at_a_shape(gm: fx.GraphModule, example_inputs, options: Options) -> bool:
-    """Whether detection finds a chain in the graph Dynamo traced with symbolic sizes, as :class:`PerShape` would
-    specialise it to this call's sizes (their hints): a symbolic graph can hide chains a static one shows
-    (RecurrentGemma's per-step buffer writes at a second sequence length). Without hints, the symbolic graph
-    itself is searched."""
+def _may_rewrite_chains_at_a_shape(gm: fx.GraphModule, example_inputs, options: Options) -> bool:
+    """Whether detection finds a chain that some size may rewrite in the graph Dynamo traced with symbolic sizes,
+    as :class:`PerShape` would specialise it to this call's sizes (their hints): a symbolic graph can hide chains
+    a static one shows (RecurrentGemma's per-step buffer writes at a second sequence length). Without hints, the
+    symbolic graph itself is searched. Where no size may rewrite a chain (GPT-2's 12 blocks, kept in the graph at
+    every size, in each step of a generation with a growing cache), the graph keeps its symbolic sizes: one compile
+    of the inner backend serves every size, as that backend alone would, not a compile per size."""
     numbers = read_as_numbers(gm)
     try:
         args = [_hinted(value, index in numbers) for index, value in enumerate(example_inputs)]
         static = static_graph(gm, args, numbers)
     except Exception:  # noqa: BLE001 - a graph whose sizes have no hints, or whose fake run fails
-        return pipeline.finds_chains(pipeline.copy_graph_module(gm), options)
-    return pipeline.finds_chains(static, options)  # the copy is this search's own
+        return pipeline.may_rewrite_chains(pipeline.copy_graph_module(gm), options)
+    return pipeline.may_rewrite_chains(static, options)  # the copy is this search's own
 
 
 def _hinted(value, number: bool):

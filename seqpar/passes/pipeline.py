@@ -67,7 +67,7 @@ from .glue import has_other_compute
 from .lower import build_chain_program, chain_structure
 from .module_paths import span
 from .passthrough import read_returned_inputs
-from .policy import Decision, PassOptions, decide, needs_structure
+from .policy import Decision, PassOptions, decide, needs_structure, never_rewritten
 from .probe import lyapunov_exponent, probe_values
 from .rewrite import remap_chain, rewrite_chain
 from .stream import stream_sequential_chains
@@ -171,15 +171,20 @@ def _before_detection(gm: fx.GraphModule) -> None:
     sink_buffer_writes(gm)
 
 
-def finds_chains(work: fx.GraphModule, options: PassOptions) -> bool:
-    """Whether detection (after :func:`_before_detection`, as in :func:`run`) finds a chain in ``work``, which
-    those passes change: pass a copy (:func:`copy_graph_module`) of a graph that must stay as it is."""
+def may_rewrite_chains(work: fx.GraphModule, options: PassOptions) -> bool:
+    """Whether detection (after :func:`_before_detection`, as in :func:`run`) finds a chain in ``work`` that some
+    size of its batch or state may rewrite (:func:`~.policy.never_rewritten`); ``work`` is changed by those passes:
+    pass a copy (:func:`copy_graph_module`) of a graph that must stay as it is."""
     try:
         _before_detection(work)
         chains, _ = find_chains(work, min_chain=options.min_chain)
     except Exception:  # detection never breaks compilation
         return False
-    return bool(chains)
+    return any(not never_rewritten(chain, options, _device_type(chain)) for chain in chains)
+
+
+def _device_type(chain: Chain) -> str:
+    return state_leaves(chain.start)[0].meta["example_value"].device.type
 
 
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
@@ -201,7 +206,7 @@ def _solve(gm: fx.GraphModule, chains: list[Chain], example_inputs, original: fx
     """Decide, lower and rewrite one round's ``chains`` (outcomes appended to ``result``); this round's outcomes."""
     values = probe_values(original, example_inputs, chains) if options.policy == "auto" else {}
     probes = [lyapunov_exponent(chain, values) for chain in chains]
-    devices = [state_leaves(chain.start)[0].meta["example_value"].device.type for chain in chains]
+    devices = [_device_type(chain) for chain in chains]
     structures = [_structure(chain) if needs_structure(chain, options, probe) else None
                   for chain, probe in zip(chains, probes)]
     decisions = [fuse_producers(chain, decide(chain, options, device, probe, structure), options)

@@ -126,6 +126,24 @@ def needs_structure(chain: Chain, options: PassOptions, lyapunov: float | None) 
     return options.policy != "sequential" and not unpredictable and chain.kind != "denoise"
 
 
+def never_rewritten(chain: Chain, options: PassOptions, device_type: str) -> bool:
+    """Whether :func:`decide` leaves ``chain`` in the graph as it is (sequential, form "unrolled") at every batch
+    and state size, whatever the probe and the step's structure: a chain of the unrolled loop, not a denoising one,
+    shorter than every length from which a CPU rolls it (``ROLLED_FROM_LENGTH``) or solves a direction in
+    parallel (``CPU_ADJOINT_MIN_LENGTH``, ``CPU_LINEAR_FORWARD_MIN_LENGTH``, ``CPU_FORWARD_MIN_LENGTH``), or any
+    length under ``policy="sequential"`` with the form "unrolled". On a GPU the adjoint is parallel from any
+    length where the blocks fit, which depends on the sizes: never claimed there."""
+    if options.policy == "parallel" or chain.kind == "denoise" or chain.origin == "scan":
+        return False
+    form = options.sequential_form
+    if form == "rolled" or (form == "auto" and chain.length >= ROLLED_FROM_LENGTH):
+        return False
+    if options.policy == "sequential":
+        return True
+    shortest = min(CPU_ADJOINT_MIN_LENGTH, CPU_LINEAR_FORWARD_MIN_LENGTH, CPU_FORWARD_MIN_LENGTH)
+    return device_type != "cuda" and options.adjoint != "parallel" and chain.length < shortest
+
+
 def decide(
     chain: Chain, options: PassOptions, device_type: str, lyapunov: float | None, structure: StepStructure | None = None
 ) -> Decision:

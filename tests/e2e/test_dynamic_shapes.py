@@ -87,6 +87,47 @@ def test_a_symbolic_graph_without_chains_goes_to_the_inner_backend_as_it_is():
     assert len(graphs) == 2 and not isinstance(graphs[-1], PerShape)  # one symbolic graph serves batch 3 and 4
 
 
+def short_recurrence(x, a, b):
+    """``recurrence`` over the first 12 steps: a chain shorter than any length from which a CPU solves or rolls one."""
+    return recurrence(x[:, :12], a, b)
+
+
+@pytest.mark.parametrize("options, specialised", [
+    ({"policy": "auto"}, False),
+    ({"policy": "sequential", "sequential_form": "unrolled"}, False),
+    ({"policy": "parallel"}, True),
+])
+def test_a_symbolic_graph_whose_chains_no_size_would_rewrite_keeps_its_symbolic_sizes(monkeypatch, options,
+                                                                                       specialised):
+    """GPT-2's generation with a growing cache: Dynamo traces the step with a symbolic cache length, and its 12
+    blocks are kept in the graph at every size. Specialised, each length cost a compile of its own (seconds a
+    token) and, past 8 lengths, ran eager's kernels; inductor alone compiles the symbolic graph once."""
+    import seqpar.backend as backend_module
+
+    compiles, lookup = [], backend_module.lookup_backend
+
+    def counting(name):
+        inner = lookup(name)
+
+        def compile_inner(gm, example_inputs, **kwargs):
+            compiles.append(any(map(backend_module._symbolic, example_inputs)))
+            return inner(gm, example_inputs, **kwargs)
+        return compile_inner
+
+    monkeypatch.setattr(backend_module, "lookup_backend", counting)
+    backend = SeqparBackend({"inner": "inductor", **options})
+    graphs = []
+    torch._dynamo.reset()
+    run = torch.compile(short_recurrence,
+                        backend=lambda gm, example: graphs.append(backend(gm, example)) or graphs[-1])
+    for batch in (2, 3, 4, 5):
+        args = inputs(batch)
+        torch.testing.assert_close(run(*args), short_recurrence(*args), rtol=0, atol=1e-12)
+    assert isinstance(graphs[-1], PerShape) == specialised
+    if not specialised:
+        assert compiles == [False, True]  # Dynamo's first graph, then its symbolic one for batch 3, 4 and 5
+
+
 def test_specialisations_stop_at_a_limit_and_later_shapes_run_the_traced_graph(monkeypatch):
     # A loop over ever new sizes (generation with a growing length) must not compile without end.
     monkeypatch.setattr(PerShape, "MAX_SPECIALISATIONS", 2)

@@ -440,7 +440,8 @@ def test_dynamic_true_is_specialised_per_length_and_solved(make):
     assert len(decided) == 2 and all(decisions and set(decisions) == {"parallel"} for decisions in decided)
 
 
-@pytest.mark.parametrize("make, lengths", [(tiny_recurrent_gemma, (12, 20)), (tiny_minimax, (48, 64))],
+@pytest.mark.parametrize("make, lengths", [(tiny_recurrent_gemma, (12, 20)),
+                                           pytest.param(tiny_minimax, (48, 64), marks=pytest.mark.slow)],
                          ids=["recurrent_gemma", "minimax"])
 def test_a_second_sequence_length_keeps_the_chains(make, lengths):
     # RecurrentGemma's second length: a static graph with specialised SymInt sizes, whose buffer writes were

@@ -27,6 +27,26 @@ def _fixed_seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def inner_compiles(monkeypatch) -> list:
+    """What seqpar's inner backend is asked to compile from now on: per graph, the keywords it is called with
+    (inductor's ``config_patches`` for a mode) and whether the graph's sizes are symbolic."""
+    import seqpar.backend as backend_module
+
+    compiles, lookup = [], backend_module.lookup_backend
+
+    def recording(name):
+        inner = lookup(name)
+
+        def compile_inner(gm, example_inputs, **kwargs):
+            compiles.append((kwargs, any(map(backend_module._symbolic, example_inputs))))
+            return inner(gm, example_inputs, **kwargs)
+        return compile_inner
+
+    monkeypatch.setattr(backend_module, "lookup_backend", recording)
+    return compiles
+
+
 def sequential_loop(step, s0, xs=(), shared=(), length=None):
     """``s_1 .. s_L`` of the chain by the plain loop, stacked like ``solve_chain``'s result."""
     leaves, spec = pytree.tree_flatten(xs)

@@ -441,24 +441,11 @@ def test_unknown_option_raises_value_error_through_torch_compile():
 
 
 @pytest.mark.parametrize("how", ["mode", "option"])
-def test_inductors_mode_reaches_the_inner_compile_and_values_equal_eager(monkeypatch, how):
+def test_inductors_mode_reaches_the_inner_compile_and_values_equal_eager(inner_compiles, how):
     """``torch.compile(m, backend="seqpar", mode=...)`` (torch hands the mode to the backend) or the option
     ``mode`` beside seqpar's: the inner inductor compile gets the mode's config, as torch.compile applies it, and
     values equal eager's, the chain solved in parallel where the option asks. (On a CPU inductor's CUDA graphs do
     not apply: "reduce-overhead" compiles as "default".)"""
-    import seqpar.backend as backend_module
-
-    patches, lookup = [], backend_module.lookup_backend
-
-    def recording(name):
-        inner = lookup(name)
-
-        def compile_inner(gm, example_inputs, **kwargs):
-            patches.append(kwargs.get("config_patches"))
-            return inner(gm, example_inputs, **kwargs)
-        return compile_inner
-
-    monkeypatch.setattr(backend_module, "lookup_backend", recording)
     torch._dynamo.reset()
     model, (x,) = to_double(*zoo.deep_mlp(depth=16, width=4))
     energy = lambda x: model(x).square().sum(-1)  # noqa: E731  (more than the chain: the inner backend compiles)
@@ -467,7 +454,7 @@ def test_inductors_mode_reaches_the_inner_compile_and_values_equal_eager(monkeyp
     else:
         compiled = torch.compile(energy, backend="seqpar", options={"mode": "reduce-overhead", "policy": "parallel"})
     torch.testing.assert_close(compiled(x), energy(x), rtol=1e-9, atol=1e-9)
-    assert patches == [{"triton.cudagraphs": True}]
+    assert [keywords for keywords, _ in inner_compiles] == [{"config_patches": {"triton.cudagraphs": True}}]
     torch._dynamo.reset()
 
 

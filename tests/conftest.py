@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from types import SimpleNamespace
 
 if not shutil.which("nvidia-smi"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -20,6 +21,8 @@ if not shutil.which("nvidia-smi"):
 import torch
 import torch.utils._pytree as pytree
 import pytest
+
+from seqpar.passes.chain import Chain
 
 
 @pytest.fixture(autouse=True)
@@ -120,3 +123,14 @@ def euler_chain(length, width, batch=(2,), step_size=0.02, dtype=torch.float64, 
     xs = (step_size * torch.randn(length, *batch, width, generator=generator, dtype=torch.float64)).to(dtype)
     s0 = torch.randn(*batch, width, generator=generator, dtype=torch.float64).to(dtype)
     return s0, xs, (Wh,)
+
+
+def chain_record(length, state_shape, batch_ndim=1, kind="layers", recorded=True):
+    """A Chain record with only the fields the policy reads filled in; ``recorded``: whether autograd records its
+    segments (their one node's example value requires grad, as in a differentiated graph Dynamo traced)."""
+    value = torch.zeros(1, requires_grad=recorded)
+    return Chain(
+        kind=kind, start=None, outputs=[None] * length, nodes=[[SimpleNamespace(meta={"example_value": value})]],
+        step=None, per_step=[], shared=[], modules=[], state_shape=state_shape, state_dtype=torch.float32,
+        batch_ndim=batch_ndim,
+    )

@@ -143,6 +143,14 @@ class Chain:
         """The shape of every tensor of the state (one for a single-tensor state)."""
         return leaf_shapes(self.state_shape)
 
+    @property
+    def records_autograd(self) -> bool:
+        """Whether autograd records the chain in its graph: a value some segment computes requires grad (Dynamo
+        traces in the call's grad mode, and its example values carry what autograd would record). A chain that
+        records nothing (an inference graph, a frozen stack fed inputs without grad) never runs a backward."""
+        return any(isinstance(value := example(node), torch.Tensor) and value.requires_grad
+                   for segment in self.nodes for node in segment)
+
 
 @dataclass
 class Candidate:

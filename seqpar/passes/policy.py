@@ -129,10 +129,11 @@ def needs_structure(chain: Chain, options: PassOptions, lyapunov: float | None) 
 def never_rewritten(chain: Chain, options: PassOptions, device_type: str) -> bool:
     """Whether :func:`decide` leaves ``chain`` in the graph as it is (sequential, form "unrolled") at every batch
     and state size, whatever the probe and the step's structure: a chain of the unrolled loop, not a denoising one,
-    shorter than every length from which a CPU rolls it (``ROLLED_FROM_LENGTH``) or solves a direction in
-    parallel (``CPU_ADJOINT_MIN_LENGTH``, ``CPU_LINEAR_FORWARD_MIN_LENGTH``, ``CPU_FORWARD_MIN_LENGTH``), or any
-    length under ``policy="sequential"`` with the form "unrolled". On a GPU the adjoint is parallel from any
-    length where the blocks fit, which depends on the sizes: never claimed there."""
+    shorter than every length from which it is rolled (``ROLLED_FROM_LENGTH``) or a direction it runs is solved in
+    parallel: its forward (a CPU's ``CPU_LINEAR_FORWARD_MIN_LENGTH``, ``CPU_FORWARD_MIN_LENGTH``; a GPU's
+    ``GPU_MIN_LENGTH``) and, where autograd records the chain, its adjoint (a CPU's ``CPU_ADJOINT_MIN_LENGTH``; on
+    a GPU from any length where the blocks fit, which depends on the sizes: never claimed there); or any length
+    under ``policy="sequential"`` with the form "unrolled"."""
     if options.policy == "parallel" or chain.kind == "denoise" or chain.origin == "scan":
         return False
     form = options.sequential_form
@@ -140,8 +141,13 @@ def never_rewritten(chain: Chain, options: PassOptions, device_type: str) -> boo
         return False
     if options.policy == "sequential":
         return True
-    shortest = min(CPU_ADJOINT_MIN_LENGTH, CPU_LINEAR_FORWARD_MIN_LENGTH, CPU_FORWARD_MIN_LENGTH)
-    return device_type != "cuda" and options.adjoint != "parallel" and chain.length < shortest
+    cuda = device_type == "cuda"
+    shortest = GPU_MIN_LENGTH if cuda else min(CPU_LINEAR_FORWARD_MIN_LENGTH, CPU_FORWARD_MIN_LENGTH)
+    if chain.records_autograd:
+        if cuda or options.adjoint == "parallel":
+            return False
+        shortest = min(shortest, CPU_ADJOINT_MIN_LENGTH)
+    return chain.length < shortest
 
 
 def decide(
@@ -194,6 +200,9 @@ def decide(
             why += f"; adjoint='parallel' ignored: w={width} > {DENSE_WIDTH}"
         else:
             adjoint = options.adjoint
+    if adjoint == "parallel" and not chain.records_autograd:
+        adjoint = "sequential"
+        why += "; no adjoint: autograd records nothing through this chain (no backward runs)"
     if method == "parallel":
         form = "solver"
     elif adjoint == "parallel":

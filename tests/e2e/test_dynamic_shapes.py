@@ -116,6 +116,32 @@ def test_a_symbolic_graph_whose_chains_no_size_would_rewrite_keeps_its_symbolic_
         assert [symbolic for _, symbolic in inner_compiles] == [False, True]
 
 
+
+def forty_steps(x, a, b):
+    """``recurrence`` over 40 steps: its adjoint would be solved in parallel on a CPU (from 32 steps), its forward
+    neither solved nor rolled (from 64)."""
+    return recurrence(x[:, :40], a, b)
+
+
+@pytest.mark.parametrize("differentiated", [False, True])
+def test_an_inference_graph_keeps_its_symbolic_sizes_below_the_forward_lines(inner_compiles, differentiated):
+    """Generation through a 24- to 48-block transformer (GPT-2 medium to XL) runs under ``no_grad``: no adjoint,
+    so its chain of blocks is rewritten at no size below 64 and one symbolic compile serves every cache length.
+    Where autograd records the chain, its adjoint is parallel from 32 steps: the graph is specialised."""
+    backend = SeqparBackend({"inner": "inductor"})
+    graphs = []
+    torch._dynamo.reset()
+    run = torch.compile(forty_steps, backend=lambda gm, example: graphs.append(backend(gm, example)) or graphs[-1])
+    for batch in (2, 3, 4):
+        x, a, b = inputs(batch)
+        with torch.set_grad_enabled(differentiated):
+            got = run(x, a.requires_grad_(), b)
+        torch.testing.assert_close(got, forty_steps(x, a, b), rtol=0, atol=1e-12)
+    assert isinstance(graphs[-1], PerShape) == differentiated
+    if not differentiated:
+        assert [symbolic for _, symbolic in inner_compiles] == [False, True]
+        assert [chain.decision for graph in backend.graphs for chain in graph.chains] == ["sequential"] * 2
+
 def test_specialisations_stop_at_a_limit_and_later_shapes_run_the_traced_graph(monkeypatch):
     # A loop over ever new sizes (generation with a growing length) must not compile without end.
     monkeypatch.setattr(PerShape, "MAX_SPECIALISATIONS", 2)

@@ -4,16 +4,9 @@ import pytest
 import torch
 
 from seqpar.options import Options
-from seqpar.passes.chain import Chain
-from seqpar.passes.policy import decide
+from seqpar.passes.policy import decide, never_rewritten
 
-
-def make_chain(length, state_shape, batch_ndim=1, kind="layers"):
-    """A Chain record with only the fields the policy reads filled in."""
-    return Chain(
-        kind=kind, start=None, outputs=[None] * length, nodes=[], step=None, per_step=[], shared=[],
-        modules=[], state_shape=state_shape, state_dtype=torch.float32, batch_ndim=batch_ndim,
-    )
+from tests.conftest import chain_record as make_chain
 
 
 def test_cpu_long_narrow_chain_is_parallel_both_ways():
@@ -96,3 +89,40 @@ def test_forced_parallel_denoise_chain_has_no_probe_keeps_picard_and_a_sequentia
 def test_asked_for_jacobian_is_kept_for_denoise_chains():
     decision = decide(make_chain(50, (2, 8), kind="denoise"), Options(policy="parallel", jacobian="diag"), "cpu", None)
     assert decision.jacobian == "diag" and "jacobian='diag' was asked for" in decision.reason
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_a_chain_autograd_does_not_record_has_no_parallel_adjoint_and_no_rolled_form_for_it(device):
+    """An inference graph runs no backward: a parallel adjoint would only roll the forward loop (L >= 32 on a CPU)
+    and call the chain parallel in explain while every direction that runs is sequential."""
+    decision = decide(make_chain(48, (1, 16), recorded=False), Options(), device, lyapunov=-0.5)
+    assert (decision.method, decision.adjoint, decision.form, decision.label) == (
+        "sequential", "sequential", "unrolled", "sequential")
+    assert "no adjoint: autograd records nothing through this chain" in decision.reason
+    assert decide(make_chain(48, (1, 16)), Options(), device, lyapunov=-0.5).adjoint == "parallel"
+    forced = decide(make_chain(48, (1, 16), recorded=False), Options(adjoint="parallel"), device, lyapunov=None)
+    assert (forced.adjoint, forced.form) == ("sequential", "unrolled")
+
+
+@pytest.mark.parametrize("options, length, recorded, device, never", [
+    ({}, 31, True, "cpu", True),  # under every line: adjoint from 32, forward and rolling from 64
+    ({}, 32, True, "cpu", False),
+    ({}, 63, False, "cpu", True),  # no adjoint to solve: the forward's and rolling's 64 steps
+    ({}, 64, False, "cpu", False),
+    ({}, 63, False, "cuda", True),  # a GPU's forward from 64 steps
+    ({}, 12, True, "cuda", False),  # a GPU's adjoint from any length where the blocks fit
+    ({"adjoint": "parallel"}, 12, True, "cpu", False),
+    ({"adjoint": "parallel"}, 40, False, "cpu", True),
+    ({"policy": "parallel"}, 12, False, "cpu", False),
+    ({"policy": "sequential", "sequential_form": "unrolled"}, 4096, True, "cpu", True),
+    ({"sequential_form": "rolled"}, 12, False, "cpu", False),
+])
+def test_never_rewritten_holds_exactly_where_decide_keeps_the_chain_unrolled_at_every_size(options, length, recorded,
+                                                                                          device, never):
+    chain = make_chain(length, (1, 4), recorded=recorded)
+    assert never_rewritten(chain, Options(**options), device) == never
+    if never:  # decide agrees at sizes from the narrowest to the widest, whatever the probe and structure
+        for shape in [(1, 1), (1, 4), (64, 64), (1024, 4096)]:
+            for lyapunov in (None, -1.0):
+                decision = decide(make_chain(length, shape, recorded=recorded), Options(**options), device, lyapunov)
+                assert (decision.method, decision.adjoint, decision.form) == ("sequential", "sequential", "unrolled")

@@ -24,7 +24,6 @@ import torch
 import seqpar
 from seqpar.backend import SeqparBackend
 from seqpar.options import Options
-from seqpar.passes.chain import Chain
 from seqpar.passes.policy import decide
 from seqpar.runtime import adjoint, newton, ops, solve_chain, spec
 from seqpar.runtime.adjoint import adjoint_in_runs as in_runs
@@ -32,7 +31,7 @@ from seqpar.runtime.program import lower_step
 from seqpar.runtime.spec import resolve_jacobian
 from seqpar.runtime.structure import StepStructure, find_step_structure
 
-from tests.conftest import sequential_loop
+from tests.conftest import chain_record, sequential_loop
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 
@@ -323,11 +322,8 @@ def test_an_overflowing_affine_chain_gives_the_loops_infinities():
 
 
 def make_chain(length, state_shape):
-    """A Chain record with only the fields the policy reads filled in (as tests/test_policy.py makes them)."""
-    return Chain(
-        kind="recurrent", start=None, outputs=[None] * length, nodes=[], step=None, per_step=[], shared=[],
-        modules=[], state_shape=state_shape, state_dtype=torch.float32, batch_ndim=1,
-    )
+    """A differentiated recurrent Chain record with only the fields the policy reads filled in."""
+    return chain_record(length, state_shape, kind="recurrent")
 
 
 DIAGONAL_AFFINE = StepStructure(diagonal=True, affine=True, how="test")
@@ -404,7 +400,8 @@ class SelectiveScanLoop(torch.nn.Module):
 
 def test_backend_solves_a_wide_diagonal_chain_in_parallel_and_says_why():
     s0, (dA, dBu) = mamba_inputs(64, (1, 2560), torch.float32)
-    report = seqpar.explain(SelectiveScanLoop(), dA, dBu, s0, options={"policy": "parallel"})
+    # s0 requires grad: autograd records the chain, which then has an adjoint to solve
+    report = seqpar.explain(SelectiveScanLoop(), dA, dBu, s0.requires_grad_(), options={"policy": "parallel"})
     (chain,) = report.chains
     assert (chain.decision, chain.jacobian, chain.adjoint) == ("parallel", "full", "parallel")
     assert "diagonal affine step (proven from the traced step graph)" in chain.reason

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.fx as fx
@@ -90,11 +90,14 @@ class SeqparBackend:
         return any(record.speed is not None and record.speed.kept is None for record in self.graphs)
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
-        if any(map(_symbolic, example_inputs)) and _may_rewrite_chains_at_a_shape(gm, example_inputs, self.options):
-            log.info("seqpar: Dynamo traced a graph with chains and symbolic sizes (a new batch size or sequence "
-                     "length); seqpar solves chains of static shapes: the graph is compiled per concrete shape at "
-                     "its first call with it")
-            return PerShape(self, gm)
+        kept = []  # chains no size would rewrite, found at this call's sizes, of a graph with symbolic sizes
+        if any(map(_symbolic, example_inputs)):
+            kept = _chains_kept_at_every_size(gm, example_inputs, self.options)
+            if kept is None:
+                log.info("seqpar: Dynamo traced a graph with chains and symbolic sizes (a new batch size or "
+                         "sequence length); seqpar solves chains of static shapes: the graph is compiled per "
+                         "concrete shape at its first call with it")
+                return PerShape(self, gm)
         gm.recompile()
         record = GraphRecord(index=next(_graph_counter), original_code=gm.code)
         self.graphs.append(record)
@@ -105,6 +108,8 @@ class SeqparBackend:
             log.warning("seqpar: chain detection failed on graph %d (%s); compiled unchanged", record.index,
                         result.detection_error)
         record.chains += [_candidate_report(candidate) for candidate in result.candidates]
+        if not result.outcomes:  # detection may not see through symbolic sizes what it saw at the call's sizes
+            result.outcomes = [_kept_at_every_size(outcome) for outcome in kept]
         for outcome in result.outcomes:
             report = _chain_report(outcome)
             record.chains.append(report)
@@ -373,20 +378,29 @@ def _symbolic(value) -> bool:
     return isinstance(value, torch.SymInt)
 
 
-def _may_rewrite_chains_at_a_shape(gm: fx.GraphModule, example_inputs, options: Options) -> bool:
-    """Whether detection finds a chain that some size may rewrite in the graph Dynamo traced with symbolic sizes,
-    as :class:`PerShape` would specialise it to this call's sizes (their hints): a symbolic graph can hide chains
-    a static one shows (RecurrentGemma's per-step buffer writes at a second sequence length). Without hints, the
-    symbolic graph itself is searched. Where no size may rewrite a chain (GPT-2's 12 blocks, kept in the graph at
-    every size, in each step of a generation with a growing cache), the graph keeps its symbolic sizes: one compile
-    of the inner backend serves every size, as that backend alone would, not a compile per size."""
+def _chains_kept_at_every_size(gm: fx.GraphModule, example_inputs,
+                               options: Options) -> list[pipeline.ChainOutcome] | None:
+    """The chains of the graph Dynamo traced with symbolic sizes, found as :class:`PerShape` would specialise it to
+    this call's sizes (their hints), where no size may rewrite any of them; ``None`` where some size may (a
+    symbolic graph can hide chains a static one shows: RecurrentGemma's per-step buffer writes at a second
+    sequence length). Without hints, the symbolic graph itself is searched. Where no size may rewrite a chain
+    (GPT-2's blocks, kept in the graph at every size, in each step of a generation with a growing cache), the graph
+    keeps its symbolic sizes: one compile of the inner backend serves every size, as that backend alone would, not
+    a compile per size."""
     numbers = read_as_numbers(gm)
     try:
         args = [_hinted(value, index in numbers) for index, value in enumerate(example_inputs)]
         static = static_graph(gm, args, numbers)
     except Exception:  # noqa: BLE001 - a graph whose sizes have no hints, or whose fake run fails
-        return pipeline.may_rewrite_chains(pipeline.copy_graph_module(gm), options)
-    return pipeline.may_rewrite_chains(static, options)  # the copy is this search's own
+        return pipeline.chains_kept_at_every_size(pipeline.copy_graph_module(gm), options)
+    return pipeline.chains_kept_at_every_size(static, options)  # the copy is this search's own
+
+
+def _kept_at_every_size(outcome: pipeline.ChainOutcome) -> pipeline.ChainOutcome:
+    """A chain of a graph kept with its symbolic sizes, its reason saying so (its sizes are one call's)."""
+    reason = (f"{outcome.decision.reason}; kept in the graph at every size: the graph keeps its symbolic sizes "
+              "(one compile of the inner backend)")
+    return replace(outcome, decision=replace(outcome.decision, reason=reason))
 
 
 def _hinted(value, number: bool):

@@ -171,16 +171,20 @@ def _before_detection(gm: fx.GraphModule) -> None:
     sink_buffer_writes(gm)
 
 
-def may_rewrite_chains(work: fx.GraphModule, options: PassOptions) -> bool:
-    """Whether detection (after :func:`_before_detection`, as in :func:`run`) finds a chain in ``work`` that some
-    size of its batch or state may rewrite (:func:`~.policy.never_rewritten`); ``work`` is changed by those passes:
-    pass a copy (:func:`copy_graph_module`) of a graph that must stay as it is."""
+def chains_kept_at_every_size(work: fx.GraphModule, options: PassOptions) -> list[ChainOutcome] | None:
+    """The chains detection (after :func:`_before_detection`, as in :func:`run`) finds in ``work``, each with its
+    decision at ``work``'s sizes (no probe: it keeps them whatever the probe says), where no size of its batch or
+    state may rewrite any of them (:func:`~.policy.never_rewritten`); ``None`` where some size may. ``work`` is
+    changed by those passes: pass a copy (:func:`copy_graph_module`) of a graph that must stay as it is."""
     try:
         _before_detection(work)
         chains, _ = find_chains(work, min_chain=options.min_chain)
     except Exception:  # detection never breaks compilation
-        return False
-    return any(not never_rewritten(chain, options, _device_type(chain)) for chain in chains)
+        return []
+    devices = [_device_type(chain) for chain in chains]
+    if not all(never_rewritten(chain, options, device) for chain, device in zip(chains, devices)):
+        return None
+    return [ChainOutcome(chain, decide(chain, options, device, None), None) for chain, device in zip(chains, devices)]
 
 
 def _device_type(chain: Chain) -> str:

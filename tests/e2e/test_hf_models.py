@@ -9,6 +9,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import seqpar  # noqa: E402
+from seqpar.backend import PerShape, SeqparBackend  # noqa: E402
 from tests.e2e.test_backend import (  # noqa: E402
     F64_ATOL, chain_reports, compile_with, compiled_matches_eager_with_gradients,
 )
@@ -57,6 +58,32 @@ def test_a_returned_key_value_cache_is_served_as_per_step_outputs_of_the_blocks(
         torch.testing.assert_close(layer.keys, expected.keys, atol=F64_ATOL, rtol=0)
         torch.testing.assert_close(layer.values, expected.values, atol=F64_ATOL, rtol=0)
 
+
+
+def test_generation_with_a_growing_cache_compiles_one_symbolic_step_and_reports_its_blocks():
+    """Dynamo traces generation's third step with a symbolic cache length. Under ``no_grad`` the 12 blocks have no
+    adjoint, and no size below 64 steps rewrites them: the graph keeps its symbolic sizes (one compile for every
+    later length, not one per length), and its report still shows the blocks, found at the call's sizes where
+    detection does not see through the symbolic ones, kept in the graph at every size. Tokens equal eager's."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=12, n_embd=16, n_head=2, n_positions=64, vocab_size=50,
+                                     bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(config).double().eval()
+    ids = torch.randint(1, 50, (1, 6))
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    backend = SeqparBackend({"inner": "eager"})
+    compiled = []
+    torch._dynamo.reset()
+    model.forward = torch.compile(model.forward,
+                                  backend=lambda gm, example: compiled.append(backend(gm, example)) or compiled[-1])
+    with torch.no_grad():
+        got = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert torch.equal(got, want)
+    assert len(compiled) == 3 and not isinstance(compiled[-1], PerShape)
+    (symbolic,) = backend.graphs[-1].chains
+    assert (symbolic.kind, symbolic.decision, symbolic.form) == ("transformer", "sequential", "unrolled")
+    assert "kept in the graph at every size" in symbolic.reason
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient-checkpointing"])
 def test_a_training_gpt2_with_zero_dropout_and_gradient_checkpointing_is_one_chain(checkpointing):

@@ -53,7 +53,8 @@ class Options:
                 step, or with inner="inductor" its step, with the producers of
                 its per-step inputs, compiled by inductor), "auto": rolled from
                 64 steps up and for every ``scan`` (a scan "unrolled" stays a scan).
-    adjoint:    backward solve: "auto" (cost model), "parallel", "sequential".
+    adjoint:    backward solve: "auto" (cost model), "parallel", "sequential"; a
+                chain autograd does not record (under ``torch.no_grad``) has none.
     inner:      backend for the rest of the graph.
     mode:       inductor's mode for the inner backend's compile (``inner="inductor"``): "default",
                 "reduce-overhead" (CUDA graphs), "max-autotune", "max-autotune-no-cudagraphs" (torch's

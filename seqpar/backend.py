@@ -108,9 +108,8 @@ class SeqparBackend:
             log.warning("seqpar: chain detection failed on graph %d (%s); compiled unchanged", record.index,
                         result.detection_error)
         record.chains += [_candidate_report(candidate) for candidate in result.candidates]
-        if not result.outcomes:  # detection may not see through symbolic sizes what it saw at the call's sizes
-            result.outcomes = [_kept_at_every_size(outcome) for outcome in kept]
-        for outcome in result.outcomes:
+        # detection may not see through symbolic sizes what it saw at the call's sizes
+        for outcome in result.outcomes or [_kept_at_every_size(outcome) for outcome in kept]:
             report = _chain_report(outcome)
             record.chains.append(report)
             if outcome.program is not None:
